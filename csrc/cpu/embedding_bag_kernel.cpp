@@ -1,0 +1,227 @@
+// Table-batched embedding bag: forward and backward loops. Compiled once per
+// CPU capability (CMakeLists.txt CPU_KERNEL_SOURCES).
+#include "cpu/embedding_bag_kernel.h"
+
+#include <torch/csrc/stable/ops.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <memory>
+
+#include "cpu/sorted_lookups.h"
+#include "cpu/vec.h"
+
+namespace dlrm_ops::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+// Lookups ahead whose rows are prefetched: enough to cover DRAM latency for
+// the random row gathers of large tables.
+constexpr int64_t kPrefetchDistance = 12;
+
+int64_t max_dim(const TableBatch& tb) {
+  int64_t m = 0;
+  for (int64_t t = 0; t < tb.T; ++t) m = std::max(m, tb.dim_offsets[t + 1] - tb.dim_offsets[t]);
+  return m;
+}
+
+// Bags per parallel task: about 32k row elements of work.
+int64_t bag_grain(const TableBatch& tb, int64_t N) {
+  const int64_t bags = std::max<int64_t>(tb.T * tb.B, 1);
+  const int64_t work_per_bag = (N / bags + 1) * std::max<int64_t>(tb.dim_offsets[tb.T] / std::max<int64_t>(tb.T, 1), 1);
+  return std::max<int64_t>(1, 32768 / work_per_bag);
+}
+
+void record_bad(std::atomic<int64_t>& first_bad, int64_t p) {
+  int64_t cur = first_bad.load(std::memory_order_relaxed);
+  while (p < cur && !first_bad.compare_exchange_weak(cur, p)) {
+  }
+}
+
+template <typename I>
+float lookup_scale(const Lookups& lk, const I* off, int64_t bag, int64_t p) {
+  if (lk.per_sample_weights) return lk.per_sample_weights[p];
+  if (lk.pooling == kMean) return 1.f / static_cast<float>(off[bag + 1] - off[bag]);
+  return 1.f;
+}
+
+// Walks bags [begin, end) of the flat (table, bag) range: f(t, b, start, stop).
+template <typename I, typename F>
+void for_each_bag(const TableBatch& tb, const I* off, int64_t begin, int64_t end, const F& f) {
+  int64_t t = begin / tb.B;
+  while (begin < end) {
+    const int64_t table_end = std::min(end, (t + 1) * tb.B);
+    for (int64_t tb_i = begin; tb_i < table_end; ++tb_i) {
+      f(t, tb_i - t * tb.B, static_cast<int64_t>(off[tb_i]), static_cast<int64_t>(off[tb_i + 1]));
+    }
+    begin = table_end;
+    ++t;
+  }
+}
+
+template <typename W, typename I>
+int64_t forward(const EmbeddingBagArgs& a, void* out_ptr) {
+  const TableBatch& tb = a.tb;
+  const I* idx = static_cast<const I*>(a.lk.indices);
+  const I* off = static_cast<const I*>(a.lk.offsets);
+  const W* w = static_cast<const W*>(a.weights);
+  W* out = static_cast<W*>(out_ptr);
+  const float* psw = a.lk.per_sample_weights;
+  const bool mean = a.lk.pooling == kMean;
+  const int64_t total_D = tb.dim_offsets[tb.T];
+  const int64_t N = static_cast<int64_t>(off[tb.T * tb.B]);
+  const int64_t D_max = max_dim(tb);
+  std::atomic<int64_t> first_bad{INT64_MAX};
+
+  torch::stable::parallel_for(0, tb.T * tb.B, bag_grain(tb, N), [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> acc_buf;
+    if constexpr (!std::is_same_v<W, float>) acc_buf.reset(new float[std::max<int64_t>(D_max, 1)]);
+    int64_t bad = INT64_MAX;
+    for_each_bag(tb, off, begin, end, [&](int64_t t, int64_t b, int64_t start, int64_t stop) {
+      const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
+      const uint64_t rows = static_cast<uint64_t>(tb.rows[t]);
+      const W* wt = w + tb.weights_offsets[t];
+      const int64_t table_end = off[(t + 1) * tb.B];
+      W* out_row = out + b * total_D + tb.dim_offsets[t];
+      float* acc;
+      if constexpr (std::is_same_v<W, float>) acc = out_row; else acc = acc_buf.get();
+      bool empty = true;
+      for (int64_t p = start; p < stop; ++p) {
+        const int64_t pf = p + kPrefetchDistance;
+        if (pf < table_end) {
+          const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[pf]));
+          if (r < rows) prefetch_row(wt + r * D, D * static_cast<int64_t>(sizeof(W)));
+        }
+        const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p]));
+        if (r >= rows) {
+          bad = std::min(bad, p);
+          continue;
+        }
+        const float s = psw ? psw[p] : 1.f;
+        if (empty) row_set(acc, wt + r * D, s, D); else row_axpy(acc, wt + r * D, s, D);
+        empty = false;
+      }
+      if (empty) {
+        std::fill(acc, acc + D, 0.f);
+      } else if (mean && stop - start > 1) {
+        const float inv = 1.f / static_cast<float>(stop - start);
+        for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
+      }
+      if constexpr (!std::is_same_v<W, float>) row_store(out_row, acc, D);
+    });
+    if (bad != INT64_MAX) record_bad(first_bad, bad);
+  });
+  const int64_t bad = first_bad.load();
+  return bad == INT64_MAX ? -1 : bad;
+}
+
+template <typename W, typename I>
+int64_t backward_dense(const EmbeddingBagArgs& a, const void* grad_out_ptr, void* grad_weight_ptr) {
+  const TableBatch& tb = a.tb;
+  const I* off = static_cast<const I*>(a.lk.offsets);
+  const W* go = static_cast<const W*>(grad_out_ptr);
+  W* gw = static_cast<W*>(grad_weight_ptr);
+  const int64_t total_D = tb.dim_offsets[tb.T];
+  const int64_t D_max = max_dim(tb);
+  SortedLookups s = sort_lookups<I>(tb, a.lk);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D_max, 1));
+  for_each_row_run<I>(tb, a.lk, s, grain, [&](int64_t t, int64_t row, int64_t begin, int64_t end) {
+    const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
+    const int64_t start = off[t * tb.B];
+    float acc[256];
+    std::unique_ptr<float[]> big;
+    float* a_ptr = acc;
+    if (D > 256) {
+      big.reset(new float[D]);
+      a_ptr = big.get();
+    }
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t p = start + SortedLookups::local_pos(s.entries[k]);
+      const int64_t b = s.bag[p];
+      const float sc = lookup_scale(a.lk, off, t * tb.B + b, p);
+      const W* g = go + b * total_D + tb.dim_offsets[t];
+      if (k == begin) row_set(a_ptr, g, sc, D); else row_axpy(a_ptr, g, sc, D);
+    }
+    row_store(gw + tb.weights_offsets[t] + row * D, a_ptr, D);
+  });
+  return s.first_bad;
+}
+
+template <typename W, typename I>
+void backward_sparse(const EmbeddingBagArgs& a, const void* grad_out_ptr,
+                     const int64_t* value_offsets, void* values_ptr) {
+  const TableBatch& tb = a.tb;
+  const I* off = static_cast<const I*>(a.lk.offsets);
+  const W* go = static_cast<const W*>(grad_out_ptr);
+  W* values = static_cast<W*>(values_ptr);
+  const int64_t total_D = tb.dim_offsets[tb.T];
+  const int64_t N = static_cast<int64_t>(off[tb.T * tb.B]);
+  torch::stable::parallel_for(0, tb.T * tb.B, bag_grain(tb, N), [&](int64_t begin, int64_t end) {
+    for_each_bag(tb, off, begin, end, [&](int64_t t, int64_t b, int64_t start, int64_t stop) {
+      const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
+      const int64_t table_start = off[t * tb.B];
+      const W* g = go + b * total_D + tb.dim_offsets[t];
+      float row[256];
+      for (int64_t p = start; p < stop; ++p) {
+        const float sc = lookup_scale(a.lk, off, t * tb.B + b, p);
+        W* v = values + value_offsets[t] + (p - table_start) * D;
+        for (int64_t d0 = 0; d0 < D; d0 += 256) {
+          const int64_t n = std::min<int64_t>(256, D - d0);
+          row_set(row, g + d0, sc, n);
+          row_store(v + d0, row, n);
+        }
+      }
+    });
+  });
+}
+
+template <typename W, typename I>
+void psw_grad(const EmbeddingBagArgs& a, const void* grad_out_ptr, float* grad_psw) {
+  const TableBatch& tb = a.tb;
+  const I* idx = static_cast<const I*>(a.lk.indices);
+  const I* off = static_cast<const I*>(a.lk.offsets);
+  const W* w = static_cast<const W*>(a.weights);
+  const W* go = static_cast<const W*>(grad_out_ptr);
+  const int64_t total_D = tb.dim_offsets[tb.T];
+  const int64_t N = static_cast<int64_t>(off[tb.T * tb.B]);
+  torch::stable::parallel_for(0, tb.T * tb.B, bag_grain(tb, N), [&](int64_t begin, int64_t end) {
+    for_each_bag(tb, off, begin, end, [&](int64_t t, int64_t b, int64_t start, int64_t stop) {
+      const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
+      const uint64_t rows = static_cast<uint64_t>(tb.rows[t]);
+      const W* wt = w + tb.weights_offsets[t];
+      const W* g = go + b * total_D + tb.dim_offsets[t];
+      for (int64_t p = start; p < stop; ++p) {
+        const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p]));
+        grad_psw[p] = r < rows ? row_dot(g, wt + r * D, D) : 0.f;
+      }
+    });
+  });
+}
+
+#define DLRM_TYPED_ENTRY(name, ret, params, args)                                  \
+  ret name##_entry params {                                                        \
+    return dispatch_float(a.dtype, [&](auto* w) {                                  \
+      using W = std::remove_pointer_t<decltype(w)>;                                \
+      return a.lk.int64 ? name<W, int64_t> args : name<W, int32_t> args;           \
+    });                                                                            \
+  }
+
+DLRM_TYPED_ENTRY(forward, int64_t, (const EmbeddingBagArgs& a, void* out), (a, out))
+DLRM_TYPED_ENTRY(backward_dense, int64_t,
+                 (const EmbeddingBagArgs& a, const void* go, void* gw), (a, go, gw))
+DLRM_TYPED_ENTRY(backward_sparse, void,
+                 (const EmbeddingBagArgs& a, const void* go, const int64_t* vo, void* v),
+                 (a, go, vo, v))
+DLRM_TYPED_ENTRY(psw_grad, void, (const EmbeddingBagArgs& a, const void* go, float* g),
+                 (a, go, g))
+
+}  // namespace
+
+REGISTER_CPU_KERNEL(embedding_bag_forward_stub, &forward_entry);
+REGISTER_CPU_KERNEL(embedding_bag_backward_dense_stub, &backward_dense_entry);
+REGISTER_CPU_KERNEL(embedding_bag_backward_sparse_stub, &backward_sparse_entry);
+REGISTER_CPU_KERNEL(embedding_bag_psw_grad_stub, &psw_grad_entry);
+
+}  // namespace CPU_CAPABILITY
+}  // namespace dlrm_ops::cpu

@@ -1,0 +1,94 @@
+// Element types and row primitives for kernels compiled per instruction set.
+// Plain loops over a row that the compiler vectorizes for the -m flags of the
+// translation unit including this header (see CPU_FLAGS_* in CMakeLists.txt).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include <torch/headeronly/core/ScalarType.h>
+
+namespace dlrm_ops::cpu {
+
+// bfloat16 storage; arithmetic always happens in fp32.
+struct bf16 {
+  uint16_t bits;
+};
+using fp16 = _Float16;
+
+inline float to_float(float v) { return v; }
+inline float to_float(fp16 v) { return static_cast<float>(v); }
+inline float to_float(bf16 v) {
+  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+template <typename T>
+inline T from_float(float v);
+template <>
+inline float from_float<float>(float v) { return v; }
+template <>
+inline fp16 from_float<fp16>(float v) { return static_cast<fp16>(v); }
+template <>
+inline bf16 from_float<bf16>(float v) {
+  // Round to nearest even, as c10::BFloat16; NaN stays a quiet NaN.
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{0x7fc0};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16{static_cast<uint16_t>(u >> 16)};
+}
+
+// dst[d] = s * row[d]
+template <typename T>
+inline void row_set(float* __restrict dst, const T* __restrict row, float s, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = s * to_float(row[d]);
+}
+// dst[d] += s * row[d]
+template <typename T>
+inline void row_axpy(float* __restrict dst, const T* __restrict row, float s, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) dst[d] += s * to_float(row[d]);
+}
+template <typename T>
+inline void row_store(T* __restrict dst, const float* __restrict src, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(src[d]);
+}
+template <typename T>
+inline void row_store_scaled(T* __restrict dst, const float* __restrict src, float s, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(s * src[d]);
+}
+template <typename A, typename B>
+inline float row_dot(const A* __restrict a, const B* __restrict b, int64_t D) {
+  // 16 partial sums so the loop vectorizes without reassociating floats.
+  constexpr int64_t kLanes = 16;
+  float part[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) part[k] += to_float(a[d + k]) * to_float(b[d + k]);
+  }
+  for (int64_t k = 0; d < D; ++d, ++k) part[k] += to_float(a[d]) * to_float(b[d]);
+  float acc = 0.f;
+  for (int64_t k = 0; k < kLanes; ++k) acc += part[k];
+  return acc;
+}
+
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
+// Calls f with a null pointer of the C++ type matching a float dtype.
+template <typename F>
+inline auto dispatch_float(torch::headeronly::ScalarType t, F&& f) {
+  using torch::headeronly::ScalarType;
+  switch (t) {
+    case ScalarType::Half: return f(static_cast<fp16*>(nullptr));
+    case ScalarType::BFloat16: return f(static_cast<bf16*>(nullptr));
+    default: return f(static_cast<float*>(nullptr));
+  }
+}
+
+}  // namespace dlrm_ops::cpu

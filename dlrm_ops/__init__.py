@@ -1,0 +1,22 @@
+"""dlrm_ops: native CPU/CUDA kernels for DLRM-style recommendation models."""
+from . import ops, reference
+from . import nn
+from .nn import convert
+from .ops import table_batched_embedding_bag
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """Version, the torch it was built with and runs on, CPU ISA in use, CUDA."""
+    import torch
+
+    from . import _C
+
+    info = dict(_C.build_info())
+    info["torch_running"] = torch.__version__
+    info["threads"] = torch.get_num_threads()
+    return info
+
+
+__all__ = ["ops", "reference", "nn", "convert", "table_batched_embedding_bag", "build_info"]

@@ -1,0 +1,179 @@
+"""Embedding-bag modules over the table-batched native op."""
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .. import ops
+
+
+class EmbeddingBagCollection(nn.Module):
+    """T embedding tables pooled in one native call.
+
+    All tables live in one parameter ``weight`` (FBGEMM's table-batched layout):
+    ``[sum(rows), D]`` when every table has the same dim D, else a flat buffer.
+    ``forward(indices, offsets)`` takes all tables' indices table-major and
+    ``offsets`` with T*B+1 entries (bag b of table t is
+    ``indices[offsets[t*B+b]:offsets[t*B+b+1]]``) and returns ``[B, sum(D)]``.
+    Tables are initialised uniform in ``±sqrt(1/rows)`` as in facebookresearch/dlrm.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: Sequence[int],
+        embedding_dim: Union[int, Sequence[int]],
+        mode: str = "sum",
+        dtype: torch.dtype = torch.float32,
+        sparse: bool = False,
+        device: Optional[torch.device] = None,
+    ):
+        super().__init__()
+        rows = [int(n) for n in num_embeddings]
+        if not rows:
+            raise ValueError("num_embeddings must list at least one table")
+        if any(n < 0 for n in rows):
+            raise ValueError(f"num_embeddings must be non-negative, got {rows}")
+        dims = [int(embedding_dim)] * len(rows) if isinstance(embedding_dim, int) else [
+            int(d) for d in embedding_dim]
+        if len(dims) != len(rows):
+            raise ValueError(f"embedding_dim lists {len(dims)} dims for {len(rows)} tables")
+        if any(d < 1 for d in dims):
+            raise ValueError(f"embedding_dim must be >= 1, got {dims}")
+        ops._pooling(mode)
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        self.num_embeddings = rows
+        self.embedding_dims = dims
+        self.mode = mode
+        self.sparse = sparse
+        self.total_dim = sum(dims)
+        sizes = [r * d for r, d in zip(rows, dims)]
+        woff = [0] + list(torch.tensor(sizes).cumsum(0)[:-1].tolist()) if len(sizes) > 1 else [0]
+        doff = [0] + torch.tensor(dims).cumsum(0).tolist()
+        kw = dict(dtype=torch.int64, device=device)
+        self.register_buffer("weights_offsets", torch.tensor(woff, **kw), persistent=False)
+        self.register_buffer("dim_offsets", torch.tensor(doff, **kw), persistent=False)
+        self.register_buffer("rows", torch.tensor(rows, **kw), persistent=False)
+        shape = (sum(rows), dims[0]) if len(set(dims)) == 1 else (sum(sizes),)
+        self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+        self._woff = woff
+        self.reset_parameters()
+
+    @property
+    def num_tables(self) -> int:
+        return len(self.num_embeddings)
+
+    def weight_of(self, t: int) -> torch.Tensor:
+        """View of table t, ``[rows_t, D_t]``."""
+        n, d = self.num_embeddings[t], self.embedding_dims[t]
+        return self.weight.view(-1)[self._woff[t]:self._woff[t] + n * d].view(n, d)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for t, n in enumerate(self.num_embeddings):
+            bound = math.sqrt(1.0 / max(n, 1))
+            self.weight_of(t).uniform_(-bound, bound)
+
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor,
+                per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return ops.table_batched_embedding_bag(
+            self.weight, self.weights_offsets, self.dim_offsets, self.rows, indices, offsets,
+            mode=self.mode, per_sample_weights=per_sample_weights, sparse=self.sparse,
+            total_dim=self.total_dim)
+
+    def extra_repr(self) -> str:
+        return (f"tables={self.num_tables}, rows={self.num_embeddings}, "
+                f"dims={self.embedding_dims}, mode={self.mode!r}, sparse={self.sparse}")
+
+
+_UNSUPPORTED = {
+    "max_norm": lambda m: m.max_norm is not None,
+    "scale_grad_by_freq": lambda m: m.scale_grad_by_freq,
+    "padding_idx": lambda m: m.padding_idx is not None,
+    "mode='max'": lambda m: m.mode == "max",
+}
+
+
+def _check_supported(module: nn.EmbeddingBag) -> None:
+    bad = [name for name, test in _UNSUPPORTED.items() if test(module)]
+    if bad:
+        raise NotImplementedError(
+            f"dlrm_ops.nn.EmbeddingBag does not support {', '.join(bad)}; "
+            "keep torch.nn.EmbeddingBag for this module")
+    if module.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise NotImplementedError(f"dlrm_ops.nn.EmbeddingBag does not support {module.weight.dtype}")
+
+
+class EmbeddingBag(nn.EmbeddingBag):
+    """Drop-in for ``torch.nn.EmbeddingBag`` running the native kernel.
+
+    Same constructor, attributes, ``forward(input, offsets=None,
+    per_sample_weights=None)`` (1-D input with offsets, or 2-D input of
+    fixed-size bags; ``include_last_offset``) and state_dict. Options the kernel
+    cannot honour (max_norm, scale_grad_by_freq, padding_idx, mode='max') raise
+    ``NotImplementedError`` at construction.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _check_supported(self)
+        kw = dict(dtype=torch.int64, device=self.weight.device)
+        self.register_buffer("_weights_offsets", torch.zeros(1, **kw), persistent=False)
+        self.register_buffer("_dim_offsets", torch.tensor([0, self.embedding_dim], **kw),
+                             persistent=False)
+        self.register_buffer("_rows", torch.tensor([self.num_embeddings], **kw), persistent=False)
+
+    def forward(self, input: torch.Tensor, offsets: Optional[torch.Tensor] = None,
+                per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if input.dim() == 2:
+            if offsets is not None:
+                raise ValueError("offsets must be None when input is 2-D")
+            B, L = input.shape
+            offsets = torch.arange(0, B * L + 1, L, dtype=input.dtype, device=input.device) \
+                if L > 0 else torch.zeros(B + 1, dtype=input.dtype, device=input.device)
+            input = input.reshape(-1)
+            if per_sample_weights is not None:
+                per_sample_weights = per_sample_weights.reshape(-1)
+        elif input.dim() == 1:
+            if offsets is None:
+                raise ValueError("offsets must be given when input is 1-D")
+            if offsets.dim() != 1:
+                raise ValueError(f"offsets must be 1-D, got {offsets.dim()}-D")
+            offsets = offsets.to(input.dtype)
+            if not self.include_last_offset:
+                offsets = torch.cat([offsets, offsets.new_full((1,), input.numel())])
+        else:
+            raise ValueError(f"input must be 1-D or 2-D, got {input.dim()}-D")
+        return ops.table_batched_embedding_bag(
+            self.weight, self._weights_offsets, self._dim_offsets, self._rows,
+            input.contiguous(), offsets.contiguous(), mode=self.mode,
+            per_sample_weights=per_sample_weights, sparse=self.sparse,
+            total_dim=self.embedding_dim)
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replaces every ``torch.nn.EmbeddingBag`` in ``model`` (in place, and
+    returns it) by ``dlrm_ops.nn.EmbeddingBag`` sharing the same weight
+    Parameter, so optimizers holding it keep working. Raises
+    ``NotImplementedError`` naming the module for options it cannot honour."""
+    if type(model) is nn.EmbeddingBag:
+        return _from_torch(model, "<root>")
+    for name, child in list(model.named_modules()):
+        for attr, sub in list(child.named_children()):
+            if type(sub) is nn.EmbeddingBag:
+                setattr(child, attr, _from_torch(sub, f"{name}.{attr}" if name else attr))
+    return model
+
+
+def _from_torch(m: nn.EmbeddingBag, name: str) -> EmbeddingBag:
+    try:
+        _check_supported(m)
+    except NotImplementedError as e:
+        raise NotImplementedError(f"cannot convert {name}: {e}") from None
+    new = EmbeddingBag(m.num_embeddings, m.embedding_dim, mode=m.mode, sparse=m.sparse,
+                       include_last_offset=m.include_last_offset, _weight=m.weight.data,
+                       device=m.weight.device, dtype=m.weight.dtype)
+    new.weight = m.weight
+    new.train(m.training)
+    return new

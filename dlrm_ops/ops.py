@@ -1,0 +1,127 @@
+"""The public functional API over the native ops, with their autograd and fake
+(meta) kernels. Schemas live in csrc/ops.cpp; kernels in csrc/cpu, csrc/cuda."""
+from typing import Optional
+
+import torch
+
+from . import _load
+
+_load.load()
+_ops = torch.ops.dlrm_ops
+
+POOLING = {"sum": 0, "mean": 1}
+
+
+def _pooling(mode: str) -> int:
+    if mode not in POOLING:
+        raise ValueError(f"mode must be one of {sorted(POOLING)}, got {mode!r}")
+    return POOLING[mode]
+
+
+def table_batched_embedding_bag(
+    weights: torch.Tensor,
+    weights_offsets: torch.Tensor,
+    dim_offsets: torch.Tensor,
+    rows: torch.Tensor,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    mode: str = "sum",
+    per_sample_weights: Optional[torch.Tensor] = None,
+    sparse: bool = False,
+    total_dim: Optional[int] = None,
+) -> torch.Tensor:
+    """Pooled embedding lookups over T tables stored in one flat buffer.
+
+    Table t is the ``rows[t] x D_t`` block of ``weights.view(-1)`` starting at
+    element ``weights_offsets[t]``, with ``D_t = dim_offsets[t+1] - dim_offsets[t]``.
+    ``indices`` (int32 or int64) holds all tables' indices table-major;
+    ``offsets`` (same dtype, T*B+1 entries) delimits the bags: bag b of table t
+    is ``indices[offsets[t*B+b]:offsets[t*B+b+1]]``. Returns ``[B, dim_offsets[-1]]``
+    with table t's pooled vectors in columns ``dim_offsets[t]:dim_offsets[t+1]``;
+    empty bags give zeros. ``sparse`` makes the weight gradient a sparse COO
+    tensor, as ``nn.EmbeddingBag(sparse=True)``.
+    """
+    if total_dim is None:
+        total_dim = int(dim_offsets[-1])
+    return _ops.embedding_bag_forward(
+        weights, weights_offsets, dim_offsets, rows, indices, offsets, _pooling(mode),
+        per_sample_weights, total_dim, sparse)
+
+
+@torch.library.register_fake("dlrm_ops::embedding_bag_forward")
+def _(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
+      per_sample_weights, total_dim, sparse=False):
+    torch._check(rows.numel() >= 1, lambda: "rows must list at least one table")
+    B = (offsets.numel() - 1) // rows.numel()
+    return weights.new_empty((B, total_dim))
+
+
+@torch.library.register_fake("dlrm_ops::embedding_bag_backward_dense")
+def _(grad_output, weights, *args):
+    return torch.empty_like(weights)
+
+
+@torch.library.register_fake("dlrm_ops::embedding_bag_backward_sparse")
+def _(grad_output, weights, *args):
+    n = torch.library.get_ctx().new_dynamic_size()
+    return weights.new_empty((n,))
+
+
+@torch.library.register_fake("dlrm_ops::embedding_bag_per_sample_weights_grad")
+def _(grad_output, weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling):
+    return weights.new_empty(indices.shape, dtype=torch.float32)
+
+
+def _sparse_weight_grad(values, weights, weights_offsets, dim_offsets, rows, indices, offsets):
+    """Sparse COO gradient of `weights` from one gradient row per lookup."""
+    T = rows.numel()
+    B = (offsets.numel() - 1) // T
+    counts = (offsets[B::B] - offsets[:-1:B]).long()
+    dims = (dim_offsets[1:] - dim_offsets[:-1])
+    n = indices.numel()
+    if weights.dim() == 2:  # all tables share D: one COO row per lookup
+        D = weights.shape[1]
+        row_base = torch.repeat_interleave(weights_offsets // D, counts, output_size=n)
+        coo = (indices.long() + row_base).unsqueeze(0)
+        return torch.sparse_coo_tensor(coo, values.view(n, D), weights.shape,
+                                       check_invariants=False)
+    # Mixed dims over a flat buffer: one COO entry per element.
+    d_per = torch.repeat_interleave(dims, counts, output_size=n)
+    start = torch.repeat_interleave(weights_offsets, counts, output_size=n) + indices.long() * d_per
+    first = torch.cumsum(d_per, 0) - d_per
+    total = values.numel()
+    elem = torch.repeat_interleave(start - first, d_per, output_size=total) + torch.arange(
+        total, device=values.device)
+    return torch.sparse_coo_tensor(elem.unsqueeze(0), values, weights.shape,
+                                   check_invariants=False)
+
+
+def _embedding_bag_setup(ctx, inputs, output):
+    (weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
+     per_sample_weights, total_dim, sparse) = inputs
+    ctx.save_for_backward(weights, weights_offsets, dim_offsets, rows, indices, offsets,
+                          per_sample_weights)
+    ctx.pooling = pooling
+    ctx.sparse = sparse
+
+
+def _embedding_bag_backward(ctx, grad):
+    weights, woff, doff, rows, indices, offsets, psw = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_weights = grad_psw = None
+    meta = (woff, doff, rows, indices, offsets, ctx.pooling)
+    if ctx.needs_input_grad[0]:
+        if ctx.sparse:
+            values = _ops.embedding_bag_backward_sparse(grad, weights, *meta, psw)
+            grad_weights = _sparse_weight_grad(values, weights, woff, doff, rows, indices,
+                                               offsets)
+        else:
+            grad_weights = _ops.embedding_bag_backward_dense(grad, weights, *meta, psw)
+    if psw is not None and ctx.needs_input_grad[7]:
+        grad_psw = _ops.embedding_bag_per_sample_weights_grad(grad, weights, *meta).to(psw.dtype)
+    return grad_weights, None, None, None, None, None, None, grad_psw, None, None
+
+
+torch.library.register_autograd("dlrm_ops::embedding_bag_forward", _embedding_bag_backward,
+                                setup_context=_embedding_bag_setup)
