@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+import dlrm_ops  # noqa: F401  (loads the native ops)
+
+
+def make_bags(rows, B, max_len, index_dtype=torch.int64, empty_frac=0.2, generator=None):
+    """Random table-major indices/offsets for tables of `rows` rows each."""
+    g = generator or torch.Generator().manual_seed(0)
+    lengths = torch.randint(0, max_len + 1, (len(rows) * B,), generator=g)
+    lengths[torch.rand(lengths.shape, generator=g) < empty_frac] = 0
+    idx = []
+    for t, n in enumerate(rows):
+        cnt = int(lengths[t * B:(t + 1) * B].sum())
+        idx.append(torch.randint(0, max(n, 1), (cnt,), generator=g) if n > 0 else
+                   torch.zeros(0, dtype=torch.int64))
+    indices = torch.cat(idx).to(index_dtype)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(index_dtype)
+    return indices, offsets
+
+
+@pytest.fixture
+def bags():
+    return make_bags
+
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=1e-2, rtol=1e-2),
+       torch.bfloat16: dict(atol=5e-2, rtol=2e-2)}

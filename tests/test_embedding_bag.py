@@ -1,0 +1,396 @@
+"""Table-batched embedding bag against the pure-PyTorch reference and torch."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import dlrm_ops
+from dlrm_ops import reference
+from dlrm_ops.nn import EmbeddingBagCollection
+
+from conftest import TOL, make_bags
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+INDEX_DTYPES = [torch.int32, torch.int64]
+POOLINGS = [("sum", False), ("sum", True), ("mean", False)]  # weights need sum pooling
+
+
+def tables_of(ebc):
+    return [ebc.weight_of(t) for t in range(ebc.num_tables)]
+
+
+def psw_for(indices, dtype, seed=1):
+    return torch.rand(indices.numel(), generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("mode, weighted", POOLINGS)
+@pytest.mark.parametrize("dims", [8, [4, 16, 1, 33]])
+def test_forward_matches_reference(dtype, index_dtype, mode, weighted, dims):
+    rows = [50, 7, 300, 1]
+    ebc = EmbeddingBagCollection(rows, dims, mode=mode, dtype=dtype)
+    indices, offsets = make_bags(rows, B=13, max_len=6, index_dtype=index_dtype)
+    psw = psw_for(indices, dtype) if weighted else None
+    out = ebc(indices, offsets, psw)
+    ref = reference.table_batched_embedding_bag(tables_of(ebc), indices, offsets, mode, psw)
+    assert out.dtype == dtype and out.shape == (13, ebc.total_dim)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_forward_matches_torch_embedding_bag(dtype, mode):
+    rows = [40, 60, 5]
+    ebc = EmbeddingBagCollection(rows, 16, mode=mode, dtype=dtype)
+    indices, offsets = make_bags(rows, B=9, max_len=5)
+    out = ebc(indices, offsets)
+    B = 9
+    for t in range(3):
+        lo, hi = int(offsets[t * B]), int(offsets[(t + 1) * B])
+        ref = F.embedding_bag(indices[lo:hi], ebc.weight_of(t), offsets[t * B:(t + 1) * B + 1] - lo,
+                              mode=mode, include_last_offset=True)
+        torch.testing.assert_close(out[:, 16 * t:16 * (t + 1)], ref, **TOL[dtype])
+
+
+def test_empty_bags_and_empty_batch():
+    ebc = EmbeddingBagCollection([5, 6], [3, 2])
+    offsets = torch.zeros(2 * 4 + 1, dtype=torch.int64)
+    out = ebc(torch.zeros(0, dtype=torch.int64), offsets)
+    assert torch.equal(out, torch.zeros(4, 5))
+    out = ebc(torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+    assert out.shape == (0, 5)
+
+
+def test_single_index_bags_copy_rows_exactly():
+    ebc = EmbeddingBagCollection([1000] * 3, 64)
+    idx = torch.randint(0, 1000, (3 * 100,))
+    out = ebc(idx, torch.arange(0, 301))
+    expect = torch.cat([ebc.weight_of(t)[idx[t * 100:(t + 1) * 100]] for t in range(3)], 1)
+    assert torch.equal(out, expect)
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 5), B=st.integers(0, 20), max_len=st.integers(0, 8),
+       D=st.lists(st.integers(1, 70), min_size=1, max_size=5), seed=st.integers(0, 2**16),
+       mode=st.sampled_from(["sum", "mean"]), i32=st.booleans())
+def test_random_shapes(T, B, max_len, D, seed, mode, i32):
+    dims = (D * T)[:T]
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(1, 100, (T,), generator=g).tolist()
+    ebc = EmbeddingBagCollection(rows, dims, mode=mode)
+    indices, offsets = make_bags(rows, B, max_len, torch.int32 if i32 else torch.int64, generator=g)
+    out = ebc(indices, offsets)
+    ref = reference.table_batched_embedding_bag(tables_of(ebc), indices, offsets, mode)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode, weighted", POOLINGS)
+@pytest.mark.parametrize("dims", [8, [4, 16, 3]])
+def test_dense_gradients_match_reference(dtype, mode, weighted, dims):
+    rows = [30, 8, 50]
+    ebc = EmbeddingBagCollection(rows, dims, mode=mode, dtype=dtype)
+    indices, offsets = make_bags(rows, B=11, max_len=7)  # many repeated rows
+    psw = psw_for(indices, dtype).requires_grad_(weighted) if weighted else None
+    out = ebc(indices, offsets, psw)
+    grad = torch.randn(out.shape).to(dtype)
+    out.backward(grad)
+
+    w_ref = ebc.weight.detach().clone().requires_grad_()
+    psw_ref = psw.detach().clone().requires_grad_() if weighted else None
+    tables = [w_ref.view(-1)[ebc._woff[t]:ebc._woff[t] + n * d].view(n, d)
+              for t, (n, d) in enumerate(zip(rows, ebc.embedding_dims))]
+    reference.table_batched_embedding_bag(tables, indices, offsets, mode, psw_ref).backward(grad)
+    torch.testing.assert_close(ebc.weight.grad, w_ref.grad, **TOL[dtype])
+    if weighted:
+        assert psw.grad.dtype == dtype
+        torch.testing.assert_close(psw.grad, psw_ref.grad, **TOL[dtype])
+
+
+@pytest.mark.filterwarnings("ignore:Input #")
+def test_gradcheck_per_sample_weights_and_weights():
+    rows = [6, 4]
+    ebc = EmbeddingBagCollection(rows, [3, 2])
+    indices, offsets = make_bags(rows, B=3, max_len=3)
+    psw = torch.rand(indices.numel(), requires_grad=True)
+    w = ebc.weight.detach().clone().requires_grad_()
+
+    def f(w, psw):
+        return dlrm_ops.table_batched_embedding_bag(
+            w, ebc.weights_offsets, ebc.dim_offsets, ebc.rows, indices, offsets,
+            per_sample_weights=psw)
+
+    # fp32 kernels: finite differences with a large step and matching tolerance.
+    assert torch.autograd.gradcheck(f, (w, psw), eps=1e-2, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dims", [16, [4, 8]])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_sparse_gradient_equals_dense(dims, mode):
+    rows = [20, 30]
+    dense = EmbeddingBagCollection(rows, dims, mode=mode)
+    sparse = EmbeddingBagCollection(rows, dims, mode=mode, sparse=True)
+    sparse.load_state_dict(dense.state_dict())
+    indices, offsets = make_bags(rows, B=8, max_len=5)
+    grad = torch.randn(8, dense.total_dim)
+    dense(indices, offsets).backward(grad)
+    sparse(indices, offsets).backward(grad)
+    assert sparse.weight.grad.is_sparse
+    torch.testing.assert_close(sparse.weight.grad.to_dense(), dense.weight.grad)
+
+
+@pytest.mark.parametrize("opt", ["SGD", "Adagrad", "SparseAdam"])
+def test_sparse_gradient_trains_with_torch_optim_like_nn_embedding_bag(opt):
+    torch.manual_seed(0)
+    ours = dlrm_ops.nn.EmbeddingBag(50, 8, mode="sum", sparse=True)
+    ref = torch.nn.EmbeddingBag(50, 8, mode="sum", sparse=True)
+    ref.load_state_dict(ours.state_dict())
+    make = lambda p: getattr(torch.optim, opt)(p, lr=0.1)  # noqa: E731
+    o1, o2 = make(ours.parameters()), make(ref.parameters())
+    for step in range(4):
+        inp = torch.randint(0, 50, (16, 3))
+        for m, o in ((ours, o1), (ref, o2)):
+            o.zero_grad()
+            m(inp).pow(2).sum().backward()
+            o.step()
+    torch.testing.assert_close(ours.weight, ref.weight)
+
+
+def test_dense_backward_is_deterministic_across_threads():
+    rows = [100]
+    ebc = EmbeddingBagCollection(rows, 32)
+    indices, offsets = make_bags(rows, B=4000, max_len=10)
+    grad = torch.randn(4000, 32)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            ebc.weight.grad = None
+            ebc(indices, offsets).backward(grad)
+            results.append(ebc.weight.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def test_inputs_are_not_modified():
+    rows = [10, 10]
+    ebc = EmbeddingBagCollection(rows, 4)
+    indices, offsets = make_bags(rows, B=5, max_len=4, index_dtype=torch.int32)
+    psw = torch.rand(indices.numel())
+    before = [t.clone() for t in (indices, offsets, psw, ebc.weight.detach())]
+    ebc(indices, offsets, psw).sum().backward()
+    for a, b in zip(before, (indices, offsets, psw, ebc.weight.detach())):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- bad input
+
+def _call(ebc, indices, offsets, psw=None):
+    return ebc(indices, offsets, psw)
+
+
+@pytest.mark.parametrize("bad, pos, msg", [
+    (7, 3, r"indices\[3\] = 7 is out of range for table 0 with 5 rows \(bag 1 of table 0\)"),
+    (-1, 5, r"indices\[5\] = -1 is out of range for table 1 with 6 rows"),
+    (6, 6, r"indices\[6\] = 6 is out of range for table 1 with 6 rows \(bag 1 of table 1\)"),
+])
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+def test_out_of_range_index_names_table_and_position(bad, pos, msg, index_dtype):
+    ebc = EmbeddingBagCollection([5, 6], 4)
+    indices = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2], dtype=index_dtype)
+    offsets = torch.tensor([0, 3, 5, 6, 8], dtype=index_dtype)
+    indices[pos] = bad
+    with pytest.raises(RuntimeError, match=msg):
+        ebc(indices, offsets)
+
+
+def test_out_of_range_index_in_dense_backward():
+    ebc = EmbeddingBagCollection([5], 4)
+    with pytest.raises(RuntimeError, match=r"indices\[1\] = 9 is out of range"):
+        torch.ops.dlrm_ops.embedding_bag_backward_dense(
+            torch.ones(2, 4), ebc.weight.detach(), ebc.weights_offsets, ebc.dim_offsets, ebc.rows,
+            torch.tensor([0, 9, 2]), torch.tensor([0, 2, 3]), 0, None)
+
+
+@pytest.mark.parametrize("offsets, msg", [
+    ([1, 2, 4], r"offsets\[0\] must be 0, got 1"),
+    ([0, 3, 2, 4, 4], r"offsets must be non-decreasing, but offsets\[2\] = 2 < offsets\[1\] = 3 "
+                      r"\(table 0, bag 1\)"),
+    ([0, 1, 2, 3, 3], r"offsets\[-1\] must equal the number of indices \(4\), got 3"),
+    ([0, 1, 4, 4], r"offsets must have T\*B\+1 entries for T = 2 tables, got 4"),
+])
+def test_bad_offsets(offsets, msg):
+    ebc = EmbeddingBagCollection([5, 5], 4)
+    with pytest.raises(RuntimeError, match=msg):
+        ebc(torch.tensor([0, 1, 2, 3]), torch.tensor(offsets))
+
+
+def test_bad_dtypes_and_shapes():
+    ebc = EmbeddingBagCollection([5, 5], 4)
+    idx, off = torch.tensor([0, 1]), torch.tensor([0, 1, 1, 2, 2])
+    with pytest.raises(RuntimeError, match=r"indices must have dtype in \{int32, int64\}, got float32"):
+        ebc(idx.float(), off)
+    with pytest.raises(RuntimeError, match=r"offsets must have the dtype of indices \(int64\), got int32"):
+        ebc(idx, off.int())
+    with pytest.raises(RuntimeError, match=r"indices must be 1-D, got 2-D"):
+        ebc(idx.view(1, 2), off)
+    with pytest.raises(RuntimeError, match=r"per_sample_weights must have one entry per index \(2\), got 3"):
+        ebc(idx, off, torch.ones(3))
+    with pytest.raises(RuntimeError, match=r"per_sample_weights must have dtype"):
+        ebc(idx, off, torch.ones(2, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match=r"indices must be contiguous"):
+        ebc(torch.tensor([0, 9, 1, 9])[::2], off)
+    mean = EmbeddingBagCollection([5, 5], 4, mode="mean")
+    with pytest.raises(RuntimeError, match=r"per_sample_weights is only supported with sum pooling"):
+        mean(idx, off, torch.ones(2))
+    with pytest.raises(ValueError, match=r"mode must be one of"):
+        EmbeddingBagCollection([5], 4, mode="max")
+    with pytest.raises(ValueError, match=r"embedding_dim lists 1 dims for 2 tables"):
+        EmbeddingBagCollection([5, 5], [4])
+
+
+def test_bad_table_metadata():
+    ebc = EmbeddingBagCollection([5, 5], 4)
+    idx, off = torch.tensor([0, 1]), torch.tensor([0, 1, 1, 2, 2])
+    f = dlrm_ops.table_batched_embedding_bag
+    with pytest.raises(RuntimeError, match=r"weights_offsets must have one entry per table \(2\), got 3"):
+        f(ebc.weight, torch.zeros(3, dtype=torch.int64), ebc.dim_offsets, ebc.rows, idx, off)
+    with pytest.raises(RuntimeError, match=r"table 1 \(9 x 4 at element 20\) does not fit in weights of 40 elements"):
+        f(ebc.weight, ebc.weights_offsets, ebc.dim_offsets, torch.tensor([5, 9]), idx, off)
+    with pytest.raises(RuntimeError, match=r"total_dim must equal dim_offsets\[-1\] = 8, got 7"):
+        f(ebc.weight, ebc.weights_offsets, ebc.dim_offsets, ebc.rows, idx, off, total_dim=7)
+    with pytest.raises(RuntimeError, match=r"weights must have dtype in"):
+        f(ebc.weight.double(), ebc.weights_offsets, ebc.dim_offsets, ebc.rows, idx, off)
+
+
+# ----------------------------------------------------------- module contract
+
+def test_collection_state_dict_round_trip(tmp_path):
+    a = EmbeddingBagCollection([10, 20], [4, 8])
+    assert list(a.state_dict()) == ["weight"]
+    torch.save(a.state_dict(), tmp_path / "ebc.pt")
+    b = EmbeddingBagCollection([10, 20], [4, 8])
+    b.load_state_dict(torch.load(tmp_path / "ebc.pt"))
+    assert torch.equal(a.weight, b.weight)
+    assert a.weight_of(1).shape == (20, 8)
+    assert a.weight_of(1).data_ptr() == a.weight.data_ptr() + 40 * 4
+
+
+def _compare_drop_in(ours, ref, *args, **kwargs):
+    torch.testing.assert_close(ours(*args, **kwargs), ref(*args, **kwargs))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("include_last_offset", [False, True])
+def test_embedding_bag_drop_in(mode, include_last_offset):
+    torch.manual_seed(0)
+    ref = torch.nn.EmbeddingBag(30, 6, mode=mode, include_last_offset=include_last_offset)
+    ours = dlrm_ops.nn.EmbeddingBag(30, 6, mode=mode, include_last_offset=include_last_offset)
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    inp = torch.randint(0, 30, (10,))
+    offsets = torch.tensor([0, 3, 3, 7] + ([10] if include_last_offset else []))
+    _compare_drop_in(ours, ref, inp, offsets)
+    _compare_drop_in(ours, ref, inp.int(), offsets.int())
+    _compare_drop_in(ours, ref, torch.randint(0, 30, (4, 5)))
+    if mode == "sum":
+        _compare_drop_in(ours, ref, inp, offsets, per_sample_weights=torch.rand(10))
+        _compare_drop_in(ours, ref, torch.randint(0, 30, (4, 5)), per_sample_weights=torch.rand(4, 5))
+
+
+def test_convert_swaps_modules_and_keeps_weights():
+    model = torch.nn.Sequential(torch.nn.EmbeddingBag(20, 4, mode="sum"),
+                                torch.nn.ModuleDict({"e": torch.nn.EmbeddingBag(10, 3)}))
+    w0 = model[0].weight
+    x = torch.randint(0, 10, (6, 2))
+    expect = (model[0](x), model[1]["e"](x))
+    dlrm_ops.convert(model)
+    assert type(model[0]) is dlrm_ops.nn.EmbeddingBag and model[0].weight is w0
+    assert type(model[1]["e"]) is dlrm_ops.nn.EmbeddingBag
+    torch.testing.assert_close(model[0](x), expect[0])
+    torch.testing.assert_close(model[1]["e"](x), expect[1])
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(max_norm=1.0), "max_norm"), (dict(mode="max"), "mode='max'"),
+    (dict(padding_idx=0), "padding_idx"), (dict(scale_grad_by_freq=True), "scale_grad_by_freq")])
+def test_convert_refuses_unsupported_options(kwargs, name):
+    model = torch.nn.Sequential(torch.nn.EmbeddingBag(20, 4, **kwargs))
+    with pytest.raises(NotImplementedError, match=rf"cannot convert 0: .*{name}"):
+        dlrm_ops.convert(model)
+
+
+# ------------------------------------------------------ opcheck and compile
+
+def test_opcheck_all_embedding_bag_ops():
+    rows = [12, 9]
+    ebc = EmbeddingBagCollection(rows, [4, 8])
+    indices, offsets = make_bags(rows, B=5, max_len=4)
+    psw = torch.rand(indices.numel(), requires_grad=True)
+    w = ebc.weight.detach().clone().requires_grad_()
+    meta = (ebc.weights_offsets, ebc.dim_offsets, ebc.rows, indices, offsets)
+    grad = torch.randn(5, 12)
+    ops = torch.ops.dlrm_ops
+    torch.library.opcheck(ops.embedding_bag_forward, (w, *meta, 0, psw, 12, False))
+    torch.library.opcheck(ops.embedding_bag_forward, (w, *meta, 1, None, 12, False))
+    torch.library.opcheck(ops.embedding_bag_backward_dense, (grad, w.detach(), *meta, 0, psw.detach()))
+    torch.library.opcheck(ops.embedding_bag_per_sample_weights_grad, (grad, w.detach(), *meta, 0))
+    torch.library.opcheck(ops.embedding_bag_backward_sparse, (grad, w.detach(), *meta, 0, None),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+def test_collection_under_torch_compile_fullgraph():
+    rows = [40, 30, 20]
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ebc = EmbeddingBagCollection(rows, 8)
+            self.lin = torch.nn.Linear(24, 1)
+
+        def forward(self, indices, offsets):
+            return self.lin(self.ebc(indices, offsets)).sum()
+
+    model = Model()
+    compiled = torch.compile(model, fullgraph=True)
+    for B in (6, 9):
+        indices, offsets = make_bags(rows, B=B, max_len=4)
+        expect = model(indices, offsets)
+        expect.backward()
+        g_eager = model.ebc.weight.grad.clone()
+        model.zero_grad()
+        got = compiled(indices, offsets)
+        got.backward()
+        torch.testing.assert_close(got, expect)
+        torch.testing.assert_close(model.ebc.weight.grad, g_eager)
+        model.zero_grad()
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_every_cpu_path_agrees(capability):
+    """The portable and AVX2 builds of the kernels give the AVX-512 results."""
+    code = (
+        "import torch, dlrm_ops\n"
+        "from dlrm_ops import reference\n"
+        "from conftest import make_bags\n"
+        "print(dlrm_ops.build_info()['cpu_capability'])\n"
+        "for dt in (torch.float32, torch.float16, torch.bfloat16):\n"
+        "    e = dlrm_ops.nn.EmbeddingBagCollection([50, 70], [16, 7], dtype=dt)\n"
+        "    i, o = make_bags([50, 70], 9, 5)\n"
+        "    out = e(i, o); out.float().sum().backward()\n"
+        "    ref = reference.table_batched_embedding_bag([e.weight_of(0), e.weight_of(1)], i, o)\n"
+        "    torch.testing.assert_close(out, ref, atol=5e-2, rtol=2e-2)\n"
+    )
+    env = dict(os.environ, DLRM_OPS_CPU_CAPABILITY=capability)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(__file__))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[0] == capability
