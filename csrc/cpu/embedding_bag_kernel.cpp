@@ -60,6 +60,83 @@ void for_each_bag(const TableBatch& tb, const I* off, int64_t begin, int64_t end
   }
 }
 
+// Pools one bag over columns [d0, d0 + 16*NV) of table t, the sums held in
+// registers across the bag's rows; out-of-range indices are skipped and the
+// first one recorded in `bad` (on the first column block only).
+template <int NV, bool Weighted, typename W, typename I>
+inline void pool_block(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* psw,
+                       int64_t start, int64_t stop, int64_t table_end, int64_t d0, float scale,
+                       W* out, int64_t& bad) {
+  vf16 acc[NV] = {};
+  for (int64_t p = start; p < stop; ++p) {
+    if (d0 == 0 && p + kPrefetchDistance < table_end) {
+      const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p + kPrefetchDistance]));
+      if (r < rows) prefetch_row(wt + r * D, D * static_cast<int64_t>(sizeof(W)));
+    }
+    const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p]));
+    if (r >= rows) {
+      if (d0 == 0) bad = std::min(bad, p);
+      continue;
+    }
+    const W* row = wt + r * D + d0;
+    if constexpr (Weighted) {
+      const float s = psw[p];
+#pragma GCC unroll 8
+      for (int k = 0; k < NV; ++k) acc[k] += s * load16(row + 16 * k);
+    } else {
+#pragma GCC unroll 8
+      for (int k = 0; k < NV; ++k) acc[k] += load16(row + 16 * k);
+    }
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < NV; ++k) store16(out + d0 + 16 * k, acc[k] * scale);
+}
+
+// Columns [d0, D) when fewer than 16 remain.
+template <bool Weighted, typename W, typename I>
+inline void pool_tail(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* psw,
+                      int64_t start, int64_t stop, int64_t d0, float scale, W* out,
+                      int64_t& bad) {
+  float acc[16] = {};
+  const int64_t n = D - d0;
+  for (int64_t p = start; p < stop; ++p) {
+    const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p]));
+    if (r >= rows) {
+      if (d0 == 0) bad = std::min(bad, p);
+      continue;
+    }
+    row_axpy(acc, wt + r * D + d0, Weighted ? psw[p] : 1.f, n);
+  }
+  row_store_scaled(out + d0, acc, scale, n);
+}
+
+template <bool Weighted, typename W, typename I>
+void pool_bag(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* psw,
+              int64_t start, int64_t stop, int64_t table_end, float scale, W* out,
+              int64_t& bad) {
+  int64_t d0 = 0;
+  for (; d0 + 16 * kMaxBlockVectors <= D; d0 += 16 * kMaxBlockVectors) {
+    pool_block<kMaxBlockVectors, Weighted>(wt, D, rows, idx, psw, start, stop, table_end, d0,
+                                           scale, out, bad);
+  }
+  auto block = [&](auto nv) {
+    pool_block<decltype(nv)::value, Weighted>(wt, D, rows, idx, psw, start, stop, table_end, d0,
+                                              scale, out, bad);
+    d0 += 16 * decltype(nv)::value;
+  };
+  switch ((D - d0) / 16) {
+    case 7: block(std::integral_constant<int, 7>{}); break;
+    case 6: block(std::integral_constant<int, 6>{}); break;
+    case 5: block(std::integral_constant<int, 5>{}); break;
+    case 4: block(std::integral_constant<int, 4>{}); break;
+    case 3: block(std::integral_constant<int, 3>{}); break;
+    case 2: block(std::integral_constant<int, 2>{}); break;
+    case 1: block(std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+  if (d0 < D) pool_tail<Weighted>(wt, D, rows, idx, psw, start, stop, d0, scale, out, bad);
+}
+
 template <typename W, typename I>
 int64_t forward(const EmbeddingBagArgs& a, void* out_ptr) {
   const TableBatch& tb = a.tb;
@@ -71,12 +148,9 @@ int64_t forward(const EmbeddingBagArgs& a, void* out_ptr) {
   const bool mean = a.lk.pooling == kMean;
   const int64_t total_D = tb.dim_offsets[tb.T];
   const int64_t N = static_cast<int64_t>(off[tb.T * tb.B]);
-  const int64_t D_max = max_dim(tb);
   std::atomic<int64_t> first_bad{INT64_MAX};
 
   torch::stable::parallel_for(0, tb.T * tb.B, bag_grain(tb, N), [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> acc_buf;
-    if constexpr (!std::is_same_v<W, float>) acc_buf.reset(new float[std::max<int64_t>(D_max, 1)]);
     int64_t bad = INT64_MAX;
     for_each_bag(tb, off, begin, end, [&](int64_t t, int64_t b, int64_t start, int64_t stop) {
       const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
@@ -84,31 +158,9 @@ int64_t forward(const EmbeddingBagArgs& a, void* out_ptr) {
       const W* wt = w + tb.weights_offsets[t];
       const int64_t table_end = off[(t + 1) * tb.B];
       W* out_row = out + b * total_D + tb.dim_offsets[t];
-      float* acc;
-      if constexpr (std::is_same_v<W, float>) acc = out_row; else acc = acc_buf.get();
-      bool empty = true;
-      for (int64_t p = start; p < stop; ++p) {
-        const int64_t pf = p + kPrefetchDistance;
-        if (pf < table_end) {
-          const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[pf]));
-          if (r < rows) prefetch_row(wt + r * D, D * static_cast<int64_t>(sizeof(W)));
-        }
-        const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p]));
-        if (r >= rows) {
-          bad = std::min(bad, p);
-          continue;
-        }
-        const float s = psw ? psw[p] : 1.f;
-        if (empty) row_set(acc, wt + r * D, s, D); else row_axpy(acc, wt + r * D, s, D);
-        empty = false;
-      }
-      if (empty) {
-        std::fill(acc, acc + D, 0.f);
-      } else if (mean && stop - start > 1) {
-        const float inv = 1.f / static_cast<float>(stop - start);
-        for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
-      }
-      if constexpr (!std::is_same_v<W, float>) row_store(out_row, acc, D);
+      const float scale = mean && stop > start ? 1.f / static_cast<float>(stop - start) : 1.f;
+      if (psw) pool_bag<true>(wt, D, rows, idx, psw, start, stop, table_end, scale, out_row, bad);
+      else pool_bag<false>(wt, D, rows, idx, psw, start, stop, table_end, scale, out_row, bad);
     });
     if (bad != INT64_MAX) record_bad(first_bad, bad);
   });

@@ -92,3 +92,51 @@ inline auto dispatch_float(torch::headeronly::ScalarType t, F&& f) {
 }
 
 }  // namespace dlrm_ops::cpu
+
+namespace dlrm_ops::cpu {
+
+// 16 floats as one GCC vector: one zmm under AVX-512, two ymm under AVX2,
+// four xmm on the portable build. Loops over small arrays of these with
+// constant trip counts keep pooled sums in registers.
+typedef float vf16 __attribute__((vector_size(64)));
+typedef _Float16 vh16 __attribute__((vector_size(32)));
+typedef uint16_t vu16 __attribute__((vector_size(32)));
+typedef uint32_t vu32 __attribute__((vector_size(64)));
+
+inline vf16 load16(const float* p) {
+  vf16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline vf16 load16(const fp16* p) {
+  vh16 h;
+  std::memcpy(&h, p, sizeof(h));
+  return __builtin_convertvector(h, vf16);
+}
+inline vf16 load16(const bf16* p) {
+  vu16 h;
+  std::memcpy(&h, p, sizeof(h));
+  vu32 u = __builtin_convertvector(h, vu32) << 16;
+  vf16 v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline void store16(fp16* p, vf16 v) {
+  vh16 h = __builtin_convertvector(v, vh16);
+  std::memcpy(p, &h, sizeof(h));
+}
+inline void store16(bf16* p, vf16 v) {
+  float f[16];
+  std::memcpy(f, &v, sizeof(v));
+  for (int k = 0; k < 16; ++k) p[k] = from_float<bf16>(f[k]);
+}
+
+// Vectors of 16 columns summed in registers at once.
+#if defined(__AVX512F__)
+constexpr int kMaxBlockVectors = 8;
+#else
+constexpr int kMaxBlockVectors = 4;
+#endif
+
+}  // namespace dlrm_ops::cpu

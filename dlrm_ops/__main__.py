@@ -1,0 +1,55 @@
+"""Command line: ``python -m dlrm_ops {info,benchmark}``."""
+import argparse
+import json
+import sys
+
+import torch
+
+
+def _ints(s: str):
+    return [int(x) for x in s.split(",")]
+
+
+def cmd_info(args) -> int:
+    import dlrm_ops
+
+    print(json.dumps(dlrm_ops.build_info(), indent=2))
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    from . import benchmark
+
+    threads = args.threads or sorted({1, torch.get_num_threads()})
+    dtype = getattr(torch, args.dtype)
+    print(f"table-batched embedding bag, {args.tables} tables x {args.rows} rows, "
+          f"Zipf indices, {dtype}; dlrm_ops x = other's time / dlrm_ops' time", flush=True)
+    res = benchmark.run_embedding_bag(args.tables, args.rows, args.dims, args.batch,
+                                      args.lengths, threads, dtype, args.min_time)
+    benchmark.print_table(res)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dlrm_ops")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="build information: version, torch, CPU ISA, CUDA")
+    b = sub.add_parser("benchmark", help="kernels against PyTorch (and FBGEMM if installed)")
+    b.add_argument("--tables", type=int, default=26)
+    b.add_argument("--rows", type=int, default=100_000, help="rows per table (Kaggle: 500000)")
+    b.add_argument("--dims", type=_ints, default=[64, 128])
+    b.add_argument("--batch", type=int, default=2048)
+    b.add_argument("--lengths", type=_ints, default=[1, 20], help="indices per bag")
+    b.add_argument("--threads", type=_ints, default=None, help="default: 1 and all")
+    b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    b.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
+    b.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    return {"info": cmd_info, "benchmark": cmd_benchmark}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
