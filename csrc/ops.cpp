@@ -11,6 +11,20 @@ STABLE_TORCH_LIBRARY(dlrm_ops, m) {
       "embedding_bag_forward(Tensor weights, Tensor weights_offsets, Tensor dim_offsets, "
       "Tensor rows, Tensor indices, Tensor offsets, int pooling, Tensor? per_sample_weights, "
       "int total_dim, bool sparse=False) -> Tensor");
+  // Same forward; its autograd applies the optimizer in place instead of
+  // returning a weight gradient (dlrm_ops/ops.py). `optimizer` is 1 sgd,
+  // 2 adagrad, 3 rowwise_adagrad, 4 adam; hparams = [lr, eps, beta1, beta2,
+  // weight_decay] (float64).
+  m.def(
+      "embedding_bag_forward_with_optimizer(Tensor weights, Tensor weights_offsets, "
+      "Tensor dim_offsets, Tensor rows, Tensor indices, Tensor offsets, int pooling, "
+      "Tensor? per_sample_weights, int total_dim, Tensor momentum1, Tensor momentum2, "
+      "Tensor step, Tensor hparams, int optimizer, bool stochastic_rounding) -> Tensor");
+  m.def(
+      "embedding_bag_update_(Tensor grad_output, Tensor(a!) weights, Tensor(b!) momentum1, "
+      "Tensor(c!) momentum2, Tensor(d!) step, Tensor weights_offsets, Tensor dim_offsets, "
+      "Tensor rows, Tensor indices, Tensor offsets, int pooling, Tensor? per_sample_weights, "
+      "Tensor hparams, int optimizer, bool stochastic_rounding) -> ()");
   m.def(
       "embedding_bag_backward_dense(Tensor grad_output, Tensor weights, Tensor weights_offsets, "
       "Tensor dim_offsets, Tensor rows, Tensor indices, Tensor offsets, int pooling, "

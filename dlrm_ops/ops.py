@@ -10,6 +10,7 @@ _load.load()
 _ops = torch.ops.dlrm_ops
 
 POOLING = {"sum": 0, "mean": 1}
+OPTIMIZERS = {"sgd": 1, "adagrad": 2, "rowwise_adagrad": 3, "adam": 4}
 
 
 def _pooling(mode: str) -> int:
@@ -49,12 +50,58 @@ def table_batched_embedding_bag(
         per_sample_weights, total_dim, sparse)
 
 
+def table_batched_embedding_bag_with_optimizer(
+    weights: torch.Tensor,
+    weights_offsets: torch.Tensor,
+    dim_offsets: torch.Tensor,
+    rows: torch.Tensor,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    optimizer: str,
+    momentum1: torch.Tensor,
+    momentum2: torch.Tensor,
+    step: torch.Tensor,
+    hparams: torch.Tensor,
+    mode: str = "sum",
+    per_sample_weights: Optional[torch.Tensor] = None,
+    total_dim: Optional[int] = None,
+    stochastic_rounding: bool = False,
+) -> torch.Tensor:
+    """`table_batched_embedding_bag` whose backward updates ``weights`` in place
+    with ``optimizer`` (see ``csrc/cpu/embedding_bag_kernel.h`` for the exact
+    rules) instead of producing a weight gradient. ``momentum1``/``momentum2``
+    are the fp32 optimizer state, ``step`` an int64 counter, ``hparams`` float64
+    ``[lr, eps, beta1, beta2, weight_decay]``; all are updated or read in the
+    backward. ``per_sample_weights`` still get their gradient."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+    if total_dim is None:
+        total_dim = int(dim_offsets[-1])
+    return _ops.embedding_bag_forward_with_optimizer(
+        weights, weights_offsets, dim_offsets, rows, indices, offsets, _pooling(mode),
+        per_sample_weights, total_dim, momentum1, momentum2, step, hparams, OPTIMIZERS[optimizer],
+        stochastic_rounding)
+
+
 @torch.library.register_fake("dlrm_ops::embedding_bag_forward")
 def _(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
       per_sample_weights, total_dim, sparse=False):
     torch._check(rows.numel() >= 1, lambda: "rows must list at least one table")
     B = (offsets.numel() - 1) // rows.numel()
     return weights.new_empty((B, total_dim))
+
+
+@torch.library.register_fake("dlrm_ops::embedding_bag_forward_with_optimizer")
+def _(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
+      per_sample_weights, total_dim, *state):
+    B = (offsets.numel() - 1) // rows.numel()
+    return weights.new_empty((B, total_dim))
+
+
+@torch.library.register_fake("dlrm_ops::embedding_bag_update_")
+def _(*args):
+    return None
 
 
 @torch.library.register_fake("dlrm_ops::embedding_bag_backward_dense")
@@ -125,3 +172,28 @@ def _embedding_bag_backward(ctx, grad):
 
 torch.library.register_autograd("dlrm_ops::embedding_bag_forward", _embedding_bag_backward,
                                 setup_context=_embedding_bag_setup)
+
+
+def _with_optimizer_setup(ctx, inputs, output):
+    (weights, woff, doff, rows, indices, offsets, pooling, psw, total_dim, m1, m2, step, hparams,
+     optimizer, stochastic_rounding) = inputs
+    ctx.save_for_backward(weights, woff, doff, rows, indices, offsets, psw, m1, m2, step, hparams)
+    ctx.pooling = pooling
+    ctx.optimizer = optimizer
+    ctx.stochastic_rounding = stochastic_rounding
+
+
+def _with_optimizer_backward(ctx, grad):
+    weights, woff, doff, rows, indices, offsets, psw, m1, m2, step, hparams = ctx.saved_tensors
+    grad = grad.contiguous()
+    meta = (woff, doff, rows, indices, offsets, ctx.pooling)
+    grad_psw = None
+    if psw is not None and ctx.needs_input_grad[7]:  # before the weights change
+        grad_psw = _ops.embedding_bag_per_sample_weights_grad(grad, weights, *meta).to(psw.dtype)
+    _ops.embedding_bag_update_(grad, weights, m1, m2, step, *meta, psw, hparams, ctx.optimizer,
+                               ctx.stochastic_rounding)
+    return (None,) * 7 + (grad_psw,) + (None,) * 7
+
+
+torch.library.register_autograd("dlrm_ops::embedding_bag_forward_with_optimizer",
+                                _with_optimizer_backward, setup_context=_with_optimizer_setup)

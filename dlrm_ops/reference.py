@@ -43,3 +43,47 @@ def table_batched_embedding_bag(
             pooled = pooled / lengths
         outs.append(pooled.to(w.dtype))
     return torch.cat(outs, dim=1)
+
+
+def sparse_optimizer_step(
+    optimizer: str,
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict,
+    lr: float,
+    eps: float = 1e-8,
+    betas=(0.9, 0.999),
+    weight_decay: float = 0.0,
+) -> None:
+    """One step of the optimizers fused into the embedding backward, applied in
+    place to the rows of ``weight`` ([R, D], any float dtype, math in fp32)
+    that ``grad`` (sparse COO, duplicates allowed) touches. ``state`` holds the
+    fp32 state between calls ("sum" [R, D] or [R] for rowwise_adagrad; "exp_avg",
+    "exp_avg_sq", "step" for adam)."""
+    g = grad.coalesce()
+    rows = g.indices()[0]
+    vals = g.values().float()
+    w = weight.detach()
+    wr = w[rows].float()
+    vals = vals + weight_decay * wr
+    if optimizer == "sgd":
+        new = wr - lr * vals
+    elif optimizer == "adagrad":
+        s = state.setdefault("sum", torch.zeros(w.shape, dtype=torch.float32))
+        s[rows] += vals * vals
+        new = wr - lr * vals / (s[rows].sqrt() + eps)
+    elif optimizer == "rowwise_adagrad":
+        s = state.setdefault("sum", torch.zeros(w.shape[0], dtype=torch.float32))
+        s[rows] += (vals * vals).mean(1)
+        new = wr - lr * vals / (s[rows].sqrt() + eps).unsqueeze(1)
+    elif optimizer == "adam":
+        m = state.setdefault("exp_avg", torch.zeros(w.shape, dtype=torch.float32))
+        v = state.setdefault("exp_avg_sq", torch.zeros(w.shape, dtype=torch.float32))
+        state["step"] = step = state.get("step", 0) + 1
+        m[rows] += (vals - m[rows]) * (1 - betas[0])
+        v[rows] += (vals * vals - v[rows]) * (1 - betas[1])
+        step_size = lr * (1 - betas[1] ** step) ** 0.5 / (1 - betas[0] ** step)
+        new = wr - step_size * (m[rows] / (v[rows].sqrt() + eps))
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}")
+    w[rows] = new.to(w.dtype)

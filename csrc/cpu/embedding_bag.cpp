@@ -223,9 +223,76 @@ Tensor embedding_bag_per_sample_weights_grad(Tensor grad_output, Tensor weights,
   return grad;
 }
 
+Tensor embedding_bag_forward_with_optimizer(
+    Tensor weights, Tensor weights_offsets, Tensor dim_offsets, Tensor rows, Tensor indices,
+    Tensor offsets, int64_t pooling, std::optional<Tensor> per_sample_weights, int64_t total_dim,
+    Tensor /*momentum1*/, Tensor /*momentum2*/, Tensor /*step*/, Tensor /*hparams*/,
+    int64_t /*optimizer*/, bool /*stochastic_rounding*/) {
+  return embedding_bag_forward(weights, weights_offsets, dim_offsets, rows, indices, offsets,
+                               pooling, per_sample_weights, total_dim, false);
+}
+
+void check_state(const Tensor& t, const char* name, int64_t numel) {
+  check_cpu(t, name);
+  check_dtype(t, name, {ScalarType::Float});
+  check_contiguous(t, name);
+  DLRM_CHECK(t.numel() == numel, name, " must have ", numel, " elements for this optimizer, got ",
+             t.numel());
+}
+
+void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
+                           Tensor momentum2, Tensor step, Tensor weights_offsets,
+                           Tensor dim_offsets, Tensor rows, Tensor indices, Tensor offsets,
+                           int64_t pooling, std::optional<Tensor> per_sample_weights,
+                           Tensor hparams, int64_t optimizer, bool stochastic_rounding) {
+  Prepared p = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
+                       per_sample_weights);
+  check_grad_output(grad_output, weights, p);
+  const auto& tb = p.args.tb;
+  DLRM_CHECK(optimizer >= cpu::kSGD && optimizer <= cpu::kAdam,
+             "optimizer must be 1 (sgd), 2 (adagrad), 3 (rowwise_adagrad) or 4 (adam), got ",
+             optimizer);
+  check_cpu(hparams, "hparams");
+  check_dtype(hparams, "hparams", {ScalarType::Double});
+  DLRM_CHECK(hparams.numel() == 5 && hparams.is_contiguous(),
+             "hparams must hold [lr, eps, beta1, beta2, weight_decay]");
+  check_cpu(step, "step");
+  check_dtype(step, "step", {ScalarType::Long});
+  DLRM_CHECK(step.numel() == 1, "step must have one element");
+  std::vector<int64_t> row_offsets(tb.T);
+  int64_t total_rows = 0;
+  for (int64_t t = 0; t < tb.T; ++t) {
+    row_offsets[t] = total_rows;
+    total_rows += tb.rows[t];
+  }
+  const int64_t n1 = optimizer == cpu::kSGD ? 0
+                     : optimizer == cpu::kRowwiseAdagrad ? total_rows
+                                                          : weights.numel();
+  check_state(momentum1, "momentum1", n1);
+  check_state(momentum2, "momentum2", optimizer == cpu::kAdam ? weights.numel() : 0);
+  const double* hp = hparams.const_data_ptr<double>();
+  int64_t* step_ptr = step.mutable_data_ptr<int64_t>();
+  cpu::UpdateArgs args{p.args,
+                       grad_output.const_data_ptr(),
+                       weights.mutable_data_ptr(),
+                       n1 ? momentum1.mutable_data_ptr<float>() : nullptr,
+                       optimizer == cpu::kAdam ? momentum2.mutable_data_ptr<float>() : nullptr,
+                       row_offsets.data(),
+                       optimizer,
+                       {hp[0], hp[1], hp[2], hp[3], hp[4]},
+                       *step_ptr + 1,
+                       stochastic_rounding};
+  const int64_t bad = cpu::embedding_bag_update_stub(args);
+  if (bad >= 0) throw_bad_index(p, indices, bad);
+  *step_ptr += 1;
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(dlrm_ops, CPU, m) {
+  m.impl("embedding_bag_forward_with_optimizer",
+         TORCH_BOX(&embedding_bag_forward_with_optimizer));
+  m.impl("embedding_bag_update_", TORCH_BOX(&embedding_bag_update_));
   m.impl("embedding_bag_forward", TORCH_BOX(&embedding_bag_forward));
   m.impl("embedding_bag_backward_dense", TORCH_BOX(&embedding_bag_backward_dense));
   m.impl("embedding_bag_backward_sparse", TORCH_BOX(&embedding_bag_backward_sparse));
@@ -237,6 +304,7 @@ STABLE_TORCH_LIBRARY_IMPL(dlrm_ops, CPU, m) {
 
 namespace dlrm_ops::cpu {
 DispatchStub<ForwardFn> embedding_bag_forward_stub;
+DispatchStub<UpdateFn> embedding_bag_update_stub;
 DispatchStub<BackwardDenseFn> embedding_bag_backward_dense_stub;
 DispatchStub<BackwardSparseFn> embedding_bag_backward_sparse_stub;
 DispatchStub<PerSampleWeightsGradFn> embedding_bag_psw_grad_stub;

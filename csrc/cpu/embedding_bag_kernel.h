@@ -60,7 +60,39 @@ using BackwardSparseFn = void (*)(const EmbeddingBagArgs&, const void* grad_out,
 using PerSampleWeightsGradFn = void (*)(const EmbeddingBagArgs&, const void* grad_out,
                                         float* grad_psw);
 
+enum Optimizer : int64_t { kSGD = 1, kAdagrad = 2, kRowwiseAdagrad = 3, kAdam = 4 };
+
+// Hyperparameters of the fused update, in the order of the `hparams` tensor.
+struct OptimizerParams {
+  double lr, eps, beta1, beta2, weight_decay;
+};
+
+// The optimizer fused into the backward: every touched row gets its summed
+// gradient g (duplicates summed in lookup order) and is updated in place.
+//   sgd:             w -= lr * g
+//   adagrad:         s += g*g (per element);      w -= lr * g / (sqrt(s) + eps)
+//   rowwise_adagrad: s += mean(g*g) (per row);    w -= lr * g / (sqrt(s) + eps)
+//   adam (lazy):     m += (g - m)(1-b1); v += (g*g - v)(1-b2);
+//                    w -= lr * sqrt(1-b2^step)/(1-b1^step) * m / (sqrt(v) + eps)
+// with g += weight_decay * w first. State is fp32: per element (layout of the
+// weights) or per row (row_offsets[t] + row for rowwise_adagrad).
+struct UpdateArgs {
+  EmbeddingBagArgs eb;
+  const void* grad_out;
+  void* weights;
+  float* momentum1;
+  float* momentum2;
+  const int64_t* row_offsets;  // [T] first state row of table t
+  int64_t optimizer;
+  OptimizerParams hp;
+  int64_t step;               // after this update's increment (adam)
+  bool stochastic_rounding;   // fp16/bf16 weights
+};
+// Returns the first out-of-range index position, or -1 (then nothing was written).
+using UpdateFn = int64_t (*)(const UpdateArgs&);
+
 extern DispatchStub<ForwardFn> embedding_bag_forward_stub;
+extern DispatchStub<UpdateFn> embedding_bag_update_stub;
 extern DispatchStub<BackwardDenseFn> embedding_bag_backward_dense_stub;
 extern DispatchStub<BackwardSparseFn> embedding_bag_backward_sparse_stub;
 extern DispatchStub<PerSampleWeightsGradFn> embedding_bag_psw_grad_stub;

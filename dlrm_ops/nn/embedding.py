@@ -1,6 +1,6 @@
 """Embedding-bag modules over the table-batched native op."""
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -17,6 +17,16 @@ class EmbeddingBagCollection(nn.Module):
     ``offsets`` with T*B+1 entries (bag b of table t is
     ``indices[offsets[t*B+b]:offsets[t*B+b+1]]``) and returns ``[B, sum(D)]``.
     Tables are initialised uniform in ``±sqrt(1/rows)`` as in facebookresearch/dlrm.
+
+    With ``optimizer`` set ("sgd", "adagrad", "rowwise_adagrad", "adam") the
+    optimizer runs inside the backward: ``loss.backward()`` updates the touched
+    rows in place, ``weight.grad`` stays None and no optimizer step is needed.
+    Duplicate rows in a batch are summed first; every rule is in
+    ``csrc/cpu/embedding_bag_kernel.h``. The fp32 state (``momentum1``,
+    ``momentum2``, ``step``) and ``hparams`` are buffers in the state_dict;
+    ``lr`` may be changed between steps (not between a forward and its backward).
+    ``stochastic_rounding`` rounds updated fp16/bf16 weights stochastically
+    (reproducibly: the random bits hash the step and element).
     """
 
     def __init__(
@@ -27,6 +37,12 @@ class EmbeddingBagCollection(nn.Module):
         dtype: torch.dtype = torch.float32,
         sparse: bool = False,
         device: Optional[torch.device] = None,
+        optimizer: Optional[str] = None,
+        lr: float = 0.01,
+        eps: Optional[float] = None,
+        weight_decay: float = 0.0,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        stochastic_rounding: bool = False,
     ):
         super().__init__()
         rows = [int(n) for n in num_embeddings]
@@ -58,7 +74,38 @@ class EmbeddingBagCollection(nn.Module):
         shape = (sum(rows), dims[0]) if len(set(dims)) == 1 else (sum(sizes),)
         self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
         self._woff = woff
+        self.optimizer = optimizer
+        self.stochastic_rounding = stochastic_rounding
+        if optimizer is not None:
+            self._init_optimizer(optimizer, lr, eps, weight_decay, betas, device)
         self.reset_parameters()
+
+    def _init_optimizer(self, optimizer, lr, eps, weight_decay, betas, device):
+        if optimizer not in ops.OPTIMIZERS:
+            raise ValueError(f"optimizer must be None or one of {sorted(ops.OPTIMIZERS)}, "
+                             f"got {optimizer!r}")
+        if self.sparse:
+            raise ValueError("sparse=True and a fused optimizer exclude each other: the fused "
+                             "optimizer produces no weight gradient")
+        if eps is None:  # the defaults of torch.optim.Adagrad / Adam
+            eps = 1e-10 if optimizer == "adagrad" else 1e-8
+        n_elem, n_rows = self.weight.numel(), sum(self.num_embeddings)
+        n1 = {"sgd": 0, "adagrad": n_elem, "rowwise_adagrad": n_rows, "adam": n_elem}[optimizer]
+        kw = dict(dtype=torch.float32, device=device)
+        self.register_buffer("momentum1", torch.zeros(n1, **kw))
+        self.register_buffer("momentum2", torch.zeros(n_elem if optimizer == "adam" else 0, **kw))
+        self.register_buffer("step", torch.zeros(1, dtype=torch.int64, device=device))
+        self.register_buffer("hparams", torch.tensor(
+            [lr, eps, betas[0], betas[1], weight_decay], dtype=torch.float64, device=device))
+
+    @property
+    def lr(self) -> float:
+        return float(self.hparams[0])
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        with torch.no_grad():
+            self.hparams[0] = value
 
     @property
     def num_tables(self) -> int:
@@ -77,6 +124,13 @@ class EmbeddingBagCollection(nn.Module):
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor,
                 per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.optimizer is not None:
+            return ops.table_batched_embedding_bag_with_optimizer(
+                self.weight, self.weights_offsets, self.dim_offsets, self.rows, indices, offsets,
+                optimizer=self.optimizer, momentum1=self.momentum1, momentum2=self.momentum2,
+                step=self.step, hparams=self.hparams, mode=self.mode,
+                per_sample_weights=per_sample_weights, total_dim=self.total_dim,
+                stochastic_rounding=self.stochastic_rounding)
         return ops.table_batched_embedding_bag(
             self.weight, self.weights_offsets, self.dim_offsets, self.rows, indices, offsets,
             mode=self.mode, per_sample_weights=per_sample_weights, sparse=self.sparse,
@@ -84,7 +138,8 @@ class EmbeddingBagCollection(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"tables={self.num_tables}, rows={self.num_embeddings}, "
-                f"dims={self.embedding_dims}, mode={self.mode!r}, sparse={self.sparse}")
+                f"dims={self.embedding_dims}, mode={self.mode!r}, sparse={self.sparse}, "
+                f"optimizer={self.optimizer!r}")
 
 
 _UNSUPPORTED = {

@@ -1,0 +1,187 @@
+// The optimizer fused into the table-batched embedding backward. Compiled once
+// per CPU capability. The weight gradient is never materialised: each touched
+// row's gradient is summed on the stack and applied at once.
+#include <torch/csrc/stable/ops.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cpu/embedding_bag_kernel.h"
+#include "cpu/sorted_lookups.h"
+#include "cpu/vec.h"
+
+namespace dlrm_ops::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+// Runs ahead whose weight (and state) rows are prefetched.
+constexpr int64_t kPrefetchRuns = 8;
+
+uint64_t mix64(uint64_t x) {  // splitmix64 finalizer
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// Rounds v to W stochastically: up with probability proportional to the
+// distance from the lower neighbour. `u` is 32 uniform random bits. The
+// randomness is a hash of (step, element), so results are reproducible and
+// independent of the thread count.
+template <typename W>
+W round_stochastic(float v, uint32_t u);
+template <>
+float round_stochastic<float>(float v, uint32_t) { return v; }
+template <>
+bf16 round_stochastic<bf16>(float v, uint32_t u) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  if ((bits & 0x7f800000u) == 0x7f800000u) return from_float<bf16>(v);  // inf/nan
+  bits += u >> 16;  // random low 16 bits, then truncate
+  return bf16{static_cast<uint16_t>(bits >> 16)};
+}
+template <>
+fp16 round_stochastic<fp16>(float v, uint32_t u) {
+  const fp16 h = static_cast<fp16>(v);
+  const float hf = static_cast<float>(h);
+  if (hf == v || !std::isfinite(hf)) return h;
+  // The other fp16 neighbour of v, on the far side from h.
+  uint16_t hb;
+  std::memcpy(&hb, &h, sizeof(hb));
+  const bool away = (v > hf) == (hf >= 0.f);  // moving away from zero
+  uint16_t ob = (hf == 0.f) ? static_cast<uint16_t>((v < 0 ? 0x8000 : 0) | 1)
+                            : static_cast<uint16_t>(away ? hb + 1 : hb - 1);
+  fp16 o;
+  std::memcpy(&o, &ob, sizeof(o));
+  const float of = static_cast<float>(o);
+  const float p_other = (v - hf) / (of - hf);  // in (0, 0.5]
+  return static_cast<float>(u) * (1.f / 4294967296.f) < p_other ? o : h;
+}
+
+template <typename W>
+void store_row(W* w, const float* v, int64_t D, const UpdateArgs& a, int64_t elem0) {
+  if (std::is_same_v<W, float> || !a.stochastic_rounding) {
+    row_store(w, v, D);
+    return;
+  }
+  const uint64_t seed = mix64(static_cast<uint64_t>(a.step) * 0x9e3779b97f4a7c15ull);
+  for (int64_t d = 0; d < D; ++d) {
+    w[d] = round_stochastic<W>(v[d], static_cast<uint32_t>(mix64(seed ^ static_cast<uint64_t>(elem0 + d))));
+  }
+}
+
+// Applies the update to one row: g is its summed gradient (fp32, D values),
+// wf scratch for the fp32 weights.
+template <typename W>
+void update_row(const UpdateArgs& a, W* w, float* g, float* wf, int64_t D, int64_t elem0,
+                int64_t state_row) {
+  const float lr = static_cast<float>(a.hp.lr), eps = static_cast<float>(a.hp.eps);
+  const float wd = static_cast<float>(a.hp.weight_decay);
+  for (int64_t d = 0; d < D; ++d) wf[d] = to_float(w[d]);
+  if (wd != 0.f) {
+    for (int64_t d = 0; d < D; ++d) g[d] += wd * wf[d];
+  }
+  switch (a.optimizer) {
+    case kSGD:
+      for (int64_t d = 0; d < D; ++d) wf[d] -= lr * g[d];
+      break;
+    case kAdagrad: {
+      float* s = a.momentum1 + elem0;
+      for (int64_t d = 0; d < D; ++d) {
+        s[d] += g[d] * g[d];
+        wf[d] -= lr * g[d] / (std::sqrt(s[d]) + eps);
+      }
+      break;
+    }
+    case kRowwiseAdagrad: {
+      float* s = a.momentum1 + state_row;
+      *s += row_dot(g, g, D) / static_cast<float>(D);
+      const float step = lr / (std::sqrt(*s) + eps);
+      for (int64_t d = 0; d < D; ++d) wf[d] -= step * g[d];
+      break;
+    }
+    case kAdam: {
+      float* m = a.momentum1 + elem0;
+      float* v = a.momentum2 + elem0;
+      const float b1 = static_cast<float>(a.hp.beta1), b2 = static_cast<float>(a.hp.beta2);
+      const double bc1 = 1.0 - std::pow(a.hp.beta1, static_cast<double>(a.step));
+      const double bc2 = 1.0 - std::pow(a.hp.beta2, static_cast<double>(a.step));
+      const float step_size = static_cast<float>(a.hp.lr * std::sqrt(bc2) / bc1);
+      for (int64_t d = 0; d < D; ++d) {
+        m[d] += (g[d] - m[d]) * (1.f - b1);
+        v[d] += (g[d] * g[d] - v[d]) * (1.f - b2);
+        wf[d] -= step_size * (m[d] / (std::sqrt(v[d]) + eps));
+      }
+      break;
+    }
+    default:
+      break;
+  }
+  store_row(w, wf, D, a, elem0);
+}
+
+template <typename W, typename I>
+int64_t update(const UpdateArgs& a) {
+  const TableBatch& tb = a.eb.tb;
+  const Lookups& lk = a.eb.lk;
+  const I* off = static_cast<const I*>(lk.offsets);
+  const W* go = static_cast<const W*>(a.grad_out);
+  W* w = static_cast<W*>(a.weights);
+  const int64_t total_D = tb.dim_offsets[tb.T];
+  SortedLookups s = sort_lookups<I>(tb, lk);
+  if (s.first_bad >= 0) return s.first_bad;
+  int64_t D_max = 1;
+  for (int64_t t = 0; t < tb.T; ++t) D_max = std::max(D_max, tb.dim_offsets[t + 1] - tb.dim_offsets[t]);
+  const int64_t grain = std::max<int64_t>(1, 16384 / D_max);
+  const bool elementwise_state = a.optimizer == kAdagrad || a.optimizer == kAdam;
+
+  for_each_row_run<I>(tb, lk, s, grain, [&](int64_t t, int64_t row, int64_t begin, int64_t end) {
+    const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
+    const int64_t start = off[t * tb.B];
+    if (end + kPrefetchRuns <= static_cast<int64_t>(off[(t + 1) * tb.B])) {
+      // Rows come in ascending order: the entry kPrefetchRuns ahead is at
+      // most that many runs ahead.
+      const int64_t r = SortedLookups::row(s.entries[end + kPrefetchRuns - 1]);
+      const int64_t e = tb.weights_offsets[t] + r * D;
+      prefetch_row(w + e, D * static_cast<int64_t>(sizeof(W)));
+      if (elementwise_state) prefetch_row(a.momentum1 + e, D * 4);
+      if (a.optimizer == kAdam) prefetch_row(a.momentum2 + e, D * 4);
+    }
+    float g_buf[256], wf_buf[256];
+    std::unique_ptr<float[]> heap;
+    float* g = g_buf;
+    float* wf = wf_buf;
+    if (D > 256) {
+      heap.reset(new float[2 * D]);
+      g = heap.get();
+      wf = g + D;
+    }
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t p = start + SortedLookups::local_pos(s.entries[k]);
+      const int64_t b = s.bag[p];
+      float sc = 1.f;
+      if (lk.per_sample_weights) sc = lk.per_sample_weights[p];
+      else if (lk.pooling == kMean) sc = 1.f / static_cast<float>(off[t * tb.B + b + 1] - off[t * tb.B + b]);
+      const W* gr = go + b * total_D + tb.dim_offsets[t];
+      if (k == begin) row_set(g, gr, sc, D); else row_axpy(g, gr, sc, D);
+    }
+    const int64_t elem0 = tb.weights_offsets[t] + row * D;
+    update_row(a, w + elem0, g, wf, D, elem0, a.row_offsets[t] + row);
+  });
+  return -1;
+}
+
+int64_t update_entry(const UpdateArgs& a) {
+  return dispatch_float(a.eb.dtype, [&](auto* p) {
+    using W = std::remove_pointer_t<decltype(p)>;
+    return a.eb.lk.int64 ? update<W, int64_t>(a) : update<W, int32_t>(a);
+  });
+}
+
+}  // namespace
+
+REGISTER_CPU_KERNEL(embedding_bag_update_stub, &update_entry);
+
+}  // namespace CPU_CAPABILITY
+}  // namespace dlrm_ops::cpu

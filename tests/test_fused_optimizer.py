@@ -1,0 +1,250 @@
+"""The optimizer fused into the embedding backward against torch.optim and the
+reference, with repeated indices over several steps."""
+import pytest
+import torch
+
+import dlrm_ops
+from dlrm_ops import reference
+from dlrm_ops.nn import EmbeddingBagCollection
+
+from conftest import make_bags
+
+ROWS = [40, 7, 25]
+
+
+def fused(optimizer, dims=8, dtype=torch.float32, mode="sum", **kw):
+    torch.manual_seed(0)
+    return EmbeddingBagCollection(ROWS, dims, mode=mode, dtype=dtype, optimizer=optimizer,
+                                  **kw)
+
+
+def torch_tables(ebc):
+    """One nn.EmbeddingBag(sparse=True) per table, same weights."""
+    tables = []
+    for t, (n, d) in enumerate(zip(ebc.num_embeddings, ebc.embedding_dims)):
+        m = torch.nn.EmbeddingBag(n, d, mode=ebc.mode, sparse=True, include_last_offset=True)
+        with torch.no_grad():
+            m.weight.copy_(ebc.weight_of(t).float())
+        tables.append(m)
+    return tables
+
+
+def run_torch(tables, indices, offsets, psw, grad):
+    T, B = len(tables), (offsets.numel() - 1) // len(tables)
+    outs = []
+    for t, m in enumerate(tables):
+        lo, hi = int(offsets[t * B]), int(offsets[(t + 1) * B])
+        outs.append(m(indices[lo:hi], offsets[t * B:(t + 1) * B + 1] - lo,
+                      per_sample_weights=None if psw is None else psw[lo:hi]))
+    torch.cat(outs, 1).backward(grad)
+
+
+def batches(steps=4, B=12, max_len=6, index_dtype=torch.int64):
+    g = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        indices, offsets = make_bags(ROWS, B, max_len, index_dtype, generator=g)
+        grad = torch.randn(B, 8 * len(ROWS), generator=g)
+        yield indices, offsets, grad
+
+
+@pytest.mark.parametrize("optimizer, torch_opt", [
+    ("sgd", lambda p: torch.optim.SGD(p, lr=0.1)),
+    ("adagrad", lambda p: torch.optim.Adagrad(p, lr=0.1)),
+    ("adam", lambda p: torch.optim.SparseAdam(p, lr=0.1)),
+])
+@pytest.mark.parametrize("mode, weighted", [("sum", False), ("sum", True), ("mean", False)])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_matches_torch_optim(optimizer, torch_opt, mode, weighted, index_dtype):
+    ebc = fused(optimizer, mode=mode, lr=0.1)
+    tables = torch_tables(ebc)
+    opt = torch_opt([p for m in tables for p in m.parameters()])
+    for indices, offsets, grad in batches(index_dtype=index_dtype):
+        psw = torch.rand(indices.numel()) if weighted else None
+        ebc(indices, offsets, psw).backward(grad)
+        opt.zero_grad()
+        run_torch(tables, indices, offsets, psw, grad)
+        opt.step()
+    assert ebc.weight.grad is None
+    for t, m in enumerate(tables):
+        torch.testing.assert_close(ebc.weight_of(t), m.weight.detach(), atol=1e-5, rtol=1e-5)
+    if optimizer == "adagrad":
+        state = torch.cat([opt.state[m.weight]["sum"].view(-1) for m in tables])
+        torch.testing.assert_close(ebc.momentum1, state)
+    if optimizer == "adam":
+        m1 = torch.cat([opt.state[m.weight]["exp_avg"].view(-1) for m in tables])
+        m2 = torch.cat([opt.state[m.weight]["exp_avg_sq"].view(-1) for m in tables])
+        torch.testing.assert_close(ebc.momentum1, m1)
+        torch.testing.assert_close(ebc.momentum2, m2)
+        assert int(ebc.step) == 4
+
+
+def _reference_run(optimizer, ebc, data, weight_decay=0.0, lr=0.1, eps=1e-8):
+    """The same steps through reference.sparse_optimizer_step, from copies of
+    ebc's current weights."""
+    tables = torch_tables(ebc)
+    states = [dict() for _ in tables]
+    for indices, offsets, grad, psw in data:
+        for m in tables:
+            m.weight.grad = None
+        run_torch(tables, indices, offsets, psw, grad)
+        for m, st in zip(tables, states):
+            reference.sparse_optimizer_step(optimizer, m.weight, m.weight.grad, st, lr=lr,
+                                            eps=eps, weight_decay=weight_decay)
+    return tables, states
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_matches_reference(optimizer, weight_decay, weighted):
+    ebc = fused(optimizer, lr=0.1, eps=1e-8, weight_decay=weight_decay)
+    data = []
+    for indices, offsets, grad in batches():
+        psw = torch.rand(indices.numel()) if weighted else None
+        data.append((indices, offsets, grad, psw))
+    tables, states = _reference_run(optimizer, ebc, data, weight_decay)
+    for indices, offsets, grad, psw in data:
+        ebc(indices, offsets, psw).backward(grad)
+    for t, m in enumerate(tables):
+        torch.testing.assert_close(ebc.weight_of(t), m.weight.detach(), atol=1e-5, rtol=1e-5)
+    if optimizer == "rowwise_adagrad":
+        torch.testing.assert_close(ebc.momentum1, torch.cat([s["sum"] for s in states]))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights(optimizer, dtype):
+    ebc = fused(optimizer, dtype=dtype, lr=0.05)
+    ref = torch_tables(ebc)
+    for m in ref:
+        m.weight.data = m.weight.data.to(dtype)
+    states = [dict() for _ in ref]
+    for indices, offsets, grad in batches():
+        grad = grad.to(dtype)
+        ebc(indices, offsets).backward(grad)
+        for m in ref:
+            m.weight.grad = None
+        run_torch(ref, indices, offsets, None, grad)
+        for m, st in zip(ref, states):
+            reference.sparse_optimizer_step(optimizer, m.weight, m.weight.grad, st, lr=0.05)
+    assert ebc.momentum1.dtype == torch.float32
+    for t, m in enumerate(ref):
+        torch.testing.assert_close(ebc.weight_of(t), m.weight.detach(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stochastic_rounding_is_unbiased_and_reproducible(dtype):
+    def train():
+        ebc = EmbeddingBagCollection([1], 64, dtype=dtype, optimizer="sgd", lr=1e-4,
+                                     stochastic_rounding=True)
+        with torch.no_grad():
+            ebc.weight.fill_(1.0)
+        idx, off = torch.zeros(1, dtype=torch.int64), torch.tensor([0, 1])
+        for _ in range(50):
+            ebc(idx, off).backward(torch.ones(1, 64))
+        return ebc.weight.detach().float()
+
+    a, b = train(), train()
+    assert torch.equal(a, b)
+    # 50 steps of -1e-4 each: round-to-nearest would never move off 1.0 (the
+    # step is below half an ulp); stochastic rounding tracks 0.995 on average.
+    assert abs(a.mean().item() - 0.995) < 2e-3
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
+def test_bit_identical_for_any_thread_count(optimizer):
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            ebc = EmbeddingBagCollection([50, 300], 16, optimizer=optimizer, lr=0.05)
+            with torch.no_grad():
+                ebc.weight.copy_(torch.linspace(-1, 1, ebc.weight.numel()).view_as(ebc.weight))
+            g = torch.Generator().manual_seed(0)
+            for _ in range(3):
+                indices, offsets = make_bags([50, 300], 600, 12, generator=g)
+                ebc(indices, offsets).backward(torch.randn(600, 32, generator=g))
+            results.append(torch.cat([ebc.weight.detach().view(-1), ebc.momentum1]))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def test_state_dict_round_trip_and_lr_change(tmp_path):
+    data = list(batches(steps=6))
+    a = fused("adam", lr=0.1)
+    for i, (indices, offsets, grad) in enumerate(data[:3]):
+        a(indices, offsets).backward(grad)
+    assert set(a.state_dict()) == {"weight", "momentum1", "momentum2", "step", "hparams"}
+    torch.save(a.state_dict(), tmp_path / "ckpt.pt")
+    b = EmbeddingBagCollection(ROWS, 8, optimizer="adam", lr=0.5)
+    b.load_state_dict(torch.load(tmp_path / "ckpt.pt"))
+    assert b.lr == 0.1 and int(b.step) == 3
+    for m in (a, b):
+        m.lr = 0.02
+        for indices, offsets, grad in data[3:]:
+            m(indices, offsets).backward(grad)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.momentum2, b.momentum2)
+
+    # the lr change took effect: same run with lr kept at 0.1 differs
+    c = fused("adam", lr=0.1)
+    for indices, offsets, grad in data:
+        c(indices, offsets).backward(grad)
+    assert not torch.allclose(c.weight, a.weight)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"optimizer must be None or one of"):
+        EmbeddingBagCollection([5], 4, optimizer="lamb")
+    with pytest.raises(ValueError, match=r"sparse=True and a fused optimizer exclude each other"):
+        EmbeddingBagCollection([5], 4, optimizer="sgd", sparse=True)
+    ebc = EmbeddingBagCollection([5], 4, optimizer="adagrad")
+    w0 = ebc.weight.detach().clone()
+    args = (torch.ones(1, 4), ebc.weight.detach(), ebc.momentum1, ebc.momentum2, ebc.step,
+            ebc.weights_offsets, ebc.dim_offsets, ebc.rows, torch.tensor([0, 7]),
+            torch.tensor([0, 2]), 0, None, ebc.hparams, 2, False)
+    with pytest.raises(RuntimeError, match=r"indices\[1\] = 7 is out of range for table 0"):
+        torch.ops.dlrm_ops.embedding_bag_update_(*args)
+    assert torch.equal(ebc.weight, w0) and int(ebc.step) == 0  # nothing written
+    bad_state = list(args)
+    bad_state[2] = torch.zeros(3)
+    with pytest.raises(RuntimeError, match=r"momentum1 must have 20 elements for this optimizer, got 3"):
+        torch.ops.dlrm_ops.embedding_bag_update_(*bad_state)
+
+
+def test_opcheck():
+    ebc = fused("rowwise_adagrad", lr=0.1)
+    indices, offsets, grad = next(batches())
+    psw = torch.rand(indices.numel())
+    meta = (ebc.weights_offsets, ebc.dim_offsets, ebc.rows, indices, offsets)
+    state = (ebc.momentum1, ebc.momentum2, ebc.step, ebc.hparams)
+    w = ebc.weight.detach().clone().requires_grad_()
+    torch.library.opcheck(torch.ops.dlrm_ops.embedding_bag_forward_with_optimizer,
+                          (w, *meta, 0, psw, 24, *state, 3, False),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_static"))
+    torch.library.opcheck(torch.ops.dlrm_ops.embedding_bag_update_,
+                          (grad, ebc.weight.detach().clone(), ebc.momentum1.clone(),
+                           ebc.momentum2, ebc.step.clone(), *meta, 0, psw, ebc.hparams, 3, False))
+
+
+def test_training_step_under_torch_compile():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.ebc = EmbeddingBagCollection(ROWS, 8, optimizer="rowwise_adagrad", lr=0.1)
+            self.lin = torch.nn.Linear(24, 1)
+
+        def forward(self, indices, offsets):
+            return self.lin(self.ebc(indices, offsets)).pow(2).mean()
+
+    eager, compiled_model = Model(), Model()
+    step = torch.compile(lambda m, i, o: m(i, o).backward())
+    for indices, offsets, _ in batches():
+        eager(indices, offsets).backward()
+        step(compiled_model, indices, offsets)
+    torch.testing.assert_close(compiled_model.ebc.weight, eager.ebc.weight)
+    torch.testing.assert_close(compiled_model.ebc.momentum1, eager.ebc.momentum1)
+    torch.testing.assert_close(compiled_model.lin.weight.grad, eager.lin.weight.grad)
