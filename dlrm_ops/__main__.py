@@ -24,8 +24,13 @@ def cmd_benchmark(args) -> int:
     dtype = getattr(torch, args.dtype)
     print(f"table-batched embedding bag, {args.tables} tables x {args.rows} rows, "
           f"Zipf indices, {dtype}; dlrm_ops x = other's time / dlrm_ops' time", flush=True)
-    res = benchmark.run_embedding_bag(args.tables, args.rows, args.dims, args.batch,
-                                      args.lengths, threads, dtype, args.min_time)
+    res = []
+    if "forward" in args.ops:
+        res += benchmark.run_embedding_bag(args.tables, args.rows, args.dims, args.batch,
+                                           args.lengths, threads, dtype, args.min_time)
+    if "train" in args.ops:
+        res += benchmark.run_training(args.tables, args.rows, args.dims, args.batch, args.lengths,
+                                      threads, args.optimizers, args.dense, args.min_time)
     benchmark.print_table(res)
     if args.json:
         with open(args.json, "w") as f:
@@ -46,6 +51,11 @@ def main(argv=None) -> int:
     b.add_argument("--threads", type=_ints, default=None, help="default: 1 and all")
     b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     b.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
+    b.add_argument("--ops", type=lambda s: s.split(","), default=["forward", "train"],
+                   help="comma list of: forward (pooled lookup), train (fwd+bwd+fused update)")
+    b.add_argument("--optimizers", type=lambda s: s.split(","), default=["sgd", "rowwise_adagrad"],
+                   help="for train: sgd, adagrad, rowwise_adagrad, adam")
+    b.add_argument("--dense", action="store_true", help="train: also time dense gradients + SGD")
     b.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     return {"info": cmd_info, "benchmark": cmd_benchmark}[args.cmd](args)

@@ -194,12 +194,106 @@ def run_embedding_bag(T: int, rows: int, dims: List[int], B: int, lengths: List[
     return results
 
 
+def _fbgemm_training_tbe(inp: TBEInputs, optimizer: str, lr: float):
+    try:
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType as OptimType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
+    except Exception:  # noqa: BLE001 - optional dependency
+        return None
+    opt = {"sgd": OptimType.EXACT_SGD, "rowwise_adagrad": OptimType.EXACT_ROWWISE_ADAGRAD,
+           "adagrad": OptimType.EXACT_ADAGRAD}.get(optimizer)
+    if opt is None:
+        return None
+    rows, D = inp.ebc.num_embeddings[0], inp.ebc.embedding_dims[0]
+    return SplitTableBatchedEmbeddingBagsCodegen(
+        [(rows, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * inp.T, optimizer=opt,
+        learning_rate=lr, eps=1e-8)
+
+
+def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
+                        dense: bool = False) -> Dict[str, Callable]:
+    """Forward + backward + update of one batch, by every way available."""
+    T, B, D = inp.T, inp.B, inp.ebc.embedding_dims[0]
+    rows = inp.ebc.num_embeddings[0]
+    idx, off = inp.indices, inp.offsets
+    grad = torch.randn(B, T * D, dtype=inp.ebc.weight.dtype)
+    fused = EmbeddingBagCollection([rows] * T, D, dtype=inp.ebc.weight.dtype,
+                                   optimizer=optimizer, lr=lr)
+    with torch.no_grad():
+        fused.weight.copy_(inp.ebc.weight)
+    out = {"dlrm_ops fused": lambda: fused(idx, off).backward(grad)}
+
+    torch_opt = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad,
+                 "adam": torch.optim.SparseAdam}.get(optimizer)
+    if torch_opt is not None:
+        n = B * inp.L
+        tables = [torch.nn.EmbeddingBag.from_pretrained(inp.ebc.weight_of(t).detach(),
+                                                        freeze=False, mode="sum", sparse=True,
+                                                        include_last_offset=True)
+                  for t in range(T)]
+        per_table = [(idx[t * n:(t + 1) * n], off[t * B:(t + 1) * B + 1] - t * n)
+                     for t in range(T)]
+        opt = torch_opt([m.weight for m in tables], lr=lr)
+
+        def torch_step():
+            opt.zero_grad()
+            torch.cat([m(i, o) for m, (i, o) in zip(tables, per_table)], 1).backward(grad)
+            opt.step()
+        out[f"torch sparse+{torch_opt.__name__}"] = torch_step
+    if dense and optimizer == "sgd":
+        dense_ebc = inp.ebc
+        dense_opt = torch.optim.SGD(dense_ebc.parameters(), lr=lr)
+
+        def dense_step():
+            dense_opt.zero_grad()
+            dense_ebc(idx, off).backward(grad)
+            dense_opt.step()
+        out["dense grad+SGD"] = dense_step
+    tbe = _fbgemm_training_tbe(inp, optimizer, lr) if inp.ebc.weight.dtype == torch.float32 \
+        else None
+    if tbe is not None:
+        with torch.no_grad():
+            tbe.weights_host.copy_(inp.ebc.weight.detach().view(-1))
+        out["fbgemm TBE"] = lambda: tbe(idx, off).backward(grad)
+    return out
+
+
+def run_training(T: int, rows: int, dims: List[int], B: int, lengths: List[int],
+                 threads: List[int], optimizers: List[str], dense: bool = False,
+                 min_time: float = 0.3) -> List[dict]:
+    results = []
+    for D in dims:
+        for L in lengths:
+            inp = make_tbe_inputs(T, rows, D, B, L)
+            for optimizer in optimizers:
+                fns = training_contenders(inp, optimizer, dense=dense)
+                for th in threads:
+                    torch.set_num_threads(th)
+                    times = time_all(fns, min_time)
+                    for k, t in times.items():
+                        results.append(dict(op=f"train {optimizer}", T=T, rows=rows, D=D, B=B,
+                                            L=L, threads=th, impl=k, ms=t * 1e3,
+                                            gbs=inp.gathered_bytes / t / 1e9,
+                                            ours_speedup=t / times["dlrm_ops fused"]))
+                del fns
+                gc.collect()
+            del inp
+            gc.collect()
+    return results
+
+
 def print_table(results: List[dict]) -> None:
     cols = ["T", "rows", "D", "B", "L", "threads", "impl", "ms", "gbs", "ours_speedup"]
     heads = ["T", "rows", "D", "B", "L", "thr", "implementation", "ms", "GB/s", "dlrm_ops x"]
-    widths = [3, 8, 4, 5, 3, 3, 15, 9, 7, 10]
-    print("  ".join(h.rjust(w) for h, w in zip(heads, widths)))
+    widths = [3, 8, 4, 5, 3, 3, 22, 9, 7, 10]
+    op = None
     for r in results:
+        if r["op"] != op:
+            op = r["op"]
+            print(f"\n{op}")
+            print("  ".join(h.rjust(w) for h, w in zip(heads, widths)))
         cells = []
         for c, w in zip(cols, widths):
             v = r[c]
