@@ -37,4 +37,10 @@ STABLE_TORCH_LIBRARY(dlrm_ops, m) {
       "embedding_bag_per_sample_weights_grad(Tensor grad_output, Tensor weights, "
       "Tensor weights_offsets, Tensor dim_offsets, Tensor rows, Tensor indices, Tensor offsets, "
       "int pooling) -> Tensor");
+
+  // Pairwise dot interaction (csrc/cpu/interaction.cpp): order 0 tril, 1 triu.
+  m.def("dot_interaction(Tensor dense, Tensor sparse, bool self_interaction=False, int order=0) -> Tensor");
+  m.def(
+      "dot_interaction_backward(Tensor grad_output, Tensor dense, Tensor sparse, "
+      "bool self_interaction, int order) -> (Tensor, Tensor)");
 }

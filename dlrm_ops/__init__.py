@@ -2,7 +2,7 @@
 from . import ops, reference
 from . import nn
 from .nn import convert
-from .ops import table_batched_embedding_bag
+from .ops import dot_interaction, table_batched_embedding_bag
 
 __version__ = "0.1.0"
 
@@ -19,4 +19,5 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["ops", "reference", "nn", "convert", "table_batched_embedding_bag", "build_info"]
+__all__ = ["ops", "reference", "nn", "convert", "table_batched_embedding_bag", "dot_interaction",
+           "build_info"]

@@ -31,6 +31,9 @@ def cmd_benchmark(args) -> int:
     if "train" in args.ops:
         res += benchmark.run_training(args.tables, args.rows, args.dims, args.batch, args.lengths,
                                       threads, args.optimizers, args.dense, args.min_time)
+    if "interaction" in args.ops:
+        res += benchmark.run_interaction(args.interaction_batches, args.tables, args.interaction_dims,
+                                         threads, args.min_time)
     benchmark.print_table(res)
     if args.json:
         with open(args.json, "w") as f:
@@ -51,8 +54,11 @@ def main(argv=None) -> int:
     b.add_argument("--threads", type=_ints, default=None, help="default: 1 and all")
     b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     b.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
-    b.add_argument("--ops", type=lambda s: s.split(","), default=["forward", "train"],
-                   help="comma list of: forward (pooled lookup), train (fwd+bwd+fused update)")
+    b.add_argument("--ops", type=lambda s: s.split(","), default=["forward", "train", "interaction"],
+                   help="comma list of: forward (pooled lookup), train (fwd+bwd+fused update), "
+                        "interaction (dot interaction fwd and fwd+bwd)")
+    b.add_argument("--interaction-batches", type=_ints, default=[2048, 8192])
+    b.add_argument("--interaction-dims", type=_ints, default=[16, 64, 128])
     b.add_argument("--optimizers", type=lambda s: s.split(","), default=["sgd", "rowwise_adagrad"],
                    help="for train: sgd, adagrad, rowwise_adagrad, adam")
     b.add_argument("--dense", action="store_true", help="train: also time dense gradients + SGD")

@@ -284,6 +284,44 @@ def run_training(T: int, rows: int, dims: List[int], B: int, lengths: List[int],
     return results
 
 
+def interaction_contenders(B: int, T: int, D: int, backward: bool) -> Dict[str, Callable]:
+    """Forward (or forward+backward) of the dot interaction, ours against the
+    eager bmm+gather reference and torch.compile of it."""
+    from . import ops, reference
+
+    dense = torch.randn(B, D, requires_grad=backward)
+    sparse = torch.randn(B, T * D, requires_grad=backward)  # as an EmbeddingBagCollection gives
+    grad = torch.randn(B, D + (T + 1) * T // 2)
+    compiled = torch.compile(reference.dot_interaction)
+    impls = {"dlrm_ops": ops.dot_interaction, "torch eager": reference.dot_interaction,
+             "torch.compile": compiled}
+
+    def make(f):
+        if backward:
+            return lambda: f(dense, sparse).backward(grad)
+        return torch.no_grad()(lambda: f(dense, sparse))
+    return {k: make(f) for k, f in impls.items()}
+
+
+def run_interaction(batches: List[int], T: int, dims: List[int], threads: List[int],
+                    min_time: float = 0.3) -> List[dict]:
+    results = []
+    for backward in (False, True):
+        for B in batches:
+            for D in dims:
+                fns = interaction_contenders(B, T, D, backward)
+                moved = 4 * B * ((T + 1) * D + D + (T + 1) * T // 2) * (2 if backward else 1)
+                for th in threads:
+                    torch.set_num_threads(th)
+                    times = time_all(fns, min_time)
+                    for k, t in times.items():
+                        results.append(dict(op="interaction " + ("fwd+bwd" if backward else "fwd"),
+                                            T=T, rows=0, D=D, B=B, L=0, threads=th, impl=k,
+                                            ms=t * 1e3, gbs=moved / t / 1e9,
+                                            ours_speedup=t / times["dlrm_ops"]))
+    return results
+
+
 def print_table(results: List[dict]) -> None:
     cols = ["T", "rows", "D", "B", "L", "threads", "impl", "ms", "gbs", "ours_speedup"]
     heads = ["T", "rows", "D", "B", "L", "thr", "implementation", "ms", "GB/s", "dlrm_ops x"]

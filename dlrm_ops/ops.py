@@ -10,6 +10,7 @@ _load.load()
 _ops = torch.ops.dlrm_ops
 
 POOLING = {"sum": 0, "mean": 1}
+ORDERS = {"tril": 0, "triu": 1}
 OPTIMIZERS = {"sgd": 1, "adagrad": 2, "rowwise_adagrad": 3, "adam": 4}
 
 
@@ -197,3 +198,53 @@ def _with_optimizer_backward(ctx, grad):
 
 torch.library.register_autograd("dlrm_ops::embedding_bag_forward_with_optimizer",
                                 _with_optimizer_backward, setup_context=_with_optimizer_setup)
+
+
+def dot_interaction(dense: torch.Tensor, sparse: torch.Tensor, *, self_interaction: bool = False,
+                    order: str = "tril") -> torch.Tensor:
+    """DLRM's pairwise dot interaction in one native op.
+
+    Features are ``[dense, sparse_1, ..., sparse_T]`` (``dense [B, D]``,
+    ``sparse [B, T, D]`` or the ``[B, T*D]`` output of an
+    ``EmbeddingBagCollection``, read in place). Returns ``[B, D + P]``: ``dense``
+    followed by the P dot products of distinct feature pairs (and each feature
+    with itself if ``self_interaction``), ordered as facebookresearch/dlrm
+    (``order="tril"``: i > j, row-major) or torchrec (``"triu"``: i < j).
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {sorted(ORDERS)}, got {order!r}")
+    return _ops.dot_interaction(dense, sparse, self_interaction, ORDERS[order])
+
+
+def _interaction_pairs(F, self_interaction):
+    return F * (F + 1) // 2 if self_interaction else F * (F - 1) // 2
+
+
+@torch.library.register_fake("dlrm_ops::dot_interaction")
+def _(dense, sparse, self_interaction=False, order=0):
+    B, D = dense.shape
+    T = sparse.shape[1] if sparse.dim() == 3 else sparse.shape[1] // D
+    return dense.new_empty((B, D + _interaction_pairs(T + 1, self_interaction)))
+
+
+@torch.library.register_fake("dlrm_ops::dot_interaction_backward")
+def _(grad_output, dense, sparse, self_interaction, order):
+    return torch.empty_like(dense), torch.empty_like(sparse, memory_format=torch.contiguous_format)
+
+
+def _interaction_setup(ctx, inputs, output):
+    dense, sparse, self_interaction, order = inputs
+    ctx.save_for_backward(dense, sparse)
+    ctx.self_interaction = self_interaction
+    ctx.order = order
+
+
+def _interaction_backward(ctx, grad):
+    dense, sparse = ctx.saved_tensors
+    grad_dense, grad_sparse = _ops.dot_interaction_backward(grad, dense, sparse,
+                                                            ctx.self_interaction, ctx.order)
+    return grad_dense, grad_sparse, None, None
+
+
+torch.library.register_autograd("dlrm_ops::dot_interaction", _interaction_backward,
+                                setup_context=_interaction_setup)

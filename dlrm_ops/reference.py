@@ -87,3 +87,25 @@ def sparse_optimizer_step(
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}")
     w[rows] = new.to(w.dtype)
+
+
+def pair_indices(F: int, self_interaction: bool, order: str, device=None):
+    """(i, j) of the kept pairs in output order: tril is facebookresearch/dlrm's
+    interact_features (i > j, row-major), triu torchrec's InteractionArch."""
+    if order == "tril":
+        return torch.tril_indices(F, F, 0 if self_interaction else -1, device=device)
+    if order == "triu":
+        return torch.triu_indices(F, F, 0 if self_interaction else 1, device=device)
+    raise ValueError(f"order must be 'tril' or 'triu', got {order!r}")
+
+
+def dot_interaction(dense: torch.Tensor, sparse: torch.Tensor, self_interaction: bool = False,
+                    order: str = "tril") -> torch.Tensor:
+    """[dense, pairwise dots of (dense, sparse_1..sparse_T)] with torch.bmm and
+    a gather, as the DLRM reference implementations do (fp32 accumulation)."""
+    B, D = dense.shape
+    T = sparse.shape[1] if sparse.dim() == 3 else sparse.shape[1] // D
+    x = torch.cat([dense.unsqueeze(1), sparse.reshape(B, T, D)], 1).float()
+    z = torch.bmm(x, x.transpose(1, 2))
+    li, lj = pair_indices(x.shape[1], self_interaction, order, dense.device)
+    return torch.cat([dense, z[:, li, lj].to(dense.dtype)], 1)

@@ -1,0 +1,222 @@
+// Pairwise dot interaction, forward and backward, one sample at a time in L1:
+// the features are converted to fp32 once, the Gram matrix is computed by a
+// register-blocked micro-kernel (only the lower triangle), and the pairs are
+// written straight into the output after the dense copy. Compiled once per CPU
+// capability.
+#include <torch/csrc/stable/ops.h>
+
+#include <algorithm>
+#include <memory>
+
+#include "cpu/interaction_kernel.h"
+#include "cpu/vec.h"
+
+namespace dlrm_ops::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kRows = 4;     // Gram rows per micro-kernel call
+constexpr int kVectors = 4;  // 16-float vectors per micro-kernel call
+#else
+constexpr int kRows = 2;
+constexpr int kVectors = 2;
+#endif
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Per-thread fp32 scratch for one sample.
+struct Scratch {
+  int64_t F, F4, Fp, Dp;
+  std::unique_ptr<float[]> buf;
+  float *X, *XT, *Z;  // X [F4, Dp], XT [Dp, Fp], Z (or S) [F4, Fp]
+  Scratch(int64_t F_, int64_t D) : F(F_), F4(round_up(F_, kRows)), Fp(round_up(F_, 16)),
+                                   Dp(round_up(D, 16)) {
+    const int64_t n = F4 * Dp + Dp * Fp + F4 * Fp;
+    buf.reset(new float[n]());
+    X = buf.get();
+    XT = X + F4 * Dp;
+    Z = XT + Dp * Fp;
+  }
+};
+
+template <typename T>
+void load_features(const InteractionArgs& a, int64_t b, Scratch& s) {
+  const T* dense = static_cast<const T*>(a.dense) + b * a.D;
+  const T* sparse = static_cast<const T*>(a.sparse) + b * a.sparse_stride;
+  for (int64_t d = 0; d < a.D; ++d) s.X[d] = to_float(dense[d]);
+  for (int64_t t = 0; t < a.T; ++t) {
+    float* x = s.X + (t + 1) * s.Dp;
+    const T* src = sparse + t * a.D;
+    for (int64_t d = 0; d < a.D; ++d) x[d] = to_float(src[d]);
+  }
+}
+
+// Z[i][j0 + 16v + k] = <X[i], X[j0 + 16v + k]> for rows i0..i0+kRows-1.
+template <int NV>
+inline void gram_block(const Scratch& s, int64_t i0, int64_t j0) {
+  vf16 acc[kRows][NV] = {};
+  for (int64_t d = 0; d < s.Dp; ++d) {
+    vf16 xt[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) xt[v] = load16(s.XT + d * s.Fp + j0 + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      const float x = s.X[(i0 + r) * s.Dp + d];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] += x * xt[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) store16(s.Z + (i0 + r) * s.Fp + j0 + 16 * v, acc[r][v]);
+  }
+}
+
+template <template <int> class K, typename... Args>
+inline void with_vectors(int64_t nv, Args&&... args) {
+  switch (nv) {
+    case 1: K<1>::run(args...); break;
+    case 2: K<2>::run(args...); break;
+    case 3: K<3>::run(args...); break;
+    default: K<4>::run(args...); break;
+  }
+}
+template <int NV>
+struct Gram {
+  static void run(const Scratch& s, int64_t i0, int64_t j0) { gram_block<NV>(s, i0, j0); }
+};
+
+// Lower triangle of the Gram matrix (j <= i) into s.Z.
+void gram_lower(Scratch& s) {
+  for (int64_t d = 0; d < s.Dp; ++d) {
+    for (int64_t j = 0; j < s.F; ++j) s.XT[d * s.Fp + j] = s.X[j * s.Dp + d];
+  }
+  for (int64_t i0 = 0; i0 < s.F; i0 += kRows) {
+    const int64_t jcount = std::min(i0 + kRows, s.F);  // columns the last row needs
+    for (int64_t j0 = 0; j0 < jcount; j0 += 16 * kVectors) {
+      const int64_t nv = (std::min<int64_t>(jcount - j0, 16 * kVectors) + 15) / 16;
+      with_vectors<Gram>(nv, s, i0, j0);
+    }
+  }
+}
+
+// Calls f(i, j, p) for pair number p in the output order.
+template <typename F>
+inline void for_each_pair(int64_t Fn, bool self, int64_t order, const F& f) {
+  int64_t p = 0;
+  if (order == kTril) {
+    for (int64_t i = 0; i < Fn; ++i) {
+      for (int64_t j = 0; j < i + (self ? 1 : 0); ++j) f(i, j, p++);
+    }
+  } else {
+    for (int64_t i = 0; i < Fn; ++i) {
+      for (int64_t j = i + (self ? 0 : 1); j < Fn; ++j) f(i, j, p++);
+    }
+  }
+}
+
+template <typename T>
+void forward(const InteractionArgs& a, void* out_ptr) {
+  const int64_t F = a.T + 1, P = interaction_pairs(F, a.self_interaction);
+  const int64_t width = a.D + P;
+  T* out = static_cast<T*>(out_ptr);
+  const int64_t grain = std::max<int64_t>(1, 4096 / (F * F + F * a.D));
+  torch::stable::parallel_for(0, a.B, grain, [&](int64_t b0, int64_t b1) {
+    Scratch s(F, a.D);
+    for (int64_t b = b0; b < b1; ++b) {
+      load_features<T>(a, b, s);
+      gram_lower(s);
+      T* o = out + b * width;
+      const T* dense = static_cast<const T*>(a.dense) + b * a.D;
+      std::copy(dense, dense + a.D, o);
+      T* pairs = o + a.D;
+      for_each_pair(F, a.self_interaction, a.order, [&](int64_t i, int64_t j, int64_t p) {
+        // Z holds j <= i; a triu pair (i < j) is the transposed entry.
+        pairs[p] = from_float<T>(i >= j ? s.Z[i * s.Fp + j] : s.Z[j * s.Fp + i]);
+      });
+    }
+  });
+}
+
+// dX[i0..i0+kRows) [d0, d0 + 16*NV) = sum_j S[i][j] X[j]; S in s.Z, dX into out.
+template <int NV>
+inline void dx_block(const Scratch& s, int64_t i0, int64_t d0, float* dX) {
+  vf16 acc[kRows][NV] = {};
+  for (int64_t j = 0; j < s.F; ++j) {
+    vf16 x[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) x[v] = load16(s.X + j * s.Dp + d0 + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      const float g = s.Z[(i0 + r) * s.Fp + j];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] += g * x[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) store16(dX + (i0 + r) * s.Dp + d0 + 16 * v, acc[r][v]);
+  }
+}
+template <int NV>
+struct DX {
+  static void run(const Scratch& s, int64_t i0, int64_t d0, float* dX) { dx_block<NV>(s, i0, d0, dX); }
+};
+
+template <typename T>
+void backward(const InteractionArgs& a, const void* grad_out_ptr, void* grad_dense_ptr,
+              void* grad_sparse_ptr) {
+  const int64_t F = a.T + 1, P = interaction_pairs(F, a.self_interaction);
+  const int64_t width = a.D + P;
+  const T* go = static_cast<const T*>(grad_out_ptr);
+  T* gd = static_cast<T*>(grad_dense_ptr);
+  T* gs = static_cast<T*>(grad_sparse_ptr);
+  const int64_t grain = std::max<int64_t>(1, 4096 / (F * F + F * a.D));
+  torch::stable::parallel_for(0, a.B, grain, [&](int64_t b0, int64_t b1) {
+    Scratch s(F, a.D);
+    std::unique_ptr<float[]> dX(new float[s.F4 * s.Dp]);
+    for (int64_t b = b0; b < b1; ++b) {
+      load_features<T>(a, b, s);
+      // S: symmetric pair gradients; d<x_i, x_i>/dx_i = 2 x_i.
+      std::fill(s.Z, s.Z + s.F4 * s.Fp, 0.f);
+      const T* g = go + b * width + a.D;
+      for_each_pair(F, a.self_interaction, a.order, [&](int64_t i, int64_t j, int64_t p) {
+        const float v = to_float(g[p]);
+        if (i == j) {
+          s.Z[i * s.Fp + i] = 2.f * v;
+        } else {
+          s.Z[i * s.Fp + j] = v;
+          s.Z[j * s.Fp + i] = v;
+        }
+      });
+      for (int64_t i0 = 0; i0 < F; i0 += kRows) {
+        for (int64_t d0 = 0; d0 < s.Dp; d0 += 16 * kVectors) {
+          const int64_t nv = std::min<int64_t>((s.Dp - d0) / 16, kVectors);
+          with_vectors<DX>(nv, s, i0, d0, dX.get());
+        }
+      }
+      const T* gdense = go + b * width;
+      for (int64_t d = 0; d < a.D; ++d) gd[b * a.D + d] = from_float<T>(to_float(gdense[d]) + dX[d]);
+      T* gsb = gs + b * a.T * a.D;
+      for (int64_t t = 0; t < a.T; ++t) row_store(gsb + t * a.D, dX.get() + (t + 1) * s.Dp, a.D);
+    }
+  });
+}
+
+void forward_entry(const InteractionArgs& a, void* out) {
+  dispatch_float(a.dtype, [&](auto* p) { forward<std::remove_pointer_t<decltype(p)>>(a, out); });
+}
+void backward_entry(const InteractionArgs& a, const void* go, void* gd, void* gs) {
+  dispatch_float(a.dtype, [&](auto* p) { backward<std::remove_pointer_t<decltype(p)>>(a, go, gd, gs); });
+}
+
+}  // namespace
+
+REGISTER_CPU_KERNEL(interaction_forward_stub, &forward_entry);
+REGISTER_CPU_KERNEL(interaction_backward_stub, &backward_entry);
+
+}  // namespace CPU_CAPABILITY
+}  // namespace dlrm_ops::cpu
