@@ -43,4 +43,14 @@ STABLE_TORCH_LIBRARY(dlrm_ops, m) {
   m.def(
       "dot_interaction_backward(Tensor grad_output, Tensor dense, Tensor sparse, "
       "bool self_interaction, int order) -> (Tensor, Tensor)");
+
+  // Row-wise quantized embeddings (csrc/cpu/quantized_embedding.cpp), in the
+  // byte layouts of quantized::embedding_bag_{byte,4bit}_prepack.
+  m.def("quantize_rowwise(Tensor weight, int bits) -> Tensor");
+  m.def("dequantize_rowwise(Tensor packed, int bits, ScalarType? dtype=None) -> Tensor");
+  m.def(
+      "quantized_embedding_bag_forward(Tensor packed, Tensor weights_offsets, "
+      "Tensor dim_offsets, Tensor rows, Tensor indices, Tensor offsets, int pooling, "
+      "Tensor? per_sample_weights, int total_dim, int bits, ScalarType? output_dtype=None) "
+      "-> Tensor");
 }

@@ -2,7 +2,9 @@
 from . import ops, reference
 from . import nn
 from .nn import convert
-from .ops import dot_interaction, table_batched_embedding_bag
+from .nn import quantize
+from .ops import (dequantize_rowwise, dot_interaction, quantize_rowwise,
+                  table_batched_embedding_bag)
 
 __version__ = "0.1.0"
 
@@ -19,5 +21,5 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["ops", "reference", "nn", "convert", "table_batched_embedding_bag", "dot_interaction",
-           "build_info"]
+__all__ = ["ops", "reference", "nn", "convert", "quantize", "table_batched_embedding_bag",
+           "dot_interaction", "quantize_rowwise", "dequantize_rowwise", "build_info"]

@@ -248,3 +248,65 @@ def _interaction_backward(ctx, grad):
 
 torch.library.register_autograd("dlrm_ops::dot_interaction", _interaction_backward,
                                 setup_context=_interaction_setup)
+
+
+def quantize_rowwise(weight: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Row-wise quantizes ``weight [R, D]`` (fp32/fp16/bf16) to packed uint8 rows,
+    byte-identical to ``torch.ops.quantized.embedding_bag_byte_prepack`` (8-bit,
+    ``[D x uint8][fp32 scale][fp32 bias]``) or ``embedding_bag_4bit_prepack``
+    (4-bit, D even, ``[D/2 bytes][fp16 scale][fp16 bias]``) for fp32 input.
+    A row holding inf or NaN gets NaN scale or bias: it dequantizes to NaN."""
+    return _ops.quantize_rowwise(weight, bits)
+
+
+def dequantize_rowwise(packed: torch.Tensor, bits: int = 8,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of ``quantize_rowwise``: ``scale * q + bias`` per row."""
+    return _ops.dequantize_rowwise(packed, bits, dtype)
+
+
+def quantized_table_batched_embedding_bag(
+    packed: torch.Tensor,
+    weights_offsets: torch.Tensor,
+    dim_offsets: torch.Tensor,
+    rows: torch.Tensor,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    bits: int = 8,
+    mode: str = "sum",
+    per_sample_weights: Optional[torch.Tensor] = None,
+    total_dim: Optional[int] = None,
+    output_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``table_batched_embedding_bag`` over packed quantized tables: table t's
+    packed rows start at byte ``weights_offsets[t]`` of the flat uint8
+    ``packed``; rows are dequantized inside the kernel, never copied."""
+    if total_dim is None:
+        total_dim = int(dim_offsets[-1])
+    return _ops.quantized_embedding_bag_forward(
+        packed, weights_offsets, dim_offsets, rows, indices, offsets, _pooling(mode),
+        per_sample_weights, total_dim, bits, output_dtype)
+
+
+def _packed_row_bytes(D, bits):
+    return D + 8 if bits == 8 else D // 2 + 4
+
+
+@torch.library.register_fake("dlrm_ops::quantize_rowwise")
+def _(weight, bits):
+    return weight.new_empty((weight.shape[0], _packed_row_bytes(weight.shape[1], bits)),
+                            dtype=torch.uint8)
+
+
+@torch.library.register_fake("dlrm_ops::dequantize_rowwise")
+def _(packed, bits, dtype=None):
+    D = packed.shape[1] - 8 if bits == 8 else (packed.shape[1] - 4) * 2
+    return packed.new_empty((packed.shape[0], D), dtype=dtype or torch.float32)
+
+
+@torch.library.register_fake("dlrm_ops::quantized_embedding_bag_forward")
+def _(packed, weights_offsets, dim_offsets, rows, indices, offsets, pooling, per_sample_weights,
+      total_dim, bits, output_dtype=None):
+    B = (offsets.numel() - 1) // rows.numel()
+    return packed.new_empty((B, total_dim), dtype=output_dtype or torch.float32)

@@ -109,3 +109,40 @@ def dot_interaction(dense: torch.Tensor, sparse: torch.Tensor, self_interaction:
     z = torch.bmm(x, x.transpose(1, 2))
     li, lj = pair_indices(x.shape[1], self_interaction, order, dense.device)
     return torch.cat([dense, z[:, li, lj].to(dense.dtype)], 1)
+
+
+def quantize_rowwise(weight: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Row-wise quantization in the layout of torch.ops.quantized
+    embedding_bag_byte_prepack (8-bit: [q][fp32 scale][fp32 bias]) and
+    embedding_bag_4bit_prepack (4-bit: [q pairs, even column low][fp16 scale][fp16 bias])."""
+    w = weight.float()
+    mn, mx = w.min(1).values, w.max(1).values
+    if bits == 8:
+        rng = mx - mn
+        q = torch.round((w - mn[:, None]) * (255.0 / (rng + 1e-8))[:, None]).to(torch.uint8)
+        sb = torch.stack([rng / 255.0, mn], 1).contiguous().view(torch.uint8)
+        return torch.cat([q, sb], 1)
+    mn = mn.half().float()
+    rng = mx - mn
+    scale = torch.where(rng == 0, torch.ones_like(rng), rng / 15.0).half().float()
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    inv = 1.0 / scale
+    bad = torch.isinf(inv)
+    scale, inv = torch.where(bad, 1.0, scale), torch.where(bad, 1.0, inv)
+    q = torch.round((w - mn[:, None]) * inv[:, None]).clamp(0, 15).to(torch.uint8)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    sb = torch.stack([scale.half(), mn.half()], 1).contiguous().view(torch.uint8)
+    return torch.cat([packed, sb], 1)
+
+
+def dequantize_rowwise(packed: torch.Tensor, bits: int = 8,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of quantize_rowwise: scale * q + bias per row."""
+    if bits == 8:
+        q = packed[:, :-8].float()
+        sb = packed[:, -8:].reshape(-1).clone().view(torch.float32).view(-1, 2)
+    else:
+        b = packed[:, :-4]
+        q = torch.stack([b & 0xF, b >> 4], 2).reshape(b.shape[0], -1).float()
+        sb = packed[:, -4:].reshape(-1).clone().view(torch.float16).view(-1, 2).float()
+    return (q * sb[:, :1] + sb[:, 1:]).to(dtype)

@@ -1,5 +1,9 @@
 """torch.nn modules backed by dlrm_ops kernels."""
 from .embedding import EmbeddingBag, EmbeddingBagCollection, convert
 from .interaction import DotInteraction
+from .quantized import (QuantizationReport, QuantizedEmbeddingBag, QuantizedEmbeddingBagCollection,
+                        quantize)
 
-__all__ = ["EmbeddingBag", "EmbeddingBagCollection", "DotInteraction", "convert"]
+__all__ = ["EmbeddingBag", "EmbeddingBagCollection", "DotInteraction", "convert",
+           "QuantizedEmbeddingBagCollection", "QuantizedEmbeddingBag", "QuantizationReport",
+           "quantize"]

@@ -181,30 +181,39 @@ class EmbeddingBag(nn.EmbeddingBag):
 
     def forward(self, input: torch.Tensor, offsets: Optional[torch.Tensor] = None,
                 per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if input.dim() == 2:
-            if offsets is not None:
-                raise ValueError("offsets must be None when input is 2-D")
-            B, L = input.shape
-            offsets = torch.arange(0, B * L + 1, L, dtype=input.dtype, device=input.device) \
-                if L > 0 else torch.zeros(B + 1, dtype=input.dtype, device=input.device)
-            input = input.reshape(-1)
-            if per_sample_weights is not None:
-                per_sample_weights = per_sample_weights.reshape(-1)
-        elif input.dim() == 1:
-            if offsets is None:
-                raise ValueError("offsets must be given when input is 1-D")
-            if offsets.dim() != 1:
-                raise ValueError(f"offsets must be 1-D, got {offsets.dim()}-D")
-            offsets = offsets.to(input.dtype)
-            if not self.include_last_offset:
-                offsets = torch.cat([offsets, offsets.new_full((1,), input.numel())])
-        else:
-            raise ValueError(f"input must be 1-D or 2-D, got {input.dim()}-D")
+        input, offsets, per_sample_weights = bags_from_embedding_bag_args(
+            input, offsets, per_sample_weights, self.include_last_offset)
         return ops.table_batched_embedding_bag(
-            self.weight, self._weights_offsets, self._dim_offsets, self._rows,
-            input.contiguous(), offsets.contiguous(), mode=self.mode,
-            per_sample_weights=per_sample_weights, sparse=self.sparse,
+            self.weight, self._weights_offsets, self._dim_offsets, self._rows, input, offsets,
+            mode=self.mode, per_sample_weights=per_sample_weights, sparse=self.sparse,
             total_dim=self.embedding_dim)
+
+
+def bags_from_embedding_bag_args(input: torch.Tensor, offsets: Optional[torch.Tensor],
+                                 per_sample_weights: Optional[torch.Tensor],
+                                 include_last_offset: bool):
+    """torch.nn.EmbeddingBag's forward arguments (1-D input with offsets, or
+    2-D input of fixed-size bags) as flat indices and B+1 offsets."""
+    if input.dim() == 2:
+        if offsets is not None:
+            raise ValueError("offsets must be None when input is 2-D")
+        B, L = input.shape
+        offsets = torch.arange(0, B * L + 1, L, dtype=input.dtype, device=input.device) \
+            if L > 0 else torch.zeros(B + 1, dtype=input.dtype, device=input.device)
+        input = input.reshape(-1)
+        if per_sample_weights is not None:
+            per_sample_weights = per_sample_weights.reshape(-1)
+    elif input.dim() == 1:
+        if offsets is None:
+            raise ValueError("offsets must be given when input is 1-D")
+        if offsets.dim() != 1:
+            raise ValueError(f"offsets must be 1-D, got {offsets.dim()}-D")
+        offsets = offsets.to(input.dtype)
+        if not include_last_offset:
+            offsets = torch.cat([offsets, offsets.new_full((1,), input.numel())])
+    else:
+        raise ValueError(f"input must be 1-D or 2-D, got {input.dim()}-D")
+    return input.contiguous(), offsets.contiguous(), per_sample_weights
 
 
 def convert(model: nn.Module) -> nn.Module:

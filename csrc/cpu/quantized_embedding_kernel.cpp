@@ -1,0 +1,312 @@
+// Row-wise int8/int4 quantization and the pooled lookup that reads packed
+// rows directly. Compiled once per CPU capability.
+#include <torch/csrc/stable/ops.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cmath>
+#include <cstring>
+
+#include "cpu/quantized_embedding_kernel.h"
+#include "cpu/vec.h"
+
+namespace dlrm_ops::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+constexpr int64_t kPrefetchDistance = 12;
+
+typedef uint8_t vb16 __attribute__((vector_size(16)));
+typedef uint8_t vb8 __attribute__((vector_size(8)));
+typedef uint16_t vw8 __attribute__((vector_size(16)));
+
+float half_to_float(const uint8_t* p) {
+  fp16 h;
+  std::memcpy(&h, p, sizeof(h));
+  return static_cast<float>(h);
+}
+
+// 16 consecutive columns [16k, 16k + 16) of a packed row, as floats q.
+inline vf16 load_q8(const uint8_t* q) {
+  vb16 b;
+  std::memcpy(&b, q, sizeof(b));
+  return __builtin_convertvector(b, vf16);
+}
+inline vf16 load_q4(const uint8_t* q) {  // 8 bytes hold 16 nibbles
+  vb8 b;
+  std::memcpy(&b, q, sizeof(b));
+  vw8 w = __builtin_convertvector(b, vw8);
+  w = (w & 0xF) | ((w >> 4) << 8);  // little endian: low nibble, then high nibble
+  vb16 n;
+  std::memcpy(&n, &w, sizeof(n));
+  return __builtin_convertvector(n, vf16);
+}
+inline int q_at(const uint8_t* q, int64_t d, int64_t bits) {
+  return bits == 8 ? q[d] : (q[d / 2] >> ((d & 1) * 4)) & 0xF;
+}
+
+template <int64_t Bits>
+inline void scale_bias(const uint8_t* row, int64_t D, float& scale, float& bias) {
+  if constexpr (Bits == 8) {
+    std::memcpy(&scale, row + D, 4);
+    std::memcpy(&bias, row + D + 4, 4);
+  } else {
+    scale = half_to_float(row + D / 2);
+    bias = half_to_float(row + D / 2 + 2);
+  }
+}
+
+// ---------------------------------------------------------------- quantize
+
+template <typename T>
+void quantize_row8(const T* x, int64_t D, uint8_t* out) {
+  float mn = to_float(x[0]), mx = mn;
+  for (int64_t d = 1; d < D; ++d) {
+    const float v = to_float(x[d]);
+    mn = std::min(mn, v);
+    mx = std::max(mx, v);
+  }
+  const float range = mx - mn;
+  const float scale = range / 255.0f;
+  const float inv = 255.0f / (range + 1e-8f);
+  for (int64_t d = 0; d < D; ++d) {
+    out[d] = static_cast<uint8_t>(std::lrintf((to_float(x[d]) - mn) * inv));
+  }
+  std::memcpy(out + D, &scale, 4);
+  std::memcpy(out + D + 4, &mn, 4);
+}
+
+template <typename T>
+void quantize_row4(const T* x, int64_t D, uint8_t* out) {
+  float mn = to_float(x[0]), mx = mn;
+  for (int64_t d = 1; d < D; ++d) {
+    const float v = to_float(x[d]);
+    mn = std::min(mn, v);
+    mx = std::max(mx, v);
+  }
+  // The bias is stored in fp16: quantize against the rounded minimum.
+  const fp16 mn_h = static_cast<fp16>(mn);
+  mn = static_cast<float>(mn_h);
+  const float range = mx - mn;
+  float scale = range == 0 ? 1.0f : range / 15.0f;
+  fp16 scale_h = static_cast<fp16>(scale);
+  scale = static_cast<float>(scale_h);
+  if (scale == 0) scale = 1.0f;
+  float inv = 1.0f / scale;
+  if (std::isinf(inv)) {
+    scale = 1.0f;
+    inv = 1.0f;
+  }
+  scale_h = static_cast<fp16>(scale);
+  for (int64_t d = 0; d < D; d += 2) {
+    const long q0 = std::lrintf((to_float(x[d]) - mn) * inv);
+    const long q1 = std::lrintf((to_float(x[d + 1]) - mn) * inv);
+    const auto clamp = [](long q) { return static_cast<uint8_t>(std::clamp<long>(q, 0, 15)); };
+    out[d / 2] = static_cast<uint8_t>(clamp(q0) | (clamp(q1) << 4));
+  }
+  std::memcpy(out + D / 2, &scale_h, 2);
+  std::memcpy(out + D / 2 + 2, &mn_h, 2);
+}
+
+template <typename T>
+void quantize(const void* weight, int64_t R, int64_t D, int64_t bits, uint8_t* packed) {
+  const T* w = static_cast<const T*>(weight);
+  const int64_t stride = packed_row_bytes(D, bits);
+  torch::stable::parallel_for(0, R, std::max<int64_t>(1, 16384 / D), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (bits == 8) quantize_row8(w + r * D, D, packed + r * stride);
+      else quantize_row4(w + r * D, D, packed + r * stride);
+    }
+  });
+}
+
+void quantize_entry(const void* weight, ScalarType dtype, int64_t R, int64_t D, int64_t bits,
+                    uint8_t* packed) {
+  dispatch_float(dtype, [&](auto* p) {
+    quantize<std::remove_pointer_t<decltype(p)>>(weight, R, D, bits, packed);
+  });
+}
+
+// -------------------------------------------------------------- dequantize
+
+template <typename T>
+void dequantize(const uint8_t* packed, int64_t R, int64_t D, int64_t bits, void* out_ptr) {
+  T* out = static_cast<T*>(out_ptr);
+  const int64_t stride = packed_row_bytes(D, bits);
+  torch::stable::parallel_for(0, R, std::max<int64_t>(1, 16384 / D), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = packed + r * stride;
+      float scale, bias;
+      if (bits == 8) scale_bias<8>(row, D, scale, bias); else scale_bias<4>(row, D, scale, bias);
+      for (int64_t d = 0; d < D; ++d) {
+        out[r * D + d] = from_float<T>(scale * static_cast<float>(q_at(row, d, bits)) + bias);
+      }
+    }
+  });
+}
+
+void dequantize_entry(const uint8_t* packed, int64_t R, int64_t D, int64_t bits, void* out,
+                      ScalarType dtype) {
+  dispatch_float(dtype, [&](auto* p) {
+    dequantize<std::remove_pointer_t<decltype(p)>>(packed, R, D, bits, out);
+  });
+}
+
+// ------------------------------------------------------------ pooled lookup
+
+// One bag: sum_p s_p * (scale_p * q_p + bias_p) = sum_p (s_p scale_p) q_p + sum_p s_p bias_p,
+// the first sum in registers per 16*NV columns, the second a scalar.
+template <int64_t Bits, int NV, typename I>
+inline void qpool_block(const uint8_t* table, int64_t D, int64_t stride, uint64_t rows,
+                        const I* idx, const float* psw, int64_t start, int64_t stop,
+                        int64_t table_end, int64_t d0, float scale_out, float* out,
+                        int64_t& bad) {
+  vf16 acc[NV] = {};
+  float bias_sum = 0.f;
+  for (int64_t p = start; p < stop; ++p) {
+    if (d0 == 0 && p + kPrefetchDistance < table_end) {
+      const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p + kPrefetchDistance]));
+      if (r < rows) prefetch_row(table + r * stride, stride);
+    }
+    const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p]));
+    if (r >= rows) {
+      if (d0 == 0) bad = std::min(bad, p);
+      continue;
+    }
+    const uint8_t* row = table + r * stride;
+    float scale, bias;
+    scale_bias<Bits>(row, D, scale, bias);
+    const float s = psw ? psw[p] : 1.f;
+    const float ws = s * scale;
+    bias_sum += s * bias;
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k) {
+      const vf16 q = Bits == 8 ? load_q8(row + d0 + 16 * k) : load_q4(row + (d0 + 16 * k) / 2);
+      acc[k] += ws * q;
+    }
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < NV; ++k) store16(out + d0 + 16 * k, (acc[k] + bias_sum) * scale_out);
+}
+
+template <int64_t Bits, typename I>
+inline void qpool_tail(const uint8_t* table, int64_t D, int64_t stride, uint64_t rows,
+                       const I* idx, const float* psw, int64_t start, int64_t stop, int64_t d0,
+                       float scale_out, float* out, int64_t& bad) {
+  float acc[16] = {};
+  float bias_sum = 0.f;
+  const int64_t n = D - d0;
+  for (int64_t p = start; p < stop; ++p) {
+    const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p]));
+    if (r >= rows) {
+      if (d0 == 0) bad = std::min(bad, p);
+      continue;
+    }
+    const uint8_t* row = table + r * stride;
+    float scale, bias;
+    scale_bias<Bits>(row, D, scale, bias);
+    const float s = psw ? psw[p] : 1.f;
+    bias_sum += s * bias;
+    for (int64_t k = 0; k < n; ++k) acc[k] += s * scale * static_cast<float>(q_at(row, d0 + k, Bits));
+  }
+  for (int64_t k = 0; k < n; ++k) out[d0 + k] = (acc[k] + bias_sum) * scale_out;
+}
+
+template <int64_t Bits, typename I>
+void qpool_bag(const uint8_t* table, int64_t D, uint64_t rows, const I* idx, const float* psw,
+               int64_t start, int64_t stop, int64_t table_end, float scale_out, float* out,
+               int64_t& bad) {
+  const int64_t stride = packed_row_bytes(D, Bits);
+  int64_t d0 = 0;
+  for (; d0 + 16 * kMaxBlockVectors <= D; d0 += 16 * kMaxBlockVectors) {
+    qpool_block<Bits, kMaxBlockVectors>(table, D, stride, rows, idx, psw, start, stop, table_end,
+                                        d0, scale_out, out, bad);
+  }
+  auto block = [&](auto nv) {
+    qpool_block<Bits, decltype(nv)::value>(table, D, stride, rows, idx, psw, start, stop,
+                                           table_end, d0, scale_out, out, bad);
+    d0 += 16 * decltype(nv)::value;
+  };
+  switch ((D - d0) / 16) {
+    case 7: block(std::integral_constant<int, 7>{}); break;
+    case 6: block(std::integral_constant<int, 6>{}); break;
+    case 5: block(std::integral_constant<int, 5>{}); break;
+    case 4: block(std::integral_constant<int, 4>{}); break;
+    case 3: block(std::integral_constant<int, 3>{}); break;
+    case 2: block(std::integral_constant<int, 2>{}); break;
+    case 1: block(std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+  if (d0 < D) {
+    qpool_tail<Bits>(table, D, stride, rows, idx, psw, start, stop, d0, scale_out, out, bad);
+  }
+}
+
+template <typename O, typename I>
+int64_t qforward(const QuantizedBagArgs& a, void* out_ptr) {
+  const TableBatch& tb = a.tb;
+  const I* idx = static_cast<const I*>(a.lk.indices);
+  const I* off = static_cast<const I*>(a.lk.offsets);
+  const float* psw = a.lk.per_sample_weights;
+  O* out = static_cast<O*>(out_ptr);
+  const int64_t total_D = tb.dim_offsets[tb.T];
+  const int64_t N = static_cast<int64_t>(off[tb.T * tb.B]);
+  const int64_t bags = std::max<int64_t>(tb.T * tb.B, 1);
+  const int64_t grain = std::max<int64_t>(1, 32768 / ((N / bags + 1) * std::max<int64_t>(total_D / tb.T, 1)));
+  std::atomic<int64_t> first_bad{INT64_MAX};
+  torch::stable::parallel_for(0, tb.T * tb.B, grain, [&](int64_t begin, int64_t end) {
+    int64_t bad = INT64_MAX;
+    float acc_buf[512];
+    std::unique_ptr<float[]> heap;
+    int64_t t = begin / tb.B;
+    for (int64_t tb_i = begin; tb_i < end; ++tb_i) {
+      while (tb_i >= (t + 1) * tb.B) ++t;
+      const int64_t b = tb_i - t * tb.B;
+      const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
+      const int64_t start = off[tb_i], stop = off[tb_i + 1];
+      const float scale_out =
+          a.lk.pooling == kMean && stop > start ? 1.f / static_cast<float>(stop - start) : 1.f;
+      O* out_row = out + b * total_D + tb.dim_offsets[t];
+      float* acc;
+      if constexpr (std::is_same_v<O, float>) {
+        acc = out_row;
+      } else {
+        if (D > 512 && !heap) heap.reset(new float[total_D]);
+        acc = D > 512 ? heap.get() : acc_buf;
+      }
+      const uint8_t* table = a.packed + tb.weights_offsets[t];
+      const int64_t table_end = off[(t + 1) * tb.B];
+      const uint64_t rows = static_cast<uint64_t>(tb.rows[t]);
+      if (a.bits == 8) {
+        qpool_bag<8>(table, D, rows, idx, psw, start, stop, table_end, scale_out, acc, bad);
+      } else {
+        qpool_bag<4>(table, D, rows, idx, psw, start, stop, table_end, scale_out, acc, bad);
+      }
+      if constexpr (!std::is_same_v<O, float>) row_store(out_row, acc, D);
+    }
+    if (bad != INT64_MAX) {
+      int64_t cur = first_bad.load();
+      while (bad < cur && !first_bad.compare_exchange_weak(cur, bad)) {
+      }
+    }
+  });
+  const int64_t bad = first_bad.load();
+  return bad == INT64_MAX ? -1 : bad;
+}
+
+int64_t qforward_entry(const QuantizedBagArgs& a, void* out) {
+  return dispatch_float(a.out_dtype, [&](auto* p) {
+    using O = std::remove_pointer_t<decltype(p)>;
+    return a.lk.int64 ? qforward<O, int64_t>(a, out) : qforward<O, int32_t>(a, out);
+  });
+}
+
+}  // namespace
+
+REGISTER_CPU_KERNEL(quantize_stub, &quantize_entry);
+REGISTER_CPU_KERNEL(dequantize_stub, &dequantize_entry);
+REGISTER_CPU_KERNEL(quantized_forward_stub, &qforward_entry);
+
+}  // namespace CPU_CAPABILITY
+}  // namespace dlrm_ops::cpu
