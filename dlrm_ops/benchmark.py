@@ -322,6 +322,75 @@ def run_interaction(batches: List[int], T: int, dims: List[int], threads: List[i
     return results
 
 
+def quantized_contenders(inp: TBEInputs, bits: int) -> Dict[str, Callable]:
+    """Pooled lookup over packed tables: ours, a loop of torch's quantized
+    ops over the tables, and our fp32 collection on the same (float) tables."""
+    from .nn import QuantizedEmbeddingBagCollection
+
+    ebc, T, B = inp.ebc, inp.T, inp.B
+    q = QuantizedEmbeddingBagCollection.from_float(ebc, bits)
+    idx, off = inp.indices, inp.offsets
+    n = B * inp.L
+    per_table = [(idx[t * n:(t + 1) * n], off[t * B:(t + 1) * B + 1] - t * n) for t in range(T)]
+    op = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if bits == 8
+          else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets)
+    tables = [q.packed_of(t) for t in range(T)]
+    fns = {
+        f"dlrm_ops int{bits}": lambda: q(idx, off),
+        f"torch int{bits} loop": lambda: torch.cat(
+            [op(w, i, o, False, 0, False, None, None, True) for w, (i, o) in zip(tables, per_table)],
+            1),
+        "dlrm_ops fp32": lambda: ebc(idx, off),
+    }
+    return {k: torch.no_grad()(f) for k, f in fns.items()}
+
+
+def run_quantized(T: int, rows: int, dims: List[int], B: int, lengths: List[int],
+                  threads: List[int], bits_list: List[int], min_time: float = 0.3) -> List[dict]:
+    results = []
+    for D in dims:
+        for L in lengths:
+            inp = make_tbe_inputs(T, rows, D, B, L)
+            for bits in bits_list:
+                fns = quantized_contenders(inp, bits)
+                row_bytes = D + 8 if bits == 8 else D // 2 + 4
+                for th in threads:
+                    torch.set_num_threads(th)
+                    times = time_all(fns, min_time)
+                    ours = times[f"dlrm_ops int{bits}"]
+                    for k, t in times.items():
+                        gathered = inp.indices.numel() * (D * 4 if "fp32" in k else row_bytes)
+                        results.append(dict(op=f"quantized lookup int{bits}", T=T, rows=rows, D=D,
+                                            B=B, L=L, threads=th, impl=k, ms=t * 1e3,
+                                            gbs=gathered / t / 1e9, ours_speedup=t / ours))
+                del fns
+                gc.collect()
+            del inp
+            gc.collect()
+    return results
+
+
+def run_quantize(rows: int, D: int, threads: List[int], min_time: float = 0.3) -> List[dict]:
+    """Quantizing one [rows, D] fp32 table: ours against torch's prepack."""
+    from . import ops
+
+    w = torch.randn(rows, D)
+    results = []
+    for bits in (8, 4):
+        prepack = (torch.ops.quantized.embedding_bag_byte_prepack if bits == 8
+                   else torch.ops.quantized.embedding_bag_4bit_prepack)
+        fns = {f"dlrm_ops int{bits}": lambda: ops.quantize_rowwise(w, bits),
+               f"torch prepack int{bits}": lambda: prepack(w)}
+        for th in threads:
+            torch.set_num_threads(th)
+            times = time_all(fns, min_time)
+            for k, t in times.items():
+                results.append(dict(op=f"quantize int{bits}", T=1, rows=rows, D=D, B=0, L=0,
+                                    threads=th, impl=k, ms=t * 1e3, gbs=w.numel() * 4 / t / 1e9,
+                                    ours_speedup=t / times[f"dlrm_ops int{bits}"]))
+    return results
+
+
 def print_table(results: List[dict]) -> None:
     cols = ["T", "rows", "D", "B", "L", "threads", "impl", "ms", "gbs", "ours_speedup"]
     heads = ["T", "rows", "D", "B", "L", "thr", "implementation", "ms", "GB/s", "dlrm_ops x"]

@@ -7,6 +7,7 @@
 #include <climits>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "cpu/quantized_embedding_kernel.h"
 #include "cpu/vec.h"
@@ -17,7 +18,6 @@ namespace {
 
 constexpr int64_t kPrefetchDistance = 12;
 
-typedef uint8_t vb16 __attribute__((vector_size(16)));
 typedef uint8_t vb8 __attribute__((vector_size(8)));
 typedef uint16_t vw8 __attribute__((vector_size(16)));
 
@@ -28,19 +28,15 @@ float half_to_float(const uint8_t* p) {
 }
 
 // 16 consecutive columns [16k, 16k + 16) of a packed row, as floats q.
-inline vf16 load_q8(const uint8_t* q) {
-  vb16 b;
-  std::memcpy(&b, q, sizeof(b));
-  return __builtin_convertvector(b, vf16);
-}
+inline vf16 load_q8(const uint8_t* q) { return bytes_to_vf16(q); }
 inline vf16 load_q4(const uint8_t* q) {  // 8 bytes hold 16 nibbles
   vb8 b;
   std::memcpy(&b, q, sizeof(b));
   vw8 w = __builtin_convertvector(b, vw8);
   w = (w & 0xF) | ((w >> 4) << 8);  // little endian: low nibble, then high nibble
-  vb16 n;
-  std::memcpy(&n, &w, sizeof(n));
-  return __builtin_convertvector(n, vf16);
+  uint8_t n[16];
+  std::memcpy(n, &w, sizeof(n));
+  return bytes_to_vf16(n);
 }
 inline int q_at(const uint8_t* q, int64_t d, int64_t bits) {
   return bits == 8 ? q[d] : (q[d / 2] >> ((d & 1) * 4)) & 0xF;
@@ -59,19 +55,75 @@ inline void scale_bias(const uint8_t* row, int64_t D, float& scale, float& bias)
 
 // ---------------------------------------------------------------- quantize
 
+// Row minimum and maximum; false if the row holds inf or NaN.
 template <typename T>
-void quantize_row8(const T* x, int64_t D, uint8_t* out) {
-  float mn = to_float(x[0]), mx = mn;
-  for (int64_t d = 1; d < D; ++d) {
+bool row_min_max(const T* x, int64_t D, float& mn, float& mx) {
+  vf16 vmn = {}, vmx = {}, vfin = {};  // vfin: sum of x * 0, NaN iff some x is not finite
+  int64_t d = 0;
+  if (D >= 16) {
+    vmn = vmx = load16(x);
+    for (; d + 16 <= D; d += 16) {
+      const vf16 v = load16(x + d);
+      vmn = v < vmn ? v : vmn;
+      vmx = v > vmx ? v : vmx;
+      vfin += v * 0.f;
+    }
+  }
+  mn = D >= 16 ? vmn[0] : to_float(x[0]);
+  mx = mn;
+  float fin = 0.f;
+  for (int k = 0; k < 16 && D >= 16; ++k) {
+    mn = std::min(mn, vmn[k]);
+    mx = std::max(mx, vmx[k]);
+    fin += vfin[k];
+  }
+  for (; d < D; ++d) {
     const float v = to_float(x[d]);
     mn = std::min(mn, v);
     mx = std::max(mx, v);
+    fin += v * 0.f;
+  }
+  return fin == 0.f;
+}
+
+// round((x[d..d+16) - mn) * inv) to nearest even, as 16 int32 lanes in q.
+template <typename T>
+inline void round16(const T* x, float mn, float inv, int32_t* q) {
+  const vf16 v = (load16(x) - mn) * inv;
+#if defined(__AVX512F__)
+  _mm512_storeu_si512(q, _mm512_cvtps_epi32((__m512)v));
+#elif defined(__AVX2__)
+  __m256 h[2];
+  std::memcpy(h, &v, sizeof(v));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_cvtps_epi32(h[0]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 8), _mm256_cvtps_epi32(h[1]));
+#else
+  for (int k = 0; k < 16; ++k) q[k] = static_cast<int32_t>(std::nearbyint(v[k]));
+#endif
+}
+
+// A row holding inf or NaN is stored with NaN scale and bias (all q = 0), so
+// that it dequantizes to NaN instead of to plausible finite values.
+template <typename T>
+void quantize_row8(const T* x, int64_t D, uint8_t* out) {
+  float mn, mx;
+  if (!row_min_max(x, D, mn, mx)) {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    std::memset(out, 0, D);
+    std::memcpy(out + D, &nan, 4);
+    std::memcpy(out + D + 4, &nan, 4);
+    return;
   }
   const float range = mx - mn;
   const float scale = range / 255.0f;
   const float inv = 255.0f / (range + 1e-8f);
-  for (int64_t d = 0; d < D; ++d) {
-    out[d] = static_cast<uint8_t>(std::lrintf((to_float(x[d]) - mn) * inv));
+  int64_t d = 0;
+  for (int32_t q[16]; d + 16 <= D; d += 16) {
+    round16(x + d, mn, inv, q);
+    for (int k = 0; k < 16; ++k) out[d + k] = static_cast<uint8_t>(q[k]);
+  }
+  for (; d < D; ++d) {
+    out[d] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint((to_float(x[d]) - mn) * inv)));
   }
   std::memcpy(out + D, &scale, 4);
   std::memcpy(out + D + 4, &mn, 4);
@@ -79,11 +131,13 @@ void quantize_row8(const T* x, int64_t D, uint8_t* out) {
 
 template <typename T>
 void quantize_row4(const T* x, int64_t D, uint8_t* out) {
-  float mn = to_float(x[0]), mx = mn;
-  for (int64_t d = 1; d < D; ++d) {
-    const float v = to_float(x[d]);
-    mn = std::min(mn, v);
-    mx = std::max(mx, v);
+  float mn, mx;
+  if (!row_min_max(x, D, mn, mx)) {
+    const fp16 nan = static_cast<fp16>(std::numeric_limits<float>::quiet_NaN());
+    std::memset(out, 0, D / 2);
+    std::memcpy(out + D / 2, &nan, 2);
+    std::memcpy(out + D / 2 + 2, &nan, 2);
+    return;
   }
   // The bias is stored in fp16: quantize against the rounded minimum.
   const fp16 mn_h = static_cast<fp16>(mn);
@@ -99,11 +153,18 @@ void quantize_row4(const T* x, int64_t D, uint8_t* out) {
     inv = 1.0f;
   }
   scale_h = static_cast<fp16>(scale);
-  for (int64_t d = 0; d < D; d += 2) {
-    const long q0 = std::lrintf((to_float(x[d]) - mn) * inv);
-    const long q1 = std::lrintf((to_float(x[d + 1]) - mn) * inv);
-    const auto clamp = [](long q) { return static_cast<uint8_t>(std::clamp<long>(q, 0, 15)); };
-    out[d / 2] = static_cast<uint8_t>(clamp(q0) | (clamp(q1) << 4));
+  int64_t d = 0;
+  for (int32_t q[16]; d + 16 <= D; d += 16) {
+    round16(x + d, mn, inv, q);
+    for (int k = 0; k < 16; ++k) q[k] = std::clamp(q[k], 0, 15);
+    for (int k = 0; k < 8; ++k) out[d / 2 + k] = static_cast<uint8_t>(q[2 * k] | (q[2 * k + 1] << 4));
+  }
+  for (; d < D; d += 2) {
+    const auto q = [&](int64_t c) {
+      const float v = std::nearbyint((to_float(x[c]) - mn) * inv);
+      return static_cast<uint8_t>(std::clamp(v, 0.f, 15.f));
+    };
+    out[d / 2] = static_cast<uint8_t>(q(d) | (q(d + 1) << 4));
   }
   std::memcpy(out + D / 2, &scale_h, 2);
   std::memcpy(out + D / 2 + 2, &mn_h, 2);

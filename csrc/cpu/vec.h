@@ -9,6 +9,10 @@
 
 #include <torch/headeronly/core/ScalarType.h>
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace dlrm_ops::cpu {
 
 // bfloat16 storage; arithmetic always happens in fp32.
@@ -108,10 +112,44 @@ inline vf16 load16(const float* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
+// GCC scalarizes vector conversions from 8/16-bit types, so those use the
+// instruction set's widening conversions where there is one.
 inline vf16 load16(const fp16* p) {
+#if defined(__AVX512F__)
+  return (vf16)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__AVX2__)
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  vf16 v;
+  std::memcpy(&v, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+#else
   vh16 h;
   std::memcpy(&h, p, sizeof(h));
   return __builtin_convertvector(h, vf16);
+#endif
+}
+
+// 16 bytes as 16 floats.
+inline vf16 bytes_to_vf16(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return (vf16)_mm512_cvtepi32_ps(
+      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  const __m256 lo = _mm256_cvtepi32_ps(
+      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  const __m256 hi = _mm256_cvtepi32_ps(
+      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
+  vf16 v;
+  std::memcpy(&v, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+#else
+  vf16 v;
+  for (int k = 0; k < 16; ++k) v[k] = static_cast<float>(p[k]);
+  return v;
+#endif
 }
 inline vf16 load16(const bf16* p) {
   vu16 h;
@@ -123,8 +161,14 @@ inline vf16 load16(const bf16* p) {
 }
 inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
 inline void store16(fp16* p, vf16 v) {
-  vh16 h = __builtin_convertvector(v, vh16);
-  std::memcpy(p, &h, sizeof(h));
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  float f[16];
+  std::memcpy(f, &v, sizeof(v));
+  for (int k = 0; k < 16; ++k) p[k] = static_cast<fp16>(f[k]);
+#endif
 }
 inline void store16(bf16* p, vf16 v) {
   float f[16];
