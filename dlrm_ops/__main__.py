@@ -1,4 +1,4 @@
-"""Command line: ``python -m dlrm_ops {info,benchmark}``."""
+"""Command line: ``python -m dlrm_ops {train,evaluate,benchmark,info}``."""
 import argparse
 import json
 import sys
@@ -70,7 +70,19 @@ def main(argv=None) -> int:
                    help="for train: sgd, adagrad, rowwise_adagrad, adam")
     b.add_argument("--dense", action="store_true", help="train: also time dense gradients + SGD")
     b.add_argument("--json", help="also write the results here")
+    from . import train
+
+    tr = sub.add_parser("train", help="train a DLRM (default: built-in synthetic data)")
+    train.add_arguments(tr)
+    ev = sub.add_parser("evaluate", help="evaluate a saved DLRM (--load-model)")
+    train.add_arguments(ev)
     args = p.parse_args(argv)
+    if args.cmd == "evaluate":
+        if not args.load_model:
+            p.error("evaluate needs --load-model")
+        args.inference_only = True
+    if args.cmd in ("train", "evaluate"):
+        return train.run(args)
     return {"info": cmd_info, "benchmark": cmd_benchmark}[args.cmd](args)
 
 

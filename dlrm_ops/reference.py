@@ -146,3 +146,56 @@ def dequantize_rowwise(packed: torch.Tensor, bits: int = 8,
         q = torch.stack([b & 0xF, b >> 4], 2).reshape(b.shape[0], -1).float()
         sb = packed[:, -4:].reshape(-1).clone().view(torch.float16).view(-1, 2).float()
     return (q * sb[:, :1] + sb[:, 1:]).to(dtype)
+
+
+class ReferenceDLRM(torch.nn.Module):
+    """DLRM in plain PyTorch, as facebookresearch/dlrm builds it: one
+    ``nn.EmbeddingBag(sparse=True)`` per table, bmm + gather interaction, the
+    same MLPs. Same forward convention as ``dlrm_ops.models.DLRM``; the tests
+    compare against it and the benchmarks race it."""
+
+    def __init__(self, num_embeddings, embedding_dim, bottom_mlp, top_mlp, interaction="dot",
+                 self_interaction=False):
+        super().__init__()
+        from .nn.mlp import mlp
+
+        T = len(num_embeddings)
+        self.interaction, self.self_interaction = interaction, self_interaction
+        self.bottom = mlp(bottom_mlp, final_relu=True)
+        self.tables = torch.nn.ModuleList(
+            torch.nn.EmbeddingBag(n, embedding_dim, mode="sum", sparse=True,
+                                  include_last_offset=True) for n in num_embeddings)
+        F = T + 1
+        pairs = F * (F + 1) // 2 if self_interaction else F * (F - 1) // 2
+        width = embedding_dim + pairs if interaction == "dot" else embedding_dim * F
+        self.top = mlp([width] + list(top_mlp), final_relu=False)
+
+    @torch.no_grad()
+    def load_from(self, dlrm) -> "ReferenceDLRM":
+        """Copies the weights of a ``dlrm_ops.models.DLRM`` (without QR)."""
+        self.bottom.load_state_dict(dlrm.bottom.state_dict())
+        self.top.load_state_dict(dlrm.top.state_dict())
+        for t, m in enumerate(self.tables):
+            m.weight.copy_(dlrm.embeddings.weight_of(t))
+        return self
+
+    def embedding_parameters(self):
+        return self.tables.parameters()
+
+    def dense_parameters(self):
+        yield from self.bottom.parameters()
+        yield from self.top.parameters()
+
+    def forward(self, dense, indices, offsets):
+        T = len(self.tables)
+        B = (offsets.numel() - 1) // T
+        x = self.bottom(dense)
+        ly = []
+        for t, m in enumerate(self.tables):
+            lo, hi = int(offsets[t * B]), int(offsets[(t + 1) * B])
+            ly.append(m(indices[lo:hi], offsets[t * B:(t + 1) * B + 1] - lo))
+        if self.interaction == "dot":
+            z = dot_interaction(x, torch.stack(ly, 1), self.self_interaction, "tril")
+        else:
+            z = torch.cat([x] + ly, 1)
+        return self.top(z).squeeze(1)

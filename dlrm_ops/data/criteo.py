@@ -1,0 +1,211 @@
+"""The Criteo Kaggle and Terabyte click logs.
+
+Raw lines are ``label \\t I1..I13 \\t C1..C26``. ``preprocess_criteo`` streams
+them (never the whole file in memory) into per-day binary arrays read back
+through ``np.memmap``: empty fields become 0, negative integers 0, dense
+features log(x+1); categories (hex) are hashed modulo ``max_ind_range`` or
+numbered by per-column dictionaries (0 = empty). A malformed line raises
+``MalformedLineError`` naming file and line, or is counted and skipped with
+``skip_malformed=True``. Kaggle's train.txt is cut into 7 pseudo-days by line
+count (days 0-5 train; day 6 halved into test and validation), Terabyte comes
+as day_0..day_23 (days 0-22 train, day 23 halved). Under hashing a day whose
+arrays are complete is skipped on a rerun, so an interrupted run resumes.
+"""
+import json
+import math
+import os
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from .batch import Batch, batch_from_arrays
+
+NUM_DENSE, NUM_SPARSE = 13, 26
+NUM_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
+DAYS = {"kaggle": 7, "terabyte": 24}
+
+
+class MalformedLineError(ValueError):
+    pass
+
+
+def parse_line(line: str, where: str, max_ind_range: Optional[int],
+               vocab: Optional[List[Dict[str, int]]]):
+    """(label, dense[13] as log(x+1), sparse[26]) of one raw line."""
+    fields = line.rstrip("\r\n").split("\t")
+    if len(fields) != NUM_FIELDS:
+        raise MalformedLineError(f"{where}: expected {NUM_FIELDS} tab-separated fields, "
+                                 f"got {len(fields)}")
+    if fields[0] not in ("0", "1"):
+        raise MalformedLineError(f"{where}: label must be 0 or 1, got {fields[0]!r}")
+    dense = np.zeros(NUM_DENSE, dtype=np.float32)
+    for j, f in enumerate(fields[1:1 + NUM_DENSE]):
+        if f:
+            try:
+                v = int(f)
+            except ValueError:
+                raise MalformedLineError(f"{where}: I{j + 1} must be an integer, got {f!r}") from None
+            dense[j] = math.log1p(v) if v > 0 else 0.0
+    sparse = np.zeros(NUM_SPARSE, dtype=np.int64)
+    for j, f in enumerate(fields[1 + NUM_DENSE:]):
+        if not f:
+            continue
+        if vocab is not None:
+            sparse[j] = vocab[j].setdefault(f, len(vocab[j]) + 1)
+            continue
+        try:
+            v = int(f, 16)
+        except ValueError:
+            raise MalformedLineError(f"{where}: C{j + 1} must be hexadecimal, got {f!r}") from None
+        sparse[j] = v % max_ind_range
+    return int(fields[0]), dense, sparse
+
+
+class _DayWriter:
+    def __init__(self, out_dir: Path, day: int):
+        self.prefix = out_dir / f"day_{day}"
+        self.files = {k: open(f"{self.prefix}.{k}.bin.tmp", "wb") for k in ("dense", "sparse", "labels")}
+        self.rows = 0
+        self.buf = ([], [], [])
+
+    def add(self, label, dense, sparse):
+        self.buf[0].append(dense)
+        self.buf[1].append(sparse)
+        self.buf[2].append(label)
+        if len(self.buf[2]) >= 65536:
+            self.flush()
+
+    def flush(self):
+        if not self.buf[2]:
+            return
+        np.stack(self.buf[0]).astype(np.float32).tofile(self.files["dense"])
+        np.stack(self.buf[1]).astype(np.int64).tofile(self.files["sparse"])
+        np.asarray(self.buf[2], dtype=np.float32).tofile(self.files["labels"])
+        self.rows += len(self.buf[2])
+        self.buf = ([], [], [])
+
+    def close(self) -> int:
+        self.flush()
+        for k, f in self.files.items():
+            f.close()
+            os.replace(f"{self.prefix}.{k}.bin.tmp", f"{self.prefix}.{k}.bin")
+        return self.rows
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(buf.count(b"\n") for buf in iter(lambda: f.read(1 << 20), b""))
+
+
+def _write_meta(out_dir: Path, meta: dict) -> None:
+    tmp = out_dir / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out_dir / "meta.json")
+
+
+def preprocess_criteo(raw_files: Sequence[str], out_dir: str, dataset: str = "kaggle",
+                      max_ind_range: Optional[int] = None, skip_malformed: bool = False) -> dict:
+    """Preprocesses raw Criteo files into ``out_dir``; returns the metadata
+    (rows per day, table sizes, lines skipped)."""
+    if dataset not in DAYS:
+        raise ValueError(f"dataset must be one of {sorted(DAYS)}, got {dataset!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if meta.get("max_ind_range") != max_ind_range or meta.get("dataset") != dataset:
+        meta = {"dataset": dataset, "max_ind_range": max_ind_range, "days": {}, "skipped": 0}
+    vocab = None if max_ind_range else [dict() for _ in range(NUM_SPARSE)]
+    files = [Path(p) for p in raw_files]
+    if dataset == "kaggle":
+        if len(files) != 1:
+            raise ValueError("the Kaggle data is one file (train.txt)")
+        total = _count_lines(files[0])
+        bounds = [total * d // 7 for d in range(8)]
+        plan = [(files[0], d, bounds[d], bounds[d + 1]) for d in range(7)]
+    else:
+        plan = [(f, d, 0, None) for d, f in enumerate(files)]
+    writer: Optional[_DayWriter] = None
+    current_file, handle, lineno = None, None, 0
+    for path, day, first, last in plan:
+        done = str(day) in meta["days"]
+        if done and vocab is None and dataset == "terabyte":
+            continue
+        if path != current_file:
+            if handle:
+                handle.close()
+            handle, current_file, lineno = open(path, "r", encoding="utf-8", errors="replace"), path, 0
+        writer = None if (done and vocab is None) else _DayWriter(out, day)
+        for line in handle:
+            lineno += 1
+            if writer is not None:
+                try:
+                    writer.add(*parse_line(line, f"{path}:{lineno}", max_ind_range, vocab))
+                except MalformedLineError:
+                    if not skip_malformed:
+                        raise
+                    meta["skipped"] += 1
+            if last is not None and lineno >= last:
+                break
+        if writer is not None:
+            meta["days"][str(day)] = writer.close()
+            meta["table_sizes"] = ([max_ind_range] * NUM_SPARSE if vocab is None
+                                   else [len(v) + 1 for v in vocab])
+            _write_meta(out, meta)
+    if handle:
+        handle.close()
+    return meta
+
+
+class CriteoDataset:
+    """Batches of a preprocessed split ("train", "test" or "val") read through
+    memory maps; the last partial batch is dropped."""
+
+    def __init__(self, processed_dir: str, split: str = "train", batch_size: int = 128,
+                 num_batches: Optional[int] = None):
+        self.dir = Path(processed_dir)
+        meta = json.loads((self.dir / "meta.json").read_text())
+        self.table_sizes = meta["table_sizes"]
+        days = DAYS[meta["dataset"]]
+        rows = {int(d): n for d, n in meta["days"].items()}
+        missing = [d for d in range(days) if d not in rows]
+        if missing:
+            raise FileNotFoundError(f"{processed_dir}: days {missing} are not preprocessed")
+        last = days - 1
+        if split == "train":
+            parts = [(d, 0, rows[d]) for d in range(last)]
+        elif split in ("test", "val"):
+            half = rows[last] // 2
+            parts = [(last, 0, half)] if split == "test" else [(last, half, rows[last])]
+        else:
+            raise ValueError(f"split must be train, test or val, got {split!r}")
+        self.parts = [(self._open(d), lo, hi) for d, lo, hi in parts if hi > lo]
+        self.batch_size = batch_size
+        n = sum(hi - lo for _, lo, hi in self.parts)
+        self.num_batches = n // batch_size if num_batches is None else min(num_batches, n // batch_size)
+
+    def _open(self, day: int):
+        p = self.dir / f"day_{day}"
+        labels = np.memmap(f"{p}.labels.bin", dtype=np.float32, mode="r")
+        n = labels.shape[0]
+        return (np.memmap(f"{p}.dense.bin", dtype=np.float32, mode="r", shape=(n, NUM_DENSE)),
+                np.memmap(f"{p}.sparse.bin", dtype=np.int64, mode="r", shape=(n, NUM_SPARSE)),
+                labels)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        B, made, buf = self.batch_size, 0, None
+        for (dense, sparse, labels), lo, hi in self.parts:
+            for start in range(lo, hi, B):
+                end = min(start + B, hi)
+                chunk = (dense[start:end], sparse[start:end], labels[start:end])
+                buf = chunk if buf is None else tuple(np.concatenate([a, b]) for a, b in zip(buf, chunk))
+                while len(buf[2]) >= B:
+                    if made >= self.num_batches:
+                        return
+                    yield batch_from_arrays(*(a[:B] for a in buf))
+                    made += 1
+                    buf = tuple(a[B:] for a in buf)
