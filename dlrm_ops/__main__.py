@@ -35,6 +35,8 @@ def cmd_benchmark(args) -> int:
         res += benchmark.run_quantized(args.tables, args.rows, args.dims, args.batch, args.lengths,
                                        threads, [8, 4], args.min_time)
         res += benchmark.run_quantize(args.quantize_rows, 128, threads, args.min_time)
+    if "dlrm" in args.ops:
+        res += benchmark.run_dlrm(args.dlrm_configs, args.rows, args.batch, threads, args.min_time)
     if "interaction" in args.ops:
         res += benchmark.run_interaction(args.interaction_batches, args.tables, args.interaction_dims,
                                          threads, args.min_time)
@@ -58,10 +60,12 @@ def main(argv=None) -> int:
     b.add_argument("--threads", type=_ints, default=None, help="default: 1 and all")
     b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     b.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
-    b.add_argument("--ops", type=lambda s: s.split(","), default=["forward", "train", "interaction", "quantized"],
+    b.add_argument("--ops", type=lambda s: s.split(","), default=["forward", "train", "interaction", "quantized", "dlrm"],
                    help="comma list of: forward (pooled lookup), train (fwd+bwd+fused update), "
                         "interaction (dot interaction fwd and fwd+bwd), quantized (int8/int4 "
-                        "lookups and quantization)")
+                        "lookups and quantization), dlrm (model train step and inference; "
+                        "the GB/s column then holds M samples/s)")
+    b.add_argument("--dlrm-configs", type=lambda s: s.split(","), default=["kaggle", "mlperf"])
     b.add_argument("--quantize-rows", type=int, default=1_000_000,
                    help="rows of the D=128 table the quantization speed is measured on")
     b.add_argument("--interaction-batches", type=_ints, default=[2048, 8192])

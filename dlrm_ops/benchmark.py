@@ -391,6 +391,86 @@ def run_quantize(rows: int, D: int, threads: List[int], min_time: float = 0.3) -
     return results
 
 
+DLRM_CONFIGS = {  # dim, bottom MLP, top MLP
+    "kaggle": (16, [13, 512, 256, 64, 16], [512, 256, 1]),
+    "mlperf": (128, [13, 512, 256, 128], [1024, 1024, 512, 256, 1]),
+}
+
+
+def run_dlrm(configs: List[str], rows: int, B: int, threads: List[int], min_time: float = 0.3,
+             T: int = 26) -> List[dict]:
+    """DLRM train step and inference, dlrm_ops against the pure-PyTorch
+    reference, with the train step split into its parts (each part timed on
+    its own, forward + backward)."""
+    from .data import RandomData
+    from .models import DLRM
+    from .reference import ReferenceDLRM, dot_interaction
+    from . import ops
+
+    results = []
+    for name in configs:
+        D, bot, top = DLRM_CONFIGS[name]
+        tables = [rows] * T
+        torch.manual_seed(0)
+        ours = DLRM(tables, D, bot, top, embedding_optimizer="sgd", embedding_lr=0.01)
+        ref = ReferenceDLRM(tables, D, bot, top).load_from(ours)
+        b = RandomData(tables, bot[0], B, 1, num_indices_per_lookup=1,
+                       fixed_indices_per_lookup=True).batch(0)
+        opt_o = torch.optim.SGD(ours.dense_parameters(), lr=0.01)
+        opt_r = torch.optim.SGD(ref.dense_parameters(), lr=0.01)
+        emb_r = torch.optim.SGD(ref.embedding_parameters(), lr=0.01)
+        loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
+
+        def train(model, opts):
+            def step():
+                for o in opts:
+                    o.zero_grad()
+                loss_fn(model(b.dense, b.indices, b.offsets), b.labels).backward()
+                for o in opts:
+                    o.step()
+            return step
+
+        dense_x = ours.bottom(b.dense).detach().requires_grad_()
+        ly = ours.sparse(b.indices, b.offsets).detach().requires_grad_()
+        g_ly = torch.randn(B, T * D)
+        z = ops.dot_interaction(dense_x, ly).detach().requires_grad_()
+
+        def emb_ref():
+            emb_r.zero_grad()
+            outs = []
+            for t, m in enumerate(ref.tables):
+                outs.append(m(b.indices[t * B:(t + 1) * B], b.offsets[:B + 1]))
+            torch.cat(outs, 1).backward(g_ly)
+            emb_r.step()
+
+        def mlps():
+            ours.bottom(b.dense).sum().backward()
+            ours.top(z).sum().backward()
+
+        parts = {
+            "train step": (train(ours, [opt_o]), train(ref, [opt_r, emb_r])),
+            "inference": (torch.no_grad()(lambda: ours(b.dense, b.indices, b.offsets)),
+                          torch.no_grad()(lambda: ref(b.dense, b.indices, b.offsets))),
+            "  embeddings+update": (lambda: ours.sparse(b.indices, b.offsets).backward(g_ly), emb_ref),
+            "  interaction": (lambda: ops.dot_interaction(dense_x, ly).sum().backward(),
+                              lambda: dot_interaction(dense_x, ly.view(B, T, D)).sum().backward()),
+            "  MLPs": (mlps, mlps),
+            "  dense optimizer": (opt_o.step, opt_r.step),
+        }
+        for th in threads:
+            torch.set_num_threads(th)
+            for part, (f_ours, f_ref) in parts.items():
+                times = time_all({"dlrm_ops": f_ours, "reference": f_ref}, min_time)
+                for k, t in times.items():
+                    results.append(dict(op=f"DLRM {name} (B={B}, {T} tables x {rows} rows)", T=T,
+                                        rows=rows, D=D, B=B, L=1, threads=th, impl=f"{k} {part}",
+                                        ms=t * 1e3, gbs=B / t / 1e6,
+                                        ours_speedup=t / times["dlrm_ops"]))
+        del ours, ref, parts
+        gc.collect()
+    return results
+
+
 def print_table(results: List[dict]) -> None:
     cols = ["T", "rows", "D", "B", "L", "threads", "impl", "ms", "gbs", "ours_speedup"]
     heads = ["T", "rows", "D", "B", "L", "thr", "implementation", "ms", "GB/s", "dlrm_ops x"]

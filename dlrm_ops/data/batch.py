@@ -22,6 +22,6 @@ def batch_from_arrays(dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray)
     indices with offsets 0, 1, ..., T*B."""
     B, T = sparse.shape
     indices = torch.from_numpy(np.ascontiguousarray(sparse.T).reshape(-1).astype(np.int64))
-    return Batch(torch.from_numpy(np.asarray(dense, dtype=np.float32)), indices,
+    return Batch(torch.from_numpy(np.array(dense, dtype=np.float32)), indices,
                  torch.arange(T * B + 1, dtype=torch.int64),
-                 torch.from_numpy(np.asarray(labels, dtype=np.float32)))
+                 torch.from_numpy(np.array(labels, dtype=np.float32)))
