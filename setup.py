@@ -50,9 +50,10 @@ setup(
     ext_modules=[CMakeExtension("dlrm_ops._C"), CMakeExtension("dlrm_ops._kernels")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.9",
-    install_requires=["torch>=2.13", "numpy"],
+    install_requires=["torch>=2.13", "numpy", "scikit-learn", "tqdm"],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-benchmark"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "matplotlib"],
+        "plot": ["matplotlib"],
         "fbgemm": ["fbgemm-gpu-cpu==1.8.0"],
     },
     entry_points={"console_scripts": ["dlrm-ops=dlrm_ops.__main__:main"]},

@@ -207,6 +207,11 @@ def plot(path: str, losses, evals) -> None:
 
 
 def run(args) -> int:
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     train, test, tables, ceiling = build_data(args)

@@ -88,32 +88,64 @@ struct Gram {
   static void run(const Scratch& s, int64_t i0, int64_t j0) { gram_block<NV>(s, i0, j0); }
 };
 
-// Lower triangle of the Gram matrix (j <= i) into s.Z.
-void gram_lower(Scratch& s) {
-  for (int64_t d = 0; d < s.Dp; ++d) {
-    for (int64_t j = 0; j < s.F; ++j) s.XT[d * s.Fp + j] = s.X[j * s.Dp + d];
+// XT = X^T over the first F rows (the padding columns stay zero).
+void transpose(Scratch& s) {
+  int64_t j0 = 0;
+#if defined(__AVX512F__)
+  // 16x16 blocks in registers: four rounds of two-source shuffles, round m
+  // swapping the off-diagonal m x m sub-blocks.
+  typedef int32_t vi16 __attribute__((vector_size(64)));
+  vi16 lo[4], hi[4];  // round m: lanes of the new rows r and r+m, indexing (r, r+m)
+  for (int round = 0, m = 8; m >= 1; ++round, m /= 2) {
+    for (int k = 0; k < 16; ++k) {
+      lo[round][k] = (k / m) % 2 == 0 ? k : k - m + 16;
+      hi[round][k] = (k / m) % 2 == 0 ? k + m : k + 16;
+    }
   }
+  for (; j0 + 16 <= s.F; j0 += 16) {
+    for (int64_t d0 = 0; d0 < s.Dp; d0 += 16) {
+      vf16 r[16];
+      for (int k = 0; k < 16; ++k) r[k] = load16(s.X + (j0 + k) * s.Dp + d0);
+      for (int round = 0, m = 8; m >= 1; ++round, m /= 2) {
+        for (int k = 0; k < 16; ++k) {
+          if ((k / m) % 2) continue;
+          const vf16 a = r[k], b = r[k + m];
+          r[k] = __builtin_shuffle(a, b, lo[round]);
+          r[k + m] = __builtin_shuffle(a, b, hi[round]);
+        }
+      }
+      for (int k = 0; k < 16; ++k) store16(s.XT + (d0 + k) * s.Fp + j0, r[k]);
+    }
+  }
+#endif
+  for (int64_t d = 0; d < s.Dp; ++d) {
+    for (int64_t j = j0; j < s.F; ++j) s.XT[d * s.Fp + j] = s.X[j * s.Dp + d];
+  }
+}
+
+// The triangle of the Gram matrix that `order` needs into s.Z: j <= i for
+// tril, j >= i for triu (each row's pairs are then contiguous).
+void gram(Scratch& s, int64_t order) {
+  transpose(s);
   for (int64_t i0 = 0; i0 < s.F; i0 += kRows) {
-    const int64_t jcount = std::min(i0 + kRows, s.F);  // columns the last row needs
-    for (int64_t j0 = 0; j0 < jcount; j0 += 16 * kVectors) {
-      const int64_t nv = (std::min<int64_t>(jcount - j0, 16 * kVectors) + 15) / 16;
+    const int64_t jbegin = order == kTril ? 0 : i0 / 16 * 16;
+    const int64_t jend = order == kTril ? std::min(i0 + kRows, s.F) : s.F;
+    for (int64_t j0 = jbegin; j0 < jend; j0 += 16 * kVectors) {
+      const int64_t nv = (std::min<int64_t>(jend - j0, 16 * kVectors) + 15) / 16;
       with_vectors<Gram>(nv, s, i0, j0);
     }
   }
 }
 
-// Calls f(i, j, p) for pair number p in the output order.
+// Row i's pairs in output order are columns [first, first + n) of row i.
 template <typename F>
-inline void for_each_pair(int64_t Fn, bool self, int64_t order, const F& f) {
+inline void for_each_pair_row(int64_t Fn, bool self, int64_t order, const F& f) {
   int64_t p = 0;
-  if (order == kTril) {
-    for (int64_t i = 0; i < Fn; ++i) {
-      for (int64_t j = 0; j < i + (self ? 1 : 0); ++j) f(i, j, p++);
-    }
-  } else {
-    for (int64_t i = 0; i < Fn; ++i) {
-      for (int64_t j = i + (self ? 0 : 1); j < Fn; ++j) f(i, j, p++);
-    }
+  for (int64_t i = 0; i < Fn; ++i) {
+    const int64_t first = order == kTril ? 0 : i + (self ? 0 : 1);
+    const int64_t n = order == kTril ? i + (self ? 1 : 0) : Fn - first;
+    f(i, first, n, p);
+    p += n;
   }
 }
 
@@ -127,15 +159,15 @@ void forward(const InteractionArgs& a, void* out_ptr) {
     Scratch s(F, a.D);
     for (int64_t b = b0; b < b1; ++b) {
       load_features<T>(a, b, s);
-      gram_lower(s);
+      gram(s, a.order);
       T* o = out + b * width;
       const T* dense = static_cast<const T*>(a.dense) + b * a.D;
       std::copy(dense, dense + a.D, o);
       T* pairs = o + a.D;
-      for_each_pair(F, a.self_interaction, a.order, [&](int64_t i, int64_t j, int64_t p) {
-        // Z holds j <= i; a triu pair (i < j) is the transposed entry.
-        pairs[p] = from_float<T>(i >= j ? s.Z[i * s.Fp + j] : s.Z[j * s.Fp + i]);
-      });
+      for_each_pair_row(F, a.self_interaction, a.order,
+                        [&](int64_t i, int64_t first, int64_t n, int64_t p) {
+                          row_store(pairs + p, s.Z + i * s.Fp + first, n);
+                        });
     }
   });
 }
@@ -183,15 +215,19 @@ void backward(const InteractionArgs& a, const void* grad_out_ptr, void* grad_den
       // S: symmetric pair gradients; d<x_i, x_i>/dx_i = 2 x_i.
       std::fill(s.Z, s.Z + s.F4 * s.Fp, 0.f);
       const T* g = go + b * width + a.D;
-      for_each_pair(F, a.self_interaction, a.order, [&](int64_t i, int64_t j, int64_t p) {
-        const float v = to_float(g[p]);
-        if (i == j) {
-          s.Z[i * s.Fp + i] = 2.f * v;
-        } else {
-          s.Z[i * s.Fp + j] = v;
-          s.Z[j * s.Fp + i] = v;
-        }
-      });
+      for_each_pair_row(F, a.self_interaction, a.order,
+                        [&](int64_t i, int64_t first, int64_t n, int64_t p) {
+                          for (int64_t k = 0; k < n; ++k) {
+                            const int64_t j = first + k;
+                            const float v = to_float(g[p + k]);
+                            if (i == j) {
+                              s.Z[i * s.Fp + i] = 2.f * v;
+                            } else {
+                              s.Z[i * s.Fp + j] = v;
+                              s.Z[j * s.Fp + i] = v;
+                            }
+                          }
+                        });
       for (int64_t i0 = 0; i0 < F; i0 += kRows) {
         for (int64_t d0 = 0; d0 < s.Dp; d0 += 16 * kVectors) {
           const int64_t nv = std::min<int64_t>((s.Dp - d0) / 16, kVectors);

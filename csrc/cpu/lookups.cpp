@@ -1,0 +1,113 @@
+#include "cpu/lookups.h"
+
+#include <torch/csrc/stable/ops.h>
+
+namespace dlrm_ops {
+namespace {
+
+int64_t read_index(const cpu::Lookups& lk, const void* data, int64_t i) {
+  return lk.int64 ? static_cast<const int64_t*>(data)[i]
+                  : static_cast<int64_t>(static_cast<const int32_t*>(data)[i]);
+}
+
+void check_offsets(const cpu::Lookups& lk, int64_t T, int64_t B, int64_t N) {
+  auto off = [&](int64_t i) { return read_index(lk, lk.offsets, i); };
+  DLRM_CHECK(off(0) == 0, "offsets[0] must be 0, got ", off(0));
+  for (int64_t i = 1; i <= T * B; ++i) {
+    DLRM_CHECK(off(i) >= off(i - 1), "offsets must be non-decreasing, but offsets[", i, "] = ",
+               off(i), " < offsets[", i - 1, "] = ", off(i - 1), " (table ", (i - 1) / B,
+               ", bag ", (i - 1) % B, ")");
+  }
+  DLRM_CHECK(off(T * B) == N, "offsets[-1] must equal the number of indices (", N, "), got ",
+             off(T * B));
+  // Each table's lookups are addressed by a 32-bit position (sorted_lookups.h).
+  for (int64_t t = 0; t < T; ++t) {
+    DLRM_CHECK(off((t + 1) * B) - off(t * B) < (int64_t{1} << 32), "table ", t,
+               " has more than 2^32 indices in one call");
+  }
+}
+
+}  // namespace
+
+ValidatedLookups validate_lookups(const Tensor& weights_offsets, const Tensor& dim_offsets,
+                                  const Tensor& rows, const Tensor& indices,
+                                  const Tensor& offsets, int64_t pooling,
+                                  const std::optional<Tensor>& per_sample_weights) {
+  for (auto [t, name] : {std::pair{&weights_offsets, "weights_offsets"},
+                         std::pair{&dim_offsets, "dim_offsets"}, std::pair{&rows, "rows"}}) {
+    check_cpu(*t, name);
+    check_dtype(*t, name, {ScalarType::Long});
+    check_dim(*t, name, 1);
+    check_contiguous(*t, name);
+  }
+  const int64_t T = rows.numel();
+  DLRM_CHECK(T >= 1, "rows must list at least one table");
+  DLRM_CHECK(weights_offsets.numel() == T, "weights_offsets must have one entry per table (", T,
+             "), got ", weights_offsets.numel());
+  DLRM_CHECK(dim_offsets.numel() == T + 1, "dim_offsets must have T+1 = ", T + 1,
+             " entries, got ", dim_offsets.numel());
+  const int64_t* woff = weights_offsets.const_data_ptr<int64_t>();
+  const int64_t* doff = dim_offsets.const_data_ptr<int64_t>();
+  const int64_t* nrows = rows.const_data_ptr<int64_t>();
+  DLRM_CHECK(doff[0] == 0, "dim_offsets[0] must be 0");
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t D = doff[t + 1] - doff[t];
+    DLRM_CHECK(D >= 1, "table ", t, " must have dim >= 1, dim_offsets gives ", D);
+    DLRM_CHECK(nrows[t] >= 0 && nrows[t] < (int64_t{1} << 32), "table ", t,
+               " must have 0 <= rows < 2^32, got ", nrows[t]);
+    DLRM_CHECK(woff[t] >= 0, "weights_offsets[", t, "] must be >= 0, got ", woff[t]);
+  }
+
+  check_cpu(indices, "indices");
+  check_cpu(offsets, "offsets");
+  check_dtype(indices, "indices", {ScalarType::Int, ScalarType::Long});
+  DLRM_CHECK(offsets.scalar_type() == indices.scalar_type(),
+             "offsets must have the dtype of indices (", dtype_name(indices.scalar_type()),
+             "), got ", dtype_name(offsets.scalar_type()));
+  check_dim(indices, "indices", 1);
+  check_dim(offsets, "offsets", 1);
+  check_contiguous(indices, "indices");
+  check_contiguous(offsets, "offsets");
+  DLRM_CHECK(offsets.numel() >= 1 && (offsets.numel() - 1) % T == 0,
+             "offsets must have T*B+1 entries for T = ", T, " tables, got ", offsets.numel());
+  const int64_t B = (offsets.numel() - 1) / T;
+  DLRM_CHECK(B < (int64_t{1} << 31), "batch size must be < 2^31, got ", B);
+  DLRM_CHECK(pooling == cpu::kSum || pooling == cpu::kMean,
+             "pooling must be 0 (sum) or 1 (mean), got ", pooling);
+
+  ValidatedLookups v;
+  v.N = indices.numel();
+  v.lk = cpu::Lookups{indices.const_data_ptr(), offsets.const_data_ptr(),
+                      indices.scalar_type() == ScalarType::Long, nullptr, pooling};
+  check_offsets(v.lk, T, B, v.N);
+  if (per_sample_weights.has_value()) {
+    const Tensor& psw = *per_sample_weights;
+    DLRM_CHECK(pooling == cpu::kSum, "per_sample_weights is only supported with sum pooling");
+    check_cpu(psw, "per_sample_weights");
+    check_dtype(psw, "per_sample_weights", {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+    check_dim(psw, "per_sample_weights", 1);
+    DLRM_CHECK(psw.numel() == v.N, "per_sample_weights must have one entry per index (", v.N,
+               "), got ", psw.numel());
+    v.psw_f32 = torch::stable::contiguous(
+        psw.scalar_type() == ScalarType::Float ? psw : torch::stable::to(psw, ScalarType::Float));
+    v.lk.per_sample_weights = v.psw_f32.const_data_ptr<float>();
+  }
+  v.tb = cpu::TableBatch{T, B, woff, doff, nrows};
+  return v;
+}
+
+void throw_bad_index(const ValidatedLookups& v, int64_t pos) {
+  const auto& tb = v.tb;
+  int64_t lo = 0, hi = tb.T * tb.B - 1;  // the last bag starting at or before pos
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (read_index(v.lk, v.lk.offsets, mid) <= pos) lo = mid; else hi = mid - 1;
+  }
+  const int64_t t = lo / tb.B;
+  DLRM_CHECK(false, "indices[", pos, "] = ", read_index(v.lk, v.lk.indices, pos),
+             " is out of range for table ", t, " with ", tb.rows[t], " rows (bag ", lo % tb.B,
+             " of table ", t, ")");
+  __builtin_unreachable();
+}
+
+}  // namespace dlrm_ops
