@@ -114,26 +114,10 @@ template <bool Weighted, typename W, typename I>
 void pool_bag(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* psw,
               int64_t start, int64_t stop, int64_t table_end, float scale, W* out,
               int64_t& bad) {
-  int64_t d0 = 0;
-  for (; d0 + 16 * kMaxBlockVectors <= D; d0 += 16 * kMaxBlockVectors) {
-    pool_block<kMaxBlockVectors, Weighted>(wt, D, rows, idx, psw, start, stop, table_end, d0,
-                                           scale, out, bad);
-  }
-  auto block = [&](auto nv) {
-    pool_block<decltype(nv)::value, Weighted>(wt, D, rows, idx, psw, start, stop, table_end, d0,
+  const int64_t d0 = for_each_column_block(D, [&](auto nv, int64_t c0) {
+    pool_block<decltype(nv)::value, Weighted>(wt, D, rows, idx, psw, start, stop, table_end, c0,
                                               scale, out, bad);
-    d0 += 16 * decltype(nv)::value;
-  };
-  switch ((D - d0) / 16) {
-    case 7: block(std::integral_constant<int, 7>{}); break;
-    case 6: block(std::integral_constant<int, 6>{}); break;
-    case 5: block(std::integral_constant<int, 5>{}); break;
-    case 4: block(std::integral_constant<int, 4>{}); break;
-    case 3: block(std::integral_constant<int, 3>{}); break;
-    case 2: block(std::integral_constant<int, 2>{}); break;
-    case 1: block(std::integral_constant<int, 1>{}); break;
-    default: break;
-  }
+  });
   if (d0 < D) pool_tail<Weighted>(wt, D, rows, idx, psw, start, stop, d0, scale, out, bad);
 }
 

@@ -279,26 +279,10 @@ void qpool_bag(const uint8_t* table, int64_t D, uint64_t rows, const I* idx, con
                int64_t start, int64_t stop, int64_t table_end, float scale_out, float* out,
                int64_t& bad) {
   const int64_t stride = packed_row_bytes(D, Bits);
-  int64_t d0 = 0;
-  for (; d0 + 16 * kMaxBlockVectors <= D; d0 += 16 * kMaxBlockVectors) {
-    qpool_block<Bits, kMaxBlockVectors>(table, D, stride, rows, idx, psw, start, stop, table_end,
-                                        d0, scale_out, out, bad);
-  }
-  auto block = [&](auto nv) {
+  const int64_t d0 = for_each_column_block(D, [&](auto nv, int64_t c0) {
     qpool_block<Bits, decltype(nv)::value>(table, D, stride, rows, idx, psw, start, stop,
-                                           table_end, d0, scale_out, out, bad);
-    d0 += 16 * decltype(nv)::value;
-  };
-  switch ((D - d0) / 16) {
-    case 7: block(std::integral_constant<int, 7>{}); break;
-    case 6: block(std::integral_constant<int, 6>{}); break;
-    case 5: block(std::integral_constant<int, 5>{}); break;
-    case 4: block(std::integral_constant<int, 4>{}); break;
-    case 3: block(std::integral_constant<int, 3>{}); break;
-    case 2: block(std::integral_constant<int, 2>{}); break;
-    case 1: block(std::integral_constant<int, 1>{}); break;
-    default: break;
-  }
+                                           table_end, c0, scale_out, out, bad);
+  });
   if (d0 < D) {
     qpool_tail<Bits>(table, D, stride, rows, idx, psw, start, stop, d0, scale_out, out, bad);
   }

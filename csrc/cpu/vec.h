@@ -183,4 +183,30 @@ constexpr int kMaxBlockVectors = 8;
 constexpr int kMaxBlockVectors = 4;
 #endif
 
+// Splits columns [0, D) into blocks of 16 * NV columns, NV a compile-time
+// count up to kMaxBlockVectors, calling block(std::integral_constant<int, NV>,
+// d0) for each; returns the first of the fewer than 16 columns left over.
+template <typename F>
+inline int64_t for_each_column_block(int64_t D, const F& block) {
+  int64_t d0 = 0;
+  for (; d0 + 16 * kMaxBlockVectors <= D; d0 += 16 * kMaxBlockVectors) {
+    block(std::integral_constant<int, kMaxBlockVectors>{}, d0);
+  }
+  auto rest = [&](auto nv) {
+    block(nv, d0);
+    d0 += 16 * decltype(nv)::value;
+  };
+  switch ((D - d0) / 16) {
+    case 7: rest(std::integral_constant<int, 7>{}); break;
+    case 6: rest(std::integral_constant<int, 6>{}); break;
+    case 5: rest(std::integral_constant<int, 5>{}); break;
+    case 4: rest(std::integral_constant<int, 4>{}); break;
+    case 3: rest(std::integral_constant<int, 3>{}); break;
+    case 2: rest(std::integral_constant<int, 2>{}); break;
+    case 1: rest(std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+  return d0;
+}
+
 }  // namespace dlrm_ops::cpu
