@@ -29,13 +29,14 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 struct Scratch {
   int64_t F, F4, Fp, Dp;
   std::unique_ptr<float[]> buf;
-  float *X, *XT, *Z;  // X [F4, Dp], XT [Dp, Fp], Z (or S) [F4, Fp]
+  // X [Fp, Dp] (rows past F zero), XT [Dp, Fp], Z (or S) [F4, Fp]
+  float *X, *XT, *Z;
   Scratch(int64_t F_, int64_t D) : F(F_), F4(round_up(F_, kRows)), Fp(round_up(F_, 16)),
                                    Dp(round_up(D, 16)) {
-    const int64_t n = F4 * Dp + Dp * Fp + F4 * Fp;
+    const int64_t n = Fp * Dp + Dp * Fp + F4 * Fp;
     buf.reset(new float[n]());
     X = buf.get();
-    XT = X + F4 * Dp;
+    XT = X + Fp * Dp;
     Z = XT + Dp * Fp;
   }
 };
@@ -88,39 +89,65 @@ struct Gram {
   static void run(const Scratch& s, int64_t i0, int64_t j0) { gram_block<NV>(s, i0, j0); }
 };
 
-// XT = X^T over the first F rows (the padding columns stay zero).
-void transpose(Scratch& s) {
-  int64_t j0 = 0;
 #if defined(__AVX512F__)
-  // 16x16 blocks in registers: four rounds of two-source shuffles, round m
-  // swapping the off-diagonal m x m sub-blocks.
-  typedef int32_t vi16 __attribute__((vector_size(64)));
-  vi16 lo[4], hi[4];  // round m: lanes of the new rows r and r+m, indexing (r, r+m)
-  for (int round = 0, m = 8; m >= 1; ++round, m /= 2) {
-    for (int k = 0; k < 16; ++k) {
-      lo[round][k] = (k / m) % 2 == 0 ? k : k - m + 16;
-      hi[round][k] = (k / m) % 2 == 0 ? k + m : k + 16;
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+// One round of the 16x16 in-register transpose: swaps the off-diagonal M x M
+// sub-blocks of every 2M x 2M block.
+template <int M>
+inline void transpose_round(vf16* r, vi16 lo, vi16 hi) {
+#pragma GCC unroll 16
+  for (int k = 0; k < 16; ++k) {
+    if ((k / M) % 2 == 0) {
+      const vf16 a = r[k], b = r[k + M];
+      r[k] = __builtin_shuffle(a, b, lo);
+      r[k + M] = __builtin_shuffle(a, b, hi);
     }
   }
-  for (; j0 + 16 <= s.F; j0 += 16) {
+}
+
+template <int M>
+void transpose_masks(vi16& lo, vi16& hi) {  // lanes of new rows k, k+M in (row k, row k+M)
+  for (int k = 0; k < 16; ++k) {
+    lo[k] = (k / M) % 2 == 0 ? k : k - M + 16;
+    hi[k] = (k / M) % 2 == 0 ? k + M : k + 16;
+  }
+}
+#endif
+
+// XT = X^T (the padding rows of X are zero, so are XT's padding columns).
+void transpose(Scratch& s) {
+#if defined(__AVX512F__)
+  struct Masks {
+    vi16 lo8, hi8, lo4, hi4, lo2, hi2, lo1, hi1;
+  };
+  static const Masks mk = [] {
+    Masks m;
+    transpose_masks<8>(m.lo8, m.hi8);
+    transpose_masks<4>(m.lo4, m.hi4);
+    transpose_masks<2>(m.lo2, m.hi2);
+    transpose_masks<1>(m.lo1, m.hi1);
+    return m;
+  }();
+  const Masks masks = mk;
+  for (int64_t j0 = 0; j0 < s.Fp; j0 += 16) {
     for (int64_t d0 = 0; d0 < s.Dp; d0 += 16) {
       vf16 r[16];
+#pragma GCC unroll 16
       for (int k = 0; k < 16; ++k) r[k] = load16(s.X + (j0 + k) * s.Dp + d0);
-      for (int round = 0, m = 8; m >= 1; ++round, m /= 2) {
-        for (int k = 0; k < 16; ++k) {
-          if ((k / m) % 2) continue;
-          const vf16 a = r[k], b = r[k + m];
-          r[k] = __builtin_shuffle(a, b, lo[round]);
-          r[k + m] = __builtin_shuffle(a, b, hi[round]);
-        }
-      }
+      transpose_round<8>(r, masks.lo8, masks.hi8);
+      transpose_round<4>(r, masks.lo4, masks.hi4);
+      transpose_round<2>(r, masks.lo2, masks.hi2);
+      transpose_round<1>(r, masks.lo1, masks.hi1);
+#pragma GCC unroll 16
       for (int k = 0; k < 16; ++k) store16(s.XT + (d0 + k) * s.Fp + j0, r[k]);
     }
   }
-#endif
-  for (int64_t d = 0; d < s.Dp; ++d) {
-    for (int64_t j = j0; j < s.F; ++j) s.XT[d * s.Fp + j] = s.X[j * s.Dp + d];
+#else
+  for (int64_t j = 0; j < s.F; ++j) {
+    for (int64_t d = 0; d < s.Dp; ++d) s.XT[d * s.Fp + j] = s.X[j * s.Dp + d];
   }
+#endif
 }
 
 // The triangle of the Gram matrix that `order` needs into s.Z: j <= i for
