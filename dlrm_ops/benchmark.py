@@ -221,8 +221,7 @@ def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
     grad = torch.randn(B, T * D, dtype=inp.ebc.weight.dtype)
     fused = EmbeddingBagCollection([rows] * T, D, dtype=inp.ebc.weight.dtype,
                                    optimizer=optimizer, lr=lr)
-    with torch.no_grad():
-        fused.weight.copy_(inp.ebc.weight)
+    fused.weight = inp.ebc.weight  # every contender updates the same rows: one copy in memory
     out = {"dlrm_ops fused": lambda: fused(idx, off).backward(grad)}
 
     torch_opt = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad,

@@ -57,9 +57,7 @@ inline void row_axpy(float* __restrict dst, const T* __restrict row, float s, in
   for (int64_t d = 0; d < D; ++d) dst[d] += s * to_float(row[d]);
 }
 template <typename T>
-inline void row_store(T* __restrict dst, const float* __restrict src, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(src[d]);
-}
+inline void row_store(T* __restrict dst, const float* __restrict src, int64_t D);
 template <typename T>
 inline void row_store_scaled(T* __restrict dst, const float* __restrict src, float s, int64_t D) {
   for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(s * src[d]);
@@ -174,6 +172,13 @@ inline void store16(bf16* p, vf16 v) {
   float f[16];
   std::memcpy(f, &v, sizeof(v));
   for (int k = 0; k < 16; ++k) p[k] = from_float<bf16>(f[k]);
+}
+
+template <typename T>
+inline void row_store(T* __restrict dst, const float* __restrict src, int64_t D) {
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) store16(dst + d, load16(src + d));
+  for (; d < D; ++d) dst[d] = from_float<T>(src[d]);
 }
 
 // Vectors of 16 columns summed in registers at once.
