@@ -118,10 +118,17 @@ void quantize_row8(const T* x, int64_t D, uint8_t* out) {
   const float scale = range / 255.0f;
   const float inv = 255.0f / (range + 1e-8f);
   int64_t d = 0;
+#if defined(__AVX512F__)
+  for (; d + 16 <= D; d += 16) {  // round to nearest even, narrow to bytes
+    const __m512i q = _mm512_cvtps_epi32((__m512)((load16(x + d) - mn) * inv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + d), _mm512_cvtepi32_epi8(q));
+  }
+#else
   for (int32_t q[16]; d + 16 <= D; d += 16) {
     round16(x + d, mn, inv, q);
     for (int k = 0; k < 16; ++k) out[d + k] = static_cast<uint8_t>(q[k]);
   }
+#endif
   for (; d < D; ++d) {
     out[d] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint((to_float(x[d]) - mn) * inv)));
   }
