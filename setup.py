@@ -4,6 +4,7 @@ Environment: DEBUG=1 for a debug build, SANITIZE=1 for ASan/UBSan,
 MAX_JOBS=N to cap build parallelism.
 """
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,13 +34,18 @@ class CMakeBuild(build_ext):
             "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
             f"-DCMAKE_BUILD_TYPE={build_type}",
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={build_dir / 'lib'}",
             f"-DDLRM_OPS_SANITIZE={'ON' if sanitize else 'OFF'}",
             f"-DDLRM_OPS_VERSION={VERSION}",
         ]
         subprocess.check_call(cfg)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
+        # Each configuration builds in its own folder; the package gets a copy,
+        # so switching between release, debug and sanitizer builds is exact.
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for lib in (build_dir / "lib").glob("*.so"):
+            shutil.copyfile(lib, out_dir / lib.name)
 
 
 setup(
