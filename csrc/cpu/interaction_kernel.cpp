@@ -57,25 +57,28 @@ void load_features(const InteractionArgs& a, int64_t b, Scratch& s) {
   for (int64_t t = 0; t < a.T; ++t) load_row(s.X + (t + 1) * s.Dp, sparse + t * a.D, a.D);
 }
 
-// Z[i][j0 + 16v + k] = <X[i], X[j0 + 16v + k]> for rows i0..i0+kRows-1.
+// C[r][0, 16 NV) = sum_k A[r][k] * B[k][0, 16 NV) for kRows rows r: the
+// register-blocked micro-kernel of both the Gram matrix (A = X, B = X^T) and
+// the backward (A = the pair gradients S, B = X).
 template <int NV>
-inline void gram_block(const Scratch& s, int64_t i0, int64_t j0) {
+inline void micro_gemm(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t K,
+                       float* C, int64_t ldc) {
   vf16 acc[kRows][NV] = {};
-  for (int64_t d = 0; d < s.Dp; ++d) {
-    vf16 xt[NV];
+  for (int64_t k = 0; k < K; ++k) {
+    vf16 b[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) xt[v] = load16(s.XT + d * s.Fp + j0 + 16 * v);
+    for (int v = 0; v < NV; ++v) b[v] = load16(B + k * ldb + 16 * v);
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      const float x = s.X[(i0 + r) * s.Dp + d];
+      const float a = A[r * lda + k];
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] += x * xt[v];
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) {
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) store16(s.Z + (i0 + r) * s.Fp + j0 + 16 * v, acc[r][v]);
+    for (int v = 0; v < NV; ++v) store16(C + r * ldc + 16 * v, acc[r][v]);
   }
 }
 
@@ -89,8 +92,9 @@ inline void with_vectors(int64_t nv, Args&&... args) {
   }
 }
 template <int NV>
-struct Gram {
-  static void run(const Scratch& s, int64_t i0, int64_t j0) { gram_block<NV>(s, i0, j0); }
+struct MicroGemm {
+  template <typename... Args>
+  static void run(Args... args) { micro_gemm<NV>(args...); }
 };
 
 #if defined(__AVX512F__)
@@ -163,7 +167,9 @@ void gram(Scratch& s, int64_t order) {
     const int64_t jend = order == kTril ? std::min(i0 + kRows, s.F) : s.F;
     for (int64_t j0 = jbegin; j0 < jend; j0 += 16 * kVectors) {
       const int64_t nv = (std::min<int64_t>(jend - j0, 16 * kVectors) + 15) / 16;
-      with_vectors<Gram>(nv, s, i0, j0);
+      // Z[i][j] = <X[i], X[j]> = sum_d X[i][d] XT[d][j]
+      with_vectors<MicroGemm>(nv, s.X + i0 * s.Dp, s.Dp, s.XT + j0, s.Fp, s.Dp,
+                              s.Z + i0 * s.Fp + j0, s.Fp);
     }
   }
 }
@@ -203,32 +209,6 @@ void forward(const InteractionArgs& a, void* out_ptr) {
   });
 }
 
-// dX[i0..i0+kRows) [d0, d0 + 16*NV) = sum_j S[i][j] X[j]; S in s.Z, dX into out.
-template <int NV>
-inline void dx_block(const Scratch& s, int64_t i0, int64_t d0, float* dX) {
-  vf16 acc[kRows][NV] = {};
-  for (int64_t j = 0; j < s.F; ++j) {
-    vf16 x[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) x[v] = load16(s.X + j * s.Dp + d0 + 16 * v);
-#pragma GCC unroll 8
-    for (int r = 0; r < kRows; ++r) {
-      const float g = s.Z[(i0 + r) * s.Fp + j];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] += g * x[v];
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) store16(dX + (i0 + r) * s.Dp + d0 + 16 * v, acc[r][v]);
-  }
-}
-template <int NV>
-struct DX {
-  static void run(const Scratch& s, int64_t i0, int64_t d0, float* dX) { dx_block<NV>(s, i0, d0, dX); }
-};
-
 template <typename T>
 void backward(const InteractionArgs& a, const void* grad_out_ptr, void* grad_dense_ptr,
               void* grad_sparse_ptr) {
@@ -262,7 +242,9 @@ void backward(const InteractionArgs& a, const void* grad_out_ptr, void* grad_den
       for (int64_t i0 = 0; i0 < F; i0 += kRows) {
         for (int64_t d0 = 0; d0 < s.Dp; d0 += 16 * kVectors) {
           const int64_t nv = std::min<int64_t>((s.Dp - d0) / 16, kVectors);
-          with_vectors<DX>(nv, s, i0, d0, dX.get());
+          // dX[i] = sum_j S[i][j] X[j], S in s.Z
+          with_vectors<MicroGemm>(nv, s.Z + i0 * s.Fp, s.Fp, s.X + d0, s.Dp, s.F,
+                                  dX.get() + i0 * s.Dp + d0, s.Dp);
         }
       }
       const T* gdense = go + b * width;
