@@ -69,13 +69,23 @@ bool row_min_max(const T* x, int64_t D, float& mn, float& mx) {
       vfin += v * 0.f;
     }
   }
-  mn = D >= 16 ? vmn[0] : to_float(x[0]);
-  mx = mn;
   float fin = 0.f;
-  for (int k = 0; k < 16 && D >= 16; ++k) {
-    mn = std::min(mn, vmn[k]);
-    mx = std::max(mx, vmx[k]);
-    fin += vfin[k];
+  if (D >= 16) {
+#if defined(__AVX512F__)
+    mn = _mm512_reduce_min_ps((__m512)vmn);
+    mx = _mm512_reduce_max_ps((__m512)vmx);
+    fin = _mm512_reduce_add_ps((__m512)vfin);
+#else
+    mn = vmn[0];
+    mx = vmx[0];
+    for (int k = 0; k < 16; ++k) {
+      mn = std::min(mn, vmn[k]);
+      mx = std::max(mx, vmx[k]);
+      fin += vfin[k];
+    }
+#endif
+  } else {
+    mn = mx = to_float(x[0]);
   }
   for (; d < D; ++d) {
     const float v = to_float(x[d]);
@@ -161,11 +171,22 @@ void quantize_row4(const T* x, int64_t D, uint8_t* out) {
   }
   scale_h = static_cast<fp16>(scale);
   int64_t d = 0;
+#if defined(__AVX512F__)
+  for (; d + 16 <= D; d += 16) {  // round, clamp to [0, 15], pack column pairs into bytes
+    __m512i q = _mm512_cvtps_epi32((__m512)((load16(x + d) - mn) * inv));
+    q = _mm512_min_epi32(_mm512_max_epi32(q, _mm512_setzero_si512()), _mm512_set1_epi32(15));
+    const __m128i b = _mm512_cvtepi32_epi8(q);  // 16 nibble values, one per byte
+    const __m128i pairs = _mm_or_si128(_mm_and_si128(b, _mm_set1_epi16(0x00FF)),
+                                       _mm_slli_epi16(_mm_srli_epi16(b, 8), 4));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + d / 2), _mm_packus_epi16(pairs, pairs));
+  }
+#else
   for (int32_t q[16]; d + 16 <= D; d += 16) {
     round16(x + d, mn, inv, q);
     for (int k = 0; k < 16; ++k) q[k] = std::clamp(q[k], 0, 15);
     for (int k = 0; k < 8; ++k) out[d / 2 + k] = static_cast<uint8_t>(q[2 * k] | (q[2 * k + 1] << 4));
   }
+#endif
   for (; d < D; d += 2) {
     const auto q = [&](int64_t c) {
       const float v = std::nearbyint((to_float(x[c]) - mn) * inv);
