@@ -73,11 +73,8 @@ inline void pool_block(const W* wt, int64_t D, uint64_t rows, const I* idx, cons
       const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p + kPrefetchDistance]));
       if (r < rows) prefetch_row(wt + r * D, D * static_cast<int64_t>(sizeof(W)));
     }
-    const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p]));
-    if (r >= rows) {
-      if (d0 == 0) bad = std::min(bad, p);
-      continue;
-    }
+    const uint64_t r = checked_row(idx, p, rows, d0 == 0, bad);
+    if (r == kBadRow) continue;
     const W* row = wt + r * D + d0;
     if constexpr (Weighted) {
       const float s = psw[p];
@@ -100,11 +97,8 @@ inline void pool_tail(const W* wt, int64_t D, uint64_t rows, const I* idx, const
   float acc[16] = {};
   const int64_t n = D - d0;
   for (int64_t p = start; p < stop; ++p) {
-    const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p]));
-    if (r >= rows) {
-      if (d0 == 0) bad = std::min(bad, p);
-      continue;
-    }
+    const uint64_t r = checked_row(idx, p, rows, d0 == 0, bad);
+    if (r == kBadRow) continue;
     row_axpy(acc, wt + r * D + d0, Weighted ? psw[p] : 1.f, n);
   }
   row_store_scaled(out + d0, acc, scale, n);

@@ -258,11 +258,8 @@ inline void qpool_block(const uint8_t* table, int64_t D, int64_t stride, uint64_
       const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p + kPrefetchDistance]));
       if (r < rows) prefetch_row(table + r * stride, stride);
     }
-    const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p]));
-    if (r >= rows) {
-      if (d0 == 0) bad = std::min(bad, p);
-      continue;
-    }
+    const uint64_t r = checked_row(idx, p, rows, d0 == 0, bad);
+    if (r == kBadRow) continue;
     const uint8_t* row = table + r * stride;
     float scale, bias;
     scale_bias<Bits>(row, D, scale, bias);
@@ -287,11 +284,8 @@ inline void qpool_tail(const uint8_t* table, int64_t D, int64_t stride, uint64_t
   float bias_sum = 0.f;
   const int64_t n = D - d0;
   for (int64_t p = start; p < stop; ++p) {
-    const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p]));
-    if (r >= rows) {
-      if (d0 == 0) bad = std::min(bad, p);
-      continue;
-    }
+    const uint64_t r = checked_row(idx, p, rows, d0 == 0, bad);
+    if (r == kBadRow) continue;
     const uint8_t* row = table + r * stride;
     float scale, bias;
     scale_bias<Bits>(row, D, scale, bias);
