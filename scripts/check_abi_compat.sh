@@ -11,7 +11,7 @@ built=$(python -c "import torch; print(torch.__version__)")
 ls dlrm_ops/_kernels.so >/dev/null || { echo "build first: pip install --no-build-isolation -e ."; exit 1; }
 echo "extension built under torch $built"
 [ -x "$venv/bin/python" ] || python -m venv "$venv"
-"$venv/bin/pip" install -q torch==2.14.1 numpy pytest hypothesis
+"$venv/bin/pip" install -q torch==2.14.1 -r requirements-dev.txt
 # Import the package from this tree (the already-built .so files), never rebuilding.
 PYTHONPATH="$PWD" "$venv/bin/python" - <<'PY'
 import torch, dlrm_ops
