@@ -92,12 +92,9 @@ Tensor embedding_bag_backward_sparse(Tensor grad_output, Tensor weights, Tensor 
   std::vector<int64_t> value_offsets(tb.T);
   int64_t total = 0;
   for (int64_t t = 0; t < tb.T; ++t) {
-    auto at = [&](int64_t i) {
-      return p.args.lk.int64 ? static_cast<const int64_t*>(p.args.lk.offsets)[i]
-                             : static_cast<int64_t>(static_cast<const int32_t*>(p.args.lk.offsets)[i]);
-    };
     value_offsets[t] = total;
-    total += (at((t + 1) * tb.B) - at(t * tb.B)) * (tb.dim_offsets[t + 1] - tb.dim_offsets[t]);
+    total += (offset_at(p.v.lk, (t + 1) * tb.B) - offset_at(p.v.lk, t * tb.B)) *
+             (tb.dim_offsets[t + 1] - tb.dim_offsets[t]);
   }
   Tensor values = torch::stable::new_empty(weights, {total});
   cpu::embedding_bag_backward_sparse_stub(p.args, grad_output.const_data_ptr(),

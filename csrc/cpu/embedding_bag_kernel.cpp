@@ -5,10 +5,10 @@
 #include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
-#include <atomic>
 #include <climits>
 #include <memory>
 
+#include "cpu/pooling.h"
 #include "cpu/sorted_lookups.h"
 #include "cpu/vec.h"
 
@@ -16,49 +16,8 @@ namespace dlrm_ops::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-// Lookups ahead whose rows are prefetched: enough to cover DRAM latency for
-// the random row gathers of large tables.
-constexpr int64_t kPrefetchDistance = 12;
-
-int64_t max_dim(const TableBatch& tb) {
-  int64_t m = 0;
-  for (int64_t t = 0; t < tb.T; ++t) m = std::max(m, tb.dim_offsets[t + 1] - tb.dim_offsets[t]);
-  return m;
-}
-
-// Bags per parallel task: about 32k row elements of work.
-int64_t bag_grain(const TableBatch& tb, int64_t N) {
-  const int64_t bags = std::max<int64_t>(tb.T * tb.B, 1);
-  const int64_t work_per_bag = (N / bags + 1) * std::max<int64_t>(tb.dim_offsets[tb.T] / std::max<int64_t>(tb.T, 1), 1);
-  return std::max<int64_t>(1, 32768 / work_per_bag);
-}
-
-void record_bad(std::atomic<int64_t>& first_bad, int64_t p) {
-  int64_t cur = first_bad.load(std::memory_order_relaxed);
-  while (p < cur && !first_bad.compare_exchange_weak(cur, p)) {
-  }
-}
-
-template <typename I>
-float lookup_scale(const Lookups& lk, const I* off, int64_t bag, int64_t p) {
-  if (lk.per_sample_weights) return lk.per_sample_weights[p];
-  if (lk.pooling == kMean) return 1.f / static_cast<float>(off[bag + 1] - off[bag]);
-  return 1.f;
-}
-
-// Walks bags [begin, end) of the flat (table, bag) range: f(t, b, start, stop).
-template <typename I, typename F>
-void for_each_bag(const TableBatch& tb, const I* off, int64_t begin, int64_t end, const F& f) {
-  int64_t t = begin / tb.B;
-  while (begin < end) {
-    const int64_t table_end = std::min(end, (t + 1) * tb.B);
-    for (int64_t tb_i = begin; tb_i < table_end; ++tb_i) {
-      f(t, tb_i - t * tb.B, static_cast<int64_t>(off[tb_i]), static_cast<int64_t>(off[tb_i + 1]));
-    }
-    begin = table_end;
-    ++t;
-  }
-}
+// Row runs ahead prefetched by backward passes (sorted_lookups.h).
+constexpr int64_t kPrefetchRuns = 8;
 
 // Pools one bag over columns [d0, d0 + 16*NV) of table t, the sums held in
 // registers across the bag's rows; out-of-range indices are skipped and the
@@ -126,7 +85,7 @@ int64_t forward(const EmbeddingBagArgs& a, void* out_ptr) {
   const bool mean = a.lk.pooling == kMean;
   const int64_t total_D = tb.dim_offsets[tb.T];
   const int64_t N = static_cast<int64_t>(off[tb.T * tb.B]);
-  std::atomic<int64_t> first_bad{INT64_MAX};
+  FirstBad first_bad;
 
   torch::stable::parallel_for(0, tb.T * tb.B, bag_grain(tb, N), [&](int64_t begin, int64_t end) {
     int64_t bad = INT64_MAX;
@@ -140,10 +99,9 @@ int64_t forward(const EmbeddingBagArgs& a, void* out_ptr) {
       if (psw) pool_bag<true>(wt, D, rows, idx, psw, start, stop, table_end, scale, out_row, bad);
       else pool_bag<false>(wt, D, rows, idx, psw, start, stop, table_end, scale, out_row, bad);
     });
-    if (bad != INT64_MAX) record_bad(first_bad, bad);
+    first_bad.record(bad);
   });
-  const int64_t bad = first_bad.load();
-  return bad == INT64_MAX ? -1 : bad;
+  return first_bad.result();
 }
 
 template <typename W, typename I>
@@ -155,7 +113,7 @@ int64_t backward_dense(const EmbeddingBagArgs& a, const void* grad_out_ptr, void
   const int64_t total_D = tb.dim_offsets[tb.T];
   const int64_t D_max = max_dim(tb);
   SortedLookups s = sort_lookups<I>(tb, a.lk);
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D_max, 1));
+  const int64_t grain = 16384 / D_max + 1;
   for_each_row_run<I>(tb, a.lk, s, grain, [&](int64_t t, int64_t row, int64_t begin, int64_t end) {
     const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
     const int64_t start = off[t * tb.B];
@@ -222,8 +180,9 @@ void psw_grad(const EmbeddingBagArgs& a, const void* grad_out_ptr, float* grad_p
       const W* wt = w + tb.weights_offsets[t];
       const W* g = go + b * total_D + tb.dim_offsets[t];
       for (int64_t p = start; p < stop; ++p) {
-        const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p]));
-        grad_psw[p] = r < rows ? row_dot(g, wt + r * D, D) : 0.f;
+        int64_t ignored = INT64_MAX;
+        const uint64_t r = checked_row(idx, p, rows, false, ignored);
+        grad_psw[p] = r == kBadRow ? 0.f : row_dot(g, wt + r * D, D);
       }
     });
   });

@@ -36,17 +36,6 @@ struct Lookups {
   int64_t pooling;
 };
 
-// The row of lookup p, or kBadRow when out of range for a table of `rows`
-// rows (negative indices included); then p is recorded in `bad` if `record`.
-constexpr uint64_t kBadRow = ~uint64_t{0};
-template <typename I>
-inline uint64_t checked_row(const I* idx, int64_t p, uint64_t rows, bool record, int64_t& bad) {
-  const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p]));
-  if (r < rows) return r;
-  if (record && p < bad) bad = p;
-  return kBadRow;
-}
-
 // All float tensors (weights, output, grad_output, grad_weight, values) share
 // the weight dtype `dtype`; accumulation is fp32.
 struct EmbeddingBagArgs {

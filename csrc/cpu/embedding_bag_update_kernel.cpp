@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "cpu/embedding_bag_kernel.h"
+#include "cpu/pooling.h"
 #include "cpu/sorted_lookups.h"
 #include "cpu/vec.h"
 
@@ -131,9 +132,7 @@ int64_t update(const UpdateArgs& a) {
   const int64_t total_D = tb.dim_offsets[tb.T];
   SortedLookups s = sort_lookups<I>(tb, lk);
   if (s.first_bad >= 0) return s.first_bad;
-  int64_t D_max = 1;
-  for (int64_t t = 0; t < tb.T; ++t) D_max = std::max(D_max, tb.dim_offsets[t + 1] - tb.dim_offsets[t]);
-  const int64_t grain = std::max<int64_t>(1, 16384 / D_max);
+  const int64_t grain = 16384 / max_dim(tb) + 1;
   const bool elementwise_state = a.optimizer == kAdagrad || a.optimizer == kAdam;
 
   for_each_row_run<I>(tb, lk, s, grain, [&](int64_t t, int64_t row, int64_t begin, int64_t end) {
@@ -160,9 +159,7 @@ int64_t update(const UpdateArgs& a) {
     for (int64_t k = begin; k < end; ++k) {
       const int64_t p = start + SortedLookups::local_pos(s.entries[k]);
       const int64_t b = s.bag[p];
-      float sc = 1.f;
-      if (lk.per_sample_weights) sc = lk.per_sample_weights[p];
-      else if (lk.pooling == kMean) sc = 1.f / static_cast<float>(off[t * tb.B + b + 1] - off[t * tb.B + b]);
+      const float sc = lookup_scale(lk, off, t * tb.B + b, p);
       const W* gr = go + b * total_D + tb.dim_offsets[t];
       if (k == begin) row_set(g, gr, sc, D); else row_axpy(g, gr, sc, D);
     }

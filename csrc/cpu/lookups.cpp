@@ -29,6 +29,8 @@ void check_offsets(const cpu::Lookups& lk, int64_t T, int64_t B, int64_t N) {
 
 }  // namespace
 
+int64_t offset_at(const cpu::Lookups& lk, int64_t i) { return read_index(lk, lk.offsets, i); }
+
 ValidatedLookups validate_lookups(const Tensor& weights_offsets, const Tensor& dim_offsets,
                                   const Tensor& rows, const Tensor& indices,
                                   const Tensor& offsets, int64_t pooling,

@@ -26,6 +26,9 @@ ValidatedLookups validate_lookups(const Tensor& weights_offsets, const Tensor& d
                                   const Tensor& offsets, int64_t pooling,
                                   const std::optional<Tensor>& per_sample_weights);
 
+// offsets[i] of validated lookups, whatever their index dtype.
+int64_t offset_at(const cpu::Lookups& lk, int64_t i);
+
 // Throws: "indices[pos] = v is out of range for table t with n rows (bag b of table t)".
 [[noreturn]] void throw_bad_index(const ValidatedLookups& v, int64_t pos);
 

@@ -3,20 +3,18 @@
 #include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
-#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstring>
 #include <limits>
 
+#include "cpu/pooling.h"
 #include "cpu/quantized_embedding_kernel.h"
 #include "cpu/vec.h"
 
 namespace dlrm_ops::cpu {
 namespace CPU_CAPABILITY {
 namespace {
-
-constexpr int64_t kPrefetchDistance = 12;
 
 typedef uint8_t vb8 __attribute__((vector_size(8)));
 typedef uint16_t vw8 __attribute__((vector_size(16)));
@@ -319,29 +317,18 @@ int64_t qforward(const QuantizedBagArgs& a, void* out_ptr) {
   O* out = static_cast<O*>(out_ptr);
   const int64_t total_D = tb.dim_offsets[tb.T];
   const int64_t N = static_cast<int64_t>(off[tb.T * tb.B]);
-  const int64_t bags = std::max<int64_t>(tb.T * tb.B, 1);
-  const int64_t grain = std::max<int64_t>(1, 32768 / ((N / bags + 1) * std::max<int64_t>(total_D / tb.T, 1)));
-  std::atomic<int64_t> first_bad{INT64_MAX};
-  torch::stable::parallel_for(0, tb.T * tb.B, grain, [&](int64_t begin, int64_t end) {
+  FirstBad first_bad;
+  torch::stable::parallel_for(0, tb.T * tb.B, bag_grain(tb, N), [&](int64_t begin, int64_t end) {
     int64_t bad = INT64_MAX;
-    float acc_buf[512];
-    std::unique_ptr<float[]> heap;
-    int64_t t = begin / tb.B;
-    for (int64_t tb_i = begin; tb_i < end; ++tb_i) {
-      while (tb_i >= (t + 1) * tb.B) ++t;
-      const int64_t b = tb_i - t * tb.B;
+    std::unique_ptr<float[]> acc_buf;  // fp32 sums when the output is half precision
+    if constexpr (!std::is_same_v<O, float>) acc_buf.reset(new float[max_dim(tb)]);
+    for_each_bag(tb, off, begin, end, [&](int64_t t, int64_t b, int64_t start, int64_t stop) {
       const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
-      const int64_t start = off[tb_i], stop = off[tb_i + 1];
       const float scale_out =
           a.lk.pooling == kMean && stop > start ? 1.f / static_cast<float>(stop - start) : 1.f;
       O* out_row = out + b * total_D + tb.dim_offsets[t];
       float* acc;
-      if constexpr (std::is_same_v<O, float>) {
-        acc = out_row;
-      } else {
-        if (D > 512 && !heap) heap.reset(new float[total_D]);
-        acc = D > 512 ? heap.get() : acc_buf;
-      }
+      if constexpr (std::is_same_v<O, float>) acc = out_row; else acc = acc_buf.get();
       const uint8_t* table = a.packed + tb.weights_offsets[t];
       const int64_t table_end = off[(t + 1) * tb.B];
       const uint64_t rows = static_cast<uint64_t>(tb.rows[t]);
@@ -351,15 +338,10 @@ int64_t qforward(const QuantizedBagArgs& a, void* out_ptr) {
         qpool_bag<4>(table, D, rows, idx, psw, start, stop, table_end, scale_out, acc, bad);
       }
       if constexpr (!std::is_same_v<O, float>) row_store(out_row, acc, D);
-    }
-    if (bad != INT64_MAX) {
-      int64_t cur = first_bad.load();
-      while (bad < cur && !first_bad.compare_exchange_weak(cur, bad)) {
-      }
-    }
+    });
+    first_bad.record(bad);
   });
-  const int64_t bad = first_bad.load();
-  return bad == INT64_MAX ? -1 : bad;
+  return first_bad.result();
 }
 
 int64_t qforward_entry(const QuantizedBagArgs& a, void* out) {

@@ -7,12 +7,12 @@
 #include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
-#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <memory>
 
 #include "cpu/embedding_bag_kernel.h"
+#include "cpu/pooling.h"
 
 namespace dlrm_ops::cpu {
 
@@ -63,7 +63,7 @@ SortedLookups sort_lookups(const TableBatch& tb, const Lookups& lk) {
   s.entries.reset(new uint64_t[std::max<int64_t>(N, 1)]);
   s.bag.reset(new int32_t[std::max<int64_t>(N, 1)]);
   std::unique_ptr<uint64_t[]> tmp(new uint64_t[std::max<int64_t>(N, 1)]);
-  std::atomic<int64_t> first_bad{INT64_MAX};
+  FirstBad first_bad;
   torch::stable::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t start = off[t * B], n = off[(t + 1) * B] - start;
@@ -72,27 +72,19 @@ SortedLookups sort_lookups(const TableBatch& tb, const Lookups& lk) {
       int64_t bad = INT64_MAX;
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t p = off[t * B + b]; p < off[t * B + b + 1]; ++p) {
-          uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p]));
-          if (r >= rows) {
-            bad = std::min(bad, p);
-            r = 0;
-          }
+          uint64_t r = checked_row(idx, p, rows, true, bad);
+          if (r == kBadRow) r = 0;  // keeps the sort valid; the caller throws
           e[p - start] = (r << 32) | static_cast<uint64_t>(p - start);
           s.bag[p] = static_cast<int32_t>(b);
         }
       }
-      if (bad != INT64_MAX) {
-        int64_t cur = first_bad.load();
-        while (bad < cur && !first_bad.compare_exchange_weak(cur, bad)) {
-        }
-      }
+      first_bad.record(bad);
       const int nbits = rows <= 1 ? 0 : 64 - __builtin_clzll(rows - 1);
       uint64_t* sorted = radix_sort_rows(e, tmp.get() + start, n, nbits);
       if (sorted != e) std::copy(sorted, sorted + n, e);
     }
   });
-  const int64_t bad = first_bad.load();
-  s.first_bad = bad == INT64_MAX ? -1 : bad;
+  s.first_bad = first_bad.result();
   return s;
 }
 

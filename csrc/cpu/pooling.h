@@ -1,0 +1,79 @@
+// Pieces shared by the kernels that walk the lookups of a table batch
+// (fp32 and quantized pooling, their backward passes, the fused optimizer).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdint>
+
+#include "cpu/embedding_bag_kernel.h"
+
+namespace dlrm_ops::cpu {
+
+// Lookups ahead whose rows are prefetched: enough to cover DRAM latency for
+// the random row gathers of large tables.
+constexpr int64_t kPrefetchDistance = 12;
+
+// The row of lookup p, or kBadRow when out of range for a table of `rows`
+// rows (negative indices included); then p is recorded in `bad` if `record`.
+constexpr uint64_t kBadRow = ~uint64_t{0};
+template <typename I>
+inline uint64_t checked_row(const I* idx, int64_t p, uint64_t rows, bool record, int64_t& bad) {
+  const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p]));
+  if (r < rows) return r;
+  if (record && p < bad) bad = p;
+  return kBadRow;
+}
+
+// The smallest out-of-range position any thread saw (INT64_MAX: none).
+struct FirstBad {
+  std::atomic<int64_t> pos{INT64_MAX};
+  void record(int64_t p) {
+    int64_t cur = pos.load(std::memory_order_relaxed);
+    while (p < cur && !pos.compare_exchange_weak(cur, p)) {
+    }
+  }
+  int64_t result() const {
+    const int64_t p = pos.load();
+    return p == INT64_MAX ? -1 : p;
+  }
+};
+
+inline int64_t max_dim(const TableBatch& tb) {
+  int64_t m = 1;
+  for (int64_t t = 0; t < tb.T; ++t) m = std::max(m, tb.dim_offsets[t + 1] - tb.dim_offsets[t]);
+  return m;
+}
+
+// Bags per parallel task: about 32k row elements of work.
+inline int64_t bag_grain(const TableBatch& tb, int64_t N) {
+  const int64_t bags = std::max<int64_t>(tb.T * tb.B, 1);
+  const int64_t avg_dim = std::max<int64_t>(tb.dim_offsets[tb.T] / std::max<int64_t>(tb.T, 1), 1);
+  return std::max<int64_t>(1, 32768 / ((N / bags + 1) * avg_dim));
+}
+
+// Weight of lookup p (in flat bag `bag`) in its pooled sum.
+template <typename I>
+inline float lookup_scale(const Lookups& lk, const I* off, int64_t bag, int64_t p) {
+  if (lk.per_sample_weights) return lk.per_sample_weights[p];
+  if (lk.pooling == kMean) return 1.f / static_cast<float>(off[bag + 1] - off[bag]);
+  return 1.f;
+}
+
+// Walks bags [begin, end) of the flat (table, bag) range: f(t, b, start, stop).
+template <typename I, typename F>
+inline void for_each_bag(const TableBatch& tb, const I* off, int64_t begin, int64_t end,
+                         const F& f) {
+  int64_t t = begin / tb.B;
+  while (begin < end) {
+    const int64_t table_end = std::min(end, (t + 1) * tb.B);
+    for (int64_t tb_i = begin; tb_i < table_end; ++tb_i) {
+      f(t, tb_i - t * tb.B, static_cast<int64_t>(off[tb_i]), static_cast<int64_t>(off[tb_i + 1]));
+    }
+    begin = table_end;
+    ++t;
+  }
+}
+
+}  // namespace dlrm_ops::cpu
