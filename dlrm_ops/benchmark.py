@@ -296,8 +296,8 @@ def interaction_contenders(B: int, T: int, D: int, backward: bool) -> Dict[str, 
              "torch.compile": compiled}
 
     def make(f):
-        if backward:
-            return lambda: f(dense, sparse).backward(grad)
+        if backward:  # gradients returned, not accumulated into .grad
+            return lambda: torch.autograd.grad(f(dense, sparse), (dense, sparse), grad)
         return torch.no_grad()(lambda: f(dense, sparse))
     return {k: make(f) for k, f in impls.items()}
 

@@ -388,6 +388,13 @@ def test_every_cpu_path_agrees(capability):
         "    out = e(i, o); out.float().sum().backward()\n"
         "    ref = reference.table_batched_embedding_bag([e.weight_of(0), e.weight_of(1)], i, o)\n"
         "    torch.testing.assert_close(out, ref, atol=5e-2, rtol=2e-2)\n"
+        "for D in (5, 32):\n"  # both Gram kernels of the interaction
+        "    d = torch.randn(3, D, requires_grad=True); s = torch.randn(3, 4, D, requires_grad=True)\n"
+        "    d2 = d.detach().clone().requires_grad_(); s2 = s.detach().clone().requires_grad_()\n"
+        "    out = dlrm_ops.dot_interaction(d, s); g = torch.randn_like(out); out.backward(g)\n"
+        "    ref = reference.dot_interaction(d2, s2); ref.backward(g)\n"
+        "    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)\n"
+        "    torch.testing.assert_close((d.grad, s.grad), (d2.grad, s2.grad), atol=1e-4, rtol=1e-4)\n"
     )
     env = dict(os.environ, DLRM_OPS_CPU_CAPABILITY=capability)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

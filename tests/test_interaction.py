@@ -61,8 +61,9 @@ def test_random_shapes(B, T, D, self_i, order, flat, seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("self_interaction, order", SETTINGS)
 @pytest.mark.parametrize("flat", [False, True])
-def test_gradients_match_reference(dtype, self_interaction, order, flat):
-    B, T, D = 6, 9, 24
+@pytest.mark.parametrize("T, D", [(9, 24), (26, 32), (5, 64)])  # D % 16 == 0: fp32 rows used in place
+def test_gradients_match_reference(dtype, self_interaction, order, flat, T, D):
+    B = 6
     dense, sparse = inputs(B, T, D, dtype, flat)
     d1, s1 = dense.clone().requires_grad_(), sparse.clone().requires_grad_()
     d2, s2 = dense.clone().requires_grad_(), sparse.clone().requires_grad_()
@@ -90,10 +91,17 @@ def test_reads_collection_output_in_place_and_strided_sparse():
     dense = torch.randn(5, 8)
     out = dlrm_ops.dot_interaction(dense, pooled)
     torch.testing.assert_close(out, reference.dot_interaction(dense, pooled))
-    wide = torch.randn(5, 40)
-    strided = wide[:, 8:]  # sample stride 40, T*D = 32
-    torch.testing.assert_close(dlrm_ops.dot_interaction(dense, strided),
-                               reference.dot_interaction(dense, strided))
+    for D in (8, 32):  # D = 32: the fp32 rows are read in place
+        dense = torch.randn(5, D)
+        wide = torch.randn(5, 5 * D)
+        strided = wide[:, D:].requires_grad_()  # sample stride 5 D, T*D = 4 D
+        out = dlrm_ops.dot_interaction(dense, strided)
+        torch.testing.assert_close(out, reference.dot_interaction(dense, strided))
+        g = torch.randn_like(out)
+        got, = torch.autograd.grad(out, strided, g)
+        expect, = torch.autograd.grad(reference.dot_interaction(dense, strided), strided, g)
+        torch.testing.assert_close(got, expect)
+    dense = torch.randn(5, 8)
     both = torch.randn(5, 4, 8).transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous
     torch.testing.assert_close(dlrm_ops.dot_interaction(dense, both),
                                reference.dot_interaction(dense, both))

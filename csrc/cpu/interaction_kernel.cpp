@@ -1,11 +1,16 @@
-// Pairwise dot interaction, forward and backward, one sample at a time in L1:
-// the features are converted to fp32 once, the Gram matrix is computed by a
-// register-blocked micro-kernel (only the lower triangle), and the pairs are
-// written straight into the output after the dense copy. Compiled once per CPU
+// Pairwise dot interaction, forward and backward, one sample at a time in L1.
+// fp32 features whose rows are whole vectors are read in place (and the
+// backward writes their gradients in place); others are converted to fp32
+// scratch once. The Gram matrix (only the triangle the order needs) comes from
+// 4x4 blocks of vector dot products reduced in registers (AVX-512, D >= 32) or
+// from a register-blocked micro-kernel over the transposed features; pairs go
+// straight into the output after the dense copy. Compiled once per CPU
 // capability.
 #include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
+#include <array>
+#include <cstring>
 #include <memory>
 
 #include "cpu/interaction_kernel.h"
@@ -31,6 +36,7 @@ struct Scratch {
   std::unique_ptr<float[]> buf;
   // X [Fp, Dp] (rows past F zero), XT [Dp, Fp], Z (or S) [F4, Fp]
   float *X, *XT, *Z;
+  std::unique_ptr<const float*[]> rows;  // row f of the features (X or the fp32 input)
   Scratch(int64_t F_, int64_t D) : F(F_), F4(round_up(F_, kRows)), Fp(round_up(F_, 16)),
                                    Dp(round_up(D, 16)) {
     const int64_t n = Fp * Dp + Dp * Fp + F4 * Fp;
@@ -38,6 +44,8 @@ struct Scratch {
     X = buf.get();
     XT = X + Fp * Dp;
     Z = XT + Dp * Fp;
+    rows.reset(new const float*[Fp]);
+    for (int64_t f = 0; f < Fp; ++f) rows[f] = X + f * Dp;
   }
 };
 
@@ -50,52 +58,66 @@ inline void load_row(float* __restrict dst, const T* __restrict src, int64_t D) 
   for (; d < D; ++d) dst[d] = to_float(src[d]);
 }
 
+// Feature f of sample b: dense for f = 0, else sparse feature f - 1.
 template <typename T>
-void load_features(const InteractionArgs& a, int64_t b, Scratch& s) {
-  const T* sparse = static_cast<const T*>(a.sparse) + b * a.sparse_stride;
-  load_row(s.X, static_cast<const T*>(a.dense) + b * a.D, a.D);
-  for (int64_t t = 0; t < a.T; ++t) load_row(s.X + (t + 1) * s.Dp, sparse + t * a.D, a.D);
+inline const T* feature(const InteractionArgs& a, int64_t b, int64_t f) {
+  return f == 0 ? static_cast<const T*>(a.dense) + b * a.D
+                : static_cast<const T*>(a.sparse) + b * a.sparse_stride + (f - 1) * a.D;
 }
 
-// C[r][0, 16 NV) = sum_k A[r][k] * B[k][0, 16 NV) for kRows rows r: the
-// register-blocked micro-kernel of both the Gram matrix (A = X, B = X^T) and
-// the backward (A = the pair gradients S, B = X).
-template <int NV>
-inline void micro_gemm(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t K,
-                       float* C, int64_t ldc) {
+// Points s.rows at sample b's features: in place for fp32 rows of whole
+// vectors, else converted into s.X.
+template <typename T>
+void load_features(const InteractionArgs& a, int64_t b, Scratch& s) {
+  for (int64_t f = 0; f <= a.T; ++f) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (a.D == s.Dp) {
+        s.rows[f] = feature<T>(a, b, f);
+        continue;
+      }
+    }
+    load_row(s.X + f * s.Dp, feature<T>(a, b, f), a.D);
+  }
+}
+
+// C[r][0, 16 NV) = sum_k A[r][k] * B[k][0, 16 NV) for kRows rows r, with the
+// rows of A, B and C given by arow(r), brow(k), crow(r): the register-blocked micro-kernel
+// of both the Gram matrix (A = X, B = X^T) and the backward (A = the pair
+// gradients S, B = X).
+template <int NV, typename ARow, typename BRow, typename CRow>
+inline void micro_gemm(const ARow& arow, const BRow& brow, int64_t K, const CRow& crow) {
+  const float* A[kRows];
+  for (int r = 0; r < kRows; ++r) A[r] = arow(r);
   vf16 acc[kRows][NV] = {};
   for (int64_t k = 0; k < K; ++k) {
+    const float* bk = brow(k);
     vf16 b[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) b[v] = load16(B + k * ldb + 16 * v);
+    for (int v = 0; v < NV; ++v) b[v] = load16(bk + 16 * v);
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      const float a = A[r * lda + k];
+      const float a = A[r][k];
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) {
+    float* c = crow(r);
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) store16(C + r * ldc + 16 * v, acc[r][v]);
+    for (int v = 0; v < NV; ++v) store16(c + 16 * v, acc[r][v]);
   }
 }
 
-template <template <int> class K, typename... Args>
-inline void with_vectors(int64_t nv, Args&&... args) {
+template <typename... Args>
+inline void micro_gemm_nv(int64_t nv, Args&&... args) {
   switch (nv) {
-    case 1: K<1>::run(args...); break;
-    case 2: K<2>::run(args...); break;
-    case 3: K<3>::run(args...); break;
-    default: K<4>::run(args...); break;
+    case 1: micro_gemm<1>(args...); break;
+    case 2: micro_gemm<2>(args...); break;
+    case 3: micro_gemm<3>(args...); break;
+    default: micro_gemm<4>(args...); break;
   }
 }
-template <int NV>
-struct MicroGemm {
-  template <typename... Args>
-  static void run(Args... args) { micro_gemm<NV>(args...); }
-};
 
 #if defined(__AVX512F__)
 typedef int32_t vi16 __attribute__((vector_size(64)));
@@ -142,7 +164,7 @@ void transpose(Scratch& s) {
     for (int64_t d0 = 0; d0 < s.Dp; d0 += 16) {
       vf16 r[16];
 #pragma GCC unroll 16
-      for (int k = 0; k < 16; ++k) r[k] = load16(s.X + (j0 + k) * s.Dp + d0);
+      for (int k = 0; k < 16; ++k) r[k] = load16(s.rows[j0 + k] + d0);
       transpose_round<8>(r, masks.lo8, masks.hi8);
       transpose_round<4>(r, masks.lo4, masks.hi4);
       transpose_round<2>(r, masks.lo2, masks.hi2);
@@ -153,14 +175,80 @@ void transpose(Scratch& s) {
   }
 #else
   for (int64_t j = 0; j < s.F; ++j) {
-    for (int64_t d = 0; d < s.Dp; ++d) s.XT[d * s.Fp + j] = s.X[j * s.Dp + d];
+    for (int64_t d = 0; d < s.Dp; ++d) s.XT[d * s.Fp + j] = s.rows[j][d];
   }
 #endif
 }
 
+#if defined(__AVX512F__)
+// Halves the vectors of a horizontal 16-way sum: lanes of v[k] and v[k+M]
+// that transpose_round would swap are added instead.
+template <int M>
+inline void reduce_round(vf16* v, vi16 lo, vi16 hi) {
+#pragma GCC unroll 8
+  for (int k = 0; k < M; ++k) v[k] = __builtin_shuffle(v[k], v[k + M], lo) + __builtin_shuffle(v[k], v[k + M], hi);
+}
+
+// Writes lane k of the result as the sum of acc[k]'s lanes, to out[4 r + c]
+// at out + r * ld + c. Out of line so that the masks do not take registers
+// from the dot products' loop.
+__attribute__((noinline)) void reduce16(vf16* acc, float* out, int64_t ld) {
+  static const auto masks = [] {
+    std::array<vi16, 8> m;
+    transpose_masks<8>(m[0], m[1]);
+    transpose_masks<4>(m[2], m[3]);
+    transpose_masks<2>(m[4], m[5]);
+    transpose_masks<1>(m[6], m[7]);
+    return m;
+  }();
+  reduce_round<8>(acc, masks[0], masks[1]);
+  reduce_round<4>(acc, masks[2], masks[3]);
+  reduce_round<2>(acc, masks[4], masks[5]);
+  reduce_round<1>(acc, masks[6], masks[7]);
+  float sums[16];
+  store16(sums, acc[0]);
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r) std::memcpy(out + r * ld, sums + 4 * r, 4 * sizeof(float));
+}
+
+// Z[i][j] = <X[i], X[j]> for the 4x4 block of rows i0.. and j0..: sixteen
+// vector dot products along d, then one in-register reduction of all
+// sixteen (lane 4r + c of the result is pair (i0 + r, j0 + c)).
+void dot_block(Scratch& s, int64_t i0, int64_t j0) {
+  const float* xi[4];
+  const float* xj[4];
+  for (int r = 0; r < 4; ++r) {
+    xi[r] = s.rows[i0 + r];
+    xj[r] = s.rows[j0 + r];
+  }
+  vf16 acc[16] = {};
+  for (int64_t d = 0; d < s.Dp; d += 16) {
+    vf16 vj[4];
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) vj[c] = load16(xj[c] + d);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      const vf16 vi = load16(xi[r] + d);
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) acc[4 * r + c] += vi * vj[c];
+    }
+  }
+  reduce16(acc, s.Z + i0 * s.Fp + j0, s.Fp);
+}
+#endif
+
 // The triangle of the Gram matrix that `order` needs into s.Z: j <= i for
 // tril, j >= i for triu (each row's pairs are then contiguous).
 void gram(Scratch& s, int64_t order) {
+#if defined(__AVX512F__)
+  if (s.Dp >= 32) {  // below that the reductions cost more than the dot products
+    for (int64_t i0 = 0; i0 < s.F; i0 += 4) {
+      const int64_t jb = order == kTril ? 0 : i0, je = order == kTril ? i0 + 4 : s.F;
+      for (int64_t j0 = jb; j0 < je; j0 += 4) dot_block(s, i0, j0);
+    }
+    return;
+  }
+#endif
   transpose(s);
   for (int64_t i0 = 0; i0 < s.F; i0 += kRows) {
     const int64_t jbegin = order == kTril ? 0 : i0 / 16 * 16;
@@ -168,8 +256,9 @@ void gram(Scratch& s, int64_t order) {
     for (int64_t j0 = jbegin; j0 < jend; j0 += 16 * kVectors) {
       const int64_t nv = (std::min<int64_t>(jend - j0, 16 * kVectors) + 15) / 16;
       // Z[i][j] = <X[i], X[j]> = sum_d X[i][d] XT[d][j]
-      with_vectors<MicroGemm>(nv, s.X + i0 * s.Dp, s.Dp, s.XT + j0, s.Fp, s.Dp,
-                              s.Z + i0 * s.Fp + j0, s.Fp);
+      micro_gemm_nv(
+          nv, [&](int r) { return s.rows[i0 + r]; }, [&](int64_t d) { return s.XT + d * s.Fp + j0; },
+          s.Dp, [&](int r) { return s.Z + (i0 + r) * s.Fp + j0; });
     }
   }
 }
@@ -221,8 +310,17 @@ void backward(const InteractionArgs& a, const void* grad_out_ptr, void* grad_den
   torch::stable::parallel_for(0, a.B, grain, [&](int64_t b0, int64_t b1) {
     Scratch s(F, a.D);
     std::unique_ptr<float[]> dX(new float[s.F4 * s.Dp]);
+    // Row i of dX: written in place into grad_sparse for fp32 rows of whole
+    // vectors, else into dX (always for the dense row 0 and the padding).
+    std::unique_ptr<float*[]> dx_rows(new float*[s.F4]);
+    for (int64_t i = 0; i < s.F4; ++i) dx_rows[i] = dX.get() + i * s.Dp;
+    const bool in_place = std::is_same_v<T, float> && a.D == s.Dp;
     for (int64_t b = b0; b < b1; ++b) {
       load_features<T>(a, b, s);
+      T* gsb = gs + b * a.T * a.D;
+      if (in_place) {
+        for (int64_t i = 1; i < F; ++i) dx_rows[i] = reinterpret_cast<float*>(gsb + (i - 1) * a.D);
+      }
       // S: symmetric pair gradients; d<x_i, x_i>/dx_i = 2 x_i.
       std::fill(s.Z, s.Z + s.F4 * s.Fp, 0.f);
       const T* g = go + b * width + a.D;
@@ -243,14 +341,17 @@ void backward(const InteractionArgs& a, const void* grad_out_ptr, void* grad_den
         for (int64_t d0 = 0; d0 < s.Dp; d0 += 16 * kVectors) {
           const int64_t nv = std::min<int64_t>((s.Dp - d0) / 16, kVectors);
           // dX[i] = sum_j S[i][j] X[j], S in s.Z
-          with_vectors<MicroGemm>(nv, s.Z + i0 * s.Fp, s.Fp, s.X + d0, s.Dp, s.F,
-                                  dX.get() + i0 * s.Dp + d0, s.Dp);
+          micro_gemm_nv(
+              nv, [&](int r) { return s.Z + (i0 + r) * s.Fp; },
+              [&](int64_t j) { return s.rows[j] + d0; }, s.F,
+              [&](int r) { return dx_rows[i0 + r] + d0; });
         }
       }
       const T* gdense = go + b * width;
       for (int64_t d = 0; d < a.D; ++d) gd[b * a.D + d] = from_float<T>(to_float(gdense[d]) + dX[d]);
-      T* gsb = gs + b * a.T * a.D;
-      for (int64_t t = 0; t < a.T; ++t) row_store(gsb + t * a.D, dX.get() + (t + 1) * s.Dp, a.D);
+      if (!in_place) {
+        for (int64_t t = 0; t < a.T; ++t) row_store(gsb + t * a.D, dX.get() + (t + 1) * s.Dp, a.D);
+      }
     }
   });
 }
