@@ -113,13 +113,13 @@ class DLRM(nn.Module):
             raise ValueError(f"interaction must be 'dot' or 'cat', got {interaction!r}")
         T = len(num_embeddings)
         self.interaction = interaction
-        self.bottom = mlp(bottom_mlp, final_relu=True)
+        self.bottom = mlp(bottom_mlp, final_relu=True, fused=True)
         self.sparse = SparseArch(num_embeddings, embedding_dim, embedding_optimizer, embedding_lr,
                                  max_ind_range, qr_collisions, qr_operation)
         self.dot = DotInteraction(self_interaction, order="tril")
         width = (DotInteraction.output_dim(T, embedding_dim, self_interaction)
                  if interaction == "dot" else embedding_dim * (T + 1))
-        self.top = mlp([width] + list(top_mlp), final_relu=False)
+        self.top = mlp([width] + list(top_mlp), final_relu=False, fused=True)
 
     @property
     def embeddings(self) -> EmbeddingBagCollection:
