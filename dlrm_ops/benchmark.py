@@ -102,10 +102,27 @@ void pool(const float* w, int64_t rows, int64_t D, int64_t T, int64_t B,
     }
   }
 }
+/* The same over 8-bit rows [D x uint8][fp32 scale][fp32 bias]. */
+void pool_int8(const uint8_t* w, int64_t rows, int64_t D, int64_t T, int64_t B,
+               const int64_t* idx, const int64_t* off, float* out, int nthreads) {
+  const int64_t stride = D + 8;
+  #pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t tb = 0; tb < T * B; ++tb) {
+    int64_t t = tb / B, b = tb % B;
+    float* o = out + b * T * D + t * D;
+    memset(o, 0, D * sizeof(float));
+    for (int64_t p = off[tb]; p < off[tb + 1]; ++p) {
+      const uint8_t* r = w + (t * rows + idx[p]) * stride;
+      float sb[2];
+      memcpy(sb, r + D, sizeof(sb));
+      for (int64_t d = 0; d < D; ++d) o[d] += sb[0] * r[d] + sb[1];
+    }
+  }
+}
 """
 
 
-def _load_probe() -> Optional[Callable]:
+def _load_probe(name: str = "pool") -> Optional[Callable]:
     try:
         d = tempfile.mkdtemp(prefix="dlrm_ops_probe_")
         src, lib = os.path.join(d, "probe.c"), os.path.join(d, "probe.so")
@@ -113,7 +130,7 @@ def _load_probe() -> Optional[Callable]:
             f.write(_PROBE_SRC)
         subprocess.run(["cc", "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", src, "-o",
                         lib], check=True, capture_output=True)
-        fn = ctypes.CDLL(lib).pool
+        fn = getattr(ctypes.CDLL(lib), name)
     except (OSError, subprocess.CalledProcessError):
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
@@ -334,6 +351,7 @@ def quantized_contenders(inp: TBEInputs, bits: int) -> Dict[str, Callable]:
     op = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if bits == 8
           else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets)
     tables = [q.packed_of(t) for t in range(T)]
+    probe = _load_probe("pool_int8") if bits == 8 else None
     fns = {
         f"dlrm_ops int{bits}": lambda: q(idx, off),
         f"torch int{bits} loop": lambda: torch.cat(
@@ -341,6 +359,13 @@ def quantized_contenders(inp: TBEInputs, bits: int) -> Dict[str, Callable]:
             1),
         "dlrm_ops fp32": lambda: ebc(idx, off),
     }
+    if probe is not None:  # all tables' packed rows stacked, as ours hold them
+        stacked = torch.cat(tables)
+        rows, D = ebc.num_embeddings[0], ebc.embedding_dims[0]
+        res = torch.empty(B, T * D)
+        fns["C gather probe"] = lambda: probe(stacked.data_ptr(), rows, D, T, B,
+                                              idx.data_ptr(), off.data_ptr(), res.data_ptr(),
+                                              torch.get_num_threads())
     return {k: torch.no_grad()(f) for k, f in fns.items()}
 
 

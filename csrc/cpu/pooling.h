@@ -12,8 +12,9 @@
 namespace dlrm_ops::cpu {
 
 // Lookups ahead whose rows are prefetched: enough to cover DRAM latency for
-// the random row gathers of large tables.
-constexpr int64_t kPrefetchDistance = 12;
+// the random row gathers of large tables even when a lookup costs only a few
+// cycles (8-bit rows; 32 measured ~5% faster than 12 on those, same on fp32).
+constexpr int64_t kPrefetchDistance = 32;
 
 // The row of lookup p, or kBadRow when out of range for a table of `rows`
 // rows (negative indices included); then p is recorded in `bad` if `record`.
