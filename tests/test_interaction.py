@@ -167,3 +167,29 @@ def test_torch_compile_fullgraph():
         compiled(d2, s2).backward()
         torch.testing.assert_close(d1.grad, d2.grad)
         torch.testing.assert_close(s1.grad, s2.grad)
+
+
+@pytest.mark.parametrize("order", ["tril", "triu"])
+@pytest.mark.parametrize("self_interaction", [False, True])
+@pytest.mark.parametrize("T, D", [(3, 32), (2, 8), (20, 48)])
+def test_samples_split_over_threads_stay_separate(order, self_interaction, T, D):
+    """Many samples split over threads: no sample's writes reach another's."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_split_samples(order, self_interaction, T, D)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_split_samples(order, self_interaction, T, D):
+    dense, sparse = inputs(257, T, D, torch.float32)
+    out = dlrm_ops.dot_interaction(dense, sparse, self_interaction=self_interaction, order=order)
+    ref = reference.dot_interaction(dense, sparse, self_interaction, order)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    g = torch.randn_like(out)
+    d, s = dense.clone().requires_grad_(), sparse.clone().requires_grad_()
+    got = torch.autograd.grad(dlrm_ops.dot_interaction(d, s, self_interaction=self_interaction,
+                                                       order=order), (d, s), g)
+    expect = torch.autograd.grad(reference.dot_interaction(d, s, self_interaction, order), (d, s), g)
+    torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-4)

@@ -39,7 +39,7 @@ struct Scratch {
   std::unique_ptr<const float*[]> rows;  // row f of the features (X or the fp32 input)
   Scratch(int64_t F_, int64_t D) : F(F_), F4(round_up(F_, kRows)), Fp(round_up(F_, 16)),
                                    Dp(round_up(D, 16)) {
-    const int64_t n = Fp * Dp + Dp * Fp + F4 * Fp;
+    const int64_t n = Fp * Dp + Dp * Fp + F4 * Fp + 16;  // + 16: whole-vector reads of Z's last row
     buf.reset(new float[n]());
     X = buf.get();
     XT = X + Fp * Dp;
@@ -290,9 +290,17 @@ void forward(const InteractionArgs& a, void* out_ptr) {
       const T* dense = static_cast<const T*>(a.dense) + b * a.D;
       std::copy(dense, dense + a.D, o);
       T* pairs = o + a.D;
+      // Rows in output order as whole vectors: what a row writes past its end
+      // the later rows overwrite, so only rows whose vectors would pass the
+      // sample's end are written exactly.
       for_each_pair_row(F, a.self_interaction, a.order,
                         [&](int64_t i, int64_t first, int64_t n, int64_t p) {
-                          row_store(pairs + p, s.Z + i * s.Fp + first, n);
+                          const float* z = s.Z + i * s.Fp + first;
+                          if (p + round_up(n, 16) > P) {
+                            row_store(pairs + p, z, n);
+                          } else {
+                            for (int64_t k = 0; k < n; k += 16) store16(pairs + p + k, load16(z + k));
+                          }
                         });
     }
   });
