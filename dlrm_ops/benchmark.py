@@ -89,36 +89,28 @@ def time_all(fns: Dict[str, Callable[[], object]], min_time: float = 0.3,
 _PROBE_SRC = r"""
 #include <stdint.h>
 #include <string.h>
-void pool(const float* w, int64_t rows, int64_t D, int64_t T, int64_t B,
-          const int64_t* idx, const int64_t* off, float* out, int nthreads) {
-  #pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t tb = 0; tb < T * B; ++tb) {
-    int64_t t = tb / B, b = tb % B;
-    float* o = out + b * T * D + t * D;
-    memset(o, 0, D * sizeof(float));
-    for (int64_t p = off[tb]; p < off[tb + 1]; ++p) {
-      const float* r = w + (t * rows + idx[p]) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] += r[d];
-    }
+/* Table-major bags summed into out [B, T*D]; row r of STRIDE elements of
+   type ROW is added into o by the statements after the third argument. */
+#define POOL(NAME, ROW, STRIDE, ...)                                            \
+  void NAME(const ROW* w, int64_t rows, int64_t D, int64_t T, int64_t B,       \
+            const int64_t* idx, const int64_t* off, float* out, int nthreads) { \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")         \
+    for (int64_t tb = 0; tb < T * B; ++tb) {                                    \
+      int64_t t = tb / B, b = tb % B;                                           \
+      float* o = out + b * T * D + t * D;                                       \
+      memset(o, 0, D * sizeof(float));                                         \
+      for (int64_t p = off[tb]; p < off[tb + 1]; ++p) {                         \
+        const ROW* r = w + (t * rows + idx[p]) * (STRIDE);                      \
+        __VA_ARGS__                                                             \
+      }                                                                         \
+    }                                                                           \
   }
-}
-/* The same over 8-bit rows [D x uint8][fp32 scale][fp32 bias]. */
-void pool_int8(const uint8_t* w, int64_t rows, int64_t D, int64_t T, int64_t B,
-               const int64_t* idx, const int64_t* off, float* out, int nthreads) {
-  const int64_t stride = D + 8;
-  #pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t tb = 0; tb < T * B; ++tb) {
-    int64_t t = tb / B, b = tb % B;
-    float* o = out + b * T * D + t * D;
-    memset(o, 0, D * sizeof(float));
-    for (int64_t p = off[tb]; p < off[tb + 1]; ++p) {
-      const uint8_t* r = w + (t * rows + idx[p]) * stride;
-      float sb[2];
-      memcpy(sb, r + D, sizeof(sb));
-      for (int64_t d = 0; d < D; ++d) o[d] += sb[0] * r[d] + sb[1];
-    }
-  }
-}
+POOL(pool, float, D, for (int64_t d = 0; d < D; ++d) o[d] += r[d];)
+/* 8-bit rows [D x uint8][fp32 scale][fp32 bias] */
+POOL(pool_int8, uint8_t, D + 8,
+     float sb[2];
+     memcpy(sb, r + D, sizeof(sb));
+     for (int64_t d = 0; d < D; ++d) o[d] += sb[0] * r[d] + sb[1];)
 """
 
 

@@ -77,9 +77,12 @@ inline float row_dot(const A* __restrict a, const B* __restrict b, int64_t D) {
   return acc;
 }
 
+// Every cache line of [p, p + bytes): from p's line on, so that rows not
+// aligned to lines (8-bit rows are D + 8 bytes) get their last line too.
 inline void prefetch_row(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes);
+  for (uintptr_t a = first; a < end; a += 64) __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
 }
 
 // Calls f with a null pointer of the C++ type matching a float dtype.

@@ -1,0 +1,46 @@
+"""The benchmark's contenders compute what they claim: each returns the same
+pooled result as dlrm_ops (a fast wrong contender would make a ratio lie)."""
+import pytest
+import torch
+
+from dlrm_ops.benchmark import _load_probe, embedding_bag_contenders, make_tbe_inputs, \
+    quantized_contenders
+
+
+def test_forward_contenders_agree():
+    inp = make_tbe_inputs(3, 500, 32, 8, 4)
+    fns = embedding_bag_contenders(inp, threads=1)
+    expect = fns.pop("dlrm_ops")()
+    fns.pop("C gather probe", None)  # writes into its own buffer: test_c_probe_pools
+    for name, f in fns.items():
+        torch.testing.assert_close(f(), expect, msg=name)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_contenders_agree(bits):
+    inp = make_tbe_inputs(3, 500, 32, 8, 4)
+    fns = quantized_contenders(inp, bits)
+    expect = fns[f"dlrm_ops int{bits}"]()
+    torch.testing.assert_close(fns[f"torch int{bits} loop"](), expect, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_c_probe_pools(bits):
+    if _load_probe() is None:
+        pytest.skip("no C compiler")
+    inp = make_tbe_inputs(3, 500, 32, 8, 4)
+    ebc = inp.ebc
+    if bits == 8:
+        from dlrm_ops.nn import QuantizedEmbeddingBagCollection
+        q = QuantizedEmbeddingBagCollection.from_float(ebc, 8)
+        w = torch.cat([q.packed_of(t) for t in range(3)])
+        expect = q(inp.indices, inp.offsets)
+        probe = _load_probe("pool_int8")
+    else:
+        w = ebc.weight.detach()
+        expect = ebc(inp.indices, inp.offsets).detach()
+        probe = _load_probe("pool")
+    out = torch.empty(8, 3 * 32)
+    probe(w.data_ptr(), 500, 32, 3, 8, inp.indices.data_ptr(), inp.offsets.data_ptr(),
+          out.data_ptr(), 1)
+    torch.testing.assert_close(out, expect, atol=1e-4, rtol=1e-4)
