@@ -254,7 +254,7 @@ inline void qpool_block(const uint8_t* table, int64_t D, int64_t stride, uint64_
   for (int64_t p = start; p < stop; ++p) {
     if (d0 == 0 && p + kPrefetchDistance < table_end) {
       const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p + kPrefetchDistance]));
-      if (r < rows) prefetch_row(table + r * stride, stride);
+      if (r < rows) prefetch_row<2>(table + r * stride, stride);
     }
     const uint64_t r = checked_row(idx, p, rows, d0 == 0, bad);
     if (r == kBadRow) continue;

@@ -77,12 +77,18 @@ inline float row_dot(const A* __restrict a, const B* __restrict b, int64_t D) {
   return acc;
 }
 
-// Every cache line of [p, p + bytes): from p's line on, so that rows not
+// Every cache line of [p, p + bytes) from p's line on, so that rows not
 // aligned to lines (8-bit rows are D + 8 bytes) get their last line too.
+// Locality: 3 into L1, for rows about to be written; 2 into L2, for far-ahead
+// gathers (measured 5-10% faster on them than into L1: L1's few line-fill
+// buffers stay free for the loads of the rows being summed).
+template <int Locality = 3>
 inline void prefetch_row(const void* p, int64_t bytes) {
   const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};
   const uintptr_t end = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes);
-  for (uintptr_t a = first; a < end; a += 64) __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
+  for (uintptr_t a = first; a < end; a += 64) {
+    __builtin_prefetch(reinterpret_cast<const void*>(a), 0, Locality);
+  }
 }
 
 // Calls f with a null pointer of the C++ type matching a float dtype.
