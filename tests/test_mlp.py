@@ -13,7 +13,6 @@ def pair(sizes, final_relu):
     return ref, fused
 
 
-# in < out and in > out layers: both layouts of the weight-gradient GEMM
 @pytest.mark.parametrize("sizes, final_relu", [([13, 64, 32, 8], True), ([40, 16, 1], False)])
 def test_training_matches_sequential(sizes, final_relu):
     ref, fused = pair(sizes, final_relu)
