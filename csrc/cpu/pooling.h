@@ -2,6 +2,10 @@
 // (fp32 and quantized pooling, their backward passes, the fused optimizer).
 #pragma once
 
+#ifndef CPU_CAPABILITY
+#error "include only from kernels compiled per CPU capability (see vec.h)"
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <climits>
@@ -9,7 +13,7 @@
 
 #include "cpu/embedding_bag_kernel.h"
 
-namespace dlrm_ops::cpu {
+namespace dlrm_ops::cpu::CPU_CAPABILITY {
 
 // Lookups ahead whose rows are prefetched: enough to cover DRAM latency for
 // the random row gathers of large tables even when a lookup costs only a few
@@ -77,4 +81,4 @@ inline void for_each_bag(const TableBatch& tb, const I* off, int64_t begin, int6
   }
 }
 
-}  // namespace dlrm_ops::cpu
+}  // namespace dlrm_ops::cpu::CPU_CAPABILITY

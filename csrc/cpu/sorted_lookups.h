@@ -4,6 +4,10 @@
 // race-free and bit-identical for any thread count.
 #pragma once
 
+#ifndef CPU_CAPABILITY
+#error "include only from kernels compiled per CPU capability (see vec.h)"
+#endif
+
 #include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
@@ -14,7 +18,7 @@
 #include "cpu/embedding_bag_kernel.h"
 #include "cpu/pooling.h"
 
-namespace dlrm_ops::cpu {
+namespace dlrm_ops::cpu::CPU_CAPABILITY {
 
 struct SortedLookups {
   // Table t's lookups occupy [start[t], start[t+1]) (start[t] = offsets[t*B]);
@@ -129,4 +133,4 @@ void for_each_row_run(const TableBatch& tb, const Lookups& lk, const SortedLooku
   });
 }
 
-}  // namespace dlrm_ops::cpu
+}  // namespace dlrm_ops::cpu::CPU_CAPABILITY

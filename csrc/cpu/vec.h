@@ -3,6 +3,13 @@
 // translation unit including this header (see CPU_FLAGS_* in CMakeLists.txt).
 #pragma once
 
+// Inline code compiled with each capability's -m flags: it lives in that
+// capability's namespace, so the linker never merges one build's non-inlined
+// copy (say AVX-512) into another's (the portable path on an older CPU).
+#ifndef CPU_CAPABILITY
+#error "include only from kernels compiled per CPU capability (CPU_KERNEL_SOURCES)"
+#endif
+
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -13,7 +20,7 @@
 #include <immintrin.h>
 #endif
 
-namespace dlrm_ops::cpu {
+namespace dlrm_ops::cpu::CPU_CAPABILITY {
 
 // bfloat16 storage; arithmetic always happens in fp32.
 struct bf16 {
@@ -102,9 +109,9 @@ inline auto dispatch_float(torch::headeronly::ScalarType t, F&& f) {
   }
 }
 
-}  // namespace dlrm_ops::cpu
+}  // namespace dlrm_ops::cpu::CPU_CAPABILITY
 
-namespace dlrm_ops::cpu {
+namespace dlrm_ops::cpu::CPU_CAPABILITY {
 
 // 16 floats as one GCC vector: one zmm under AVX-512, two ymm under AVX2,
 // four xmm on the portable build. Loops over small arrays of these with
@@ -223,4 +230,4 @@ inline int64_t for_each_column_block(int64_t D, const F& block) {
   return d0;
 }
 
-}  // namespace dlrm_ops::cpu
+}  // namespace dlrm_ops::cpu::CPU_CAPABILITY
