@@ -242,6 +242,21 @@ void dequantize_entry(const uint8_t* packed, int64_t R, int64_t D, int64_t bits,
 
 // ------------------------------------------------------------ pooled lookup
 
+// Lookup p's packed row and its weight s_p times the row's scale and bias.
+struct WeightedRow {
+  const uint8_t* row;
+  float scale, bias;  // s_p * scale_p, s_p * bias_p
+};
+template <int64_t Bits>
+inline WeightedRow weighted_row(const uint8_t* table, int64_t D, int64_t stride, uint64_t r,
+                                const float* psw, int64_t p) {
+  const uint8_t* row = table + r * stride;
+  float scale, bias;
+  scale_bias<Bits>(row, D, scale, bias);
+  const float s = psw ? psw[p] : 1.f;
+  return {row, s * scale, s * bias};
+}
+
 // One bag: sum_p s_p * (scale_p * q_p + bias_p) = sum_p (s_p scale_p) q_p + sum_p s_p bias_p,
 // the first sum in registers per 16*NV columns, the second a scalar.
 template <int64_t Bits, int NV, typename I>
@@ -258,16 +273,12 @@ inline void qpool_block(const uint8_t* table, int64_t D, int64_t stride, uint64_
     }
     const uint64_t r = checked_row(idx, p, rows, d0 == 0, bad);
     if (r == kBadRow) continue;
-    const uint8_t* row = table + r * stride;
-    float scale, bias;
-    scale_bias<Bits>(row, D, scale, bias);
-    const float s = psw ? psw[p] : 1.f;
-    const float ws = s * scale;
-    bias_sum += s * bias;
+    const WeightedRow w = weighted_row<Bits>(table, D, stride, r, psw, p);
+    bias_sum += w.bias;
 #pragma GCC unroll 8
     for (int k = 0; k < NV; ++k) {
-      const vf16 q = Bits == 8 ? load_q8(row + d0 + 16 * k) : load_q4(row + (d0 + 16 * k) / 2);
-      acc[k] += ws * q;
+      const vf16 q = Bits == 8 ? load_q8(w.row + d0 + 16 * k) : load_q4(w.row + (d0 + 16 * k) / 2);
+      acc[k] += w.scale * q;
     }
   }
 #pragma GCC unroll 8
@@ -284,12 +295,9 @@ inline void qpool_tail(const uint8_t* table, int64_t D, int64_t stride, uint64_t
   for (int64_t p = start; p < stop; ++p) {
     const uint64_t r = checked_row(idx, p, rows, d0 == 0, bad);
     if (r == kBadRow) continue;
-    const uint8_t* row = table + r * stride;
-    float scale, bias;
-    scale_bias<Bits>(row, D, scale, bias);
-    const float s = psw ? psw[p] : 1.f;
-    bias_sum += s * bias;
-    for (int64_t k = 0; k < n; ++k) acc[k] += s * scale * static_cast<float>(q_at(row, d0 + k, Bits));
+    const WeightedRow w = weighted_row<Bits>(table, D, stride, r, psw, p);
+    bias_sum += w.bias;
+    for (int64_t k = 0; k < n; ++k) acc[k] += w.scale * static_cast<float>(q_at(w.row, d0 + k, Bits));
   }
   for (int64_t k = 0; k < n; ++k) out[d0 + k] = (acc[k] + bias_sum) * scale_out;
 }

@@ -126,18 +126,24 @@ inline vf16 load16(const float* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// Two 8-float halves as one vf16 (two ymm registers under AVX2).
+inline vf16 join(__m256 lo, __m256 hi) {
+  vf16 v;
+  std::memcpy(&v, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+}
+#endif
+
 // GCC scalarizes vector conversions from 8/16-bit types, so those use the
 // instruction set's widening conversions where there is one.
 inline vf16 load16(const fp16* p) {
 #if defined(__AVX512F__)
   return (vf16)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 #elif defined(__AVX2__)
-  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
-  vf16 v;
-  std::memcpy(&v, &lo, 32);
-  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
-  return v;
+  return join(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+              _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))));
 #else
   vh16 h;
   std::memcpy(&h, p, sizeof(h));
@@ -151,14 +157,10 @@ inline vf16 bytes_to_vf16(const uint8_t* p) {
   return (vf16)_mm512_cvtepi32_ps(
       _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #elif defined(__AVX2__)
-  const __m256 lo = _mm256_cvtepi32_ps(
-      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  const __m256 hi = _mm256_cvtepi32_ps(
-      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
-  vf16 v;
-  std::memcpy(&v, &lo, 32);
-  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
-  return v;
+  return join(_mm256_cvtepi32_ps(
+                  _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))),
+              _mm256_cvtepi32_ps(
+                  _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)))));
 #else
   vf16 v;
   for (int k = 0; k < 16; ++k) v[k] = static_cast<float>(p[k]);
