@@ -1,7 +1,8 @@
 """Builds dlrm_ops with CMake + ninja (see CMakeLists.txt).
 
 Environment: DEBUG=1 for a debug build, SANITIZE=1 for ASan/UBSan,
-MAX_JOBS=N to cap build parallelism.
+MAX_JOBS=N to cap build parallelism, CUDA_ARCHS="80;90" for the GPU
+architectures of the CUDA kernels (built when torch has CUDA).
 """
 import os
 import shutil
@@ -38,6 +39,8 @@ class CMakeBuild(build_ext):
             f"-DDLRM_OPS_SANITIZE={'ON' if sanitize else 'OFF'}",
             f"-DDLRM_OPS_VERSION={VERSION}",
         ]
+        if os.environ.get("CUDA_ARCHS"):  # e.g. "90" to build for the H100 alone
+            cfg.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CUDA_ARCHS']}")
         subprocess.check_call(cfg)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])

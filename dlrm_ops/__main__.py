@@ -20,6 +20,20 @@ def cmd_info(args) -> int:
 def cmd_benchmark(args) -> int:
     from . import benchmark
 
+    if args.device == "cuda":
+        from . import benchmark_cuda
+
+        if not torch.cuda.is_available():
+            print("--device cuda: no CUDA GPU here", file=sys.stderr)
+            return 2
+        print(f"{torch.cuda.get_device_name()}, {args.tables} tables x {args.rows} rows, Zipf "
+              "indices, fp32; dlrm_ops x = other's time / dlrm_ops' time", flush=True)
+        res = benchmark_cuda.run_all(args.ops, args.tables, args.rows, args.batch)
+        benchmark.print_table(res)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
     threads = args.threads or sorted({1, torch.get_num_threads()})
     dtype = getattr(torch, args.dtype)
     print(f"table-batched embedding bag, {args.tables} tables x {args.rows} rows, "
@@ -52,6 +66,9 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="build information: version, torch, CPU ISA, CUDA")
     b = sub.add_parser("benchmark", help="kernels against PyTorch (and FBGEMM if installed)")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: the CUDA kernels at fixed shapes (26 tables, B=2048; --rows, "
+                        "--ops, --batch apply)")
     b.add_argument("--tables", type=int, default=26)
     b.add_argument("--rows", type=int, default=100_000, help="rows per table (Kaggle: 500000)")
     b.add_argument("--dims", type=_ints, default=[64, 128])

@@ -262,7 +262,7 @@ def test_bad_table_metadata():
     f = dlrm_ops.table_batched_embedding_bag
     with pytest.raises(RuntimeError, match=r"weights_offsets must have one entry per table \(2\), got 3"):
         f(ebc.weight, torch.zeros(3, dtype=torch.int64), ebc.dim_offsets, ebc.rows, idx, off)
-    with pytest.raises(RuntimeError, match=r"table 1 \(9 x 4 at element 20\) does not fit in weights of 40 elements"):
+    with pytest.raises(RuntimeError, match=r"table 1 \(9 rows of dim 4 at element 20\) does not fit in weights of 40 elements"):
         f(ebc.weight, ebc.weights_offsets, ebc.dim_offsets, torch.tensor([5, 9]), idx, off)
     with pytest.raises(RuntimeError, match=r"total_dim must equal dim_offsets\[-1\] = 8, got 7"):
         f(ebc.weight, ebc.weights_offsets, ebc.dim_offsets, ebc.rows, idx, off, total_dim=7)

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common.h"
+#include "embedding_bag_checks.h"
 #include "cpu/embedding_bag_kernel.h"
 #include "cpu/lookups.h"
 
@@ -27,29 +28,15 @@ Prepared prepare(const Tensor& weights, const Tensor& weights_offsets, const Ten
   check_cpu(weights, "weights");
   check_dtype(weights, "weights", {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
   check_contiguous(weights, "weights");
-  ValidatedLookups v = validate_lookups(weights_offsets, dim_offsets, rows, indices, offsets,
-                                        pooling, per_sample_weights);
-  const auto& tb = v.tb;
-  for (int64_t t = 0; t < tb.T; ++t) {
-    const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
-    DLRM_CHECK(tb.weights_offsets[t] + tb.rows[t] * D <= weights.numel(), "table ", t, " (",
-               tb.rows[t], " x ", D, " at element ", tb.weights_offsets[t],
-               ") does not fit in weights of ", weights.numel(), " elements");
-  }
+  ValidatedLookups v = validate_lookups(weights, "weights", weights_offsets, dim_offsets, rows,
+                                        indices, offsets, pooling, per_sample_weights);
+  check_tables_fit(v.tb, weights.numel(), 0, "weights");
   EmbeddingBagArgs args{v.tb, v.lk, weights.scalar_type(), weights.const_data_ptr()};
   return Prepared{std::move(v), args};
 }
 
 void check_grad_output(const Tensor& grad_output, const Tensor& weights, const Prepared& p) {
-  check_cpu(grad_output, "grad_output");
-  DLRM_CHECK(grad_output.scalar_type() == weights.scalar_type(),
-             "grad_output must have the dtype of weights");
-  check_dim(grad_output, "grad_output", 2);
-  check_contiguous(grad_output, "grad_output");
-  DLRM_CHECK(grad_output.size(0) == p.args.tb.B &&
-                 grad_output.size(1) == p.args.tb.dim_offsets[p.args.tb.T],
-             "grad_output must have shape [", p.args.tb.B, ", ",
-             p.args.tb.dim_offsets[p.args.tb.T], "]");
+  dlrm_ops::check_grad_output(grad_output, weights, p.args.tb.B, p.args.tb.dim_offsets[p.args.tb.T]);
 }
 
 Tensor embedding_bag_forward(Tensor weights, Tensor weights_offsets, Tensor dim_offsets,
@@ -124,14 +111,6 @@ Tensor embedding_bag_forward_with_optimizer(
                                pooling, per_sample_weights, total_dim, false);
 }
 
-void check_state(const Tensor& t, const char* name, int64_t numel) {
-  check_cpu(t, name);
-  check_dtype(t, name, {ScalarType::Float});
-  check_contiguous(t, name);
-  DLRM_CHECK(t.numel() == numel, name, " must have ", numel, " elements for this optimizer, got ",
-             t.numel());
-}
-
 void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
                            Tensor momentum2, Tensor step, Tensor weights_offsets,
                            Tensor dim_offsets, Tensor rows, Tensor indices, Tensor offsets,
@@ -141,33 +120,20 @@ void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
                        per_sample_weights);
   check_grad_output(grad_output, weights, p);
   const auto& tb = p.args.tb;
-  DLRM_CHECK(optimizer >= cpu::kSGD && optimizer <= cpu::kAdam,
-             "optimizer must be 1 (sgd), 2 (adagrad), 3 (rowwise_adagrad) or 4 (adam), got ",
-             optimizer);
-  check_cpu(hparams, "hparams");
-  check_dtype(hparams, "hparams", {ScalarType::Double});
-  DLRM_CHECK(hparams.numel() == 5 && hparams.is_contiguous(),
-             "hparams must hold [lr, eps, beta1, beta2, weight_decay]");
-  check_cpu(step, "step");
-  check_dtype(step, "step", {ScalarType::Long});
-  DLRM_CHECK(step.numel() == 1, "step must have one element");
   std::vector<int64_t> row_offsets(tb.T);
   int64_t total_rows = 0;
   for (int64_t t = 0; t < tb.T; ++t) {
     row_offsets[t] = total_rows;
     total_rows += tb.rows[t];
   }
-  const int64_t n1 = optimizer == cpu::kSGD ? 0
-                     : optimizer == cpu::kRowwiseAdagrad ? total_rows
-                                                          : weights.numel();
-  check_state(momentum1, "momentum1", n1);
-  check_state(momentum2, "momentum2", optimizer == cpu::kAdam ? weights.numel() : 0);
+  check_optimizer_args(weights, momentum1, momentum2, step, hparams, optimizer, total_rows);
+  const bool has_m1 = momentum1.numel() > 0;
   const double* hp = hparams.const_data_ptr<double>();
   int64_t* step_ptr = step.mutable_data_ptr<int64_t>();
   cpu::UpdateArgs args{p.args,
                        grad_output.const_data_ptr(),
                        weights.mutable_data_ptr(),
-                       n1 ? momentum1.mutable_data_ptr<float>() : nullptr,
+                       has_m1 ? momentum1.mutable_data_ptr<float>() : nullptr,
                        optimizer == cpu::kAdam ? momentum2.mutable_data_ptr<float>() : nullptr,
                        row_offsets.data(),
                        optimizer,

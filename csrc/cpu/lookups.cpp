@@ -31,13 +31,13 @@ void check_offsets(const cpu::Lookups& lk, int64_t T, int64_t B, int64_t N) {
 
 int64_t offset_at(const cpu::Lookups& lk, int64_t i) { return read_index(lk, lk.offsets, i); }
 
-ValidatedLookups validate_lookups(const Tensor& weights_offsets, const Tensor& dim_offsets,
-                                  const Tensor& rows, const Tensor& indices,
-                                  const Tensor& offsets, int64_t pooling,
-                                  const std::optional<Tensor>& per_sample_weights) {
+LookupShape check_lookup_args(const Tensor& ref, const char* ref_name,
+                              const Tensor& weights_offsets, const Tensor& dim_offsets,
+                              const Tensor& rows, const Tensor& indices, const Tensor& offsets,
+                              int64_t pooling, const std::optional<Tensor>& per_sample_weights) {
   for (auto [t, name] : {std::pair{&weights_offsets, "weights_offsets"},
                          std::pair{&dim_offsets, "dim_offsets"}, std::pair{&rows, "rows"}}) {
-    check_cpu(*t, name);
+    check_same_device(*t, name, ref, ref_name);
     check_dtype(*t, name, {ScalarType::Long});
     check_dim(*t, name, 1);
     check_contiguous(*t, name);
@@ -48,20 +48,8 @@ ValidatedLookups validate_lookups(const Tensor& weights_offsets, const Tensor& d
              "), got ", weights_offsets.numel());
   DLRM_CHECK(dim_offsets.numel() == T + 1, "dim_offsets must have T+1 = ", T + 1,
              " entries, got ", dim_offsets.numel());
-  const int64_t* woff = weights_offsets.const_data_ptr<int64_t>();
-  const int64_t* doff = dim_offsets.const_data_ptr<int64_t>();
-  const int64_t* nrows = rows.const_data_ptr<int64_t>();
-  DLRM_CHECK(doff[0] == 0, "dim_offsets[0] must be 0");
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t D = doff[t + 1] - doff[t];
-    DLRM_CHECK(D >= 1, "table ", t, " must have dim >= 1, dim_offsets gives ", D);
-    DLRM_CHECK(nrows[t] >= 0 && nrows[t] < (int64_t{1} << 32), "table ", t,
-               " must have 0 <= rows < 2^32, got ", nrows[t]);
-    DLRM_CHECK(woff[t] >= 0, "weights_offsets[", t, "] must be >= 0, got ", woff[t]);
-  }
-
-  check_cpu(indices, "indices");
-  check_cpu(offsets, "offsets");
+  check_same_device(indices, "indices", ref, ref_name);
+  check_same_device(offsets, "offsets", ref, ref_name);
   check_dtype(indices, "indices", {ScalarType::Int, ScalarType::Long});
   DLRM_CHECK(offsets.scalar_type() == indices.scalar_type(),
              "offsets must have the dtype of indices (", dtype_name(indices.scalar_type()),
@@ -76,26 +64,65 @@ ValidatedLookups validate_lookups(const Tensor& weights_offsets, const Tensor& d
   DLRM_CHECK(B < (int64_t{1} << 31), "batch size must be < 2^31, got ", B);
   DLRM_CHECK(pooling == cpu::kSum || pooling == cpu::kMean,
              "pooling must be 0 (sum) or 1 (mean), got ", pooling);
+  if (per_sample_weights.has_value()) {
+    const Tensor& psw = *per_sample_weights;
+    DLRM_CHECK(pooling == cpu::kSum, "per_sample_weights is only supported with sum pooling");
+    check_same_device(psw, "per_sample_weights", ref, ref_name);
+    check_dtype(psw, "per_sample_weights", {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+    check_dim(psw, "per_sample_weights", 1);
+    DLRM_CHECK(psw.numel() == indices.numel(), "per_sample_weights must have one entry per index (",
+               indices.numel(), "), got ", psw.numel());
+  }
+  return LookupShape{T, B, indices.numel()};
+}
 
+Tensor per_sample_weights_f32(const Tensor& psw) {
+  return torch::stable::contiguous(
+      psw.scalar_type() == ScalarType::Float ? psw : torch::stable::to(psw, ScalarType::Float));
+}
+
+ValidatedLookups validate_lookups(const Tensor& ref, const char* ref_name,
+                                  const Tensor& weights_offsets, const Tensor& dim_offsets,
+                                  const Tensor& rows, const Tensor& indices,
+                                  const Tensor& offsets, int64_t pooling,
+                                  const std::optional<Tensor>& per_sample_weights) {
+  check_cpu(ref, ref_name);
+  const LookupShape shape = check_lookup_args(ref, ref_name, weights_offsets, dim_offsets, rows,
+                                              indices, offsets, pooling, per_sample_weights);
+  const int64_t T = shape.T, B = shape.B;
+  const int64_t* woff = weights_offsets.const_data_ptr<int64_t>();
+  const int64_t* doff = dim_offsets.const_data_ptr<int64_t>();
+  const int64_t* nrows = rows.const_data_ptr<int64_t>();
+  DLRM_CHECK(doff[0] == 0, "dim_offsets[0] must be 0");
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t D = doff[t + 1] - doff[t];
+    DLRM_CHECK(D >= 1, "table ", t, " must have dim >= 1, dim_offsets gives ", D);
+    DLRM_CHECK(nrows[t] >= 0 && nrows[t] < (int64_t{1} << 32), "table ", t,
+               " must have 0 <= rows < 2^32, got ", nrows[t]);
+    DLRM_CHECK(woff[t] >= 0, "weights_offsets[", t, "] must be >= 0, got ", woff[t]);
+  }
   ValidatedLookups v;
-  v.N = indices.numel();
+  v.N = shape.N;
   v.lk = cpu::Lookups{indices.const_data_ptr(), offsets.const_data_ptr(),
                       indices.scalar_type() == ScalarType::Long, nullptr, pooling};
   check_offsets(v.lk, T, B, v.N);
   if (per_sample_weights.has_value()) {
-    const Tensor& psw = *per_sample_weights;
-    DLRM_CHECK(pooling == cpu::kSum, "per_sample_weights is only supported with sum pooling");
-    check_cpu(psw, "per_sample_weights");
-    check_dtype(psw, "per_sample_weights", {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
-    check_dim(psw, "per_sample_weights", 1);
-    DLRM_CHECK(psw.numel() == v.N, "per_sample_weights must have one entry per index (", v.N,
-               "), got ", psw.numel());
-    v.psw_f32 = torch::stable::contiguous(
-        psw.scalar_type() == ScalarType::Float ? psw : torch::stable::to(psw, ScalarType::Float));
+    v.psw_f32 = per_sample_weights_f32(*per_sample_weights);
     v.lk.per_sample_weights = v.psw_f32.const_data_ptr<float>();
   }
   v.tb = cpu::TableBatch{T, B, woff, doff, nrows};
   return v;
+}
+
+void check_tables_fit(const cpu::TableBatch& tb, int64_t size, int64_t bits, const char* name) {
+  for (int64_t t = 0; t < tb.T; ++t) {
+    const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
+    DLRM_CHECK(bits != 4 || D % 2 == 0, "table ", t, " has dim ", D, "; 4-bit dims must be even");
+    DLRM_CHECK(tb.weights_offsets[t] + tb.rows[t] * row_size(D, bits) <= size, "table ", t, " (",
+               tb.rows[t], " rows of dim ", D, " at ", bits ? "byte " : "element ",
+               tb.weights_offsets[t], ") does not fit in ", name, " of ", size,
+               bits ? " bytes" : " elements");
+  }
 }
 
 void throw_bad_index(const ValidatedLookups& v, int64_t pos) {

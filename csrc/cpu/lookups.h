@@ -7,6 +7,7 @@
 
 #include "common.h"
 #include "cpu/embedding_bag_kernel.h"
+#include "cpu/quantized_embedding_kernel.h"
 
 namespace dlrm_ops {
 
@@ -17,14 +18,38 @@ struct ValidatedLookups {
   Tensor psw_f32;  // per_sample_weights as contiguous fp32, kept alive for lk
 };
 
-// Checks weights_offsets [T], dim_offsets [T+1] (dims >= 1), rows [T] (int64,
-// CPU), indices/offsets (offsets[0] == 0, non-decreasing, ending at
-// numel(indices), T*B+1 entries), pooling and per_sample_weights. Whether each
-// table fits its buffer is left to the caller, whose units differ.
-ValidatedLookups validate_lookups(const Tensor& weights_offsets, const Tensor& dim_offsets,
+struct LookupShape {
+  int64_t T, B, N;  // tables, batch size, indices
+};
+
+// Dtypes, shapes and devices (all on ref's) of weights_offsets [T],
+// dim_offsets [T+1], rows [T] (int64), indices/offsets (int32 or int64, T*B+1
+// offsets), pooling and per_sample_weights. Reads no tensor data.
+LookupShape check_lookup_args(const Tensor& ref, const char* ref_name,
+                              const Tensor& weights_offsets, const Tensor& dim_offsets,
+                              const Tensor& rows, const Tensor& indices, const Tensor& offsets,
+                              int64_t pooling, const std::optional<Tensor>& per_sample_weights);
+
+// check_lookup_args on CPU tensors, then their data: dims >= 1, 0 <= rows <
+// 2^32, weights_offsets >= 0, offsets (offsets[0] == 0, non-decreasing,
+// ending at numel(indices)). Whether each table fits its buffer is
+// check_tables_fit; index ranges are checked by the kernels.
+ValidatedLookups validate_lookups(const Tensor& ref, const char* ref_name,
+                                  const Tensor& weights_offsets, const Tensor& dim_offsets,
                                   const Tensor& rows, const Tensor& indices,
                                   const Tensor& offsets, int64_t pooling,
                                   const std::optional<Tensor>& per_sample_weights);
+
+// Elements (bits == 0) or packed bytes (bits 8 or 4) of one row of dim D.
+inline int64_t row_size(int64_t D, int64_t bits) {
+  return bits == 0 ? D : cpu::packed_row_bytes(D, bits);
+}
+
+// Each table's rows fit in a buffer of `size` units of row_size; 4-bit dims are even.
+void check_tables_fit(const cpu::TableBatch& tb, int64_t size, int64_t bits, const char* name);
+
+// per_sample_weights as contiguous fp32 (the kernels' accumulation type).
+Tensor per_sample_weights_f32(const Tensor& psw);
 
 // offsets[i] of validated lookups, whatever their index dtype.
 int64_t offset_at(const cpu::Lookups& lk, int64_t i);

@@ -9,29 +9,15 @@
 #include "common.h"
 #include "cpu/lookups.h"
 #include "cpu/quantized_embedding_kernel.h"
+#include "quantized_checks.h"
 
 namespace dlrm_ops {
 namespace {
 
-void check_bits(int64_t bits) {
-  DLRM_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4, got ", bits);
-}
-
-ScalarType float_dtype(const std::optional<ScalarType>& dtype, const char* name) {
-  const ScalarType t = dtype.value_or(ScalarType::Float);
-  DLRM_CHECK(t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16, name,
-             " must be float32, float16 or bfloat16, got ", dtype_name(t));
-  return t;
-}
-
 Tensor quantize_rowwise(Tensor weight, int64_t bits) {
-  check_bits(bits);
   check_cpu(weight, "weight");
-  check_dtype(weight, "weight", {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
-  check_dim(weight, "weight", 2);
+  check_quantize_args(weight, bits);
   const int64_t R = weight.size(0), D = weight.size(1);
-  DLRM_CHECK(D >= 1, "weight must have at least one column");
-  DLRM_CHECK(bits == 8 || D % 2 == 0, "4-bit rows need an even dim, got ", D);
   Tensor w = torch::stable::contiguous(weight);
   Tensor packed = torch::stable::new_empty(w, {R, cpu::packed_row_bytes(D, bits)}, ScalarType::Byte);
   cpu::quantize_stub(w.const_data_ptr(), w.scalar_type(), R, D, bits,
@@ -39,18 +25,9 @@ Tensor quantize_rowwise(Tensor weight, int64_t bits) {
   return packed;
 }
 
-int64_t dim_of_packed(const Tensor& packed, int64_t bits) {
-  const int64_t bytes = packed.size(1);
-  const int64_t D = bits == 8 ? bytes - 8 : (bytes - 4) * 2;
-  DLRM_CHECK(D >= 1, "packed rows of ", bytes, " bytes hold no ", bits, "-bit values");
-  return D;
-}
-
 Tensor dequantize_rowwise(Tensor packed, int64_t bits, std::optional<ScalarType> dtype) {
-  check_bits(bits);
   check_cpu(packed, "packed");
-  check_dtype(packed, "packed", {ScalarType::Byte});
-  check_dim(packed, "packed", 2);
+  check_packed_rows(packed, bits);
   const ScalarType out_t = float_dtype(dtype, "dtype");
   const int64_t R = packed.size(0), D = dim_of_packed(packed, bits);
   Tensor p = torch::stable::contiguous(packed);
@@ -69,18 +46,12 @@ Tensor quantized_embedding_bag_forward(Tensor packed, Tensor weights_offsets, Te
   check_dtype(packed, "packed", {ScalarType::Byte});
   check_contiguous(packed, "packed");
   const ScalarType out_t = float_dtype(output_dtype, "output_dtype");
-  ValidatedLookups v = validate_lookups(weights_offsets, dim_offsets, rows, indices, offsets,
-                                        pooling, per_sample_weights);
+  ValidatedLookups v = validate_lookups(packed, "packed", weights_offsets, dim_offsets, rows,
+                                        indices, offsets, pooling, per_sample_weights);
   const auto& tb = v.tb;
   DLRM_CHECK(tb.dim_offsets[tb.T] == total_dim, "total_dim must equal dim_offsets[-1] = ",
              tb.dim_offsets[tb.T], ", got ", total_dim);
-  for (int64_t t = 0; t < tb.T; ++t) {
-    const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
-    DLRM_CHECK(bits == 8 || D % 2 == 0, "table ", t, " has dim ", D, "; 4-bit dims must be even");
-    DLRM_CHECK(tb.weights_offsets[t] + tb.rows[t] * cpu::packed_row_bytes(D, bits) <= packed.numel(),
-               "table ", t, " (", tb.rows[t], " packed rows of dim ", D, " at byte ",
-               tb.weights_offsets[t], ") does not fit in packed of ", packed.numel(), " bytes");
-  }
+  check_tables_fit(tb, packed.numel(), bits, "packed");
   cpu::QuantizedBagArgs args{tb, v.lk, packed.const_data_ptr<uint8_t>(), bits, out_t};
   Tensor out = torch::stable::new_empty(packed, {tb.B, total_dim}, out_t);
   const int64_t bad = cpu::quantized_forward_stub(args, out.mutable_data_ptr());

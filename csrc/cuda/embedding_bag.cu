@@ -1,0 +1,554 @@
+// CUDA ops of the table-batched embedding bag: pooled forward, dense and
+// sparse weight gradients, per-sample-weight gradient, and the fused optimizer.
+//
+// A warp handles one bag (forward) or one distinct row (backward); its lanes
+// stride the row's columns, kCols per lane per 256-column window. The backward
+// sorts the lookups by row (a stable radix sort, so duplicates stay in lookup
+// order) and sums each row's gradients in that order: gradients and updates
+// are deterministic, as on the CPU.
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_run_length_encode.cuh>
+#include <cub/device/device_scan.cuh>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+
+#include <optional>
+
+#include "cuda/lookups.cuh"
+#include "cuda/utils.cuh"
+#include "embedding_bag_checks.h"
+
+namespace dlrm_ops::cuda {
+namespace {
+
+using torch::stable::accelerator::DeviceGuard;
+
+constexpr int kCols = 8;                    // columns per lane in one window
+constexpr int64_t kWindow = kCols * kWarp;  // columns a warp covers at once
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ int64_t warp_id() {
+  return (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+}
+
+int64_t warp_blocks(int64_t warps) {
+  return std::max<int64_t>(1, ceil_div(warps * kWarp, kThreads));
+}
+
+// Table t of bag `bag` (global, table-major), and its columns.
+struct BagInfo {
+  int64_t t, b, d0, D, lo, hi;
+};
+template <typename I>
+__device__ __forceinline__ BagInfo bag_info(const LookupView& v, int64_t bag) {
+  const int64_t t = bag / v.B;
+  const int64_t d0 = v.dim_offsets[t];
+  return {t, bag % v.B, d0, v.dim_offsets[t + 1] - d0, offset_at<I>(v, bag), offset_at<I>(v, bag + 1)};
+}
+
+template <typename T, typename I>
+__global__ void __launch_bounds__(kThreads)
+forward_kernel(LookupView v, const T* __restrict__ w, T* __restrict__ out, int64_t out_stride) {
+  const int64_t bag = warp_id();
+  if (bag >= v.T * v.B) return;
+  const int lane = threadIdx.x % kWarp;
+  const BagInfo g = bag_info<I>(v, bag);
+  const T* table = w + v.weights_offsets[g.t];
+  T* o = out + g.b * out_stride + g.d0;
+  const int64_t len = g.hi - g.lo;
+  for (int64_t c0 = lane; c0 < g.D; c0 += kWindow) {
+    float acc[kCols] = {};
+    int64_t l = g.lo;
+    for (; l + 4 <= g.hi; l += 4) {  // four rows in flight
+      const T* r[4];
+      float s[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        r[u] = table + index_at<I>(v, l + u) * g.D + c0;
+        s[u] = lookup_scale(v, l + u, len);
+      }
+#pragma unroll
+      for (int k = 0; k < kCols; ++k) {
+        if (c0 + k * kWarp < g.D) {
+#pragma unroll
+          for (int u = 0; u < 4; ++u) acc[k] += s[u] * to_f32(__ldg(r[u] + k * kWarp));
+        }
+      }
+    }
+    for (; l < g.hi; ++l) {
+      const T* r = table + index_at<I>(v, l) * g.D + c0;
+      const float s = lookup_scale(v, l, len);
+#pragma unroll
+      for (int k = 0; k < kCols; ++k) {
+        if (c0 + k * kWarp < g.D) acc[k] += s * to_f32(__ldg(r + k * kWarp));
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kCols; ++k) {
+      if (c0 + k * kWarp < g.D) o[c0 + k * kWarp] = from_f32<T>(acc[k]);
+    }
+  }
+}
+
+// bag_of[l] = the (global) bag of lookup l.
+template <typename I>
+__global__ void bag_of_kernel(LookupView v, int32_t* bag_of) {
+  const int64_t bag = warp_id();
+  if (bag >= v.T * v.B) return;
+  for (int64_t l = offset_at<I>(v, bag) + threadIdx.x % kWarp; l < offset_at<I>(v, bag + 1); l += kWarp) {
+    bag_of[l] = static_cast<int32_t>(bag);
+  }
+}
+
+// Sort key of lookup l: its row among all tables' rows.
+template <typename I>
+__global__ void row_keys_kernel(LookupView v, const int32_t* bag_of, uint64_t* keys, int32_t* pos) {
+  const int64_t l = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (l >= v.N) return;
+  keys[l] = static_cast<uint64_t>(v.row_offsets[bag_of[l] / v.B] + index_at<I>(v, l));
+  pos[l] = static_cast<int32_t>(l);
+}
+
+// Lookups grouped by row: run r holds the lookups pos[start[r] .. start[r+1]),
+// in lookup order; *num_runs rows are touched.
+struct Runs {
+  Tensor bag_of, pos, start, num_runs, scratch;
+};
+
+Runs sort_by_row(const Tensor& ref, const Lookups& lk, cudaStream_t stream) {
+  const LookupView& v = lk.v;
+  const int64_t N = v.N;
+  Runs r;
+  r.bag_of = torch::stable::new_empty(ref, {N}, ScalarType::Int);
+  r.pos = torch::stable::new_empty(ref, {2 * N}, ScalarType::Int);
+  r.start = torch::stable::new_zeros(ref, {N + 1}, ScalarType::Int);
+  r.num_runs = torch::stable::new_zeros(ref, {1}, ScalarType::Int);
+  if (N == 0) return r;
+  Tensor keys = torch::stable::new_empty(ref, {3 * N}, ScalarType::Long);
+  auto* k_in = reinterpret_cast<uint64_t*>(keys.mutable_data_ptr<int64_t>());
+  uint64_t* k_sorted = k_in + N;
+  uint64_t* k_unique = k_in + 2 * N;
+  int32_t* p_in = r.pos.mutable_data_ptr<int32_t>() + N;
+  int32_t* p_sorted = r.pos.mutable_data_ptr<int32_t>();
+  int32_t* counts = r.start.mutable_data_ptr<int32_t>() + 1;  // scanned in place below
+  int32_t* bag_of = r.bag_of.mutable_data_ptr<int32_t>();
+  dispatch_index(lk.int64, [&](auto i) {
+    using I = decltype(i);
+    bag_of_kernel<I><<<warp_blocks(v.T * v.B), kThreads, 0, stream>>>(v, bag_of);
+    row_keys_kernel<I><<<ceil_div(N, kThreads), kThreads, 0, stream>>>(v, bag_of, k_in, p_in);
+  });
+  DLRM_LAUNCH_CHECK();
+  int end_bit = 1;
+  while (end_bit < 64 && (uint64_t{1} << end_bit) < static_cast<uint64_t>(lk.total_rows)) ++end_bit;
+  const int n = static_cast<int>(N);
+  size_t sort_bytes = 0, rle_bytes = 0, scan_bytes = 0;
+  DLRM_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, k_in, k_sorted, p_in,
+                                                  p_sorted, n, 0, end_bit, stream));
+  DLRM_CUDA_CHECK(cub::DeviceRunLengthEncode::Encode(nullptr, rle_bytes, k_sorted, k_unique, counts,
+                                                     r.num_runs.mutable_data_ptr<int32_t>(), n, stream));
+  DLRM_CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, scan_bytes, counts, counts, n, stream));
+  r.scratch = torch::stable::new_empty(
+      ref, {static_cast<int64_t>(std::max({sort_bytes, rle_bytes, scan_bytes, size_t{1}}))},
+      ScalarType::Byte);
+  void* tmp = r.scratch.mutable_data_ptr();
+  DLRM_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(tmp, sort_bytes, k_in, k_sorted, p_in, p_sorted,
+                                                  n, 0, end_bit, stream));
+  DLRM_CUDA_CHECK(cub::DeviceRunLengthEncode::Encode(tmp, rle_bytes, k_sorted, k_unique, counts,
+                                                     r.num_runs.mutable_data_ptr<int32_t>(), n, stream));
+  // Counts past the last run stay 0, so start[r] = sum of counts before r for every r <= N.
+  DLRM_CUDA_CHECK(cub::DeviceScan::InclusiveSum(tmp, scan_bytes, counts, counts, n, stream));
+  return r;
+}
+
+struct RunView {
+  const int32_t* bag_of;
+  const int32_t* pos;
+  const int32_t* start;
+  const int32_t* num_runs;
+};
+RunView view(const Runs& r) {
+  return {r.bag_of.const_data_ptr<int32_t>(), r.pos.const_data_ptr<int32_t>(),
+          r.start.const_data_ptr<int32_t>(), r.num_runs.const_data_ptr<int32_t>()};
+}
+
+// The row of run `run`: its table, dim and first element in the weights.
+struct RowInfo {
+  int64_t t, D, d0, row, elem0, lo, hi;
+};
+template <typename I>
+__device__ __forceinline__ RowInfo row_info(const LookupView& v, const RunView& rv, int64_t run) {
+  const int64_t lo = rv.start[run], hi = rv.start[run + 1];
+  const int64_t l = rv.pos[lo];
+  const int64_t t = rv.bag_of[l] / v.B;
+  const int64_t d0 = v.dim_offsets[t], D = v.dim_offsets[t + 1] - d0;
+  const int64_t row = index_at<I>(v, l);
+  return {t, D, d0, row, v.weights_offsets[t] + row * D, lo, hi};
+}
+
+// The row's summed gradient over the columns c0 + k*32 of one window, in lookup order.
+template <typename T, typename I>
+__device__ __forceinline__ void row_grad(const LookupView& v, const RunView& rv, const RowInfo& ri,
+                                         const T* __restrict__ grad_out, int64_t go_stride,
+                                         int64_t c0, float (&g)[kCols]) {
+#pragma unroll
+  for (int k = 0; k < kCols; ++k) g[k] = 0.f;
+  for (int64_t p = ri.lo; p < ri.hi; ++p) {
+    const int64_t l = rv.pos[p];
+    const int64_t bag = rv.bag_of[l];
+    const float s = lookup_scale(v, l, offset_at<I>(v, bag + 1) - offset_at<I>(v, bag));
+    const T* go = grad_out + (bag % v.B) * go_stride + ri.d0 + c0;
+#pragma unroll
+    for (int k = 0; k < kCols; ++k) {
+      if (c0 + k * kWarp < ri.D) g[k] += s * to_f32(go[k * kWarp]);
+    }
+  }
+}
+
+template <typename T, typename I>
+__global__ void __launch_bounds__(kThreads)
+dense_grad_kernel(LookupView v, RunView rv, const T* __restrict__ grad_out, int64_t go_stride,
+                  T* __restrict__ grad_w) {
+  const int64_t run = warp_id();
+  if (run >= *rv.num_runs) return;
+  const RowInfo ri = row_info<I>(v, rv, run);
+  for (int64_t c0 = threadIdx.x % kWarp; c0 < ri.D; c0 += kWindow) {
+    float g[kCols];
+    row_grad<T, I>(v, rv, ri, grad_out, go_stride, c0, g);
+#pragma unroll
+    for (int k = 0; k < kCols; ++k) {
+      if (c0 + k * kWarp < ri.D) grad_w[ri.elem0 + c0 + k * kWarp] = from_f32<T>(g[k]);
+    }
+  }
+}
+
+// One gradient row per lookup: table t's rows from element value_offsets[t].
+template <typename T, typename I>
+__global__ void __launch_bounds__(kThreads)
+sparse_grad_kernel(LookupView v, const int32_t* bag_of, const T* __restrict__ grad_out,
+                   int64_t go_stride, T* __restrict__ values) {
+  const int64_t l = warp_id();
+  if (l >= v.N) return;
+  const int64_t bag = bag_of[l];
+  const BagInfo g = bag_info<I>(v, bag);
+  const float s = lookup_scale(v, l, g.hi - g.lo);
+  const T* go = grad_out + g.b * go_stride + g.d0;
+  T* out = values + v.value_offsets[g.t] + (l - offset_at<I>(v, g.t * v.B)) * g.D;
+  for (int64_t c = threadIdx.x % kWarp; c < g.D; c += kWarp) out[c] = from_f32<T>(s * to_f32(go[c]));
+}
+
+template <typename T, typename I>
+__global__ void __launch_bounds__(kThreads)
+psw_grad_kernel(LookupView v, const int32_t* bag_of, const T* __restrict__ grad_out,
+                int64_t go_stride, const T* __restrict__ w, float* __restrict__ grad_psw) {
+  const int64_t l = warp_id();
+  if (l >= v.N) return;
+  const BagInfo g = bag_info<I>(v, bag_of[l]);
+  const T* go = grad_out + g.b * go_stride + g.d0;
+  const T* row = w + v.weights_offsets[g.t] + index_at<I>(v, l) * g.D;
+  float acc = 0.f;
+  for (int64_t c = threadIdx.x % kWarp; c < g.D; c += kWarp) acc += to_f32(go[c]) * to_f32(row[c]);
+  acc = warp_sum(acc);
+  if (threadIdx.x % kWarp == 0) grad_psw[l] = acc;
+}
+
+// ---- fused optimizer -------------------------------------------------------
+
+__device__ __forceinline__ uint64_t mix64(uint64_t x) {  // splitmix64 finalizer, as on the CPU
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// Stochastic rounding with the CPU's random bits (a hash of step and element),
+// so both devices round alike.
+template <typename W>
+__device__ __forceinline__ W round_stochastic(float v, uint32_t u);
+template <>
+__device__ __forceinline__ float round_stochastic<float>(float v, uint32_t) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 round_stochastic<__nv_bfloat16>(float v, uint32_t u) {
+  uint32_t bits = __float_as_uint(v);
+  if ((bits & 0x7f800000u) == 0x7f800000u) return __float2bfloat16_rn(v);  // inf/nan
+  bits += u >> 16;
+  return __ushort_as_bfloat16(static_cast<unsigned short>(bits >> 16));
+}
+template <>
+__device__ __forceinline__ __half round_stochastic<__half>(float v, uint32_t u) {
+  const __half h = __float2half_rn(v);
+  const float hf = __half2float(h);
+  if (hf == v || !isfinite(hf)) return h;
+  const unsigned short hb = __half_as_ushort(h);
+  const bool away = (v > hf) == (hf >= 0.f);
+  const unsigned short ob = hf == 0.f ? static_cast<unsigned short>((v < 0 ? 0x8000 : 0) | 1)
+                                      : static_cast<unsigned short>(away ? hb + 1 : hb - 1);
+  const __half o = __ushort_as_half(ob);
+  const float of = __half2float(o);
+  const float p_other = (v - hf) / (of - hf);
+  return static_cast<float>(u) * (1.f / 4294967296.f) < p_other ? o : h;
+}
+
+struct UpdateParams {
+  float* m1;
+  float* m2;
+  const double* hparams;  // [lr, eps, beta1, beta2, weight_decay]
+  const int64_t* step;    // before this update
+  int64_t optimizer;
+  bool stochastic_rounding;
+};
+
+// Every touched row gets its summed gradient and the rule of
+// csrc/cpu/embedding_bag_kernel.h, with the CPU's fp32 arithmetic.
+template <typename T, typename I>
+__global__ void __launch_bounds__(kThreads)
+update_kernel(LookupView v, RunView rv, const T* __restrict__ grad_out, int64_t go_stride,
+              T* __restrict__ w, UpdateParams up) {
+  const int64_t run = warp_id();
+  if (run >= *rv.num_runs) return;
+  const int lane = threadIdx.x % kWarp;
+  const RowInfo ri = row_info<I>(v, rv, run);
+  const float lr = static_cast<float>(up.hparams[0]), eps = static_cast<float>(up.hparams[1]);
+  const float wd = static_cast<float>(up.hparams[4]);
+  const int64_t step = *up.step + 1;
+  float g[kCols];
+  // Gradient of one window with weight decay, and the fp32 weights.
+  auto grad = [&](int64_t c0, float (&wf)[kCols]) {
+    row_grad<T, I>(v, rv, ri, grad_out, go_stride, c0, g);
+#pragma unroll
+    for (int k = 0; k < kCols; ++k) {
+      wf[k] = c0 + k * kWarp < ri.D ? to_f32(w[ri.elem0 + c0 + k * kWarp]) : 0.f;
+      if (wd != 0.f) g[k] += wd * wf[k];
+    }
+  };
+  float wf[kCols];
+  float row_step = 0.f;  // rowwise adagrad: lr / (sqrt(s) + eps)
+  const bool one_window = ri.D <= kWindow;
+  if (up.optimizer == kRowwiseAdagrad) {
+    float sq = 0.f;
+    for (int64_t c0 = lane; c0 < ri.D; c0 += kWindow) {
+      grad(c0, wf);
+#pragma unroll
+      for (int k = 0; k < kCols; ++k) sq += g[k] * g[k];
+    }
+    float* s = up.m1 + v.row_offsets[ri.t] + ri.row;
+    const float s_new = *s + warp_sum(sq) / static_cast<float>(ri.D);
+    row_step = lr / (sqrtf(s_new) + eps);
+    __syncwarp();
+    if (lane == 0) *s = s_new;
+  }
+  float step_size = 0.f, b1 = 0.f, b2 = 0.f;
+  if (up.optimizer == kAdam) {
+    b1 = static_cast<float>(up.hparams[2]);
+    b2 = static_cast<float>(up.hparams[3]);
+    const double bc1 = 1.0 - pow(up.hparams[2], static_cast<double>(step));
+    const double bc2 = 1.0 - pow(up.hparams[3], static_cast<double>(step));
+    step_size = static_cast<float>(up.hparams[0] * sqrt(bc2) / bc1);
+  }
+  const uint64_t seed = mix64(static_cast<uint64_t>(step) * 0x9e3779b97f4a7c15ull);
+  for (int64_t c0 = lane; c0 < ri.D; c0 += kWindow) {
+    if (!(up.optimizer == kRowwiseAdagrad && one_window)) grad(c0, wf);
+#pragma unroll
+    for (int k = 0; k < kCols; ++k) {
+      const int64_t c = c0 + k * kWarp;
+      if (c >= ri.D) continue;
+      const int64_t e = ri.elem0 + c;
+      float x = wf[k];
+      switch (up.optimizer) {
+        case kSGD: x -= lr * g[k]; break;
+        case kAdagrad: {
+          const float s = up.m1[e] + g[k] * g[k];
+          up.m1[e] = s;
+          x -= lr * g[k] / (sqrtf(s) + eps);
+          break;
+        }
+        case kRowwiseAdagrad: x -= row_step * g[k]; break;
+        default: {  // adam
+          const float m = up.m1[e] + (g[k] - up.m1[e]) * (1.f - b1);
+          const float s = up.m2[e] + (g[k] * g[k] - up.m2[e]) * (1.f - b2);
+          up.m1[e] = m;
+          up.m2[e] = s;
+          x -= step_size * (m / (sqrtf(s) + eps));
+        }
+      }
+      w[e] = up.stochastic_rounding
+                 ? round_stochastic<T>(x, static_cast<uint32_t>(mix64(seed ^ static_cast<uint64_t>(e))))
+                 : from_f32<T>(x);
+    }
+  }
+}
+
+__global__ void increment_kernel(int64_t* step) { *step += 1; }
+
+// ---- ops -------------------------------------------------------------------
+
+Lookups prepare(const Tensor& weights, const Tensor& weights_offsets, const Tensor& dim_offsets,
+                const Tensor& rows, const Tensor& indices, const Tensor& offsets, int64_t pooling,
+                const std::optional<Tensor>& per_sample_weights, int64_t total_dim) {
+  check_cuda(weights, "weights");
+  check_dtype(weights, "weights", {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+  check_contiguous(weights, "weights");
+  return validate_lookups(weights, "weights", weights.numel(), 0, total_dim, weights_offsets,
+                          dim_offsets, rows, indices, offsets, pooling, per_sample_weights);
+}
+
+Tensor embedding_bag_forward(Tensor weights, Tensor weights_offsets, Tensor dim_offsets,
+                             Tensor rows, Tensor indices, Tensor offsets, int64_t pooling,
+                             std::optional<Tensor> per_sample_weights, int64_t total_dim,
+                             bool /*sparse*/) {
+  DeviceGuard guard(weights.get_device());
+  const Lookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
+                             pooling, per_sample_weights, total_dim);
+  Tensor out = torch::stable::new_empty(weights, {lk.v.B, total_dim});
+  if (lk.v.B == 0 || total_dim == 0) return out;
+  const cudaStream_t stream = stream_of(weights);
+  dispatch_float(weights.scalar_type(), "weights", [&](auto w) {
+    using T = decltype(w);
+    dispatch_index(lk.int64, [&](auto i) {
+      forward_kernel<T, decltype(i)><<<warp_blocks(lk.v.T * lk.v.B), kThreads, 0, stream>>>(
+          lk.v, static_cast<const T*>(weights.const_data_ptr()),
+          static_cast<T*>(out.mutable_data_ptr()), total_dim);
+    });
+  });
+  DLRM_LAUNCH_CHECK();
+  return out;
+}
+
+Tensor embedding_bag_forward_with_optimizer(
+    Tensor weights, Tensor weights_offsets, Tensor dim_offsets, Tensor rows, Tensor indices,
+    Tensor offsets, int64_t pooling, std::optional<Tensor> per_sample_weights, int64_t total_dim,
+    Tensor /*momentum1*/, Tensor /*momentum2*/, Tensor /*step*/, Tensor /*hparams*/,
+    int64_t /*optimizer*/, bool /*stochastic_rounding*/) {
+  return embedding_bag_forward(weights, weights_offsets, dim_offsets, rows, indices, offsets,
+                               pooling, per_sample_weights, total_dim, false);
+}
+
+// Launches kernel<T, I> for the weight dtype and the index dtype.
+template <typename F>
+void dispatch(const Tensor& weights, const Lookups& lk, F&& f) {
+  dispatch_float(weights.scalar_type(), "weights", [&](auto w) {
+    dispatch_index(lk.int64, [&](auto i) { f(w, i); });
+  });
+  DLRM_LAUNCH_CHECK();
+}
+
+Tensor embedding_bag_backward_dense(Tensor grad_output, Tensor weights, Tensor weights_offsets,
+                                    Tensor dim_offsets, Tensor rows, Tensor indices,
+                                    Tensor offsets, int64_t pooling,
+                                    std::optional<Tensor> per_sample_weights) {
+  DeviceGuard guard(weights.get_device());
+  const Lookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
+                             pooling, per_sample_weights, -1);
+  const int64_t total_dim = lk.total_dim;
+  check_grad_output(grad_output, weights, lk.v.B, total_dim);
+  Tensor grad_weight = torch::stable::new_zeros(weights, weights.sizes());
+  if (lk.v.N == 0) return grad_weight;
+  const cudaStream_t stream = stream_of(weights);
+  const Runs runs = sort_by_row(weights, lk, stream);
+  dispatch(weights, lk, [&](auto w, auto i) {
+    using T = decltype(w);
+    dense_grad_kernel<T, decltype(i)><<<warp_blocks(lk.v.N), kThreads, 0, stream>>>(
+        lk.v, view(runs), static_cast<const T*>(grad_output.const_data_ptr()), total_dim,
+        static_cast<T*>(grad_weight.mutable_data_ptr()));
+  });
+  return grad_weight;
+}
+
+// bag_of[l] for every lookup (the kernels below run one warp per lookup).
+Tensor bags_of(const Tensor& ref, const Lookups& lk, cudaStream_t stream) {
+  Tensor bag_of = torch::stable::new_empty(ref, {lk.v.N}, ScalarType::Int);
+  dispatch_index(lk.int64, [&](auto i) {
+    bag_of_kernel<decltype(i)><<<warp_blocks(lk.v.T * lk.v.B), kThreads, 0, stream>>>(
+        lk.v, bag_of.mutable_data_ptr<int32_t>());
+  });
+  DLRM_LAUNCH_CHECK();
+  return bag_of;
+}
+
+Tensor embedding_bag_backward_sparse(Tensor grad_output, Tensor weights, Tensor weights_offsets,
+                                     Tensor dim_offsets, Tensor rows, Tensor indices,
+                                     Tensor offsets, int64_t pooling,
+                                     std::optional<Tensor> per_sample_weights) {
+  DeviceGuard guard(weights.get_device());
+  const Lookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
+                             pooling, per_sample_weights, -1);
+  const int64_t total_dim = lk.total_dim;
+  check_grad_output(grad_output, weights, lk.v.B, total_dim);
+  Tensor values = torch::stable::new_empty(weights, {lk.total_values});
+  if (lk.v.N == 0) return values;
+  const cudaStream_t stream = stream_of(weights);
+  const Tensor bag_of = bags_of(weights, lk, stream);
+  dispatch(weights, lk, [&](auto w, auto i) {
+    using T = decltype(w);
+    sparse_grad_kernel<T, decltype(i)><<<warp_blocks(lk.v.N), kThreads, 0, stream>>>(
+        lk.v, bag_of.const_data_ptr<int32_t>(), static_cast<const T*>(grad_output.const_data_ptr()),
+        total_dim, static_cast<T*>(values.mutable_data_ptr()));
+  });
+  return values;
+}
+
+Tensor embedding_bag_per_sample_weights_grad(Tensor grad_output, Tensor weights,
+                                             Tensor weights_offsets, Tensor dim_offsets,
+                                             Tensor rows, Tensor indices, Tensor offsets,
+                                             int64_t pooling) {
+  DeviceGuard guard(weights.get_device());
+  const Lookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
+                             pooling, std::nullopt, -1);
+  const int64_t total_dim = lk.total_dim;
+  check_grad_output(grad_output, weights, lk.v.B, total_dim);
+  Tensor grad = torch::stable::new_empty(weights, {lk.v.N}, ScalarType::Float);
+  if (lk.v.N == 0) return grad;
+  const cudaStream_t stream = stream_of(weights);
+  const Tensor bag_of = bags_of(weights, lk, stream);
+  dispatch(weights, lk, [&](auto w, auto i) {
+    using T = decltype(w);
+    psw_grad_kernel<T, decltype(i)><<<warp_blocks(lk.v.N), kThreads, 0, stream>>>(
+        lk.v, bag_of.const_data_ptr<int32_t>(), static_cast<const T*>(grad_output.const_data_ptr()),
+        total_dim, static_cast<const T*>(weights.const_data_ptr()), grad.mutable_data_ptr<float>());
+  });
+  return grad;
+}
+
+void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
+                           Tensor momentum2, Tensor step, Tensor weights_offsets,
+                           Tensor dim_offsets, Tensor rows, Tensor indices, Tensor offsets,
+                           int64_t pooling, std::optional<Tensor> per_sample_weights,
+                           Tensor hparams, int64_t optimizer, bool stochastic_rounding) {
+  DeviceGuard guard(weights.get_device());
+  const Lookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
+                             pooling, per_sample_weights, -1);
+  const int64_t total_dim = lk.total_dim;
+  check_grad_output(grad_output, weights, lk.v.B, total_dim);
+  check_optimizer_args(weights, momentum1, momentum2, step, hparams, optimizer, lk.total_rows);
+  const cudaStream_t stream = stream_of(weights);
+  if (lk.v.N > 0) {
+    const Runs runs = sort_by_row(weights, lk, stream);
+    const UpdateParams up{momentum1.numel() ? momentum1.mutable_data_ptr<float>() : nullptr,
+                          momentum2.numel() ? momentum2.mutable_data_ptr<float>() : nullptr,
+                          hparams.const_data_ptr<double>(), step.const_data_ptr<int64_t>(),
+                          optimizer, stochastic_rounding};
+    dispatch(weights, lk, [&](auto w, auto i) {
+      using T = decltype(w);
+      update_kernel<T, decltype(i)><<<warp_blocks(lk.v.N), kThreads, 0, stream>>>(
+          lk.v, view(runs), static_cast<const T*>(grad_output.const_data_ptr()), total_dim,
+          static_cast<T*>(weights.mutable_data_ptr()), up);
+    });
+  }
+  increment_kernel<<<1, 1, 0, stream>>>(step.mutable_data_ptr<int64_t>());
+  DLRM_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(dlrm_ops, CUDA, m) {
+  m.impl("embedding_bag_forward_with_optimizer",
+         TORCH_BOX(&embedding_bag_forward_with_optimizer));
+  m.impl("embedding_bag_update_", TORCH_BOX(&embedding_bag_update_));
+  m.impl("embedding_bag_forward", TORCH_BOX(&embedding_bag_forward));
+  m.impl("embedding_bag_backward_dense", TORCH_BOX(&embedding_bag_backward_dense));
+  m.impl("embedding_bag_backward_sparse", TORCH_BOX(&embedding_bag_backward_sparse));
+  m.impl("embedding_bag_per_sample_weights_grad",
+         TORCH_BOX(&embedding_bag_per_sample_weights_grad));
+}
+
+}  // namespace dlrm_ops::cuda

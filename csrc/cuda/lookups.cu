@@ -1,0 +1,125 @@
+#include "cuda/lookups.cuh"
+
+#include <torch/csrc/stable/ops.h>
+
+#include "cpu/lookups.h"
+#include "cuda/utils.cuh"
+
+namespace dlrm_ops::cuda {
+namespace {
+
+// meta = [bad, ~first bad index position, total_rows, total_values, max_dim,
+//         total_dim, row_offsets[T], value_offsets[T]]
+constexpr int64_t kHeader = 6;
+
+__device__ int64_t row_size(int64_t D, int64_t bits) {
+  return bits == 0 ? D : bits == 8 ? D + 8 : D / 2 + 4;
+}
+
+// Thread 0 of block 0 checks the table metadata and writes the per-table
+// prefix sums; one warp per bag checks its offsets and indices.
+template <typename I>
+__global__ void inspect_kernel(LookupView v, int64_t ref_size, int64_t bits, int64_t total_dim,
+                               int64_t* meta) {
+  const int64_t TB = v.T * v.B;
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    bool bad = v.dim_offsets[0] != 0 || (total_dim >= 0 && v.dim_offsets[v.T] != total_dim) ||
+               (TB == 0 && (offset_at<I>(v, 0) != 0 || v.N != 0));
+    int64_t rows = 0, values = 0, max_dim = 0;
+    for (int64_t t = 0; t < v.T; ++t) {
+      const int64_t D = v.dim_offsets[t + 1] - v.dim_offsets[t], n = v.rows[t];
+      const int64_t w = v.weights_offsets[t];
+      bad |= D < 1 || n < 0 || n >= (int64_t{1} << 32) || w < 0 || (bits == 4 && D % 2 != 0) ||
+             (D >= 1 && n >= 0 && w >= 0 && w + n * row_size(D, bits) > ref_size);
+      meta[kHeader + t] = rows;
+      meta[kHeader + v.T + t] = values;
+      rows += n;
+      values += (offset_at<I>(v, (t + 1) * v.B) - offset_at<I>(v, t * v.B)) * D;
+      max_dim = max(max_dim, D);
+    }
+    if (bad) meta[0] = 1;
+    meta[2] = rows;
+    meta[3] = values;
+    meta[4] = max_dim;
+    meta[5] = v.dim_offsets[v.T];
+  }
+  const int lane = threadIdx.x % kWarp;
+  const int64_t bag = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  if (bag >= TB) return;
+  const int64_t lo = offset_at<I>(v, bag), hi = offset_at<I>(v, bag + 1);
+  if ((bag == 0 && lo != 0) || hi < lo || lo < 0 || hi > v.N || (bag == TB - 1 && hi != v.N)) {
+    if (lane == 0) meta[0] = 1;
+    return;
+  }
+  const int64_t n = v.rows[bag / v.B];
+  for (int64_t l = lo + lane; l < hi; l += kWarp) {
+    const int64_t idx = index_at<I>(v, l);
+    if (idx < 0 || idx >= n) {
+      atomicMax(reinterpret_cast<unsigned long long*>(meta + 1), ~static_cast<unsigned long long>(l));
+    }
+  }
+}
+
+[[noreturn]] void throw_cpu_error(const Tensor& ref, const char* ref_name, int64_t ref_size,
+                                  int64_t bits, int64_t total_dim, const Tensor& weights_offsets,
+                                  const Tensor& dim_offsets, const Tensor& rows,
+                                  const Tensor& indices, const Tensor& offsets, int64_t pooling,
+                                  int64_t bad_pos) {
+  const torch::stable::Device cpu(torch::headeronly::DeviceType::CPU);
+  auto host = [&](const Tensor& t) { return torch::stable::to(t, cpu); };
+  const Tensor rows_c = host(rows), woff_c = host(weights_offsets), doff_c = host(dim_offsets);
+  const Tensor idx_c = host(indices), off_c = host(offsets);
+  ValidatedLookups v = dlrm_ops::validate_lookups(rows_c, "rows", woff_c, doff_c, rows_c, idx_c,
+                                                  off_c, pooling, std::nullopt);
+  DLRM_CHECK(total_dim < 0 || v.tb.dim_offsets[v.tb.T] == total_dim, "total_dim must equal dim_offsets[-1] = ",
+             v.tb.dim_offsets[v.tb.T], ", got ", total_dim);
+  check_tables_fit(v.tb, ref_size, bits, ref_name);
+  if (bad_pos >= 0) throw_bad_index(v, bad_pos);
+  DLRM_CHECK(false, "invalid lookups for ", ref_name);
+  __builtin_unreachable();
+}
+
+}  // namespace
+
+Lookups validate_lookups(const Tensor& ref, const char* ref_name, int64_t ref_size, int64_t bits,
+                         int64_t total_dim, const Tensor& weights_offsets,
+                         const Tensor& dim_offsets, const Tensor& rows, const Tensor& indices,
+                         const Tensor& offsets, int64_t pooling,
+                         const std::optional<Tensor>& per_sample_weights) {
+  check_cuda(ref, ref_name);
+  const LookupShape s = check_lookup_args(ref, ref_name, weights_offsets, dim_offsets, rows,
+                                          indices, offsets, pooling, per_sample_weights);
+  DLRM_CHECK(s.N < (int64_t{1} << 31), "indices must have fewer than 2^31 entries on CUDA, got ",
+             s.N);
+  Lookups lk;
+  lk.int64 = indices.scalar_type() == ScalarType::Long;
+  lk.meta = torch::stable::new_zeros(rows, {kHeader + 2 * s.T});
+  if (per_sample_weights.has_value()) lk.psw_f32 = per_sample_weights_f32(*per_sample_weights);
+  int64_t* meta = lk.meta.mutable_data_ptr<int64_t>();
+  lk.v = LookupView{s.T, s.B, s.N,
+                    weights_offsets.const_data_ptr<int64_t>(), dim_offsets.const_data_ptr<int64_t>(),
+                    rows.const_data_ptr<int64_t>(), indices.const_data_ptr(), offsets.const_data_ptr(),
+                    per_sample_weights ? lk.psw_f32.const_data_ptr<float>() : nullptr, pooling,
+                    meta + kHeader, meta + kHeader + s.T};
+  const cudaStream_t stream = stream_of(ref);
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::max<int64_t>(1, ceil_div(s.T * s.B * kWarp, kThreads));
+  dispatch_index(lk.int64, [&](auto i) {
+    inspect_kernel<decltype(i)><<<blocks, kThreads, 0, stream>>>(lk.v, ref_size, bits, total_dim, meta);
+  });
+  DLRM_LAUNCH_CHECK();
+  int64_t h[kHeader];
+  DLRM_CUDA_CHECK(cudaMemcpyAsync(h, meta, sizeof(h), cudaMemcpyDeviceToHost, stream));
+  DLRM_CUDA_CHECK(cudaStreamSynchronize(stream));
+  if (h[0] != 0 || h[1] != 0) {
+    throw_cpu_error(ref, ref_name, ref_size, bits, total_dim, weights_offsets, dim_offsets, rows,
+                    indices, offsets, pooling, h[1] != 0 ? static_cast<int64_t>(~h[1]) : -1);
+  }
+  lk.total_rows = h[2];
+  lk.total_values = h[3];
+  lk.max_dim = h[4];
+  lk.total_dim = h[5];
+  return lk;
+}
+
+}  // namespace dlrm_ops::cuda

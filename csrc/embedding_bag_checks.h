@@ -1,0 +1,56 @@
+// Argument checks of the embedding-bag backward and fused-update ops, shared
+// by the CPU and CUDA implementations (they read no tensor data).
+#pragma once
+
+#include "common.h"
+#include "cpu/embedding_bag_kernel.h"
+
+namespace dlrm_ops {
+
+using cpu::kAdagrad;
+using cpu::kAdam;
+using cpu::kRowwiseAdagrad;
+using cpu::kSGD;
+
+inline void check_grad_output(const Tensor& grad_output, const Tensor& weights, int64_t B,
+                              int64_t total_dim) {
+  check_same_device(grad_output, "grad_output", weights, "weights");
+  DLRM_CHECK(grad_output.scalar_type() == weights.scalar_type(),
+             "grad_output must have the dtype of weights");
+  check_dim(grad_output, "grad_output", 2);
+  check_contiguous(grad_output, "grad_output");
+  DLRM_CHECK(grad_output.size(0) == B && grad_output.size(1) == total_dim,
+             "grad_output must have shape [", B, ", ", total_dim, "]");
+}
+
+inline void check_state(const Tensor& t, const char* name, const Tensor& weights, int64_t numel) {
+  check_same_device(t, name, weights, "weights");
+  check_dtype(t, name, {ScalarType::Float});
+  check_contiguous(t, name);
+  DLRM_CHECK(t.numel() == numel, name, " must have ", numel, " elements for this optimizer, got ",
+             t.numel());
+}
+
+// Optimizer id, hparams (float64 [lr, eps, beta1, beta2, weight_decay]), the
+// int64 step and the fp32 state sized for `total_rows` rows of `weights`.
+inline void check_optimizer_args(const Tensor& weights, const Tensor& momentum1,
+                                 const Tensor& momentum2, const Tensor& step,
+                                 const Tensor& hparams, int64_t optimizer, int64_t total_rows) {
+  DLRM_CHECK(optimizer >= kSGD && optimizer <= kAdam,
+             "optimizer must be 1 (sgd), 2 (adagrad), 3 (rowwise_adagrad) or 4 (adam), got ",
+             optimizer);
+  check_same_device(hparams, "hparams", weights, "weights");
+  check_dtype(hparams, "hparams", {ScalarType::Double});
+  DLRM_CHECK(hparams.numel() == 5 && hparams.is_contiguous(),
+             "hparams must hold [lr, eps, beta1, beta2, weight_decay]");
+  check_same_device(step, "step", weights, "weights");
+  check_dtype(step, "step", {ScalarType::Long});
+  DLRM_CHECK(step.numel() == 1, "step must have one element");
+  const int64_t n1 = optimizer == kSGD ? 0
+                     : optimizer == kRowwiseAdagrad ? total_rows
+                                                    : weights.numel();
+  check_state(momentum1, "momentum1", weights, n1);
+  check_state(momentum2, "momentum2", weights, optimizer == kAdam ? weights.numel() : 0);
+}
+
+}  // namespace dlrm_ops
