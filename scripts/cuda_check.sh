@@ -21,6 +21,6 @@ if [ "$what" != bench ]; then
   fi
 fi
 if [ "$what" != tests ]; then
-  python3 -m dlrm_ops benchmark --device cuda --rows 500000 --json "$out/bench_cuda.json" 2>&1 | tee "$out/bench_cuda.log"
+  python3 -m dlrm_ops benchmark --device cuda --rows 500000 --ops "${BENCH_OPS:-forward,train,interaction,quantized,dlrm}" --json "$out/bench_cuda.json" 2>&1 | tee "$out/bench_cuda.log"
 fi
 exit $status

@@ -183,8 +183,9 @@ def test_interaction_matches_cpu(dtype, self_interaction, order, T, D, flat):
         outs["g"] = grad
         out.backward(grad)
         outs[dev] = (out, d.grad, s.grad)
-    for g, c in zip(outs[cuda], outs["cpu"]):
-        close(g, c, dtype)
+    for g, c in zip(outs[cuda], outs["cpu"]):  # sums of T+1 products of D terms
+        torch.testing.assert_close(g.cpu().float(), c.float(), atol=1e-4, rtol=1e-4) \
+            if dtype == torch.float32 else close(g, c, dtype)
 
 
 def test_interaction_reads_strided_sparse_and_leaves_inputs_alone():

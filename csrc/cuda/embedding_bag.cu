@@ -185,40 +185,68 @@ __device__ __forceinline__ RowInfo row_info(const LookupView& v, const RunView& 
   return {t, D, d0, row, v.weights_offsets[t] + row * D, lo, hi};
 }
 
-// The row's summed gradient over the columns c0 + k*32 of one window, in lookup order.
+// The row's summed gradient over the columns c0 + k*32 of one window, in
+// lookup order. Called by the whole warp (c0 = window start + lane): lane j
+// fetches lookup p0 + j's gradient row and weight, and the loop broadcasts
+// them, so only the gradient loads themselves wait on memory.
 template <typename T, typename I>
 __device__ __forceinline__ void row_grad(const LookupView& v, const RunView& rv, const RowInfo& ri,
                                          const T* __restrict__ grad_out, int64_t go_stride,
                                          int64_t c0, float (&g)[kCols]) {
 #pragma unroll
   for (int k = 0; k < kCols; ++k) g[k] = 0.f;
-  for (int64_t p = ri.lo; p < ri.hi; ++p) {
-    const int64_t l = rv.pos[p];
-    const int64_t bag = rv.bag_of[l];
-    const float s = lookup_scale(v, l, offset_at<I>(v, bag + 1) - offset_at<I>(v, bag));
-    const T* go = grad_out + (bag % v.B) * go_stride + ri.d0 + c0;
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t p0 = ri.lo; p0 < ri.hi; p0 += kWarp) {
+    int64_t my_row = 0;
+    float my_s = 0.f;
+    if (p0 + lane < ri.hi) {
+      const int64_t l = rv.pos[p0 + lane];
+      const int64_t bag = rv.bag_of[l];
+      my_s = lookup_scale(v, l, offset_at<I>(v, bag + 1) - offset_at<I>(v, bag));
+      my_row = (bag % v.B) * go_stride;
+    }
+    const int n = static_cast<int>(min(static_cast<int64_t>(kWarp), ri.hi - p0));
+#pragma unroll 4
+    for (int j = 0; j < n; ++j) {
+      const int64_t row = __shfl_sync(0xffffffffu, my_row, j);
+      const float s = __shfl_sync(0xffffffffu, my_s, j);
+      const T* go = grad_out + row + ri.d0 + c0;
 #pragma unroll
-    for (int k = 0; k < kCols; ++k) {
-      if (c0 + k * kWarp < ri.D) g[k] += s * to_f32(go[k * kWarp]);
+      for (int k = 0; k < kCols; ++k) {
+        if (c0 + k * kWarp < ri.D) g[k] += s * to_f32(go[k * kWarp]);
+      }
     }
   }
+}
+
+// Warps of the per-row kernels: a grid-stride loop over the touched rows,
+// whose count only the device knows.
+int64_t run_warps(int64_t N) { return std::min<int64_t>(N, 1 << 16); }
+
+// Calls f(run) for the touched rows this warp owns (a grid-stride loop).
+template <typename F>
+__device__ __forceinline__ void for_each_run(const RunView& rv, F&& f) {
+  const int64_t num_runs = *rv.num_runs;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
+  for (int64_t run = warp_id(); run < num_runs; run += warps) f(run);
 }
 
 template <typename T, typename I>
 __global__ void __launch_bounds__(kThreads)
 dense_grad_kernel(LookupView v, RunView rv, const T* __restrict__ grad_out, int64_t go_stride,
                   T* __restrict__ grad_w) {
-  const int64_t run = warp_id();
-  if (run >= *rv.num_runs) return;
-  const RowInfo ri = row_info<I>(v, rv, run);
-  for (int64_t c0 = threadIdx.x % kWarp; c0 < ri.D; c0 += kWindow) {
-    float g[kCols];
-    row_grad<T, I>(v, rv, ri, grad_out, go_stride, c0, g);
+  for_each_run(rv, [&](int64_t run) {
+    const RowInfo ri = row_info<I>(v, rv, run);
+    for (int64_t w0 = 0; w0 < ri.D; w0 += kWindow) {
+      const int64_t c0 = w0 + threadIdx.x % kWarp;
+      float g[kCols];
+      row_grad<T, I>(v, rv, ri, grad_out, go_stride, c0, g);
 #pragma unroll
-    for (int k = 0; k < kCols; ++k) {
-      if (c0 + k * kWarp < ri.D) grad_w[ri.elem0 + c0 + k * kWarp] = from_f32<T>(g[k]);
+      for (int k = 0; k < kCols; ++k) {
+        if (c0 + k * kWarp < ri.D) grad_w[ri.elem0 + c0 + k * kWarp] = from_f32<T>(g[k]);
+      }
     }
-  }
+  });
 }
 
 // One gradient row per lookup: table t's rows from element value_offsets[t].
@@ -304,39 +332,10 @@ template <typename T, typename I>
 __global__ void __launch_bounds__(kThreads)
 update_kernel(LookupView v, RunView rv, const T* __restrict__ grad_out, int64_t go_stride,
               T* __restrict__ w, UpdateParams up) {
-  const int64_t run = warp_id();
-  if (run >= *rv.num_runs) return;
   const int lane = threadIdx.x % kWarp;
-  const RowInfo ri = row_info<I>(v, rv, run);
   const float lr = static_cast<float>(up.hparams[0]), eps = static_cast<float>(up.hparams[1]);
   const float wd = static_cast<float>(up.hparams[4]);
   const int64_t step = *up.step + 1;
-  float g[kCols];
-  // Gradient of one window with weight decay, and the fp32 weights.
-  auto grad = [&](int64_t c0, float (&wf)[kCols]) {
-    row_grad<T, I>(v, rv, ri, grad_out, go_stride, c0, g);
-#pragma unroll
-    for (int k = 0; k < kCols; ++k) {
-      wf[k] = c0 + k * kWarp < ri.D ? to_f32(w[ri.elem0 + c0 + k * kWarp]) : 0.f;
-      if (wd != 0.f) g[k] += wd * wf[k];
-    }
-  };
-  float wf[kCols];
-  float row_step = 0.f;  // rowwise adagrad: lr / (sqrt(s) + eps)
-  const bool one_window = ri.D <= kWindow;
-  if (up.optimizer == kRowwiseAdagrad) {
-    float sq = 0.f;
-    for (int64_t c0 = lane; c0 < ri.D; c0 += kWindow) {
-      grad(c0, wf);
-#pragma unroll
-      for (int k = 0; k < kCols; ++k) sq += g[k] * g[k];
-    }
-    float* s = up.m1 + v.row_offsets[ri.t] + ri.row;
-    const float s_new = *s + warp_sum(sq) / static_cast<float>(ri.D);
-    row_step = lr / (sqrtf(s_new) + eps);
-    __syncwarp();
-    if (lane == 0) *s = s_new;
-  }
   float step_size = 0.f, b1 = 0.f, b2 = 0.f;
   if (up.optimizer == kAdam) {
     b1 = static_cast<float>(up.hparams[2]);
@@ -346,36 +345,65 @@ update_kernel(LookupView v, RunView rv, const T* __restrict__ grad_out, int64_t 
     step_size = static_cast<float>(up.hparams[0] * sqrt(bc2) / bc1);
   }
   const uint64_t seed = mix64(static_cast<uint64_t>(step) * 0x9e3779b97f4a7c15ull);
-  for (int64_t c0 = lane; c0 < ri.D; c0 += kWindow) {
-    if (!(up.optimizer == kRowwiseAdagrad && one_window)) grad(c0, wf);
+  for_each_run(rv, [&](int64_t run) {
+    const RowInfo ri = row_info<I>(v, rv, run);
+    float g[kCols], wf[kCols];
+    // Gradient of the window at c0 with weight decay, and the fp32 weights.
+    auto grad = [&](int64_t c0) {
+      row_grad<T, I>(v, rv, ri, grad_out, go_stride, c0, g);
 #pragma unroll
-    for (int k = 0; k < kCols; ++k) {
-      const int64_t c = c0 + k * kWarp;
-      if (c >= ri.D) continue;
-      const int64_t e = ri.elem0 + c;
-      float x = wf[k];
-      switch (up.optimizer) {
-        case kSGD: x -= lr * g[k]; break;
-        case kAdagrad: {
-          const float s = up.m1[e] + g[k] * g[k];
-          up.m1[e] = s;
-          x -= lr * g[k] / (sqrtf(s) + eps);
-          break;
-        }
-        case kRowwiseAdagrad: x -= row_step * g[k]; break;
-        default: {  // adam
-          const float m = up.m1[e] + (g[k] - up.m1[e]) * (1.f - b1);
-          const float s = up.m2[e] + (g[k] * g[k] - up.m2[e]) * (1.f - b2);
-          up.m1[e] = m;
-          up.m2[e] = s;
-          x -= step_size * (m / (sqrtf(s) + eps));
-        }
+      for (int k = 0; k < kCols; ++k) {
+        wf[k] = c0 + k * kWarp < ri.D ? to_f32(w[ri.elem0 + c0 + k * kWarp]) : 0.f;
+        if (wd != 0.f) g[k] += wd * wf[k];
       }
-      w[e] = up.stochastic_rounding
-                 ? round_stochastic<T>(x, static_cast<uint32_t>(mix64(seed ^ static_cast<uint64_t>(e))))
-                 : from_f32<T>(x);
+    };
+    float row_step = 0.f;  // rowwise adagrad: lr / (sqrt(s) + eps)
+    const bool one_window = ri.D <= kWindow;
+    if (up.optimizer == kRowwiseAdagrad) {
+      float sq = 0.f;
+      for (int64_t w0 = 0; w0 < ri.D; w0 += kWindow) {
+        grad(w0 + lane);
+#pragma unroll
+        for (int k = 0; k < kCols; ++k) sq += g[k] * g[k];
+      }
+      float* s = up.m1 + v.row_offsets[ri.t] + ri.row;
+      const float s_new = *s + warp_sum(sq) / static_cast<float>(ri.D);
+      row_step = lr / (sqrtf(s_new) + eps);
+      __syncwarp();
+      if (lane == 0) *s = s_new;
     }
-  }
+    for (int64_t w0 = 0; w0 < ri.D; w0 += kWindow) {
+      const int64_t c0 = w0 + lane;
+      if (!(up.optimizer == kRowwiseAdagrad && one_window)) grad(c0);
+#pragma unroll
+      for (int k = 0; k < kCols; ++k) {
+        const int64_t c = c0 + k * kWarp;
+        if (c >= ri.D) continue;
+        const int64_t e = ri.elem0 + c;
+        float x = wf[k];
+        switch (up.optimizer) {
+          case kSGD: x -= lr * g[k]; break;
+          case kAdagrad: {
+            const float s = up.m1[e] + g[k] * g[k];
+            up.m1[e] = s;
+            x -= lr * g[k] / (sqrtf(s) + eps);
+            break;
+          }
+          case kRowwiseAdagrad: x -= row_step * g[k]; break;
+          default: {  // adam
+            const float m = up.m1[e] + (g[k] - up.m1[e]) * (1.f - b1);
+            const float s = up.m2[e] + (g[k] * g[k] - up.m2[e]) * (1.f - b2);
+            up.m1[e] = m;
+            up.m2[e] = s;
+            x -= step_size * (m / (sqrtf(s) + eps));
+          }
+        }
+        w[e] = up.stochastic_rounding
+                   ? round_stochastic<T>(x, static_cast<uint32_t>(mix64(seed ^ static_cast<uint64_t>(e))))
+                   : from_f32<T>(x);
+      }
+    }
+  });
 }
 
 __global__ void increment_kernel(int64_t* step) { *step += 1; }
@@ -447,7 +475,7 @@ Tensor embedding_bag_backward_dense(Tensor grad_output, Tensor weights, Tensor w
   const Runs runs = sort_by_row(weights, lk, stream);
   dispatch(weights, lk, [&](auto w, auto i) {
     using T = decltype(w);
-    dense_grad_kernel<T, decltype(i)><<<warp_blocks(lk.v.N), kThreads, 0, stream>>>(
+    dense_grad_kernel<T, decltype(i)><<<warp_blocks(run_warps(lk.v.N)), kThreads, 0, stream>>>(
         lk.v, view(runs), static_cast<const T*>(grad_output.const_data_ptr()), total_dim,
         static_cast<T*>(grad_weight.mutable_data_ptr()));
   });
@@ -529,7 +557,7 @@ void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
                           optimizer, stochastic_rounding};
     dispatch(weights, lk, [&](auto w, auto i) {
       using T = decltype(w);
-      update_kernel<T, decltype(i)><<<warp_blocks(lk.v.N), kThreads, 0, stream>>>(
+      update_kernel<T, decltype(i)><<<warp_blocks(run_warps(lk.v.N)), kThreads, 0, stream>>>(
           lk.v, view(runs), static_cast<const T*>(grad_output.const_data_ptr()), total_dim,
           static_cast<T*>(weights.mutable_data_ptr()), up);
     });
