@@ -60,6 +60,17 @@ __global__ void inspect_kernel(LookupView v, int64_t ref_size, int64_t bits, int
   }
 }
 
+// Page-locked host memory for the verdict, so that its copy is one DMA; one
+// buffer per host thread, kept for the thread's life.
+int64_t* pinned_header() {
+  thread_local int64_t* buf = [] {
+    void* p = nullptr;
+    DLRM_CUDA_CHECK(cudaHostAlloc(&p, kHeader * sizeof(int64_t), cudaHostAllocPortable));
+    return static_cast<int64_t*>(p);
+  }();
+  return buf;
+}
+
 [[noreturn]] void throw_cpu_error(const Tensor& ref, const char* ref_name, int64_t ref_size,
                                   int64_t bits, int64_t total_dim, const Tensor& weights_offsets,
                                   const Tensor& dim_offsets, const Tensor& rows,
@@ -93,7 +104,7 @@ Lookups validate_lookups(const Tensor& ref, const char* ref_name, int64_t ref_si
              s.N);
   Lookups lk;
   lk.int64 = indices.scalar_type() == ScalarType::Long;
-  lk.meta = torch::stable::new_zeros(rows, {kHeader + 2 * s.T});
+  lk.meta = torch::stable::new_empty(rows, {kHeader + 2 * s.T});
   if (per_sample_weights.has_value()) lk.psw_f32 = per_sample_weights_f32(*per_sample_weights);
   int64_t* meta = lk.meta.mutable_data_ptr<int64_t>();
   lk.v = LookupView{s.T, s.B, s.N,
@@ -102,14 +113,15 @@ Lookups validate_lookups(const Tensor& ref, const char* ref_name, int64_t ref_si
                     per_sample_weights ? lk.psw_f32.const_data_ptr<float>() : nullptr, pooling,
                     meta + kHeader, meta + kHeader + s.T};
   const cudaStream_t stream = stream_of(ref);
+  DLRM_CUDA_CHECK(cudaMemsetAsync(meta, 0, 2 * sizeof(int64_t), stream));  // the error slots
   constexpr int kThreads = 256;
   const int64_t blocks = std::max<int64_t>(1, ceil_div(s.T * s.B * kWarp, kThreads));
   dispatch_index(lk.int64, [&](auto i) {
     inspect_kernel<decltype(i)><<<blocks, kThreads, 0, stream>>>(lk.v, ref_size, bits, total_dim, meta);
   });
   DLRM_LAUNCH_CHECK();
-  int64_t h[kHeader];
-  DLRM_CUDA_CHECK(cudaMemcpyAsync(h, meta, sizeof(h), cudaMemcpyDeviceToHost, stream));
+  int64_t* h = pinned_header();
+  DLRM_CUDA_CHECK(cudaMemcpyAsync(h, meta, kHeader * sizeof(int64_t), cudaMemcpyDeviceToHost, stream));
   DLRM_CUDA_CHECK(cudaStreamSynchronize(stream));
   if (h[0] != 0 || h[1] != 0) {
     throw_cpu_error(ref, ref_name, ref_size, bits, total_dim, weights_offsets, dim_offsets, rows,
