@@ -401,3 +401,19 @@ def test_every_cpu_path_agrees(capability):
                          cwd=os.path.dirname(__file__))
     assert res.returncode == 0, res.stderr
     assert res.stdout.split()[0] == capability
+
+
+def _anon_huge_kib():
+    with open("/proc/self/smaps_rollup") as f:
+        return int(f.read().split("AnonHugePages:")[1].split()[0])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup") or
+                    "[never]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read(),
+                    reason="needs Linux with transparent huge pages")
+def test_large_tables_are_backed_by_huge_pages():
+    before = _anon_huge_kib()
+    ebc = EmbeddingBagCollection([300_000] * 2, 32, optimizer="adagrad")  # 2 x 77 MB
+    assert _anon_huge_kib() - before >= 100 * 1024
+    small = EmbeddingBagCollection([10], 4)  # below the threshold: plain pages, still correct
+    assert small.weight.shape == (10, 4) and ebc.momentum1.abs().sum() == 0

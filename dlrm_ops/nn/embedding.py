@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ._memory import empty_table
 
 
 class EmbeddingBagCollection(nn.Module):
@@ -72,7 +73,7 @@ class EmbeddingBagCollection(nn.Module):
         self.register_buffer("dim_offsets", torch.tensor(doff, **kw), persistent=False)
         self.register_buffer("rows", torch.tensor(rows, **kw), persistent=False)
         shape = (sum(rows), dims[0]) if len(set(dims)) == 1 else (sum(sizes),)
-        self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+        self.weight = nn.Parameter(empty_table(shape, dtype, device))
         self._woff = woff
         self.optimizer = optimizer
         self.stochastic_rounding = stochastic_rounding
@@ -91,9 +92,9 @@ class EmbeddingBagCollection(nn.Module):
             eps = 1e-10 if optimizer == "adagrad" else 1e-8
         n_elem, n_rows = self.weight.numel(), sum(self.num_embeddings)
         n1 = {"sgd": 0, "adagrad": n_elem, "rowwise_adagrad": n_rows, "adam": n_elem}[optimizer]
-        kw = dict(dtype=torch.float32, device=device)
-        self.register_buffer("momentum1", torch.zeros(n1, **kw))
-        self.register_buffer("momentum2", torch.zeros(n_elem if optimizer == "adam" else 0, **kw))
+        self.register_buffer("momentum1", empty_table(n1, torch.float32, device).zero_())
+        self.register_buffer("momentum2", empty_table(n_elem if optimizer == "adam" else 0,
+                                                      torch.float32, device).zero_())
         self.register_buffer("step", torch.zeros(1, dtype=torch.int64, device=device))
         self.register_buffer("hparams", torch.tensor(
             [lr, eps, betas[0], betas[1], weight_decay], dtype=torch.float64, device=device))

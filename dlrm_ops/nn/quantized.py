@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ._memory import empty_table
 from .embedding import EmbeddingBag, EmbeddingBagCollection, bags_from_embedding_bag_args
 
 
@@ -42,7 +43,7 @@ class QuantizedEmbeddingBagCollection(nn.Module):
                                                        dims.cumsum(0)]).to(device),
                              persistent=False)
         self.register_buffer("rows", torch.tensor(self.num_embeddings, **kw), persistent=False)
-        self.register_buffer("packed", torch.zeros(sum(sizes), dtype=torch.uint8, device=device))
+        self.register_buffer("packed", empty_table(sum(sizes), torch.uint8, device).zero_())
 
     @classmethod
     def from_float(cls, ebc: EmbeddingBagCollection, bits: int = 8,
