@@ -7,6 +7,7 @@ input builders here.
 """
 import ctypes
 import gc
+import itertools
 import os
 import statistics
 import subprocess
@@ -430,8 +431,11 @@ def run_dlrm(configs: List[str], rows: int, B: int, threads: List[int], min_time
         torch.manual_seed(0)
         ours = DLRM(tables, D, bot, top, embedding_optimizer="sgd", embedding_lr=0.01)
         ref = ReferenceDLRM(tables, D, bot, top).load_from(ours)
-        b = RandomData(tables, bot[0], B, 1, num_indices_per_lookup=1,
-                       fixed_indices_per_lookup=True).batch(0)
+        # Fresh batches in turn, as in training: rows come cold from memory.
+        data = RandomData(tables, bot[0], B, 16, num_indices_per_lookup=1,
+                          fixed_indices_per_lookup=True)
+        batches = itertools.cycle([data.batch(i) for i in range(16)])
+        b = data.batch(0)
         opt_o = torch.optim.SGD(ours.dense_parameters(), lr=0.01)
         opt_r = torch.optim.SGD(ref.dense_parameters(), lr=0.01)
         emb_r = torch.optim.SGD(ref.embedding_parameters(), lr=0.01)
@@ -439,12 +443,19 @@ def run_dlrm(configs: List[str], rows: int, B: int, threads: List[int], min_time
 
         def train(model, opts):
             def step():
+                nb = next(batches)
                 for o in opts:
                     o.zero_grad()
-                loss_fn(model(b.dense, b.indices, b.offsets), b.labels).backward()
+                loss_fn(model(nb.dense, nb.indices, nb.offsets), nb.labels).backward()
                 for o in opts:
                     o.step()
             return step
+
+        def infer(model):
+            def run():
+                nb = next(batches)
+                return model(nb.dense, nb.indices, nb.offsets)
+            return torch.no_grad()(run)
 
         dense_x = ours.bottom(b.dense).detach().requires_grad_()
         ly = ours.sparse(b.indices, b.offsets).detach().requires_grad_()
@@ -465,8 +476,7 @@ def run_dlrm(configs: List[str], rows: int, B: int, threads: List[int], min_time
 
         parts = {
             "train step": (train(ours, [opt_o]), train(ref, [opt_r, emb_r])),
-            "inference": (torch.no_grad()(lambda: ours(b.dense, b.indices, b.offsets)),
-                          torch.no_grad()(lambda: ref(b.dense, b.indices, b.offsets))),
+            "inference": (infer(ours), infer(ref)),
             "  embeddings+update": (lambda: ours.sparse(b.indices, b.offsets).backward(g_ly), emb_ref),
             "  interaction": (lambda: ops.dot_interaction(dense_x, ly).sum().backward(),
                               lambda: dot_interaction(dense_x, ly.view(B, T, D)).sum().backward()),
