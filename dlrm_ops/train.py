@@ -179,15 +179,19 @@ def compare_with_reference(args, model, tables, data, steps: int) -> Optional[di
         opt_ref.step()
         emb_ref.step()
 
-    result = {}
-    for name, fn in (("dlrm_ops", step_ours), ("reference", step_ref)):
+    sides = {"dlrm_ops": step_ours, "reference": step_ref}
+    for fn in sides.values():
         for b in batches[:3]:
             fn(b)
-        t0 = time.perf_counter()
-        for b in batches:
-            fn(b)
-        result[name] = len(batches) * batches[0].size / (time.perf_counter() - t0)
-    return result
+    # Interleaved rounds, best of each side: drifting machine load hits both alike.
+    best = {name: float("inf") for name in sides}
+    for _ in range(3):
+        for name, fn in sides.items():
+            t0 = time.perf_counter()
+            for b in batches:
+                fn(b)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: len(batches) * batches[0].size / t for name, t in best.items()}
 
 
 def plot(path: str, losses, evals) -> None:
