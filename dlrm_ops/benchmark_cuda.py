@@ -39,10 +39,9 @@ def _rows(op, times, ours, **shape):
                  **shape) for k, t in times.items()]
 
 
-def _one_table_call(ebc: EmbeddingBagCollection, idx, off, T, B, D):
-    """All tables as one nn.functional.embedding_bag over the concatenated
-    weight, with table-shifted indices (computed once, outside the timing)."""
-    rows = ebc.num_embeddings[0]
+def _shifted_indices(rows: int, idx, off, T, B):
+    """Indices into all tables stacked as one (for a single
+    nn.functional.embedding_bag call; computed once, outside the timing)."""
     shift = torch.repeat_interleave(torch.arange(T, device=idx.device) * rows,
                                     (off[B::B] - off[:-1:B]))
     return idx + shift
@@ -56,7 +55,7 @@ def run_embedding_bag(T, rows, dims, B, lengths, train: bool) -> List[dict]:
             dev = torch.device("cuda")
             idx, off = inp.indices.to(dev), inp.offsets.to(dev)
             gathered = idx.numel() * D * 4
-            shifted = _one_table_call(inp.ebc, idx, off, T, B, D)
+            shifted = _shifted_indices(rows, idx, off, T, B)
             grad = torch.randn(B, T * D, device=dev)
             if not train:  # inference: no autograd on either side
                 ebc = inp.ebc.to(dev)
@@ -133,7 +132,7 @@ def run_quantized(T, rows, dims, B, lengths) -> List[dict]:
             ebc = inp.ebc.to(dev)
             q = QuantizedEmbeddingBagCollection.from_float(ebc, bits=8)
             packed = q.packed.view(T * rows, D + 8)
-            shifted = _one_table_call(ebc, idx, off, T, B, D)
+            shifted = _shifted_indices(rows, idx, off, T, B)
             bag = torch.repeat_interleave(torch.arange(T * B, device=dev), off[1:] - off[:-1])
             w = ebc.weight.detach()
 

@@ -38,8 +38,8 @@ def close(a, b, dtype=torch.float32):
 
 # torch 2.11 (the CUDA machines' torch, older than this package's >= 2.13)
 # crashed on every exception a stable-ABI kernel raised, CPU kernels included.
-needs_213 = pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13),
-                               reason="kernel exceptions crash torch < 2.13's stable-ABI dispatch")
+OLD_TORCH = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
+needs_213 = pytest.mark.skipif(OLD_TORCH, reason="kernel exceptions crash torch < 2.13's stable-ABI dispatch")
 
 
 DIMS = [8, [4, 33, 64, 300]]
@@ -285,8 +285,7 @@ def test_dlrm_train_steps_match_cpu():
     torch.testing.assert_close(gpu.top[0].weight.cpu(), cpu.top[0].weight, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13),
-                    reason="torch < 2.13 refuses the in-place update of the leaf weight under compile")
+@pytest.mark.skipif(OLD_TORCH, reason="torch < 2.13 refuses the in-place update of the leaf weight under compile")
 def test_dlrm_train_steps_under_compile():
     eager = dlrm_steps(dlrm().to(cuda), cuda)
     compiled = dlrm_steps(dlrm().to(cuda), cuda, compile=True)
