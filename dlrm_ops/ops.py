@@ -20,6 +20,31 @@ def _pooling(mode: str) -> int:
     return POOLING[mode]
 
 
+def _autograd_function(op, setup, backward):
+    """The autograd registered for `op` (`setup`, `backward`) as a plain
+    torch.autograd.Function: 17 us per call instead of the 42 us of
+    torch.library's registered-autograd layers (CPU, one-element inputs), which
+    the GPU's small shapes feel. torch.compile and direct op calls use the
+    registered autograd."""
+
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            out = op(*inputs)
+            setup(ctx, inputs, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            return backward(ctx, grad)
+
+    def call(*inputs):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return Fn.apply(*inputs)
+        return op(*inputs)
+    return call
+
+
 def table_batched_embedding_bag(
     weights: torch.Tensor,
     weights_offsets: torch.Tensor,
@@ -46,7 +71,7 @@ def table_batched_embedding_bag(
     """
     if total_dim is None:
         total_dim = int(dim_offsets[-1])
-    return _ops.embedding_bag_forward(
+    return _embedding_bag(
         weights, weights_offsets, dim_offsets, rows, indices, offsets, _pooling(mode),
         per_sample_weights, total_dim, sparse)
 
@@ -79,7 +104,7 @@ def table_batched_embedding_bag_with_optimizer(
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
     if total_dim is None:
         total_dim = int(dim_offsets[-1])
-    return _ops.embedding_bag_forward_with_optimizer(
+    return _embedding_bag_with_optimizer(
         weights, weights_offsets, dim_offsets, rows, indices, offsets, _pooling(mode),
         per_sample_weights, total_dim, momentum1, momentum2, step, hparams, OPTIMIZERS[optimizer],
         stochastic_rounding)
@@ -173,6 +198,8 @@ def _embedding_bag_backward(ctx, grad):
 
 torch.library.register_autograd("dlrm_ops::embedding_bag_forward", _embedding_bag_backward,
                                 setup_context=_embedding_bag_setup)
+_embedding_bag = _autograd_function(_ops.embedding_bag_forward.default, _embedding_bag_setup,
+                                    _embedding_bag_backward)
 
 
 def _with_optimizer_setup(ctx, inputs, output):
@@ -198,6 +225,9 @@ def _with_optimizer_backward(ctx, grad):
 
 torch.library.register_autograd("dlrm_ops::embedding_bag_forward_with_optimizer",
                                 _with_optimizer_backward, setup_context=_with_optimizer_setup)
+_embedding_bag_with_optimizer = _autograd_function(
+    _ops.embedding_bag_forward_with_optimizer.default, _with_optimizer_setup,
+    _with_optimizer_backward)
 
 
 def dot_interaction(dense: torch.Tensor, sparse: torch.Tensor, *, self_interaction: bool = False,
@@ -213,7 +243,7 @@ def dot_interaction(dense: torch.Tensor, sparse: torch.Tensor, *, self_interacti
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {sorted(ORDERS)}, got {order!r}")
-    return _ops.dot_interaction(dense, sparse, self_interaction, ORDERS[order])
+    return _dot_interaction(dense, sparse, self_interaction, ORDERS[order])
 
 
 def _interaction_pairs(F, self_interaction):
@@ -248,6 +278,8 @@ def _interaction_backward(ctx, grad):
 
 torch.library.register_autograd("dlrm_ops::dot_interaction", _interaction_backward,
                                 setup_context=_interaction_setup)
+_dot_interaction = _autograd_function(_ops.dot_interaction.default, _interaction_setup,
+                                      _interaction_backward)
 
 
 def quantize_rowwise(weight: torch.Tensor, bits: int = 8) -> torch.Tensor:
