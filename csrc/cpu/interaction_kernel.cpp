@@ -190,9 +190,17 @@ inline void reduce_round(vf16* v, vi16 lo, vi16 hi) {
 }
 
 // Writes lane k of the result as the sum of acc[k]'s lanes, to out[4 r + c]
-// at out + r * ld + c. Out of line so that the masks do not take registers
-// from the dot products' loop.
-__attribute__((noinline)) void reduce16(vf16* acc, float* out, int64_t ld) {
+// at out + r * ld + c. Inlined, so the sixteen sums never leave registers;
+// each mask passes through an empty volatile asm where it is used, so that the
+// compiler cannot hoist the eight mask registers into the dot products' loop.
+template <int M>
+inline __attribute__((always_inline)) vi16 mask_at(const vi16& m) {
+  vi16 v = m;
+  asm volatile("" : "+v"(v));
+  return v;
+}
+
+inline __attribute__((always_inline)) void reduce16(vf16 (&acc)[16], float* out, int64_t ld) {
   static const auto masks = [] {
     std::array<vi16, 8> m;
     transpose_masks<8>(m[0], m[1]);
@@ -201,10 +209,10 @@ __attribute__((noinline)) void reduce16(vf16* acc, float* out, int64_t ld) {
     transpose_masks<1>(m[6], m[7]);
     return m;
   }();
-  reduce_round<8>(acc, masks[0], masks[1]);
-  reduce_round<4>(acc, masks[2], masks[3]);
-  reduce_round<2>(acc, masks[4], masks[5]);
-  reduce_round<1>(acc, masks[6], masks[7]);
+  reduce_round<8>(acc, mask_at<0>(masks[0]), mask_at<1>(masks[1]));
+  reduce_round<4>(acc, mask_at<2>(masks[2]), mask_at<3>(masks[3]));
+  reduce_round<2>(acc, mask_at<4>(masks[4]), mask_at<5>(masks[5]));
+  reduce_round<1>(acc, mask_at<6>(masks[6]), mask_at<7>(masks[7]));
   float sums[16];
   store16(sums, acc[0]);
 #pragma GCC unroll 4
