@@ -189,18 +189,17 @@ inline void reduce_round(vf16* v, vi16 lo, vi16 hi) {
   for (int k = 0; k < M; ++k) v[k] = __builtin_shuffle(v[k], v[k + M], lo) + __builtin_shuffle(v[k], v[k + M], hi);
 }
 
-// Writes lane k of the result as the sum of acc[k]'s lanes, to out[4 r + c]
-// at out + r * ld + c. Inlined, so the sixteen sums never leave registers;
-// each mask passes through an empty volatile asm where it is used, so that the
-// compiler cannot hoist the eight mask registers into the dot products' loop.
-template <int M>
-inline __attribute__((always_inline)) vi16 mask_at(const vi16& m) {
+// Lane k of the result is the sum of acc[k]'s lanes. Inlined, so the sixteen
+// sums never leave registers; each mask passes through an empty volatile asm
+// where it is used, so that the compiler cannot hoist the mask registers into
+// the dot products' loop.
+inline __attribute__((always_inline)) vi16 at_use(const vi16& m) {
   vi16 v = m;
   asm volatile("" : "+v"(v));
   return v;
 }
 
-inline __attribute__((always_inline)) void reduce16(vf16 (&acc)[16], float* out, int64_t ld) {
+inline __attribute__((always_inline)) vf16 reduce16(vf16 (&acc)[16]) {
   static const auto masks = [] {
     std::array<vi16, 8> m;
     transpose_masks<8>(m[0], m[1]);
@@ -209,19 +208,18 @@ inline __attribute__((always_inline)) void reduce16(vf16 (&acc)[16], float* out,
     transpose_masks<1>(m[6], m[7]);
     return m;
   }();
-  reduce_round<8>(acc, mask_at<0>(masks[0]), mask_at<1>(masks[1]));
-  reduce_round<4>(acc, mask_at<2>(masks[2]), mask_at<3>(masks[3]));
-  reduce_round<2>(acc, mask_at<4>(masks[4]), mask_at<5>(masks[5]));
-  reduce_round<1>(acc, mask_at<6>(masks[6]), mask_at<7>(masks[7]));
-  float sums[16];
-  store16(sums, acc[0]);
-#pragma GCC unroll 4
-  for (int r = 0; r < 4; ++r) std::memcpy(out + r * ld, sums + 4 * r, 4 * sizeof(float));
+  reduce_round<8>(acc, at_use(masks[0]), at_use(masks[1]));
+  reduce_round<4>(acc, at_use(masks[2]), at_use(masks[3]));
+  reduce_round<2>(acc, at_use(masks[4]), at_use(masks[5]));
+  reduce_round<1>(acc, at_use(masks[6]), at_use(masks[7]));
+  return acc[0];
 }
 
 // Z[i][j] = <X[i], X[j]> for the 4x4 block of rows i0.. and j0..: sixteen
 // vector dot products along d, then one in-register reduction of all
-// sixteen (lane 4r + c of the result is pair (i0 + r, j0 + c)).
+// sixteen (lane 4r + c of the result is pair (i0 + r, j0 + c)). A block on the
+// diagonal (Diag) computes the ten pairs c <= r and mirrors the other six.
+template <bool Diag>
 void dot_block(Scratch& s, int64_t i0, int64_t j0) {
   const float* xi[4];
   const float* xj[4];
@@ -238,10 +236,25 @@ void dot_block(Scratch& s, int64_t i0, int64_t j0) {
     for (int r = 0; r < 4; ++r) {
       const vf16 vi = load16(xi[r] + d);
 #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) acc[4 * r + c] += vi * vj[c];
+      for (int c = 0; c < 4; ++c) {
+        if (!Diag || c <= r) acc[4 * r + c] += vi * vj[c];
+      }
     }
   }
-  reduce16(acc, s.Z + i0 * s.Fp + j0, s.Fp);
+  vf16 z = reduce16(acc);
+  if constexpr (Diag) {
+    static const vi16 mirror = [] {
+      vi16 m;
+      for (int k = 0; k < 16; ++k) m[k] = k % 4 > k / 4 ? 4 * (k % 4) + k / 4 : k;
+      return m;
+    }();
+    z = __builtin_shuffle(z, at_use(mirror));
+  }
+  float sums[16];
+  store16(sums, z);
+  float* out = s.Z + i0 * s.Fp + j0;
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r) std::memcpy(out + r * s.Fp, sums + 4 * r, 4 * sizeof(float));
 }
 #endif
 
@@ -252,7 +265,9 @@ void gram(Scratch& s, int64_t order) {
   if (s.Dp >= 32) {  // below that the reductions cost more than the dot products
     for (int64_t i0 = 0; i0 < s.F; i0 += 4) {
       const int64_t jb = order == kTril ? 0 : i0, je = order == kTril ? i0 + 4 : s.F;
-      for (int64_t j0 = jb; j0 < je; j0 += 4) dot_block(s, i0, j0);
+      for (int64_t j0 = jb; j0 < je; j0 += 4) {
+        if (j0 == i0) dot_block<true>(s, i0, j0); else dot_block<false>(s, i0, j0);
+      }
     }
     return;
   }
