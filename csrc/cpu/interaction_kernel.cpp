@@ -219,7 +219,7 @@ inline __attribute__((always_inline)) vf16 reduce16(vf16 (&acc)[16]) {
 // vector dot products along d, then one in-register reduction of all
 // sixteen (lane 4r + c of the result is pair (i0 + r, j0 + c)). A block on the
 // diagonal (Diag) computes the ten pairs c <= r and mirrors the other six.
-template <bool Diag>
+template <bool Diag, int NC>
 void dot_block(Scratch& s, int64_t i0, int64_t j0) {
   const float* xi[4];
   const float* xj[4];
@@ -228,7 +228,9 @@ void dot_block(Scratch& s, int64_t i0, int64_t j0) {
     xj[r] = s.rows[j0 + r];
   }
   vf16 acc[16] = {};
-  for (int64_t d = 0; d < s.Dp; d += 16) {
+  const int64_t Dp = NC > 0 ? 16 * NC : s.Dp;  // NC > 0: the trip count is known, the loop unrolled
+#pragma GCC unroll 8
+  for (int64_t d = 0; d < Dp; d += 16) {
     vf16 vj[4];
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) vj[c] = load16(xj[c] + d);
@@ -266,7 +268,12 @@ void gram(Scratch& s, int64_t order) {
     for (int64_t i0 = 0; i0 < s.F; i0 += 4) {
       const int64_t jb = order == kTril ? 0 : i0, je = order == kTril ? i0 + 4 : s.F;
       for (int64_t j0 = jb; j0 < je; j0 += 4) {
-        if (j0 == i0) dot_block<true>(s, i0, j0); else dot_block<false>(s, i0, j0);
+        const bool diag = j0 == i0;
+        switch (s.Dp) {
+          case 64: diag ? dot_block<true, 4>(s, i0, j0) : dot_block<false, 4>(s, i0, j0); break;
+          case 128: diag ? dot_block<true, 8>(s, i0, j0) : dot_block<false, 8>(s, i0, j0); break;
+          default: diag ? dot_block<true, 0>(s, i0, j0) : dot_block<false, 0>(s, i0, j0);
+        }
       }
     }
     return;
