@@ -2,6 +2,8 @@
 // by the CPU and CUDA implementations (they read no tensor data).
 #pragma once
 
+#include <optional>
+
 #include "common.h"
 #include "cpu/embedding_bag_kernel.h"
 
@@ -51,6 +53,22 @@ inline void check_optimizer_args(const Tensor& weights, const Tensor& momentum1,
                                                     : weights.numel();
   check_state(momentum1, "momentum1", weights, n1);
   check_state(momentum2, "momentum2", weights, optimizer == kAdam ? weights.numel() : 0);
+}
+
+using EmbeddingBagForward = Tensor (*)(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int64_t,
+                                       std::optional<Tensor>, int64_t, bool);
+
+// embedding_bag_forward_with_optimizer on a device: that device's plain
+// forward; the optimizer state is read by its backward (embedding_bag_update_).
+template <EmbeddingBagForward Forward>
+Tensor forward_with_optimizer(Tensor weights, Tensor weights_offsets, Tensor dim_offsets,
+                              Tensor rows, Tensor indices, Tensor offsets, int64_t pooling,
+                              std::optional<Tensor> per_sample_weights, int64_t total_dim,
+                              Tensor /*momentum1*/, Tensor /*momentum2*/, Tensor /*step*/,
+                              Tensor /*hparams*/, int64_t /*optimizer*/,
+                              bool /*stochastic_rounding*/) {
+  return Forward(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
+                 per_sample_weights, total_dim, false);
 }
 
 }  // namespace dlrm_ops

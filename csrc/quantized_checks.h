@@ -43,4 +43,14 @@ inline void check_packed_rows(const Tensor& packed, int64_t bits) {
   check_dim(packed, "packed", 2);
 }
 
+// packed (contiguous uint8 table rows) and the output dtype of a quantized
+// pooled lookup, which it returns.
+inline ScalarType check_packed_tables(const Tensor& packed, int64_t bits,
+                                      const std::optional<ScalarType>& output_dtype) {
+  check_bits(bits);
+  check_dtype(packed, "packed", {ScalarType::Byte});
+  check_contiguous(packed, "packed");
+  return float_dtype(output_dtype, "output_dtype");
+}
+
 }  // namespace dlrm_ops

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On a CUDA machine: build with the CUDA kernels, run the test suite, then the
 # CUDA benchmarks. Logs go to $OUT (the device tool's folder) or /tmp.
-#   scripts/cuda_check.sh [tests|all-tests|bench|all]   (default all; all-tests adds the CPU suite)
+#   scripts/cuda_check.sh [all|tests|all-tests|bench]
+# all (default): CUDA tests and benchmarks; tests: CUDA tests; all-tests: the
+# CUDA tests and the CPU suite; bench: benchmarks only.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp}"
@@ -20,7 +22,7 @@ if [ "$what" != bench ]; then
       | tee "$out/test_cpu.log" | tail -5
   fi
 fi
-if [ "$what" != tests ]; then
+if [ "$what" = all ] || [ "$what" = bench ]; then
   python3 -m dlrm_ops benchmark --device cuda --rows 500000 --ops "${BENCH_OPS:-forward,train,interaction,quantized,dlrm}" --json "$out/bench_cuda.json" 2>&1 | tee "$out/bench_cuda.log"
 fi
 exit $status

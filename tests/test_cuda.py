@@ -255,6 +255,36 @@ def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.dlrm_ops.dequantize_rowwise.default, (packed, 4, None))
 
 
+def test_opcheck_cuda_backward_fused_and_quantized_ops():
+    ops = torch.ops.dlrm_ops
+    ebc = collection([4, 8], device=cuda, rows=[12, 9])
+    idx, off = to_cuda(*make_bags([12, 9], B=5, max_len=4))
+    psw = torch.rand(idx.numel(), device=cuda)
+    w = ebc.weight.detach().clone()
+    meta = (ebc.weights_offsets, ebc.dim_offsets, ebc.rows, idx, off)
+    grad = torch.randn(5, 12, device=cuda)
+    torch.library.opcheck(ops.embedding_bag_backward_dense, (grad, w, *meta, 0, psw))
+    torch.library.opcheck(ops.embedding_bag_per_sample_weights_grad, (grad, w, *meta, 0))
+    torch.library.opcheck(ops.embedding_bag_backward_sparse, (grad, w, *meta, 0, None),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+    fused = collection(8, device=cuda, rows=[12, 9], optimizer="rowwise_adagrad", lr=0.1)
+    state = (fused.momentum1, fused.momentum2, fused.step, fused.hparams)
+    fmeta = (fused.weights_offsets, fused.dim_offsets, fused.rows, idx, off)
+    torch.library.opcheck(ops.embedding_bag_forward_with_optimizer,
+                          (fused.weight.detach().clone().requires_grad_(), *fmeta, 0, psw, 16,
+                           *state, 3, False),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    torch.library.opcheck(ops.embedding_bag_update_,
+                          (torch.randn(5, 16, device=cuda), fused.weight.detach().clone(),
+                           fused.momentum1.clone(), fused.momentum2, fused.step.clone(), *fmeta, 0,
+                           psw, fused.hparams, 3, False))
+    q = QuantizedEmbeddingBagCollection.from_float(collection([4, 8], rows=[12, 9]), bits=8).to(cuda)
+    torch.library.opcheck(ops.quantized_embedding_bag_forward,
+                          (q.packed, q.weights_offsets, q.dim_offsets, q.rows, idx, off, 0, psw,
+                           12, 8, None))
+
+
 def dlrm_steps(model, dev, compile=False, steps=3):
     tables = [50, 30, 20]
     dense = torch.randn(64, 13, generator=torch.Generator().manual_seed(0))

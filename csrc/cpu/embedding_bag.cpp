@@ -102,15 +102,6 @@ Tensor embedding_bag_per_sample_weights_grad(Tensor grad_output, Tensor weights,
   return grad;
 }
 
-Tensor embedding_bag_forward_with_optimizer(
-    Tensor weights, Tensor weights_offsets, Tensor dim_offsets, Tensor rows, Tensor indices,
-    Tensor offsets, int64_t pooling, std::optional<Tensor> per_sample_weights, int64_t total_dim,
-    Tensor /*momentum1*/, Tensor /*momentum2*/, Tensor /*step*/, Tensor /*hparams*/,
-    int64_t /*optimizer*/, bool /*stochastic_rounding*/) {
-  return embedding_bag_forward(weights, weights_offsets, dim_offsets, rows, indices, offsets,
-                               pooling, per_sample_weights, total_dim, false);
-}
-
 void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
                            Tensor momentum2, Tensor step, Tensor weights_offsets,
                            Tensor dim_offsets, Tensor rows, Tensor indices, Tensor offsets,
@@ -149,7 +140,7 @@ void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
 
 STABLE_TORCH_LIBRARY_IMPL(dlrm_ops, CPU, m) {
   m.impl("embedding_bag_forward_with_optimizer",
-         TORCH_BOX(&embedding_bag_forward_with_optimizer));
+         TORCH_BOX(&forward_with_optimizer<&embedding_bag_forward>));
   m.impl("embedding_bag_update_", TORCH_BOX(&embedding_bag_update_));
   m.impl("embedding_bag_forward", TORCH_BOX(&embedding_bag_forward));
   m.impl("embedding_bag_backward_dense", TORCH_BOX(&embedding_bag_backward_dense));

@@ -10,6 +10,7 @@
 #include "cpu/pooling.h"
 #include "cpu/sorted_lookups.h"
 #include "cpu/vec.h"
+#include "stochastic_rounding.h"
 
 namespace dlrm_ops::cpu {
 namespace CPU_CAPABILITY {
@@ -18,46 +19,30 @@ namespace {
 // Runs ahead whose weight (and state) rows are prefetched.
 constexpr int64_t kPrefetchRuns = 8;
 
-uint64_t mix64(uint64_t x) {  // splitmix64 finalizer
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ull;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
-// Rounds v to W stochastically: up with probability proportional to the
-// distance from the lower neighbour. `u` is 32 uniform random bits. The
-// randomness is a hash of (step, element), so results are reproducible and
-// independent of the thread count.
+// Rounds v to W stochastically (csrc/stochastic_rounding.h); `u` is 32
+// uniform random bits.
 template <typename W>
 W round_stochastic(float v, uint32_t u);
 template <>
 float round_stochastic<float>(float v, uint32_t) { return v; }
 template <>
 bf16 round_stochastic<bf16>(float v, uint32_t u) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  if ((bits & 0x7f800000u) == 0x7f800000u) return from_float<bf16>(v);  // inf/nan
-  bits += u >> 16;  // random low 16 bits, then truncate
-  return bf16{static_cast<uint16_t>(bits >> 16)};
+  uint16_t bits;
+  return bf16_round_stochastic(v, u, bits) ? bf16{bits} : from_float<bf16>(v);
 }
 template <>
 fp16 round_stochastic<fp16>(float v, uint32_t u) {
   const fp16 h = static_cast<fp16>(v);
-  const float hf = static_cast<float>(h);
-  if (hf == v || !std::isfinite(hf)) return h;
-  // The other fp16 neighbour of v, on the far side from h.
   uint16_t hb;
   std::memcpy(&hb, &h, sizeof(hb));
-  const bool away = (v > hf) == (hf >= 0.f);  // moving away from zero
-  uint16_t ob = (hf == 0.f) ? static_cast<uint16_t>((v < 0 ? 0x8000 : 0) | 1)
-                            : static_cast<uint16_t>(away ? hb + 1 : hb - 1);
-  fp16 o;
-  std::memcpy(&o, &ob, sizeof(o));
-  const float of = static_cast<float>(o);
-  const float p_other = (v - hf) / (of - hf);  // in (0, 0.5]
-  return static_cast<float>(u) * (1.f / 4294967296.f) < p_other ? o : h;
+  const uint16_t bits = fp16_round_stochastic(v, hb, static_cast<float>(h), u, [](uint16_t b) {
+    fp16 x;
+    std::memcpy(&x, &b, sizeof(x));
+    return static_cast<float>(x);
+  });
+  fp16 out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
 }
 
 template <typename W>
@@ -66,10 +51,8 @@ void store_row(W* w, const float* v, int64_t D, const UpdateArgs& a, int64_t ele
     row_store(w, v, D);
     return;
   }
-  const uint64_t seed = mix64(static_cast<uint64_t>(a.step) * 0x9e3779b97f4a7c15ull);
-  for (int64_t d = 0; d < D; ++d) {
-    w[d] = round_stochastic<W>(v[d], static_cast<uint32_t>(mix64(seed ^ static_cast<uint64_t>(elem0 + d))));
-  }
+  const uint64_t seed = rounding_seed(a.step);
+  for (int64_t d = 0; d < D; ++d) w[d] = round_stochastic<W>(v[d], rounding_bits(seed, elem0 + d));
 }
 
 // Applies the update to one row: g is its summed gradient (fp32, D values),

@@ -41,11 +41,8 @@ Tensor quantized_embedding_bag_forward(Tensor packed, Tensor weights_offsets, Te
                                        int64_t pooling, std::optional<Tensor> per_sample_weights,
                                        int64_t total_dim, int64_t bits,
                                        std::optional<ScalarType> output_dtype) {
-  check_bits(bits);
   check_cpu(packed, "packed");
-  check_dtype(packed, "packed", {ScalarType::Byte});
-  check_contiguous(packed, "packed");
-  const ScalarType out_t = float_dtype(output_dtype, "output_dtype");
+  const ScalarType out_t = check_packed_tables(packed, bits, output_dtype);
   ValidatedLookups v = validate_lookups(packed, "packed", weights_offsets, dim_offsets, rows,
                                         indices, offsets, pooling, per_sample_weights);
   const auto& tb = v.tb;

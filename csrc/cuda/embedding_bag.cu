@@ -17,6 +17,7 @@
 #include "cuda/lookups.cuh"
 #include "cuda/utils.cuh"
 #include "embedding_bag_checks.h"
+#include "stochastic_rounding.h"
 
 namespace dlrm_ops::cuda {
 namespace {
@@ -281,40 +282,23 @@ psw_grad_kernel(LookupView v, const int32_t* bag_of, const T* __restrict__ grad_
 
 // ---- fused optimizer -------------------------------------------------------
 
-__device__ __forceinline__ uint64_t mix64(uint64_t x) {  // splitmix64 finalizer, as on the CPU
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ull;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
-// Stochastic rounding with the CPU's random bits (a hash of step and element),
-// so both devices round alike.
+// Stochastic rounding with the CPU's random bits and rule
+// (csrc/stochastic_rounding.h), so both devices round alike.
 template <typename W>
 __device__ __forceinline__ W round_stochastic(float v, uint32_t u);
 template <>
 __device__ __forceinline__ float round_stochastic<float>(float v, uint32_t) { return v; }
 template <>
 __device__ __forceinline__ __nv_bfloat16 round_stochastic<__nv_bfloat16>(float v, uint32_t u) {
-  uint32_t bits = __float_as_uint(v);
-  if ((bits & 0x7f800000u) == 0x7f800000u) return __float2bfloat16_rn(v);  // inf/nan
-  bits += u >> 16;
-  return __ushort_as_bfloat16(static_cast<unsigned short>(bits >> 16));
+  uint16_t bits;
+  return bf16_round_stochastic(v, u, bits) ? __ushort_as_bfloat16(bits) : __float2bfloat16_rn(v);
 }
 template <>
 __device__ __forceinline__ __half round_stochastic<__half>(float v, uint32_t u) {
   const __half h = __float2half_rn(v);
-  const float hf = __half2float(h);
-  if (hf == v || !isfinite(hf)) return h;
-  const unsigned short hb = __half_as_ushort(h);
-  const bool away = (v > hf) == (hf >= 0.f);
-  const unsigned short ob = hf == 0.f ? static_cast<unsigned short>((v < 0 ? 0x8000 : 0) | 1)
-                                      : static_cast<unsigned short>(away ? hb + 1 : hb - 1);
-  const __half o = __ushort_as_half(ob);
-  const float of = __half2float(o);
-  const float p_other = (v - hf) / (of - hf);
-  return static_cast<float>(u) * (1.f / 4294967296.f) < p_other ? o : h;
+  return __ushort_as_half(fp16_round_stochastic(
+      v, __half_as_ushort(h), __half2float(h), u,
+      [](uint16_t b) { return __half2float(__ushort_as_half(b)); }));
 }
 
 struct UpdateParams {
@@ -344,7 +328,7 @@ update_kernel(LookupView v, RunView rv, const T* __restrict__ grad_out, int64_t 
     const double bc2 = 1.0 - pow(up.hparams[3], static_cast<double>(step));
     step_size = static_cast<float>(up.hparams[0] * sqrt(bc2) / bc1);
   }
-  const uint64_t seed = mix64(static_cast<uint64_t>(step) * 0x9e3779b97f4a7c15ull);
+  const uint64_t seed = rounding_seed(step);
   for_each_run(rv, [&](int64_t run) {
     const RowInfo ri = row_info<I>(v, rv, run);
     float g[kCols], wf[kCols];
@@ -399,7 +383,7 @@ update_kernel(LookupView v, RunView rv, const T* __restrict__ grad_out, int64_t 
           }
         }
         w[e] = up.stochastic_rounding
-                   ? round_stochastic<T>(x, static_cast<uint32_t>(mix64(seed ^ static_cast<uint64_t>(e))))
+                   ? round_stochastic<T>(x, rounding_bits(seed, e))
                    : from_f32<T>(x);
       }
     }
@@ -418,6 +402,17 @@ Lookups prepare(const Tensor& weights, const Tensor& weights_offsets, const Tens
   check_contiguous(weights, "weights");
   return validate_lookups(weights, "weights", weights.numel(), 0, total_dim, weights_offsets,
                           dim_offsets, rows, indices, offsets, pooling, per_sample_weights);
+}
+
+// prepare() for the backward ops, which also take grad_output [B, dim_offsets[-1]].
+Lookups prepare_grad(const Tensor& grad_output, const Tensor& weights,
+                     const Tensor& weights_offsets, const Tensor& dim_offsets, const Tensor& rows,
+                     const Tensor& indices, const Tensor& offsets, int64_t pooling,
+                     const std::optional<Tensor>& per_sample_weights) {
+  Lookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
+                       per_sample_weights, -1);
+  check_grad_output(grad_output, weights, lk.v.B, lk.total_dim);
+  return lk;
 }
 
 Tensor embedding_bag_forward(Tensor weights, Tensor weights_offsets, Tensor dim_offsets,
@@ -442,15 +437,6 @@ Tensor embedding_bag_forward(Tensor weights, Tensor weights_offsets, Tensor dim_
   return out;
 }
 
-Tensor embedding_bag_forward_with_optimizer(
-    Tensor weights, Tensor weights_offsets, Tensor dim_offsets, Tensor rows, Tensor indices,
-    Tensor offsets, int64_t pooling, std::optional<Tensor> per_sample_weights, int64_t total_dim,
-    Tensor /*momentum1*/, Tensor /*momentum2*/, Tensor /*step*/, Tensor /*hparams*/,
-    int64_t /*optimizer*/, bool /*stochastic_rounding*/) {
-  return embedding_bag_forward(weights, weights_offsets, dim_offsets, rows, indices, offsets,
-                               pooling, per_sample_weights, total_dim, false);
-}
-
 // Launches kernel<T, I> for the weight dtype and the index dtype.
 template <typename F>
 void dispatch(const Tensor& weights, const Lookups& lk, F&& f) {
@@ -465,10 +451,9 @@ Tensor embedding_bag_backward_dense(Tensor grad_output, Tensor weights, Tensor w
                                     Tensor offsets, int64_t pooling,
                                     std::optional<Tensor> per_sample_weights) {
   DeviceGuard guard(weights.get_device());
-  const Lookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
-                             pooling, per_sample_weights, -1);
+  const Lookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
+                                  indices, offsets, pooling, per_sample_weights);
   const int64_t total_dim = lk.total_dim;
-  check_grad_output(grad_output, weights, lk.v.B, total_dim);
   Tensor grad_weight = torch::stable::new_zeros(weights, weights.sizes());
   if (lk.v.N == 0) return grad_weight;
   const cudaStream_t stream = stream_of(weights);
@@ -498,10 +483,9 @@ Tensor embedding_bag_backward_sparse(Tensor grad_output, Tensor weights, Tensor 
                                      Tensor offsets, int64_t pooling,
                                      std::optional<Tensor> per_sample_weights) {
   DeviceGuard guard(weights.get_device());
-  const Lookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
-                             pooling, per_sample_weights, -1);
+  const Lookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
+                                  indices, offsets, pooling, per_sample_weights);
   const int64_t total_dim = lk.total_dim;
-  check_grad_output(grad_output, weights, lk.v.B, total_dim);
   Tensor values = torch::stable::new_empty(weights, {lk.total_values});
   if (lk.v.N == 0) return values;
   const cudaStream_t stream = stream_of(weights);
@@ -520,10 +504,9 @@ Tensor embedding_bag_per_sample_weights_grad(Tensor grad_output, Tensor weights,
                                              Tensor rows, Tensor indices, Tensor offsets,
                                              int64_t pooling) {
   DeviceGuard guard(weights.get_device());
-  const Lookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
-                             pooling, std::nullopt, -1);
+  const Lookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
+                                  indices, offsets, pooling, std::nullopt);
   const int64_t total_dim = lk.total_dim;
-  check_grad_output(grad_output, weights, lk.v.B, total_dim);
   Tensor grad = torch::stable::new_empty(weights, {lk.v.N}, ScalarType::Float);
   if (lk.v.N == 0) return grad;
   const cudaStream_t stream = stream_of(weights);
@@ -543,10 +526,9 @@ void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
                            int64_t pooling, std::optional<Tensor> per_sample_weights,
                            Tensor hparams, int64_t optimizer, bool stochastic_rounding) {
   DeviceGuard guard(weights.get_device());
-  const Lookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
-                             pooling, per_sample_weights, -1);
+  const Lookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
+                                  indices, offsets, pooling, per_sample_weights);
   const int64_t total_dim = lk.total_dim;
-  check_grad_output(grad_output, weights, lk.v.B, total_dim);
   check_optimizer_args(weights, momentum1, momentum2, step, hparams, optimizer, lk.total_rows);
   const cudaStream_t stream = stream_of(weights);
   if (lk.v.N > 0) {
@@ -570,7 +552,7 @@ void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
 
 STABLE_TORCH_LIBRARY_IMPL(dlrm_ops, CUDA, m) {
   m.impl("embedding_bag_forward_with_optimizer",
-         TORCH_BOX(&embedding_bag_forward_with_optimizer));
+         TORCH_BOX(&forward_with_optimizer<&embedding_bag_forward>));
   m.impl("embedding_bag_update_", TORCH_BOX(&embedding_bag_update_));
   m.impl("embedding_bag_forward", TORCH_BOX(&embedding_bag_forward));
   m.impl("embedding_bag_backward_dense", TORCH_BOX(&embedding_bag_backward_dense));

@@ -102,6 +102,8 @@ Lookups validate_lookups(const Tensor& ref, const char* ref_name, int64_t ref_si
                                           indices, offsets, pooling, per_sample_weights);
   DLRM_CHECK(s.N < (int64_t{1} << 31), "indices must have fewer than 2^31 entries on CUDA, got ",
              s.N);
+  DLRM_CHECK(s.T * s.B < (int64_t{1} << 31), "tables x batch size must be below 2^31 on CUDA, got ",
+             s.T, " x ", s.B);
   Lookups lk;
   lk.int64 = indices.scalar_type() == ScalarType::Long;
   lk.meta = torch::stable::new_empty(rows, {kHeader + 2 * s.T});

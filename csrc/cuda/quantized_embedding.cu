@@ -227,12 +227,9 @@ Tensor quantized_embedding_bag_forward(Tensor packed, Tensor weights_offsets, Te
                                        int64_t pooling, std::optional<Tensor> per_sample_weights,
                                        int64_t total_dim, int64_t bits,
                                        std::optional<ScalarType> output_dtype) {
-  check_bits(bits);
   check_cuda(packed, "packed");
-  check_dtype(packed, "packed", {ScalarType::Byte});
-  check_contiguous(packed, "packed");
+  const ScalarType out_t = check_packed_tables(packed, bits, output_dtype);
   DeviceGuard guard(packed.get_device());
-  const ScalarType out_t = float_dtype(output_dtype, "output_dtype");
   const Lookups lk = validate_lookups(packed, "packed", packed.numel(), bits, total_dim,
                                       weights_offsets, dim_offsets, rows, indices, offsets,
                                       pooling, per_sample_weights);
