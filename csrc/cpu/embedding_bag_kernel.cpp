@@ -125,9 +125,7 @@ int64_t backward_dense(const EmbeddingBagArgs& a, const void* grad_out_ptr, void
       a_ptr = big.get();
     }
     for (int64_t k = begin; k < end; ++k) {
-      const int64_t p = start + SortedLookups::local_pos(s.entries[k]);
-      const int64_t b = s.bag[p];
-      const float sc = lookup_scale(a.lk, off, t * tb.B + b, p);
+      const auto [b, sc] = s.bag_scale(s.entries[k], a.lk, off, t, tb.B, start);
       const W* g = go + b * total_D + tb.dim_offsets[t];
       if (k == begin) row_set(a_ptr, g, sc, D); else row_axpy(a_ptr, g, sc, D);
     }

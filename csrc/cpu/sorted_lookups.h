@@ -14,6 +14,7 @@
 #include <climits>
 #include <cstdint>
 #include <memory>
+#include <utility>
 
 #include "cpu/embedding_bag_kernel.h"
 #include "cpu/pooling.h"
@@ -22,36 +23,58 @@ namespace dlrm_ops::cpu::CPU_CAPABILITY {
 
 struct SortedLookups {
   // Table t's lookups occupy [start[t], start[t+1]) (start[t] = offsets[t*B]);
-  // there, entry k is (row << 32) | (position - start[t]), sorted ascending.
+  // there, entry k is (row << 32) | low, in ascending row order and, within a
+  // row, in lookup order. `low` is the lookup's bag within its table or, with
+  // per-sample weights (which are per position), its position - start[t].
   std::unique_ptr<uint64_t[]> entries;
-  // Bag (within its table) of every lookup position.
-  std::unique_ptr<int32_t[]> bag;
-  int64_t first_bad = -1;  // first position whose index is out of range
+  bool positions = false;
+  std::unique_ptr<int32_t[]> bag;  // with positions: the bag of every position
+  int64_t first_bad = -1;          // first position whose index is out of range
 
   static int64_t row(uint64_t e) { return static_cast<int64_t>(e >> 32); }
-  static int64_t local_pos(uint64_t e) { return static_cast<int64_t>(e & 0xffffffffu); }
+  static int64_t low(uint64_t e) { return static_cast<int64_t>(e & 0xffffffffu); }
+
+  // The bag of entry e of table t, whose lookups start at position `start`.
+  int64_t bag_of(uint64_t e, int64_t start) const {
+    return positions ? bag[start + low(e)] : low(e);
+  }
+
+  // The bag of entry e of table t (lookups from `start`) and its weight in
+  // the pooled sum.
+  template <typename I>
+  std::pair<int64_t, float> bag_scale(uint64_t e, const Lookups& lk, const I* off, int64_t t,
+                                      int64_t B, int64_t start) const {
+    const int64_t b = bag_of(e, start);
+    if (positions) return {b, lk.per_sample_weights[start + low(e)]};
+    if (lk.pooling == kMean) return {b, 1.f / static_cast<float>(off[t * B + b + 1] - off[t * B + b])};
+    return {b, 1.f};
+  }
 };
 
-// Stable LSD radix sort of `keys` on bits [32, 32 + nbits); unique keys, so
-// the result orders by (row, position). Returns the buffer holding the result.
+// Stable LSD radix sort of `keys` on bits [32, 32 + nbits) (nbits <= 32): the
+// result is in row order and, within a row, in input order. Returns the
+// buffer holding the result.
 inline uint64_t* radix_sort_rows(uint64_t* keys, uint64_t* tmp, int64_t n, int nbits) {
-  if (n <= 256) {
+  constexpr int kDigit = 11, kMaxPasses = 3;
+  if (n <= 256) {  // equal rows keep input order: lows ascend within a row
     std::sort(keys, keys + n);
     return keys;
   }
-  constexpr int kDigit = 11;
-  for (int shift = 32; shift < 32 + nbits; shift += kDigit) {
-    const int bits = std::min(kDigit, 32 + nbits - shift);
-    const uint64_t mask = (uint64_t{1} << bits) - 1;
-    int64_t count[1 << kDigit] = {};
-    for (int64_t i = 0; i < n; ++i) ++count[(keys[i] >> shift) & mask];
+  const int passes = (nbits + kDigit - 1) / kDigit;
+  constexpr uint64_t kMask = (uint64_t{1} << kDigit) - 1;
+  int64_t count[kMaxPasses][1 << kDigit] = {};
+  for (int64_t i = 0; i < n; ++i) {  // every pass's histogram in one read
+    for (int q = 0; q < passes; ++q) ++count[q][(keys[i] >> (32 + q * kDigit)) & kMask];
+  }
+  for (int q = 0; q < passes; ++q) {
     int64_t sum = 0;
-    for (uint64_t d = 0; d <= mask; ++d) {
-      const int64_t c = count[d];
-      count[d] = sum;
-      sum += c;
+    for (auto& c : count[q]) {
+      const int64_t k = c;
+      c = sum;
+      sum += k;
     }
-    for (int64_t i = 0; i < n; ++i) tmp[count[(keys[i] >> shift) & mask]++] = keys[i];
+    const int shift = 32 + q * kDigit;
+    for (int64_t i = 0; i < n; ++i) tmp[count[q][(keys[i] >> shift) & kMask]++] = keys[i];
     std::swap(keys, tmp);
   }
   return keys;
@@ -64,8 +87,9 @@ SortedLookups sort_lookups(const TableBatch& tb, const Lookups& lk) {
   const int64_t T = tb.T, B = tb.B;
   const int64_t N = static_cast<int64_t>(off[T * B]);
   SortedLookups s;
+  s.positions = lk.per_sample_weights != nullptr;
   s.entries.reset(new uint64_t[std::max<int64_t>(N, 1)]);
-  s.bag.reset(new int32_t[std::max<int64_t>(N, 1)]);
+  if (s.positions) s.bag.reset(new int32_t[std::max<int64_t>(N, 1)]);
   std::unique_ptr<uint64_t[]> tmp(new uint64_t[std::max<int64_t>(N, 1)]);
   FirstBad first_bad;
   torch::stable::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
@@ -78,8 +102,10 @@ SortedLookups sort_lookups(const TableBatch& tb, const Lookups& lk) {
         for (int64_t p = off[t * B + b]; p < off[t * B + b + 1]; ++p) {
           uint64_t r = checked_row(idx, p, rows, true, bad);
           if (r == kBadRow) r = 0;  // keeps the sort valid; the caller throws
-          e[p - start] = (r << 32) | static_cast<uint64_t>(p - start);
-          s.bag[p] = static_cast<int32_t>(b);
+          const uint64_t low = s.positions ? static_cast<uint64_t>(p - start)
+                                           : static_cast<uint64_t>(b);
+          e[p - start] = (r << 32) | low;
+          if (s.positions) s.bag[p] = static_cast<int32_t>(b);
         }
       }
       first_bad.record(bad);
