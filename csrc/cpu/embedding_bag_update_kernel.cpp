@@ -67,6 +67,12 @@ void update_row(const UpdateArgs& a, W* w, float* g, float* wf, int64_t D, int64
                 int64_t state_row) {
   const float lr = static_cast<float>(a.hp.lr), eps = static_cast<float>(a.hp.eps);
   const float wd = static_cast<float>(a.hp.weight_decay);
+  if constexpr (std::is_same_v<W, float>) {
+    if (a.optimizer == kSGD && wd == 0.f) {  // the common case in place: same arithmetic
+      for (int64_t d = 0; d < D; ++d) w[d] -= lr * g[d];
+      return;
+    }
+  }
   for (int64_t d = 0; d < D; ++d) wf[d] = to_float(w[d]);
   if (wd != 0.f) {
     for (int64_t d = 0; d < D; ++d) g[d] += wd * wf[d];
