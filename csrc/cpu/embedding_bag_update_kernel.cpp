@@ -63,7 +63,7 @@ void store_row(W* w, const float* v, int64_t D, const UpdateArgs& a, int64_t ele
 // Applies the update to one row: g is its summed gradient (fp32, D values),
 // wf scratch for the fp32 weights.
 template <typename W>
-void update_row(const UpdateArgs& a, W* w, float* g, float* wf, int64_t D, int64_t elem0,
+__attribute__((always_inline)) inline void update_row(const UpdateArgs& a, W* w, float* g, float* wf, int64_t D, int64_t elem0,
                 int64_t state_row) {
   const float lr = static_cast<float>(a.hp.lr), eps = static_cast<float>(a.hp.eps);
   const float wd = static_cast<float>(a.hp.weight_decay);
