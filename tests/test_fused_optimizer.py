@@ -78,6 +78,53 @@ def test_matches_torch_optim(optimizer, torch_opt, mode, weighted, index_dtype):
         assert int(ebc.step) == 4
 
 
+def _radix_bags(rows, B, g):
+    """Over 256 lookups per table, each row drawn from 40 hot ones: repeated
+    within and across bags, as the radix-sorted walk must group them."""
+    lengths = torch.randint(0, 7, (len(rows) * B,), generator=g)
+    idx = []
+    for t, n in enumerate(rows):
+        hot = torch.randint(0, n, (40,), generator=g)
+        hot[:3] = torch.tensor([0, n - 1, n // 2])  # first and last rows, a top-digit edge
+        # Rows equal in their low 11 and 22 bits: only the later digit passes part them.
+        hot[3:6] = torch.tensor([7, 7 + (1 << 11), 7 + (1 << 22)]) % n
+        cnt = int(lengths[t * B:(t + 1) * B].sum())
+        idx.append(hot[torch.randint(0, 40, (cnt,), generator=g)])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    return torch.cat(idx), offsets
+
+
+@pytest.mark.parametrize("mode, weighted", [("sum", False), ("sum", True), ("mean", False)])
+def test_radix_sorted_walk_matches_torch(mode, weighted):
+    # Rows of 12 and 24 bits: two and three radix digits.
+    rows, B, D = [3000, (1 << 23) + 5], 200, 2
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection(rows, D, mode=mode, optimizer="sgd", lr=0.1)
+    tables = torch_tables(ebc)
+    opt = torch.optim.SGD([m.weight for m in tables], lr=0.1)
+    dense = EmbeddingBagCollection(rows, D, mode=mode)  # the dense gradient's walk
+    with torch.no_grad():
+        dense.weight.copy_(ebc.weight)
+    g = torch.Generator().manual_seed(5)
+    for step in range(2):
+        indices, offsets = _radix_bags(rows, B, g)
+        assert all(n > 256 for n in (offsets[B] - offsets[0], offsets[2 * B] - offsets[B]))
+        psw = torch.rand(indices.numel(), generator=g) if weighted else None
+        grad = torch.randn(B, D * len(rows), generator=g)
+        if step == 0:
+            dense(indices, offsets, psw).backward(grad)
+        ebc(indices, offsets, psw).backward(grad)
+        opt.zero_grad()
+        run_torch(tables, indices, offsets, psw, grad)
+        if step == 0:
+            for t, m in enumerate(tables):
+                torch.testing.assert_close(dense.weight.grad.view(-1)[ebc._woff[t]:][:rows[t] * D]
+                                           .view(rows[t], D), m.weight.grad.to_dense())
+        opt.step()
+    for t, m in enumerate(tables):
+        torch.testing.assert_close(ebc.weight_of(t), m.weight.detach(), atol=1e-5, rtol=1e-5)
+
+
 def _reference_run(optimizer, ebc, data, weight_decay=0.0, lr=0.1, eps=1e-8):
     """The same steps through reference.sparse_optimizer_step, from copies of
     ebc's current weights."""
