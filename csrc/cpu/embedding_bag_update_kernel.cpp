@@ -63,8 +63,9 @@ void store_row(W* w, const float* v, int64_t D, const UpdateArgs& a, int64_t ele
 // Applies the update to one row: g is its summed gradient (fp32, D values),
 // wf scratch for the fp32 weights.
 template <typename W>
-__attribute__((always_inline)) inline void update_row(const UpdateArgs& a, W* w, float* g, float* wf, int64_t D, int64_t elem0,
-                int64_t state_row) {
+__attribute__((always_inline)) inline void update_row(const UpdateArgs& a, W* w, float* g,
+                                                       float* wf, int64_t D, int64_t elem0,
+                                                       int64_t state_row) {
   const float lr = static_cast<float>(a.hp.lr), eps = static_cast<float>(a.hp.eps);
   const float wd = static_cast<float>(a.hp.weight_decay);
   if constexpr (std::is_same_v<W, float>) {
@@ -133,15 +134,19 @@ int64_t update(const UpdateArgs& a) {
     const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
     const int64_t start = off[t * tb.B], table_end = off[(t + 1) * tb.B];
     const int64_t go_col = tb.dim_offsets[t];
+    // Rows ascend: the entry n ahead is at most n rows ahead. The two blocks
+    // stay written out: a shared helper lambda once compiled to no prefetch
+    // at all (docs/architecture.md).
     if (end + kPrefetchRows <= table_end) {
-      // Rows ascend: the entry n ahead is at most n rows ahead.
-      const int64_t e = tb.weights_offsets[t] + SortedLookups::row(s.entries[end + kPrefetchRows - 1]) * D;
+      const int64_t e =
+          tb.weights_offsets[t] + SortedLookups::row(s.entries[end + kPrefetchRows - 1]) * D;
       prefetch_row(w + e, D * static_cast<int64_t>(sizeof(W)));
       if (elementwise_state) prefetch_row(a.momentum1 + e, D * 4);
       if (a.optimizer == kAdam) prefetch_row(a.momentum2 + e, D * 4);
     }
     if (end + kPrefetchFarRows <= table_end) {
-      const int64_t e = tb.weights_offsets[t] + SortedLookups::row(s.entries[end + kPrefetchFarRows - 1]) * D;
+      const int64_t e =
+          tb.weights_offsets[t] + SortedLookups::row(s.entries[end + kPrefetchFarRows - 1]) * D;
       prefetch_row<2>(w + e, D * static_cast<int64_t>(sizeof(W)));
       if (elementwise_state) prefetch_row<2>(a.momentum1 + e, D * 4);
       if (a.optimizer == kAdam) prefetch_row<2>(a.momentum2 + e, D * 4);

@@ -46,7 +46,10 @@ struct SortedLookups {
                                       int64_t B, int64_t start) const {
     const int64_t b = bag_of(e, start);
     if (positions) return {b, lk.per_sample_weights[start + low(e)]};
-    if (lk.pooling == kMean) return {b, 1.f / static_cast<float>(off[t * B + b + 1] - off[t * B + b])};
+    if (lk.pooling == kMean) {
+      const int64_t bag = t * B + b;
+      return {b, 1.f / static_cast<float>(off[bag + 1] - off[bag])};
+    }
     return {b, 1.f};
   }
 };
