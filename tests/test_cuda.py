@@ -116,6 +116,27 @@ def test_fused_optimizer_matches_cpu(optimizer, dims, mode, weighted):
     assert int(gpu.step) == int(cpu.step) == 3
 
 
+@pytest.mark.parametrize("optimizer", [None, "sgd", "adagrad", "rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("dims", [[300, 16], [40, 16]])
+def test_hot_rows_match_cpu_and_repeat_bit_for_bit(optimizer, dims):
+    """Rows looked up over 128 times in a batch (table 0: about 230 lookups a
+    row), which a block of warps sums, beside rows a group of 32 or 16 lanes
+    sums."""
+    rows, B = [3, 50], 200
+    kw = dict(optimizer=optimizer, lr=0.05, weight_decay=0.01) if optimizer else {}
+    idx, off = make_bags(rows, B, 7, generator=torch.Generator().manual_seed(3))
+    assert torch.bincount(idx[:int(off[B])]).min() > 128
+    grad = torch.randn(B, sum(dims), generator=torch.Generator().manual_seed(4))
+    results = []
+    for dev in ("cpu", cuda, cuda):
+        m = collection(dims, rows=rows, device=dev, **kw)
+        for _ in range(2):
+            m(idx.to(dev), off.to(dev)).backward(grad.to(dev))
+        results.append(m.weight.detach() if optimizer else m.weight.grad)
+    close(results[1], results[0])
+    assert torch.equal(results[1], results[2])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_stochastic_rounding_matches_cpu(dtype):
     kw = dict(optimizer="sgd", lr=0.01, stochastic_rounding=True)

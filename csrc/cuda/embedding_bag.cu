@@ -2,10 +2,12 @@
 // sparse weight gradients, per-sample-weight gradient, and the fused optimizer.
 //
 // A warp handles one bag (forward) or one distinct row (backward); its lanes
-// stride the row's columns, kCols per lane per 256-column window. The backward
+// stride the row's columns, kCols per lane per 128-column window. The backward
 // sorts the lookups by row (a stable radix sort, so duplicates stay in lookup
-// order) and sums each row's gradients in that order: gradients and updates
-// are deterministic, as on the CPU.
+// order) and sums each row's gradients in that order; a row looked up more
+// than kLongRun times goes to a block whose warps sum slices of it, added in
+// a fixed order. Gradients and updates are deterministic: the same on every
+// run, and in the CPU's summation order for rows of at most kLongRun lookups.
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_run_length_encode.cuh>
 #include <cub/device/device_scan.cuh>
@@ -24,7 +26,7 @@ namespace {
 
 using torch::stable::accelerator::DeviceGuard;
 
-constexpr int kCols = 8;                    // columns per lane in one window
+constexpr int kCols = 4;                    // columns per lane in one window
 constexpr int64_t kWindow = kCols * kWarp;  // columns a warp covers at once
 constexpr int kThreads = 256;
 
@@ -110,29 +112,54 @@ __global__ void row_keys_kernel(LookupView v, const int32_t* bag_of, uint64_t* k
   pos[l] = static_cast<int32_t>(l);
 }
 
-// Lookups grouped by row: run r holds the lookups pos[start[r] .. start[r+1]),
-// in lookup order; *num_runs rows are touched.
+// The bag and the weight of the lookup at each sorted position, so that the
+// per-row kernels read them in one coalesced load instead of a chain of
+// dependent gathers.
+template <typename I>
+__global__ void sorted_lookups_kernel(LookupView v, const int32_t* bag_of, const int32_t* pos,
+                                      int32_t* bag, float* scale) {
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p >= v.N) return;
+  const int64_t l = pos[p];
+  const int32_t b = bag_of[l];
+  bag[p] = b;
+  scale[p] = lookup_scale(v, l, offset_at<I>(v, b + 1) - offset_at<I>(v, b));
+}
+
+// Runs longer than this go to a block of kLongWarps warps (a Zipf-hot row can
+// hold thousands of lookups; one warp summing them would be the whole
+// kernel's tail).
+constexpr int64_t kLongRun = 128;
+constexpr int kLongWarps = 16;
+
+// Lookups grouped by row, in lookup order within a row (a stable sort): run r
+// covers sorted positions start[r] .. start[r+1] and its row among all tables'
+// rows is key[r]; counts = [touched rows, long runs], long_runs lists the
+// latter (filled by the per-row kernels).
 struct Runs {
-  Tensor bag_of, pos, start, num_runs, scratch;
+  Tensor bag, scale, start, keys, counts, long_runs, scratch;
 };
 
 Runs sort_by_row(const Tensor& ref, const Lookups& lk, cudaStream_t stream) {
   const LookupView& v = lk.v;
   const int64_t N = v.N;
   Runs r;
-  r.bag_of = torch::stable::new_empty(ref, {N}, ScalarType::Int);
-  r.pos = torch::stable::new_empty(ref, {2 * N}, ScalarType::Int);
+  r.bag = torch::stable::new_empty(ref, {N}, ScalarType::Int);
+  r.scale = torch::stable::new_empty(ref, {N}, ScalarType::Float);
   r.start = torch::stable::new_zeros(ref, {N + 1}, ScalarType::Int);
-  r.num_runs = torch::stable::new_zeros(ref, {1}, ScalarType::Int);
+  r.counts = torch::stable::new_zeros(ref, {2}, ScalarType::Int);
+  r.long_runs = torch::stable::new_empty(ref, {N / (kLongRun + 1) + 1}, ScalarType::Int);
+  r.keys = torch::stable::new_empty(ref, {3 * N}, ScalarType::Long);
   if (N == 0) return r;
-  Tensor keys = torch::stable::new_empty(ref, {3 * N}, ScalarType::Long);
-  auto* k_in = reinterpret_cast<uint64_t*>(keys.mutable_data_ptr<int64_t>());
+  Tensor pos = torch::stable::new_empty(ref, {3 * N}, ScalarType::Int);
+  auto* k_in = reinterpret_cast<uint64_t*>(r.keys.mutable_data_ptr<int64_t>());
   uint64_t* k_sorted = k_in + N;
   uint64_t* k_unique = k_in + 2 * N;
-  int32_t* p_in = r.pos.mutable_data_ptr<int32_t>() + N;
-  int32_t* p_sorted = r.pos.mutable_data_ptr<int32_t>();
+  int32_t* p_in = pos.mutable_data_ptr<int32_t>();
+  int32_t* p_sorted = p_in + N;
+  int32_t* bag_of = p_in + 2 * N;
   int32_t* counts = r.start.mutable_data_ptr<int32_t>() + 1;  // scanned in place below
-  int32_t* bag_of = r.bag_of.mutable_data_ptr<int32_t>();
+  int32_t* num_runs = r.counts.mutable_data_ptr<int32_t>();
   dispatch_index(lk.int64, [&](auto i) {
     using I = decltype(i);
     bag_of_kernel<I><<<warp_blocks(v.T * v.B), kThreads, 0, stream>>>(v, bag_of);
@@ -146,7 +173,7 @@ Runs sort_by_row(const Tensor& ref, const Lookups& lk, cudaStream_t stream) {
   DLRM_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, k_in, k_sorted, p_in,
                                                   p_sorted, n, 0, end_bit, stream));
   DLRM_CUDA_CHECK(cub::DeviceRunLengthEncode::Encode(nullptr, rle_bytes, k_sorted, k_unique, counts,
-                                                     r.num_runs.mutable_data_ptr<int32_t>(), n, stream));
+                                                     num_runs, n, stream));
   DLRM_CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, scan_bytes, counts, counts, n, stream));
   r.scratch = torch::stable::new_empty(
       ref, {static_cast<int64_t>(std::max({sort_bytes, rle_bytes, scan_bytes, size_t{1}}))},
@@ -155,100 +182,183 @@ Runs sort_by_row(const Tensor& ref, const Lookups& lk, cudaStream_t stream) {
   DLRM_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(tmp, sort_bytes, k_in, k_sorted, p_in, p_sorted,
                                                   n, 0, end_bit, stream));
   DLRM_CUDA_CHECK(cub::DeviceRunLengthEncode::Encode(tmp, rle_bytes, k_sorted, k_unique, counts,
-                                                     r.num_runs.mutable_data_ptr<int32_t>(), n, stream));
+                                                     num_runs, n, stream));
   // Counts past the last run stay 0, so start[r] = sum of counts before r for every r <= N.
   DLRM_CUDA_CHECK(cub::DeviceScan::InclusiveSum(tmp, scan_bytes, counts, counts, n, stream));
+  dispatch_index(lk.int64, [&](auto i) {
+    sorted_lookups_kernel<decltype(i)><<<ceil_div(N, kThreads), kThreads, 0, stream>>>(
+        v, bag_of, p_sorted, r.bag.mutable_data_ptr<int32_t>(), r.scale.mutable_data_ptr<float>());
+  });
+  DLRM_LAUNCH_CHECK();
   return r;
 }
 
 struct RunView {
-  const int32_t* bag_of;
-  const int32_t* pos;
-  const int32_t* start;
-  const int32_t* num_runs;
+  const int32_t* bag;    // [N] by sorted position
+  const float* scale;    // [N] by sorted position
+  const int32_t* start;  // [runs + 1]
+  const uint64_t* key;   // [runs]
+  int32_t* counts;       // [touched rows, long runs]
+  int32_t* long_runs;
 };
 RunView view(const Runs& r) {
-  return {r.bag_of.const_data_ptr<int32_t>(), r.pos.const_data_ptr<int32_t>(),
-          r.start.const_data_ptr<int32_t>(), r.num_runs.const_data_ptr<int32_t>()};
+  return {r.bag.const_data_ptr<int32_t>(), r.scale.const_data_ptr<float>(),
+          r.start.const_data_ptr<int32_t>(),
+          reinterpret_cast<const uint64_t*>(r.keys.const_data_ptr<int64_t>()) + 2 * r.bag.numel(),
+          r.counts.mutable_data_ptr<int32_t>(), r.long_runs.mutable_data_ptr<int32_t>()};
 }
 
-// The row of run `run`: its table, dim and first element in the weights.
+// The row of run `run`: its table, dims, row among all tables' rows (the
+// row-wise state's index) and first element in the weights.
 struct RowInfo {
-  int64_t t, D, d0, row, elem0, lo, hi;
+  int64_t D, d0, key, elem0, lo, hi;
 };
-template <typename I>
 __device__ __forceinline__ RowInfo row_info(const LookupView& v, const RunView& rv, int64_t run) {
   const int64_t lo = rv.start[run], hi = rv.start[run + 1];
-  const int64_t l = rv.pos[lo];
-  const int64_t t = rv.bag_of[l] / v.B;
+  const int64_t key = static_cast<int64_t>(rv.key[run]);
+  const int64_t t = rv.bag[lo] / v.B;
   const int64_t d0 = v.dim_offsets[t], D = v.dim_offsets[t + 1] - d0;
-  const int64_t row = index_at<I>(v, l);
-  return {t, D, d0, row, v.weights_offsets[t] + row * D, lo, hi};
+  return {D, d0, key, v.weights_offsets[t] + (key - v.row_offsets[t]) * D, lo, hi};
 }
 
-// The row's summed gradient over the columns c0 + k*32 of one window, in
-// lookup order. Called by the whole warp (c0 = window start + lane): lane j
-// fetches lookup p0 + j's gradient row and weight, and the loop broadcasts
-// them, so only the gradient loads themselves wait on memory.
-template <typename T, typename I>
-__device__ __forceinline__ void row_grad(const LookupView& v, const RunView& rv, const RowInfo& ri,
+// The gradient of sorted lookups lo .. hi (all of one row) over the columns
+// c0 + k*32 of one window, summed in lookup order. Called by the whole warp
+// (c0 = window start + lane): lane j fetches lookup p0 + j's bag and weight,
+// the loop broadcasts them and keeps eight gradient rows in flight.
+template <typename T>
+__device__ __forceinline__ void row_grad(const LookupView& v, const RunView& rv, int64_t lo,
+                                         int64_t hi, int64_t d0, int64_t D,
                                          const T* __restrict__ grad_out, int64_t go_stride,
                                          int64_t c0, float (&g)[kCols]) {
+  constexpr int kInFlight = 8;
 #pragma unroll
   for (int k = 0; k < kCols; ++k) g[k] = 0.f;
   const int lane = threadIdx.x % kWarp;
-  for (int64_t p0 = ri.lo; p0 < ri.hi; p0 += kWarp) {
+  for (int64_t p0 = lo; p0 < hi; p0 += kWarp) {
     int64_t my_row = 0;
     float my_s = 0.f;
-    if (p0 + lane < ri.hi) {
-      const int64_t l = rv.pos[p0 + lane];
-      const int64_t bag = rv.bag_of[l];
-      my_s = lookup_scale(v, l, offset_at<I>(v, bag + 1) - offset_at<I>(v, bag));
-      my_row = (bag % v.B) * go_stride;
+    if (p0 + lane < hi) {
+      my_row = (rv.bag[p0 + lane] % v.B) * go_stride;
+      my_s = rv.scale[p0 + lane];
     }
-    const int n = static_cast<int>(min(static_cast<int64_t>(kWarp), ri.hi - p0));
-#pragma unroll 4
-    for (int j = 0; j < n; ++j) {
-      const int64_t row = __shfl_sync(0xffffffffu, my_row, j);
-      const float s = __shfl_sync(0xffffffffu, my_s, j);
-      const T* go = grad_out + row + ri.d0 + c0;
+    const int n = static_cast<int>(min(static_cast<int64_t>(kWarp), hi - p0));
+    for (int j0 = 0; j0 < n; j0 += kInFlight) {  // j0 + u < kWarp: every lane a valid source
+      float x[kInFlight][kCols], s[kInFlight];
 #pragma unroll
-      for (int k = 0; k < kCols; ++k) {
-        if (c0 + k * kWarp < ri.D) g[k] += s * to_f32(go[k * kWarp]);
+      for (int u = 0; u < kInFlight; ++u) {
+        const T* go = grad_out + __shfl_sync(0xffffffffu, my_row, j0 + u) + d0 + c0;
+        s[u] = __shfl_sync(0xffffffffu, my_s, j0 + u);
+#pragma unroll
+        for (int k = 0; k < kCols; ++k) {
+          x[u][k] = j0 + u < n && c0 + k * kWarp < D ? to_f32(go[k * kWarp]) : 0.f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        if (j0 + u < n) {
+#pragma unroll
+          for (int k = 0; k < kCols; ++k) g[k] += s[u] * x[u][k];
+        }
       }
     }
   }
 }
 
-// Warps of the per-row kernels: a grid-stride loop over the touched rows,
-// whose count only the device knows.
-int64_t run_warps(int64_t N) { return std::min<int64_t>(N, 1 << 16); }
+// Touched rows per warp and batch of rows_kernel.
+constexpr int kBatch = 8;
 
-// Calls f(run) for the touched rows this warp owns (a grid-stride loop).
-template <typename F>
-__device__ __forceinline__ void for_each_run(const RunView& rv, F&& f) {
-  const int64_t num_runs = *rv.num_runs;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
-  for (int64_t run = warp_id(); run < num_runs; run += warps) f(run);
+// One warp per touched row, for rows of at most kLongRun lookups: calls
+// op(ri, writer, grad) with grad(c0, g) the row's gradient window, and lists
+// the longer rows for long_rows_kernel. Lane i of a warp first reads row i of
+// its batch of kBatch (a grid-stride loop over the touched rows, whose count
+// only the device knows), so the batch's dependent metadata loads overlap.
+template <typename T, typename Op>
+__global__ void __launch_bounds__(kThreads)
+rows_kernel(LookupView v, RunView rv, const T* __restrict__ grad_out, int64_t go_stride, Op op) {
+  op.begin();
+  const int lane = threadIdx.x % kWarp;
+  const int64_t num_runs = rv.counts[0];
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp * kBatch;
+  for (int64_t base = warp_id() * kBatch; base < num_runs; base += step) {
+    int64_t lo = 0, hi = 0, key = 0, t = 0;
+    if (lane < kBatch && base + lane < num_runs) {
+      lo = rv.start[base + lane];
+      hi = rv.start[base + lane + 1];
+      key = static_cast<int64_t>(rv.key[base + lane]);
+      t = rv.bag[lo] / v.B;
+    }
+    const int n = static_cast<int>(min(int64_t{kBatch}, num_runs - base));
+    for (int j = 0; j < n; ++j) {
+      RowInfo ri;
+      ri.lo = __shfl_sync(0xffffffffu, lo, j);
+      ri.hi = __shfl_sync(0xffffffffu, hi, j);
+      if (ri.hi - ri.lo > kLongRun) {
+        if (lane == 0) rv.long_runs[atomicAdd(rv.counts + 1, 1)] = static_cast<int32_t>(base + j);
+        continue;
+      }
+      ri.key = __shfl_sync(0xffffffffu, key, j);
+      const int64_t tj = __shfl_sync(0xffffffffu, t, j);
+      ri.d0 = v.dim_offsets[tj];
+      ri.D = v.dim_offsets[tj + 1] - ri.d0;
+      ri.elem0 = v.weights_offsets[tj] + (ri.key - v.row_offsets[tj]) * ri.D;
+      op(ri, true, [&](int64_t c0, float (&g)[kCols]) {
+        row_grad<T>(v, rv, ri.lo, ri.hi, ri.d0, ri.D, grad_out, go_stride, c0, g);
+      });
+    }
+  }
 }
 
-template <typename T, typename I>
-__global__ void __launch_bounds__(kThreads)
-dense_grad_kernel(LookupView v, RunView rv, const T* __restrict__ grad_out, int64_t go_stride,
-                  T* __restrict__ grad_w) {
-  for_each_run(rv, [&](int64_t run) {
-    const RowInfo ri = row_info<I>(v, rv, run);
-    for (int64_t w0 = 0; w0 < ri.D; w0 += kWindow) {
-      const int64_t c0 = w0 + threadIdx.x % kWarp;
-      float g[kCols];
-      row_grad<T, I>(v, rv, ri, grad_out, go_stride, c0, g);
+// One block per long row: warp w sums a contiguous slice of the row's
+// lookups, the slices' sums are added in warp order (the same order on every
+// run), every warp computes the update and warp 0 writes it.
+template <typename T, typename Op>
+__global__ void __launch_bounds__(kLongWarps * kWarp)
+long_rows_kernel(LookupView v, RunView rv, const T* __restrict__ grad_out, int64_t go_stride,
+                 Op op) {
+  __shared__ float part[kLongWarps][kWindow];
+  op.begin();
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int64_t num_long = rv.counts[1];
+  for (int64_t i = blockIdx.x; i < num_long; i += gridDim.x) {
+    const RowInfo ri = row_info(v, rv, rv.long_runs[i]);
+    const int64_t slice = ceil_div(ri.hi - ri.lo, int64_t{kLongWarps});
+    const int64_t lo = min(ri.hi, ri.lo + warp * slice), hi = min(ri.hi, lo + slice);
+    op(ri, warp == 0, [&](int64_t c0, float (&g)[kCols]) {
+      float mine[kCols];
+      row_grad<T>(v, rv, lo, hi, ri.d0, ri.D, grad_out, go_stride, c0, mine);
+      __syncthreads();  // every warp has read the previous window's sums
+#pragma unroll
+      for (int k = 0; k < kCols; ++k) part[warp][lane + k * kWarp] = mine[k];
+      __syncthreads();
 #pragma unroll
       for (int k = 0; k < kCols; ++k) {
-        if (c0 + k * kWarp < ri.D) grad_w[ri.elem0 + c0 + k * kWarp] = from_f32<T>(g[k]);
+        float sum = 0.f;
+        for (int w = 0; w < kLongWarps; ++w) sum += part[w][lane + k * kWarp];
+        g[k] = sum;
+      }
+    });
+  }
+}
+
+// The dense weight gradient: each touched row's summed gradient.
+template <typename T>
+struct DenseGradOp {
+  T* grad_w;
+  __device__ void begin() {}
+  template <typename Grad>
+  __device__ __forceinline__ void operator()(const RowInfo& ri, bool writer, Grad&& grad) const {
+    const int lane = threadIdx.x % kWarp;
+    for (int64_t w0 = 0; w0 < ri.D; w0 += kWindow) {
+      const int64_t c0 = w0 + lane;
+      float g[kCols];
+      grad(c0, g);
+#pragma unroll
+      for (int k = 0; k < kCols; ++k) {
+        if (writer && c0 + k * kWarp < ri.D) grad_w[ri.elem0 + c0 + k * kWarp] = from_f32<T>(g[k]);
       }
     }
-  });
-}
+  }
+};
 
 // One gradient row per lookup: table t's rows from element value_offsets[t].
 template <typename T, typename I>
@@ -301,93 +411,113 @@ __device__ __forceinline__ __half round_stochastic<__half>(float v, uint32_t u) 
       [](uint16_t b) { return __half2float(__ushort_as_half(b)); }));
 }
 
-struct UpdateParams {
+// Every touched row gets its summed gradient and the rule of
+// csrc/cpu/embedding_bag_kernel.h, with the CPU's fp32 arithmetic.
+template <typename T>
+struct UpdateOp {
+  T* w;
   float* m1;
   float* m2;
   const double* hparams;  // [lr, eps, beta1, beta2, weight_decay]
   const int64_t* step;    // before this update
   int64_t optimizer;
   bool stochastic_rounding;
-};
+  // Set by begin() from the device-side hyper-parameters.
+  float lr, eps, wd, step_size, b1, b2;
+  uint64_t seed;
 
-// Every touched row gets its summed gradient and the rule of
-// csrc/cpu/embedding_bag_kernel.h, with the CPU's fp32 arithmetic.
-template <typename T, typename I>
-__global__ void __launch_bounds__(kThreads)
-update_kernel(LookupView v, RunView rv, const T* __restrict__ grad_out, int64_t go_stride,
-              T* __restrict__ w, UpdateParams up) {
-  const int lane = threadIdx.x % kWarp;
-  const float lr = static_cast<float>(up.hparams[0]), eps = static_cast<float>(up.hparams[1]);
-  const float wd = static_cast<float>(up.hparams[4]);
-  const int64_t step = *up.step + 1;
-  float step_size = 0.f, b1 = 0.f, b2 = 0.f;
-  if (up.optimizer == kAdam) {
-    b1 = static_cast<float>(up.hparams[2]);
-    b2 = static_cast<float>(up.hparams[3]);
-    const double bc1 = 1.0 - pow(up.hparams[2], static_cast<double>(step));
-    const double bc2 = 1.0 - pow(up.hparams[3], static_cast<double>(step));
-    step_size = static_cast<float>(up.hparams[0] * sqrt(bc2) / bc1);
+  __device__ void begin() {
+    lr = static_cast<float>(hparams[0]);
+    eps = static_cast<float>(hparams[1]);
+    wd = static_cast<float>(hparams[4]);
+    const int64_t t = *step + 1;
+    step_size = b1 = b2 = 0.f;
+    if (optimizer == kAdam) {
+      b1 = static_cast<float>(hparams[2]);
+      b2 = static_cast<float>(hparams[3]);
+      const double bc1 = 1.0 - pow(hparams[2], static_cast<double>(t));
+      const double bc2 = 1.0 - pow(hparams[3], static_cast<double>(t));
+      step_size = static_cast<float>(hparams[0] * sqrt(bc2) / bc1);
+    }
+    seed = rounding_seed(t);
   }
-  const uint64_t seed = rounding_seed(step);
-  for_each_run(rv, [&](int64_t run) {
-    const RowInfo ri = row_info<I>(v, rv, run);
+
+  template <typename Grad>
+  __device__ __forceinline__ void operator()(const RowInfo& ri, bool writer, Grad&& grad) const {
+    const int lane = threadIdx.x % kWarp;
     float g[kCols], wf[kCols];
-    // Gradient of the window at c0 with weight decay, and the fp32 weights.
-    auto grad = [&](int64_t c0) {
-      row_grad<T, I>(v, rv, ri, grad_out, go_stride, c0, g);
+    // The fp32 weights of the window at c0 (loaded first, so that their
+    // latency overlaps the gradient's) and its gradient with weight decay.
+    auto window = [&](int64_t c0) {
 #pragma unroll
       for (int k = 0; k < kCols; ++k) {
         wf[k] = c0 + k * kWarp < ri.D ? to_f32(w[ri.elem0 + c0 + k * kWarp]) : 0.f;
+      }
+      grad(c0, g);
+#pragma unroll
+      for (int k = 0; k < kCols; ++k) {
         if (wd != 0.f) g[k] += wd * wf[k];
       }
     };
     float row_step = 0.f;  // rowwise adagrad: lr / (sqrt(s) + eps)
     const bool one_window = ri.D <= kWindow;
-    if (up.optimizer == kRowwiseAdagrad) {
+    if (optimizer == kRowwiseAdagrad) {
       float sq = 0.f;
       for (int64_t w0 = 0; w0 < ri.D; w0 += kWindow) {
-        grad(w0 + lane);
+        window(w0 + lane);
 #pragma unroll
         for (int k = 0; k < kCols; ++k) sq += g[k] * g[k];
       }
-      float* s = up.m1 + v.row_offsets[ri.t] + ri.row;
+      float* s = m1 + ri.key;
       const float s_new = *s + warp_sum(sq) / static_cast<float>(ri.D);
       row_step = lr / (sqrtf(s_new) + eps);
       __syncwarp();
-      if (lane == 0) *s = s_new;
+      if (writer && lane == 0) *s = s_new;
     }
     for (int64_t w0 = 0; w0 < ri.D; w0 += kWindow) {
       const int64_t c0 = w0 + lane;
-      if (!(up.optimizer == kRowwiseAdagrad && one_window)) grad(c0);
+      if (!(optimizer == kRowwiseAdagrad && one_window)) window(c0);
+      if (!writer) continue;
 #pragma unroll
       for (int k = 0; k < kCols; ++k) {
         const int64_t c = c0 + k * kWarp;
         if (c >= ri.D) continue;
         const int64_t e = ri.elem0 + c;
         float x = wf[k];
-        switch (up.optimizer) {
+        switch (optimizer) {
           case kSGD: x -= lr * g[k]; break;
           case kAdagrad: {
-            const float s = up.m1[e] + g[k] * g[k];
-            up.m1[e] = s;
+            const float s = m1[e] + g[k] * g[k];
+            m1[e] = s;
             x -= lr * g[k] / (sqrtf(s) + eps);
             break;
           }
           case kRowwiseAdagrad: x -= row_step * g[k]; break;
           default: {  // adam
-            const float m = up.m1[e] + (g[k] - up.m1[e]) * (1.f - b1);
-            const float s = up.m2[e] + (g[k] * g[k] - up.m2[e]) * (1.f - b2);
-            up.m1[e] = m;
-            up.m2[e] = s;
+            const float m = m1[e] + (g[k] - m1[e]) * (1.f - b1);
+            const float s = m2[e] + (g[k] * g[k] - m2[e]) * (1.f - b2);
+            m1[e] = m;
+            m2[e] = s;
             x -= step_size * (m / (sqrtf(s) + eps));
           }
         }
-        w[e] = up.stochastic_rounding
-                   ? round_stochastic<T>(x, rounding_bits(seed, e))
-                   : from_f32<T>(x);
+        w[e] = stochastic_rounding ? round_stochastic<T>(x, rounding_bits(seed, e)) : from_f32<T>(x);
       }
     }
-  });
+  }
+};
+
+// rows_kernel, then long_rows_kernel for the rows it listed.
+template <typename T, typename Op>
+void launch_rows(const Lookups& lk, const Runs& runs, const Tensor& grad_output, const Op& op,
+                 cudaStream_t stream) {
+  const RunView rv = view(runs);
+  const T* go = static_cast<const T*>(grad_output.const_data_ptr());
+  const int64_t warps = std::min<int64_t>(ceil_div(lk.v.N, kBatch), 1 << 16);
+  rows_kernel<T, Op><<<warp_blocks(warps), kThreads, 0, stream>>>(lk.v, rv, go, lk.total_dim, op);
+  const int64_t blocks = std::min<int64_t>(lk.v.N / (kLongRun + 1) + 1, 256);
+  long_rows_kernel<T, Op><<<blocks, kLongWarps * kWarp, 0, stream>>>(lk.v, rv, go, lk.total_dim, op);
+  DLRM_LAUNCH_CHECK();
 }
 
 __global__ void increment_kernel(int64_t* step) { *step += 1; }
@@ -453,16 +583,14 @@ Tensor embedding_bag_backward_dense(Tensor grad_output, Tensor weights, Tensor w
   DeviceGuard guard(weights.get_device());
   const Lookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
                                   indices, offsets, pooling, per_sample_weights);
-  const int64_t total_dim = lk.total_dim;
   Tensor grad_weight = torch::stable::new_zeros(weights, weights.sizes());
   if (lk.v.N == 0) return grad_weight;
   const cudaStream_t stream = stream_of(weights);
   const Runs runs = sort_by_row(weights, lk, stream);
-  dispatch(weights, lk, [&](auto w, auto i) {
+  dispatch_float(weights.scalar_type(), "weights", [&](auto w) {
     using T = decltype(w);
-    dense_grad_kernel<T, decltype(i)><<<warp_blocks(run_warps(lk.v.N)), kThreads, 0, stream>>>(
-        lk.v, view(runs), static_cast<const T*>(grad_output.const_data_ptr()), total_dim,
-        static_cast<T*>(grad_weight.mutable_data_ptr()));
+    launch_rows<T>(lk, runs, grad_output, DenseGradOp<T>{static_cast<T*>(grad_weight.mutable_data_ptr())},
+                   stream);
   });
   return grad_weight;
 }
@@ -528,20 +656,21 @@ void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
   DeviceGuard guard(weights.get_device());
   const Lookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
                                   indices, offsets, pooling, per_sample_weights);
-  const int64_t total_dim = lk.total_dim;
   check_optimizer_args(weights, momentum1, momentum2, step, hparams, optimizer, lk.total_rows);
   const cudaStream_t stream = stream_of(weights);
   if (lk.v.N > 0) {
     const Runs runs = sort_by_row(weights, lk, stream);
-    const UpdateParams up{momentum1.numel() ? momentum1.mutable_data_ptr<float>() : nullptr,
-                          momentum2.numel() ? momentum2.mutable_data_ptr<float>() : nullptr,
-                          hparams.const_data_ptr<double>(), step.const_data_ptr<int64_t>(),
-                          optimizer, stochastic_rounding};
-    dispatch(weights, lk, [&](auto w, auto i) {
+    dispatch_float(weights.scalar_type(), "weights", [&](auto w) {
       using T = decltype(w);
-      update_kernel<T, decltype(i)><<<warp_blocks(run_warps(lk.v.N)), kThreads, 0, stream>>>(
-          lk.v, view(runs), static_cast<const T*>(grad_output.const_data_ptr()), total_dim,
-          static_cast<T*>(weights.mutable_data_ptr()), up);
+      UpdateOp<T> op{};
+      op.w = static_cast<T*>(weights.mutable_data_ptr());
+      op.m1 = momentum1.numel() ? momentum1.mutable_data_ptr<float>() : nullptr;
+      op.m2 = momentum2.numel() ? momentum2.mutable_data_ptr<float>() : nullptr;
+      op.hparams = hparams.const_data_ptr<double>();
+      op.step = step.const_data_ptr<int64_t>();
+      op.optimizer = optimizer;
+      op.stochastic_rounding = stochastic_rounding;
+      launch_rows<T>(lk, runs, grad_output, op, stream);
     });
   }
   increment_kernel<<<1, 1, 0, stream>>>(step.mutable_data_ptr<int64_t>());

@@ -16,46 +16,71 @@ __device__ int64_t row_size(int64_t D, int64_t bits) {
   return bits == 0 ? D : bits == 8 ? D + 8 : D / 2 + 4;
 }
 
-// Thread 0 of block 0 checks the table metadata and writes the per-table
-// prefix sums; one warp per bag checks its offsets and indices.
+// Warp 0 of block 0 checks the table metadata and writes the per-table
+// prefix sums, a table per lane.
 template <typename I>
 __global__ void inspect_kernel(LookupView v, int64_t ref_size, int64_t bits, int64_t total_dim,
                                int64_t* meta) {
   const int64_t TB = v.T * v.B;
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    bool bad = v.dim_offsets[0] != 0 || (total_dim >= 0 && v.dim_offsets[v.T] != total_dim) ||
-               (TB == 0 && (offset_at<I>(v, 0) != 0 || v.N != 0));
-    int64_t rows = 0, values = 0, max_dim = 0;
-    for (int64_t t = 0; t < v.T; ++t) {
-      const int64_t D = v.dim_offsets[t + 1] - v.dim_offsets[t], n = v.rows[t];
-      const int64_t w = v.weights_offsets[t];
-      bad |= D < 1 || n < 0 || n >= (int64_t{1} << 32) || w < 0 || (bits == 4 && D % 2 != 0) ||
-             (D >= 1 && n >= 0 && w >= 0 && w + n * row_size(D, bits) > ref_size);
-      meta[kHeader + t] = rows;
-      meta[kHeader + v.T + t] = values;
-      rows += n;
-      values += (offset_at<I>(v, (t + 1) * v.B) - offset_at<I>(v, t * v.B)) * D;
-      max_dim = max(max_dim, D);
-    }
-    if (bad) meta[0] = 1;
-    meta[2] = rows;
-    meta[3] = values;
-    meta[4] = max_dim;
-    meta[5] = v.dim_offsets[v.T];
-  }
   const int lane = threadIdx.x % kWarp;
-  const int64_t bag = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
-  if (bag >= TB) return;
-  const int64_t lo = offset_at<I>(v, bag), hi = offset_at<I>(v, bag + 1);
-  if ((bag == 0 && lo != 0) || hi < lo || lo < 0 || hi > v.N || (bag == TB - 1 && hi != v.N)) {
-    if (lane == 0) meta[0] = 1;
-    return;
+  if (blockIdx.x == 0 && threadIdx.x < kWarp) {
+    bool bad = lane == 0 && (v.dim_offsets[0] != 0 ||
+                             (total_dim >= 0 && v.dim_offsets[v.T] != total_dim) ||
+                             (TB == 0 && (offset_at<I>(v, 0) != 0 || v.N != 0)));
+    int64_t rows = 0, values = 0, max_dim = 0;  // over the tables before this chunk
+    for (int64_t t0 = 0; t0 < v.T; t0 += kWarp) {
+      const int64_t t = t0 + lane;
+      int64_t n = 0, vals = 0;
+      if (t < v.T) {
+        const int64_t D = v.dim_offsets[t + 1] - v.dim_offsets[t], w = v.weights_offsets[t];
+        n = v.rows[t];
+        bad |= D < 1 || n < 0 || n >= (int64_t{1} << 32) || w < 0 || (bits == 4 && D % 2 != 0) ||
+               (D >= 1 && n >= 0 && w >= 0 && w + n * row_size(D, bits) > ref_size);
+        vals = (offset_at<I>(v, (t + 1) * v.B) - offset_at<I>(v, t * v.B)) * D;
+        max_dim = max(max_dim, D);
+      }
+      int64_t n_incl = n, vals_incl = vals;  // inclusive scans over the lanes
+      for (int o = 1; o < kWarp; o *= 2) {
+        const int64_t a = __shfl_up_sync(0xffffffffu, n_incl, o);
+        const int64_t b = __shfl_up_sync(0xffffffffu, vals_incl, o);
+        if (lane >= o) {
+          n_incl += a;
+          vals_incl += b;
+        }
+      }
+      if (t < v.T) {
+        meta[kHeader + t] = rows + n_incl - n;
+        meta[kHeader + v.T + t] = values + vals_incl - vals;
+      }
+      rows += __shfl_sync(0xffffffffu, n_incl, kWarp - 1);
+      values += __shfl_sync(0xffffffffu, vals_incl, kWarp - 1);
+    }
+    for (int o = kWarp / 2; o > 0; o /= 2) max_dim = max(max_dim, __shfl_xor_sync(0xffffffffu, max_dim, o));
+    if (__any_sync(0xffffffffu, bad) && lane == 0) meta[0] = 1;
+    if (lane == 0) {
+      meta[2] = rows;
+      meta[3] = values;
+      meta[4] = max_dim;
+      meta[5] = v.dim_offsets[v.T];
+    }
   }
-  const int64_t n = v.rows[bag / v.B];
-  for (int64_t l = lo + lane; l < hi; l += kWarp) {
-    const int64_t idx = index_at<I>(v, l);
-    if (idx < 0 || idx >= n) {
-      atomicMax(reinterpret_cast<unsigned long long*>(meta + 1), ~static_cast<unsigned long long>(l));
+  // Thread i checks bag i's offsets and lookup i's index, whose table is the
+  // last one starting at or before i (exact once the offsets are valid).
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < TB) {
+    const int64_t lo = offset_at<I>(v, i), hi = offset_at<I>(v, i + 1);
+    if ((i == 0 && lo != 0) || hi < lo || lo < 0 || hi > v.N || (i == TB - 1 && hi != v.N)) {
+      meta[0] = 1;
+    }
+  }
+  if (i < v.N && v.T > 0) {
+    int64_t t = 0;
+    for (int64_t step = int64_t{1} << (63 - __clzll(v.T)); step > 0; step >>= 1) {
+      if (t + step < v.T && offset_at<I>(v, (t + step) * v.B) <= i) t += step;
+    }
+    const int64_t idx = index_at<I>(v, i);
+    if (idx < 0 || idx >= v.rows[t]) {
+      atomicMax(reinterpret_cast<unsigned long long*>(meta + 1), ~static_cast<unsigned long long>(i));
     }
   }
 }
@@ -117,7 +142,7 @@ Lookups validate_lookups(const Tensor& ref, const char* ref_name, int64_t ref_si
   const cudaStream_t stream = stream_of(ref);
   DLRM_CUDA_CHECK(cudaMemsetAsync(meta, 0, 2 * sizeof(int64_t), stream));  // the error slots
   constexpr int kThreads = 256;
-  const int64_t blocks = std::max<int64_t>(1, ceil_div(s.T * s.B * kWarp, kThreads));
+  const int64_t blocks = std::max<int64_t>(1, ceil_div(std::max(s.T * s.B, s.N), kThreads));
   dispatch_index(lk.int64, [&](auto i) {
     inspect_kernel<decltype(i)><<<blocks, kThreads, 0, stream>>>(lk.v, ref_size, bits, total_dim, meta);
   });
