@@ -1,5 +1,9 @@
 """The CUDA kernels against the CPU ops (themselves tested against the
 pure-PyTorch references) and the references. Skipped without a GPU."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -163,6 +167,11 @@ def test_bad_lookups_raise_the_cpu_errors():
     bad[5] = -1
     with pytest.raises(RuntimeError, match=r"indices\[5\] = -1 is out of range"):
         ebc(bad, off)
+    bad = idx.clone()  # in range for table 0 (40 rows), not for its own table 1 (7 rows)
+    p = int(off[33])
+    bad[p] = 10
+    with pytest.raises(RuntimeError, match=rf"indices\[{p}\] = 10 is out of range for table 1"):
+        ebc(bad, off)
     bad_off = off.clone()
     bad_off[3] = bad_off[4] + 1
     with pytest.raises(RuntimeError, match=r"offsets must be non-decreasing"):
@@ -246,6 +255,36 @@ def test_quantized_lookup_matches_cpu(bits, index_dtype, mode, weighted, out_dty
     ref = q(idx, off, psw)
     qg = q.to(cuda)
     close(qg(*to_cuda(idx, off, psw)), ref, out_dtype)
+
+
+# Under torch < 2.13 the exception a kernel raises ends the process: a bad
+# input the GPU validation misses would run and exit cleanly instead.
+BAD_INPUTS = {
+    "index past its table": "idx[5] = 10_000",
+    "negative index": "idx[5] = -1",
+    "index in range for table 0, not for its own table 1": "idx[int(off[33])] = 10",
+    "decreasing offsets": "off[3] = off[4] + 1",
+}
+
+
+@pytest.mark.skipif(not OLD_TORCH, reason="test_bad_lookups_raise_the_cpu_errors checks the messages")
+@pytest.mark.parametrize("corrupt", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_lookups_stop_the_call_on_old_torch(corrupt):
+    code = f"""
+import torch
+from test_cuda import bags, collection, cuda
+ebc = collection(8, device=cuda)
+idx, off = bags()
+assert off[66] > off[33]  # table 1 has lookups
+ebc(idx.to(cuda), off.to(cuda)).sum().item()
+print("clean input ran", flush=True)
+{corrupt}
+ebc(idx.to(cuda), off.to(cuda)).sum().item()
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent,
+                       capture_output=True, text=True, timeout=300)
+    assert "clean input ran" in r.stdout, r.stderr[-2000:]
+    assert r.returncode != 0, "the bad input ran"
 
 
 @needs_213
