@@ -89,7 +89,8 @@ def main(argv=None) -> int:
     b.add_argument("--interaction-dims", type=_ints, default=[16, 64, 128])
     b.add_argument("--optimizers", type=lambda s: s.split(","), default=["sgd", "rowwise_adagrad"],
                    help="for train: sgd, adagrad, rowwise_adagrad, adam")
-    b.add_argument("--dense", action="store_true", help="train: also time dense gradients + SGD (a dense gradient of every "
+    b.add_argument("--dense", action="store_true",
+                   help="train: also time dense gradients + SGD (a dense gradient of every "
                         "table: 3.3 GB more at 26 x 500k x 64)")
     b.add_argument("--json", help="also write the results here")
     from . import train

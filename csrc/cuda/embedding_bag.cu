@@ -134,8 +134,9 @@ constexpr int kLongWarps = 16;
 
 // Lookups grouped by row, in lookup order within a row (a stable sort): run r
 // covers sorted positions start[r] .. start[r+1] and its row among all tables'
-// rows is key[r]; counts = [touched rows, long runs], long_runs lists the
-// latter (filled by the per-row kernels).
+// rows is key[r] (keys holds the sort's input, sorted keys and the runs' keys,
+// N each); counts = [touched rows, long runs], long_runs lists the latter
+// (filled by the per-row kernels).
 struct Runs {
   Tensor bag, scale, start, keys, counts, long_runs, scratch;
 };
@@ -208,15 +209,14 @@ RunView view(const Runs& r) {
           r.counts.mutable_data_ptr<int32_t>(), r.long_runs.mutable_data_ptr<int32_t>()};
 }
 
-// The row of run `run`: its table, dims, row among all tables' rows (the
-// row-wise state's index) and first element in the weights.
+// A touched row: its dims, its row among all tables' rows (the row-wise
+// state's index), its first element in the weights, its sorted lookups.
 struct RowInfo {
   int64_t D, d0, key, elem0, lo, hi;
 };
-__device__ __forceinline__ RowInfo row_info(const LookupView& v, const RunView& rv, int64_t run) {
-  const int64_t lo = rv.start[run], hi = rv.start[run + 1];
-  const int64_t key = static_cast<int64_t>(rv.key[run]);
-  const int64_t t = rv.bag[lo] / v.B;
+// The row `key` of table t, whose lookups are at sorted positions lo .. hi.
+__device__ __forceinline__ RowInfo row_info(const LookupView& v, int64_t t, int64_t key,
+                                            int64_t lo, int64_t hi) {
   const int64_t d0 = v.dim_offsets[t], D = v.dim_offsets[t + 1] - d0;
   return {D, d0, key, v.weights_offsets[t] + (key - v.row_offsets[t]) * D, lo, hi};
 }
@@ -289,18 +289,13 @@ rows_kernel(LookupView v, RunView rv, const T* __restrict__ grad_out, int64_t go
     }
     const int n = static_cast<int>(min(int64_t{kBatch}, num_runs - base));
     for (int j = 0; j < n; ++j) {
-      RowInfo ri;
-      ri.lo = __shfl_sync(0xffffffffu, lo, j);
-      ri.hi = __shfl_sync(0xffffffffu, hi, j);
-      if (ri.hi - ri.lo > kLongRun) {
+      const int64_t lo_j = __shfl_sync(0xffffffffu, lo, j), hi_j = __shfl_sync(0xffffffffu, hi, j);
+      if (hi_j - lo_j > kLongRun) {
         if (lane == 0) rv.long_runs[atomicAdd(rv.counts + 1, 1)] = static_cast<int32_t>(base + j);
         continue;
       }
-      ri.key = __shfl_sync(0xffffffffu, key, j);
-      const int64_t tj = __shfl_sync(0xffffffffu, t, j);
-      ri.d0 = v.dim_offsets[tj];
-      ri.D = v.dim_offsets[tj + 1] - ri.d0;
-      ri.elem0 = v.weights_offsets[tj] + (ri.key - v.row_offsets[tj]) * ri.D;
+      const RowInfo ri = row_info(v, __shfl_sync(0xffffffffu, t, j),
+                                  __shfl_sync(0xffffffffu, key, j), lo_j, hi_j);
       op(ri, true, [&](int64_t c0, float (&g)[kCols]) {
         row_grad<T>(v, rv, ri.lo, ri.hi, ri.d0, ri.D, grad_out, go_stride, c0, g);
       });
@@ -320,7 +315,9 @@ long_rows_kernel(LookupView v, RunView rv, const T* __restrict__ grad_out, int64
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t num_long = rv.counts[1];
   for (int64_t i = blockIdx.x; i < num_long; i += gridDim.x) {
-    const RowInfo ri = row_info(v, rv, rv.long_runs[i]);
+    const int64_t run = rv.long_runs[i], lo0 = rv.start[run];
+    const RowInfo ri = row_info(v, rv.bag[lo0] / v.B, static_cast<int64_t>(rv.key[run]), lo0,
+                                rv.start[run + 1]);
     const int64_t slice = ceil_div(ri.hi - ri.lo, int64_t{kLongWarps});
     const int64_t lo = min(ri.hi, ri.lo + warp * slice), hi = min(ri.hi, lo + slice);
     op(ri, warp == 0, [&](int64_t c0, float (&g)[kCols]) {
