@@ -125,6 +125,44 @@ def test_radix_sorted_walk_matches_torch(mode, weighted):
         torch.testing.assert_close(ebc.weight_of(t), m.weight.detach(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode, weighted", [("sum", False), ("sum", True), ("mean", False)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_long_bags_match_torch(mode, weighted, threads):
+    # Table 0 has 12 lookups per bag, so each chunk of the walk copies its
+    # gradient rows into a contiguous buffer (kCopyLookupsPerBag in
+    # sorted_lookups.h); table 1 has at most 2, gathered in place. With 3
+    # threads the walk is split inside table 0.
+    rows, B, D = [500, 300], 128, 16
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection(rows, D, mode=mode, optimizer="sgd", lr=0.1)
+    tables = torch_tables(ebc)
+    opt = torch.optim.SGD([m.weight for m in tables], lr=0.1)
+    dense = EmbeddingBagCollection(rows, D, mode=mode)
+    with torch.no_grad():
+        dense.weight.copy_(ebc.weight)
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.cat([torch.full((B,), 12), torch.randint(0, 3, (B,), generator=g)])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    indices = torch.cat([torch.randint(0, 60, (12 * B,), generator=g),
+                         torch.randint(0, rows[1], (int(lengths[B:].sum()),), generator=g)])
+    psw = torch.rand(indices.numel(), generator=g) if weighted else None
+    grad = torch.randn(B, D * len(rows), generator=g)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        dense(indices, offsets, psw).backward(grad)
+        ebc(indices, offsets, psw).backward(grad)
+    finally:
+        torch.set_num_threads(old)
+    run_torch(tables, indices, offsets, psw, grad)
+    for t, m in enumerate(tables):
+        torch.testing.assert_close(dense.weight.grad.view(-1)[ebc._woff[t]:][:rows[t] * D]
+                                   .view(rows[t], D), m.weight.grad.to_dense())
+    opt.step()
+    for t, m in enumerate(tables):
+        torch.testing.assert_close(ebc.weight_of(t), m.weight.detach(), atol=1e-5, rtol=1e-5)
+
+
 def _reference_run(optimizer, ebc, data, weight_decay=0.0, lr=0.1, eps=1e-8):
     """The same steps through reference.sparse_optimizer_step, from copies of
     ebc's current weights."""

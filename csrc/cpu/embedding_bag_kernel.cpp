@@ -110,11 +110,11 @@ int64_t backward_dense(const EmbeddingBagArgs& a, const void* grad_out_ptr, void
   const I* off = static_cast<const I*>(a.lk.offsets);
   const W* go = static_cast<const W*>(grad_out_ptr);
   W* gw = static_cast<W*>(grad_weight_ptr);
-  const int64_t total_D = tb.dim_offsets[tb.T];
   const int64_t D_max = max_dim(tb);
   SortedLookups s = sort_lookups<I>(tb, a.lk);
   const int64_t grain = 16384 / D_max + 1;
-  for_each_row_run<I>(tb, a.lk, s, grain, [&](int64_t t, int64_t row, int64_t begin, int64_t end) {
+  for_each_row_run<I>(tb, a.lk, s, go, grain, [&](int64_t t, int64_t row, int64_t begin,
+                                                  int64_t end, const GradRows<W>& grads) {
     const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
     const int64_t start = off[t * tb.B];
     float acc[256];
@@ -126,8 +126,7 @@ int64_t backward_dense(const EmbeddingBagArgs& a, const void* grad_out_ptr, void
     }
     for (int64_t k = begin; k < end; ++k) {
       const auto [b, sc] = s.bag_scale(s.entries[k], a.lk, off, t, tb.B, start);
-      const W* g = go + b * total_D + tb.dim_offsets[t];
-      if (k == begin) row_set(a_ptr, g, sc, D); else row_axpy(a_ptr, g, sc, D);
+      if (k == begin) row_set(a_ptr, grads[b], sc, D); else row_axpy(a_ptr, grads[b], sc, D);
     }
     row_store(gw + tb.weights_offsets[t] + row * D, a_ptr, D);
   });

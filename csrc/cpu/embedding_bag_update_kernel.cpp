@@ -124,16 +124,15 @@ int64_t update(const UpdateArgs& a) {
   const I* off = static_cast<const I*>(lk.offsets);
   const W* go = static_cast<const W*>(a.grad_out);
   W* w = static_cast<W*>(a.weights);
-  const int64_t total_D = tb.dim_offsets[tb.T];
   SortedLookups s = sort_lookups<I>(tb, lk);
   if (s.first_bad >= 0) return s.first_bad;
   const int64_t grain = 16384 / max_dim(tb) + 1;
   const bool elementwise_state = a.optimizer == kAdagrad || a.optimizer == kAdam;
 
-  for_each_row_run<I>(tb, lk, s, grain, [&](int64_t t, int64_t row, int64_t begin, int64_t end) {
+  for_each_row_run<I>(tb, lk, s, go, grain, [&](int64_t t, int64_t row, int64_t begin,
+                                                int64_t end, const GradRows<W>& grads) {
     const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
     const int64_t start = off[t * tb.B], table_end = off[(t + 1) * tb.B];
-    const int64_t go_col = tb.dim_offsets[t];
     // Rows ascend: the entry n ahead is at most n rows ahead. The two blocks
     // stay written out: a shared helper lambda once compiled to no prefetch
     // at all (docs/architecture.md).
@@ -153,8 +152,7 @@ int64_t update(const UpdateArgs& a) {
     }
     // Gradient rows are one random row per lookup: fetched ahead too.
     for (int64_t k = begin + kPrefetchGrads; k < std::min(end + kPrefetchGrads, table_end); ++k) {
-      prefetch_row(go + s.bag_of(s.entries[k], start) * total_D + go_col,
-                   D * static_cast<int64_t>(sizeof(W)));
+      prefetch_row(grads[s.bag_of(s.entries[k], start)], D * static_cast<int64_t>(sizeof(W)));
     }
     float g_buf[256], wf_buf[256];
     std::unique_ptr<float[]> heap;
@@ -167,8 +165,7 @@ int64_t update(const UpdateArgs& a) {
     }
     for (int64_t k = begin; k < end; ++k) {
       const auto [b, sc] = s.bag_scale(s.entries[k], lk, off, t, tb.B, start);
-      const W* gr = go + b * total_D + go_col;
-      if (k == begin) row_set(g, gr, sc, D); else row_axpy(g, gr, sc, D);
+      if (k == begin) row_set(g, grads[b], sc, D); else row_axpy(g, grads[b], sc, D);
     }
     const int64_t elem0 = tb.weights_offsets[t] + row * D;
     update_row(a, w + elem0, g, wf, D, elem0, a.row_offsets[t] + row);

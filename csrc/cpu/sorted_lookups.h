@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <memory>
 #include <utility>
+#include <vector>
 
 #include "cpu/embedding_bag_kernel.h"
 #include "cpu/pooling.h"
@@ -121,14 +122,34 @@ SortedLookups sort_lookups(const TableBatch& tb, const Lookups& lk) {
   return s;
 }
 
-// Calls f(t, row, begin, end) for every run of equal rows, [begin, end) being
-// the run's entries; parallel over runs, each run seen by one thread.
-template <typename I, typename F>
+// Table t's gradient rows: bag b's at base + b * stride.
+template <typename W>
+struct GradRows {
+  const W* base;
+  int64_t stride;
+  const W* operator[](int64_t b) const { return base + b * stride; }
+};
+
+// A chunk copies a table's gradient slice (B rows strided by grad_out's row)
+// into a contiguous buffer when it has at least kCopyLookupsPerBag lookups
+// per bag of that table and the slice fits in kCopyMaxBytes, well inside L2.
+// Each strided row sits on its own 4 KiB page: gathered 20 times per bag in
+// row order, their TLB and cache misses cost more than the copy (the update
+// at 20 lookups per bag, 26 x 500k x 64: 27-29 ms -> 22-23 ms).
+constexpr int64_t kCopyLookupsPerBag = 4;
+constexpr int64_t kCopyMaxBytes = 1 << 20;
+
+// Calls f(t, row, begin, end, grads) for every run of equal rows, [begin, end)
+// being the run's entries and grads table t's gradient rows (GradRows) in
+// grad_out [B, dim_offsets[T]]; parallel over runs, each run seen by one
+// thread.
+template <typename I, typename W, typename F>
 void for_each_row_run(const TableBatch& tb, const Lookups& lk, const SortedLookups& s,
-                      int64_t grain, const F& f) {
+                      const W* grad_out, int64_t grain, const F& f) {
   const I* off = static_cast<const I*>(lk.offsets);
   const int64_t T = tb.T, B = tb.B;
   const int64_t N = static_cast<int64_t>(off[T * B]);
+  const int64_t total_D = tb.dim_offsets[T];
   const uint64_t* e = s.entries.get();
   auto table_of = [&](int64_t p) {  // last t with off[t*B] <= p
     int64_t lo = 0, hi = T - 1;
@@ -151,12 +172,29 @@ void for_each_row_run(const TableBatch& tb, const Lookups& lk, const SortedLooku
       advance_table();
       if (run_starts_at(p, t)) break;
     }
+    std::vector<W> copy;
+    int64_t grads_t = -1;
+    GradRows<W> grads{};
     while (p < end) {
       advance_table();
       const int64_t table_end = off[(t + 1) * B];
+      if (t != grads_t) {  // this chunk's first run in table t
+        const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
+        const W* slice = grad_out + tb.dim_offsets[t];
+        grads = {slice, total_D};
+        if (std::min(end, table_end) - p >= kCopyLookupsPerBag * B &&
+            B * D * static_cast<int64_t>(sizeof(W)) <= kCopyMaxBytes) {
+          copy.resize(std::max<size_t>(copy.size(), B * D));
+          for (int64_t b = 0; b < B; ++b) {
+            std::copy(slice + b * total_D, slice + b * total_D + D, copy.data() + b * D);
+          }
+          grads = {copy.data(), D};
+        }
+        grads_t = t;
+      }
       int64_t q = p + 1;
       while (q < table_end && (e[q] >> 32) == (e[p] >> 32)) ++q;
-      f(t, SortedLookups::row(e[p]), p, q);
+      f(t, SortedLookups::row(e[p]), p, q, grads);
       p = q;
     }
   });
