@@ -128,10 +128,10 @@ def test_radix_sorted_walk_matches_torch(mode, weighted):
 @pytest.mark.parametrize("mode, weighted", [("sum", False), ("sum", True), ("mean", False)])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_long_bags_match_torch(mode, weighted, threads):
-    # Table 0 has 12 lookups per bag, so each chunk of the walk copies its
-    # gradient rows into a contiguous buffer (kCopyLookupsPerBag in
-    # sorted_lookups.h); table 1 has at most 2, gathered in place. With 3
-    # threads the walk is split inside table 0.
+    # Table 0 has 24 lookups per bag, so the walk copies its gradient rows
+    # into a contiguous buffer (kCopyLookupsPerBag in sorted_lookups.h);
+    # table 1 has at most 2, gathered in place. With 3 threads the walk is
+    # split inside table 0, and its last chunk there is too short to copy.
     rows, B, D = [500, 300], 128, 16
     torch.manual_seed(0)
     ebc = EmbeddingBagCollection(rows, D, mode=mode, optimizer="sgd", lr=0.1)
@@ -141,9 +141,9 @@ def test_long_bags_match_torch(mode, weighted, threads):
     with torch.no_grad():
         dense.weight.copy_(ebc.weight)
     g = torch.Generator().manual_seed(7)
-    lengths = torch.cat([torch.full((B,), 12), torch.randint(0, 3, (B,), generator=g)])
+    lengths = torch.cat([torch.full((B,), 24), torch.randint(0, 3, (B,), generator=g)])
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-    indices = torch.cat([torch.randint(0, 60, (12 * B,), generator=g),
+    indices = torch.cat([torch.randint(0, 60, (24 * B,), generator=g),
                          torch.randint(0, rows[1], (int(lengths[B:].sum()),), generator=g)])
     psw = torch.rand(indices.numel(), generator=g) if weighted else None
     grad = torch.randn(B, D * len(rows), generator=g)

@@ -133,10 +133,12 @@ struct GradRows {
 // A chunk copies a table's gradient slice (B rows strided by grad_out's row)
 // into a contiguous buffer when it has at least kCopyLookupsPerBag lookups
 // per bag of that table and the slice fits in kCopyMaxBytes, well inside L2.
-// Each strided row sits on its own 4 KiB page: gathered 20 times per bag in
-// row order, their TLB and cache misses cost more than the copy (the update
-// at 20 lookups per bag, 26 x 500k x 64: 27-29 ms -> 22-23 ms).
-constexpr int64_t kCopyLookupsPerBag = 4;
+// Each strided row sits on its own 4 KiB page: gathered many times in row
+// order, their TLB and cache misses cost more than the copy. SGD steps on
+// 26 x 500k x 64 Zipf tables, 3 runs each, copy against none: 4 and 6 per
+// bag 7.1-7.6 / 6.8-7.4 ms and 11.8-14.7 / 10.2-12.2 ms; 8 per bag
+// 18.1-18.3 / 19.0-21.5 ms, 16 per bag 36.3-38.4 / 40.0-41.4 ms.
+constexpr int64_t kCopyLookupsPerBag = 8;
 constexpr int64_t kCopyMaxBytes = 1 << 20;
 
 // Calls f(t, row, begin, end, grads) for every run of equal rows, [begin, end)
