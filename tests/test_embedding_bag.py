@@ -112,6 +112,36 @@ def test_dense_gradients_match_reference(dtype, mode, weighted, dims):
         torch.testing.assert_close(psw.grad, psw_ref.grad, **TOL[dtype])
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_dense_gradient_of_a_batch_beyond_the_cached_sort_scratch(weighted):
+    # Over 4.2M lookups the sort's scratch (kCachedScratchBytes, 64 MiB, in
+    # sorted_lookups.h) is allocated for the call instead of kept per thread;
+    # a small call before and after uses the cached one.
+    rows, B, n = [1000, 300], 64, 4_300_000
+    ebc = EmbeddingBagCollection(rows, 4)
+    g = torch.Generator().manual_seed(0)
+    for big in (False, True, False):
+        per_table = n // 2 if big else 200
+        lengths = torch.full((2 * B,), per_table // B)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+        indices = torch.cat([torch.randint(0, r, (per_table // B * B,), generator=g)
+                             for r in rows])
+        psw = torch.rand(indices.numel(), generator=g) if weighted else None
+        grad = torch.randn(B, 8, generator=g)
+        ebc.weight.grad = None
+        ebc(indices, offsets, psw).backward(grad)
+        ref = torch.zeros_like(ebc.weight).view(-1)
+        for t, r in enumerate(rows):
+            lo, hi = int(offsets[t * B]), int(offsets[(t + 1) * B])
+            bags = torch.arange(B).repeat_interleave(lengths[t * B:(t + 1) * B])
+            contrib = grad[bags, 4 * t:4 * t + 4]
+            if weighted:
+                contrib = contrib * psw[lo:hi, None]
+            table = torch.zeros(r, 4).index_add_(0, indices[lo:hi], contrib)
+            ref[ebc._woff[t]:ebc._woff[t] + r * 4] = table.view(-1)
+        torch.testing.assert_close(ebc.weight.grad, ref.view_as(ebc.weight), atol=1e-3, rtol=1e-4)
+
+
 @pytest.mark.filterwarnings("ignore:Input #")
 def test_gradcheck_per_sample_weights_and_weights():
     rows = [6, 4]
