@@ -7,7 +7,7 @@ import dlrm_ops
 from dlrm_ops import reference
 from dlrm_ops.nn import EmbeddingBagCollection
 
-from conftest import make_bags
+from conftest import TOL, make_bags
 
 ROWS = [40, 7, 25]
 
@@ -127,17 +127,18 @@ def test_radix_sorted_walk_matches_torch(mode, weighted):
 
 @pytest.mark.parametrize("mode, weighted", [("sum", False), ("sum", True), ("mean", False)])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_long_bags_match_torch(mode, weighted, threads):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_bags_match_torch(mode, weighted, threads, dtype):
     # Table 0 has 24 lookups per bag, so the walk copies its gradient rows
     # into a contiguous buffer (kCopyLookupsPerBag in sorted_lookups.h);
     # table 1 has at most 2, gathered in place. With 3 threads the walk is
     # split inside table 0, and its last chunk there is too short to copy.
     rows, B, D = [500, 300], 128, 16
     torch.manual_seed(0)
-    ebc = EmbeddingBagCollection(rows, D, mode=mode, optimizer="sgd", lr=0.1)
+    ebc = EmbeddingBagCollection(rows, D, mode=mode, dtype=dtype, optimizer="sgd", lr=0.1)
     tables = torch_tables(ebc)
     opt = torch.optim.SGD([m.weight for m in tables], lr=0.1)
-    dense = EmbeddingBagCollection(rows, D, mode=mode)
+    dense = EmbeddingBagCollection(rows, D, mode=mode, dtype=dtype)
     with torch.no_grad():
         dense.weight.copy_(ebc.weight)
     g = torch.Generator().manual_seed(7)
@@ -146,7 +147,7 @@ def test_long_bags_match_torch(mode, weighted, threads):
     indices = torch.cat([torch.randint(0, 60, (24 * B,), generator=g),
                          torch.randint(0, rows[1], (int(lengths[B:].sum()),), generator=g)])
     psw = torch.rand(indices.numel(), generator=g) if weighted else None
-    grad = torch.randn(B, D * len(rows), generator=g)
+    grad = torch.randn(B, D * len(rows), generator=g).to(dtype)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
@@ -154,13 +155,14 @@ def test_long_bags_match_torch(mode, weighted, threads):
         ebc(indices, offsets, psw).backward(grad)
     finally:
         torch.set_num_threads(old)
-    run_torch(tables, indices, offsets, psw, grad)
+    run_torch(tables, indices, offsets, psw, grad.float())
+    tol = TOL[dtype]
     for t, m in enumerate(tables):
         torch.testing.assert_close(dense.weight.grad.view(-1)[ebc._woff[t]:][:rows[t] * D]
-                                   .view(rows[t], D), m.weight.grad.to_dense())
+                                   .view(rows[t], D).float(), m.weight.grad.to_dense(), **tol)
     opt.step()
     for t, m in enumerate(tables):
-        torch.testing.assert_close(ebc.weight_of(t), m.weight.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ebc.weight_of(t).float(), m.weight.detach(), **tol)
 
 
 def _reference_run(optimizer, ebc, data, weight_decay=0.0, lr=0.1, eps=1e-8):
