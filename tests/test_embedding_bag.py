@@ -30,9 +30,9 @@ def psw_for(indices, dtype, seed=1):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
 @pytest.mark.parametrize("mode, weighted", POOLINGS)
-@pytest.mark.parametrize("dims", [8, [4, 16, 1, 33]])
+@pytest.mark.parametrize("dims", [8, [4, 16, 1, 33, 48, 128]])
 def test_forward_matches_reference(dtype, index_dtype, mode, weighted, dims):
-    rows = [50, 7, 300, 1]
+    rows = [50, 7, 300, 1, 20, 9]
     ebc = EmbeddingBagCollection(rows, dims, mode=mode, dtype=dtype)
     indices, offsets = make_bags(rows, B=13, max_len=6, index_dtype=index_dtype)
     psw = psw_for(indices, dtype) if weighted else None

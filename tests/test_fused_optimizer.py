@@ -1,5 +1,9 @@
 """The optimizer fused into the embedding backward against torch.optim and the
 reference, with repeated indices over several steps."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -39,11 +43,16 @@ def run_torch(tables, indices, offsets, psw, grad):
     torch.cat(outs, 1).backward(grad)
 
 
-def batches(steps=4, B=12, max_len=6, index_dtype=torch.int64):
+# 8: every kernel's any-D path; the others are whole vectors of 16 columns,
+# which the kernels sum and update in registers (up to 128 on AVX-512).
+DIMS = [8, [16, 48, 128]]
+
+
+def batches(steps=4, B=12, max_len=6, index_dtype=torch.int64, total_dim=8 * len(ROWS)):
     g = torch.Generator().manual_seed(3)
     for _ in range(steps):
         indices, offsets = make_bags(ROWS, B, max_len, index_dtype, generator=g)
-        grad = torch.randn(B, 8 * len(ROWS), generator=g)
+        grad = torch.randn(B, total_dim, generator=g)
         yield indices, offsets, grad
 
 
@@ -54,11 +63,12 @@ def batches(steps=4, B=12, max_len=6, index_dtype=torch.int64):
 ])
 @pytest.mark.parametrize("mode, weighted", [("sum", False), ("sum", True), ("mean", False)])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-def test_matches_torch_optim(optimizer, torch_opt, mode, weighted, index_dtype):
-    ebc = fused(optimizer, mode=mode, lr=0.1)
+@pytest.mark.parametrize("dims", DIMS)
+def test_matches_torch_optim(optimizer, torch_opt, mode, weighted, index_dtype, dims):
+    ebc = fused(optimizer, dims=dims, mode=mode, lr=0.1)
     tables = torch_tables(ebc)
     opt = torch_opt([p for m in tables for p in m.parameters()])
-    for indices, offsets, grad in batches(index_dtype=index_dtype):
+    for indices, offsets, grad in batches(index_dtype=index_dtype, total_dim=ebc.total_dim):
         psw = torch.rand(indices.numel()) if weighted else None
         ebc(indices, offsets, psw).backward(grad)
         opt.zero_grad()
@@ -183,10 +193,11 @@ def _reference_run(optimizer, ebc, data, weight_decay=0.0, lr=0.1, eps=1e-8):
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_matches_reference(optimizer, weight_decay, weighted):
-    ebc = fused(optimizer, lr=0.1, eps=1e-8, weight_decay=weight_decay)
+@pytest.mark.parametrize("dims", DIMS)
+def test_matches_reference(optimizer, weight_decay, weighted, dims):
+    ebc = fused(optimizer, dims=dims, lr=0.1, eps=1e-8, weight_decay=weight_decay)
     data = []
-    for indices, offsets, grad in batches():
+    for indices, offsets, grad in batches(total_dim=ebc.total_dim):
         psw = torch.rand(indices.numel()) if weighted else None
         data.append((indices, offsets, grad, psw))
     tables, states = _reference_run(optimizer, ebc, data, weight_decay)
@@ -236,6 +247,44 @@ def test_stochastic_rounding_is_unbiased_and_reproducible(dtype):
     # 50 steps of -1e-4 each: round-to-nearest would never move off 1.0 (the
     # step is below half an ulp); stochastic rounding tracks 0.995 on average.
     assert abs(a.mean().item() - 0.995) < 2e-3
+
+
+_REGISTER_PATH_RUN = """
+import sys, torch, dlrm_ops
+from dlrm_ops.nn import EmbeddingBagCollection
+from conftest import make_bags
+out = []
+for optimizer in ("sgd", "adagrad", "rowwise_adagrad", "adam"):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for mode, weighted in (("sum", False), ("sum", True), ("mean", False)):
+            ebc = EmbeddingBagCollection([60, 300], 128, mode=mode, dtype=dtype,
+                                         optimizer=optimizer, lr=0.05, weight_decay=0.01)
+            with torch.no_grad():
+                ebc.weight.copy_(torch.linspace(-1, 1, ebc.weight.numel()).view_as(ebc.weight))
+            g = torch.Generator().manual_seed(0)
+            for _ in range(3):
+                i, o = make_bags([60, 300], 40, 9, generator=g)
+                psw = torch.rand(i.numel(), generator=g) if weighted else None
+                ebc(i, o, psw).backward(torch.randn(40, 256, generator=g).to(dtype))
+            out += [ebc.weight.detach().float().view(-1), ebc.momentum1, ebc.momentum2]
+torch.save(torch.cat(out), sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(dlrm_ops.build_info().get("cpu_capability") != "avx512",
+                    reason="compares the AVX-512 build's register path with the AVX2 build")
+def test_register_path_gives_the_bits_of_the_any_dim_path(tmp_path):
+    # D = 128 is one block of 8 vectors under AVX-512, summed and updated in
+    # registers; the AVX2 build (4 vectors at most) takes the any-D path.
+    results = []
+    for capability in ("avx512", "avx2"):
+        path = tmp_path / f"{capability}.pt"
+        env = dict(os.environ, DLRM_OPS_CPU_CAPABILITY=capability)
+        res = subprocess.run([sys.executable, "-c", _REGISTER_PATH_RUN, str(path)], env=env,
+                             capture_output=True, text=True, cwd=os.path.dirname(__file__))
+        assert res.returncode == 0, res.stderr
+        results.append(torch.load(path))
+    assert torch.equal(results[0], results[1])
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam"])

@@ -16,9 +16,6 @@ namespace dlrm_ops::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-// Row runs ahead prefetched by backward passes (sorted_lookups.h).
-constexpr int64_t kPrefetchRuns = 8;
-
 // Pools one bag over columns [d0, d0 + 16*NV) of table t, the sums held in
 // registers across the bag's rows; out-of-range indices are skipped and the
 // first one recorded in `bad` (on the first column block only).
@@ -74,6 +71,38 @@ void pool_bag(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* 
   if (d0 < D) pool_tail<Weighted>(wt, D, rows, idx, psw, start, stop, d0, scale, out, bad);
 }
 
+// Pools bags [b0, b1) of one table (offsets `off` from its first bag) into
+// rows `stride` apart from `out`. Per-bag work is only the bag's own: with
+// the table's values in registers and, when D is one block of vectors, its
+// column loop unrolled, a bag of one lookup costs half what it did when each
+// bag reloaded them (26 tables x 100 rows x 64, B=2048: 0.83 -> 0.4x ms).
+template <bool Weighted, typename W, typename I>
+void pool_bags(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* psw,
+               const I* off, int64_t b0, int64_t b1, int64_t table_end, bool mean, W* out,
+               int64_t stride, int64_t& bad_out) {
+  int64_t bad = bad_out;
+  auto scale_of = [&](int64_t start, int64_t stop) {
+    return mean && stop > start ? 1.f / static_cast<float>(stop - start) : 1.f;
+  };
+  if (is_one_block(D)) {
+    with_one_block(D, [&](auto nv) {
+      constexpr int NV = decltype(nv)::value;
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t start = off[b], stop = off[b + 1];
+        pool_block<NV, Weighted>(wt, 16 * NV, rows, idx, psw, start, stop, table_end, 0,
+                                 scale_of(start, stop), out + b * stride, bad);
+      }
+    });
+  } else {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = off[b], stop = off[b + 1];
+      pool_bag<Weighted>(wt, D, rows, idx, psw, start, stop, table_end, scale_of(start, stop),
+                         out + b * stride, bad);
+    }
+  }
+  bad_out = bad;
+}
+
 template <typename W, typename I>
 int64_t forward(const EmbeddingBagArgs& a, void* out_ptr) {
   const TableBatch& tb = a.tb;
@@ -89,15 +118,15 @@ int64_t forward(const EmbeddingBagArgs& a, void* out_ptr) {
 
   torch::stable::parallel_for(0, tb.T * tb.B, bag_grain(tb, N), [&](int64_t begin, int64_t end) {
     int64_t bad = INT64_MAX;
-    for_each_bag(tb, off, begin, end, [&](int64_t t, int64_t b, int64_t start, int64_t stop) {
+    for_each_table_range(tb, begin, end, [&](int64_t t, int64_t b0, int64_t b1) {
       const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
       const uint64_t rows = static_cast<uint64_t>(tb.rows[t]);
       const W* wt = w + tb.weights_offsets[t];
-      const int64_t table_end = off[(t + 1) * tb.B];
-      W* out_row = out + b * total_D + tb.dim_offsets[t];
-      const float scale = mean && stop > start ? 1.f / static_cast<float>(stop - start) : 1.f;
-      if (psw) pool_bag<true>(wt, D, rows, idx, psw, start, stop, table_end, scale, out_row, bad);
-      else pool_bag<false>(wt, D, rows, idx, psw, start, stop, table_end, scale, out_row, bad);
+      const I* toff = off + t * tb.B;
+      const int64_t table_end = toff[tb.B];
+      W* tout = out + tb.dim_offsets[t];
+      if (psw) pool_bags<true>(wt, D, rows, idx, psw, toff, b0, b1, table_end, mean, tout, total_D, bad);
+      else pool_bags<false>(wt, D, rows, idx, psw, toff, b0, b1, table_end, mean, tout, total_D, bad);
     });
     first_bad.record(bad);
   });
@@ -113,22 +142,25 @@ int64_t backward_dense(const EmbeddingBagArgs& a, const void* grad_out_ptr, void
   const int64_t D_max = max_dim(tb);
   SortedLookups s = sort_lookups<I>(tb, a.lk);
   const int64_t grain = 16384 / D_max + 1;
-  for_each_row_run<I>(tb, a.lk, s, go, grain, [&](int64_t t, int64_t row, int64_t begin,
-                                                  int64_t end, const GradRows<W>& grads) {
+  for_each_table_runs<I>(tb, a.lk, s, go, grain, [&](int64_t t, int64_t begin, int64_t end,
+                                                     const GradRows<W>& grads) {
     const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
     const int64_t start = off[t * tb.B];
-    float acc[256];
+    W* gw_t = gw + tb.weights_offsets[t];
+    float acc_buf[256];
     std::unique_ptr<float[]> big;
-    float* a_ptr = acc;
+    float* acc = acc_buf;
     if (D > 256) {
       big.reset(new float[D]);
-      a_ptr = big.get();
+      acc = big.get();
     }
-    for (int64_t k = begin; k < end; ++k) {
-      const auto [b, sc] = s.bag_scale(s.entries[k], a.lk, off, t, tb.B, start);
-      if (k == begin) row_set(a_ptr, grads[b], sc, D); else row_axpy(a_ptr, grads[b], sc, D);
-    }
-    row_store(gw + tb.weights_offsets[t] + row * D, a_ptr, D);
+    for_each_run(s.entries, begin, end, [&](int64_t row, int64_t p, int64_t q) {
+      for (int64_t k = p; k < q; ++k) {
+        const auto [b, sc] = s.bag_scale(s.entries[k], a.lk, off, t, tb.B, start);
+        if (k == p) row_set(acc, grads[b], sc, D); else row_axpy(acc, grads[b], sc, D);
+      }
+      row_store(gw_t + row * D, acc, D);
+    });
   });
   return s.first_bad;
 }

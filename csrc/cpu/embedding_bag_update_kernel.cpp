@@ -117,58 +117,102 @@ __attribute__((always_inline)) inline void update_row(const UpdateArgs& a, W* w,
   store_row(w, wf, D, a, elem0);
 }
 
-template <typename W, typename I>
-int64_t update(const UpdateArgs& a) {
+// Updates the runs [begin, end) of table t's sorted entries. NV > 0: D is
+// 16 * NV, and a run's gradient is summed in registers (applied there too
+// for fp32 SGD); NV = 0: any D, through stack buffers. Both sum in the same
+// order with the same operations, so they give the same bits.
+template <int NV, typename W, typename I>
+void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t begin,
+                 int64_t end, const GradRows<W>& grads) {
   const TableBatch& tb = a.eb.tb;
   const Lookups& lk = a.eb.lk;
   const I* off = static_cast<const I*>(lk.offsets);
-  const W* go = static_cast<const W*>(a.grad_out);
+  const int64_t D = NV > 0 ? 16 * NV : tb.dim_offsets[t + 1] - tb.dim_offsets[t];
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(W));
+  const int64_t B = tb.B, start = off[t * B], table_end = off[(t + 1) * B];
+  const int64_t elem_base = tb.weights_offsets[t], state_base = a.row_offsets[t];
   W* w = static_cast<W*>(a.weights);
-  SortedLookups s = sort_lookups<I>(tb, lk);
-  if (s.first_bad >= 0) return s.first_bad;
-  const int64_t grain = 16384 / max_dim(tb) + 1;
+  const uint64_t* e = s.entries;
   const bool elementwise_state = a.optimizer == kAdagrad || a.optimizer == kAdam;
-
-  for_each_row_run<I>(tb, lk, s, go, grain, [&](int64_t t, int64_t row, int64_t begin,
-                                                int64_t end, const GradRows<W>& grads) {
-    const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
-    const int64_t start = off[t * tb.B], table_end = off[(t + 1) * tb.B];
+  const bool plain_sgd = std::is_same_v<W, float> && a.optimizer == kSGD &&
+                         a.hp.weight_decay == 0.0;
+  const float lr = static_cast<float>(a.hp.lr);
+  float g_buf[256], wf_buf[256];
+  std::unique_ptr<float[]> heap;
+  float* g = g_buf;
+  float* wf = wf_buf;
+  if (D > 256) {
+    heap.reset(new float[2 * D]);
+    g = heap.get();
+    wf = g + D;
+  }
+  for_each_run(e, begin, end, [&](int64_t row, int64_t p, int64_t q) {
     // Rows ascend: the entry n ahead is at most n rows ahead. The two blocks
     // stay written out: a shared helper lambda once compiled to no prefetch
     // at all (docs/architecture.md).
-    if (end + kPrefetchRows <= table_end) {
-      const int64_t e =
-          tb.weights_offsets[t] + SortedLookups::row(s.entries[end + kPrefetchRows - 1]) * D;
-      prefetch_row(w + e, D * static_cast<int64_t>(sizeof(W)));
-      if (elementwise_state) prefetch_row(a.momentum1 + e, D * 4);
-      if (a.optimizer == kAdam) prefetch_row(a.momentum2 + e, D * 4);
+    if (q + kPrefetchRows <= table_end) {
+      const int64_t el = elem_base + SortedLookups::row(e[q + kPrefetchRows - 1]) * D;
+      prefetch_row(w + el, row_bytes);
+      if (elementwise_state) prefetch_row(a.momentum1 + el, D * 4);
+      if (a.optimizer == kAdam) prefetch_row(a.momentum2 + el, D * 4);
     }
-    if (end + kPrefetchFarRows <= table_end) {
-      const int64_t e =
-          tb.weights_offsets[t] + SortedLookups::row(s.entries[end + kPrefetchFarRows - 1]) * D;
-      prefetch_row<2>(w + e, D * static_cast<int64_t>(sizeof(W)));
-      if (elementwise_state) prefetch_row<2>(a.momentum1 + e, D * 4);
-      if (a.optimizer == kAdam) prefetch_row<2>(a.momentum2 + e, D * 4);
+    if (q + kPrefetchFarRows <= table_end) {
+      const int64_t el = elem_base + SortedLookups::row(e[q + kPrefetchFarRows - 1]) * D;
+      prefetch_row<2>(w + el, row_bytes);
+      if (elementwise_state) prefetch_row<2>(a.momentum1 + el, D * 4);
+      if (a.optimizer == kAdam) prefetch_row<2>(a.momentum2 + el, D * 4);
     }
     // Gradient rows are one random row per lookup: fetched ahead too.
-    for (int64_t k = begin + kPrefetchGrads; k < std::min(end + kPrefetchGrads, table_end); ++k) {
-      prefetch_row(grads[s.bag_of(s.entries[k], start)], D * static_cast<int64_t>(sizeof(W)));
+    for (int64_t k = p + kPrefetchGrads; k < std::min(q + kPrefetchGrads, table_end); ++k) {
+      prefetch_row(grads[s.bag_of(e[k], start)], row_bytes);
     }
-    float g_buf[256], wf_buf[256];
-    std::unique_ptr<float[]> heap;
-    float* g = g_buf;
-    float* wf = wf_buf;
-    if (D > 256) {
-      heap.reset(new float[2 * D]);
-      g = heap.get();
-      wf = g + D;
+    const int64_t elem0 = elem_base + row * D;
+    if constexpr (NV > 0) {
+      vf16 acc[NV];
+      for (int64_t k = p; k < q; ++k) {
+        const auto [b, sc] = s.bag_scale(e[k], lk, off, t, B, start);
+        const W* x = grads[b];
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; ++j) {
+          if (k == p) acc[j] = sc * load16(x + 16 * j); else acc[j] += sc * load16(x + 16 * j);
+        }
+      }
+      if constexpr (std::is_same_v<W, float>) {
+        if (plain_sgd) {  // w -= lr * g, as update_row's loop
+          float* wr = w + elem0;
+#pragma GCC unroll 8
+          for (int j = 0; j < NV; ++j) store16(wr + 16 * j, load16(wr + 16 * j) - lr * acc[j]);
+          return;
+        }
+      }
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) store16(g + 16 * j, acc[j]);
+    } else {
+      for (int64_t k = p; k < q; ++k) {
+        const auto [b, sc] = s.bag_scale(e[k], lk, off, t, B, start);
+        if (k == p) row_set(g, grads[b], sc, D); else row_axpy(g, grads[b], sc, D);
+      }
     }
-    for (int64_t k = begin; k < end; ++k) {
-      const auto [b, sc] = s.bag_scale(s.entries[k], lk, off, t, tb.B, start);
-      if (k == begin) row_set(g, grads[b], sc, D); else row_axpy(g, grads[b], sc, D);
+    update_row(a, w + elem0, g, wf, D, elem0, state_base + row);
+  });
+}
+
+template <typename W, typename I>
+int64_t update(const UpdateArgs& a) {
+  const TableBatch& tb = a.eb.tb;
+  SortedLookups s = sort_lookups<I>(tb, a.eb.lk);
+  if (s.first_bad >= 0) return s.first_bad;
+  const int64_t grain = 16384 / max_dim(tb) + 1;
+  for_each_table_runs<I>(tb, a.eb.lk, s, static_cast<const W*>(a.grad_out), grain,
+                         [&](int64_t t, int64_t begin, int64_t end, const GradRows<W>& grads) {
+    const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
+    if (is_one_block(D)) {
+      with_one_block(D, [&](auto nv) {
+        update_runs<decltype(nv)::value, W, I>(a, s, t, begin, end, grads);
+      });
+    } else {
+      update_runs<0, W, I>(a, s, t, begin, end, grads);
     }
-    const int64_t elem0 = tb.weights_offsets[t] + row * D;
-    update_row(a, w + elem0, g, wf, D, elem0, a.row_offsets[t] + row);
   });
   return -1;
 }

@@ -66,19 +66,27 @@ inline float lookup_scale(const Lookups& lk, const I* off, int64_t bag, int64_t 
   return 1.f;
 }
 
+// Splits [begin, end) of the flat (table, bag) range by table: f(t, b0, b1)
+// for table t's bags [b0, b1).
+template <typename F>
+inline void for_each_table_range(const TableBatch& tb, int64_t begin, int64_t end, const F& f) {
+  for (int64_t t = begin / tb.B; begin < end; ++t) {
+    const int64_t stop = std::min(end, (t + 1) * tb.B);
+    f(t, begin - t * tb.B, stop - t * tb.B);
+    begin = stop;
+  }
+}
+
 // Walks bags [begin, end) of the flat (table, bag) range: f(t, b, start, stop).
 template <typename I, typename F>
 inline void for_each_bag(const TableBatch& tb, const I* off, int64_t begin, int64_t end,
                          const F& f) {
-  int64_t t = begin / tb.B;
-  while (begin < end) {
-    const int64_t table_end = std::min(end, (t + 1) * tb.B);
-    for (int64_t tb_i = begin; tb_i < table_end; ++tb_i) {
-      f(t, tb_i - t * tb.B, static_cast<int64_t>(off[tb_i]), static_cast<int64_t>(off[tb_i + 1]));
+  for_each_table_range(tb, begin, end, [&](int64_t t, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t bag = t * tb.B + b;
+      f(t, b, static_cast<int64_t>(off[bag]), static_cast<int64_t>(off[bag + 1]));
     }
-    begin = table_end;
-    ++t;
-  }
+  });
 }
 
 }  // namespace dlrm_ops::cpu::CPU_CAPABILITY

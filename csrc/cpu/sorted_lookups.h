@@ -165,13 +165,14 @@ struct GradRows {
 constexpr int64_t kCopyLookupsPerBag = 8;
 constexpr int64_t kCopyMaxBytes = 1 << 20;
 
-// Calls f(t, row, begin, end, grads) for every run of equal rows, [begin, end)
-// being the run's entries and grads table t's gradient rows (GradRows) in
-// grad_out [B, dim_offsets[T]]; parallel over runs, each run seen by one
-// thread.
+// Calls f(t, begin, end, grads) for each table t in a chunk of the sorted
+// entries: [begin, end) are whole runs of equal rows of table t, each run seen
+// by one thread, and grads table t's gradient rows (GradRows) in grad_out
+// [B, dim_offsets[T]]. Parallel over entries; the callee walks the runs
+// (for_each_run) with the table's values hoisted.
 template <typename I, typename W, typename F>
-void for_each_row_run(const TableBatch& tb, const Lookups& lk, const SortedLookups& s,
-                      const W* grad_out, int64_t grain, const F& f) {
+void for_each_table_runs(const TableBatch& tb, const Lookups& lk, const SortedLookups& s,
+                         const W* grad_out, int64_t grain, const F& f) {
   const I* off = static_cast<const I*>(lk.offsets);
   const int64_t T = tb.T, B = tb.B;
   const int64_t N = static_cast<int64_t>(off[T * B]);
@@ -185,45 +186,50 @@ void for_each_row_run(const TableBatch& tb, const Lookups& lk, const SortedLooku
     }
     return lo;
   };
-  auto run_starts_at = [&](int64_t p, int64_t t) {
-    return p == static_cast<int64_t>(off[t * B]) || (e[p] >> 32) != (e[p - 1] >> 32);
+  // The first run start at or after p (N if none): a run begun before a
+  // chunk's first entry belongs to the chunk before.
+  auto run_start_from = [&](int64_t p) {
+    if (p >= N) return N;
+    const int64_t t = table_of(p);
+    const int64_t table_start = off[t * B], table_end = off[(t + 1) * B];
+    while (p < table_end && p > table_start && (e[p] >> 32) == (e[p - 1] >> 32)) ++p;
+    return p;
   };
   torch::stable::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    int64_t t = table_of(begin);
-    int64_t p = begin;
-    auto advance_table = [&] {
-      while (p >= static_cast<int64_t>(off[(t + 1) * B])) ++t;
-    };
-    for (; p < end; ++p) {  // a run begun before `begin` belongs to the previous chunk
-      advance_table();
-      if (run_starts_at(p, t)) break;
-    }
+    int64_t p = run_start_from(begin);
+    const int64_t stop = run_start_from(end);
     std::vector<W> copy;
-    int64_t grads_t = -1;
-    GradRows<W> grads{};
-    while (p < end) {
-      advance_table();
-      const int64_t table_end = off[(t + 1) * B];
-      if (t != grads_t) {  // this chunk's first run in table t
-        const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
-        const W* slice = grad_out + tb.dim_offsets[t];
-        grads = {slice, total_D};
-        if (std::min(end, table_end) - p >= kCopyLookupsPerBag * B &&
-            B * D * static_cast<int64_t>(sizeof(W)) <= kCopyMaxBytes) {
-          copy.resize(std::max<size_t>(copy.size(), B * D));
-          for (int64_t b = 0; b < B; ++b) {
-            std::copy(slice + b * total_D, slice + b * total_D + D, copy.data() + b * D);
-          }
-          grads = {copy.data(), D};
+    for (int64_t t = p < stop ? table_of(p) : T; p < stop; ++t) {
+      const int64_t table_end = std::min<int64_t>(stop, off[(t + 1) * B]);
+      if (p >= table_end) continue;
+      const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
+      const W* slice = grad_out + tb.dim_offsets[t];
+      GradRows<W> grads{slice, total_D};
+      if (table_end - p >= kCopyLookupsPerBag * B &&
+          B * D * static_cast<int64_t>(sizeof(W)) <= kCopyMaxBytes) {
+        copy.resize(std::max<size_t>(copy.size(), B * D));
+        for (int64_t b = 0; b < B; ++b) {
+          std::copy(slice + b * total_D, slice + b * total_D + D, copy.data() + b * D);
         }
-        grads_t = t;
+        grads = {copy.data(), D};
       }
-      int64_t q = p + 1;
-      while (q < table_end && (e[q] >> 32) == (e[p] >> 32)) ++q;
-      f(t, SortedLookups::row(e[p]), p, q, grads);
-      p = q;
+      f(t, p, table_end, grads);
+      p = table_end;
     }
   });
+}
+
+// Calls g(row, begin, end) for each run of equal rows in the whole runs
+// [begin, end) of one table's sorted entries e.
+template <typename G>
+inline void for_each_run(const uint64_t* e, int64_t begin, int64_t end, const G& g) {
+  for (int64_t p = begin; p < end;) {
+    const uint64_t r = e[p] >> 32;
+    int64_t q = p + 1;
+    while (q < end && (e[q] >> 32) == r) ++q;
+    g(static_cast<int64_t>(r), p, q);
+    p = q;
+  }
 }
 
 }  // namespace dlrm_ops::cpu::CPU_CAPABILITY

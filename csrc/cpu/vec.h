@@ -206,6 +206,21 @@ constexpr int kMaxBlockVectors = 8;
 constexpr int kMaxBlockVectors = 4;
 #endif
 
+// Calls f(std::integral_constant<int, n>) for 1 <= n <= 7.
+template <typename F>
+inline void with_vector_count(int64_t n, const F& f) {
+  switch (n) {
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+}
+
 // Splits columns [0, D) into blocks of 16 * NV columns, NV a compile-time
 // count up to kMaxBlockVectors, calling block(std::integral_constant<int, NV>,
 // d0) for each; returns the first of the fewer than 16 columns left over.
@@ -215,21 +230,20 @@ inline int64_t for_each_column_block(int64_t D, const F& block) {
   for (; d0 + 16 * kMaxBlockVectors <= D; d0 += 16 * kMaxBlockVectors) {
     block(std::integral_constant<int, kMaxBlockVectors>{}, d0);
   }
-  auto rest = [&](auto nv) {
+  with_vector_count((D - d0) / 16, [&](auto nv) {
     block(nv, d0);
     d0 += 16 * decltype(nv)::value;
-  };
-  switch ((D - d0) / 16) {
-    case 7: rest(std::integral_constant<int, 7>{}); break;
-    case 6: rest(std::integral_constant<int, 6>{}); break;
-    case 5: rest(std::integral_constant<int, 5>{}); break;
-    case 4: rest(std::integral_constant<int, 4>{}); break;
-    case 3: rest(std::integral_constant<int, 3>{}); break;
-    case 2: rest(std::integral_constant<int, 2>{}); break;
-    case 1: rest(std::integral_constant<int, 1>{}); break;
-    default: break;
-  }
+  });
   return d0;
+}
+
+// Whether D columns are one block of whole vectors, D = 16 * NV with NV <=
+// kMaxBlockVectors; with_one_block then calls f(std::integral_constant<int, NV>).
+inline bool is_one_block(int64_t D) { return D > 0 && D % 16 == 0 && D <= 16 * kMaxBlockVectors; }
+template <typename F>
+inline void with_one_block(int64_t D, const F& f) {
+  if (D == 16 * kMaxBlockVectors) f(std::integral_constant<int, kMaxBlockVectors>{});
+  else with_vector_count(D / 16, f);
 }
 
 }  // namespace dlrm_ops::cpu::CPU_CAPABILITY
