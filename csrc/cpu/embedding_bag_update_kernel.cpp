@@ -60,6 +60,13 @@ void store_row(W* w, const float* v, int64_t D, const UpdateArgs& a, int64_t ele
   for (int64_t d = 0; d < D; ++d) w[d] = round_stochastic<W>(v[d], rounding_bits(seed, elem0 + d));
 }
 
+// Plain fp32 SGD (no weight decay) updates rows in place: w -= lr * g.
+template <typename W>
+bool sgd_in_place(const UpdateArgs& a) {
+  return std::is_same_v<W, float> && a.optimizer == kSGD &&
+         static_cast<float>(a.hp.weight_decay) == 0.f;
+}
+
 // Applies the update to one row: g is its summed gradient (fp32, D values),
 // wf scratch for the fp32 weights.
 template <typename W>
@@ -69,7 +76,7 @@ __attribute__((always_inline)) inline void update_row(const UpdateArgs& a, W* w,
   const float lr = static_cast<float>(a.hp.lr), eps = static_cast<float>(a.hp.eps);
   const float wd = static_cast<float>(a.hp.weight_decay);
   if constexpr (std::is_same_v<W, float>) {
-    if (a.optimizer == kSGD && wd == 0.f) {  // the common case in place: same arithmetic
+    if (sgd_in_place<W>(a)) {
       for (int64_t d = 0; d < D; ++d) w[d] -= lr * g[d];
       return;
     }
@@ -134,8 +141,7 @@ void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t
   W* w = static_cast<W*>(a.weights);
   const uint64_t* e = s.entries;
   const bool elementwise_state = a.optimizer == kAdagrad || a.optimizer == kAdam;
-  const bool plain_sgd = std::is_same_v<W, float> && a.optimizer == kSGD &&
-                         a.hp.weight_decay == 0.0;
+  const bool in_place = sgd_in_place<W>(a);
   const float lr = static_cast<float>(a.hp.lr);
   float g_buf[256], wf_buf[256];
   std::unique_ptr<float[]> heap;
@@ -178,7 +184,7 @@ void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t
         }
       }
       if constexpr (std::is_same_v<W, float>) {
-        if (plain_sgd) {  // w -= lr * g, as update_row's loop
+        if (in_place) {  // update_row's in-place loop, on the registers
           float* wr = w + elem0;
 #pragma GCC unroll 8
           for (int j = 0; j < NV; ++j) store16(wr + 16 * j, load16(wr + 16 * j) - lr * acc[j]);
@@ -206,13 +212,10 @@ int64_t update(const UpdateArgs& a) {
   for_each_table_runs<I>(tb, a.eb.lk, s, static_cast<const W*>(a.grad_out), grain,
                          [&](int64_t t, int64_t begin, int64_t end, const GradRows<W>& grads) {
     const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
-    if (is_one_block(D)) {
-      with_one_block(D, [&](auto nv) {
-        update_runs<decltype(nv)::value, W, I>(a, s, t, begin, end, grads);
-      });
-    } else {
-      update_runs<0, W, I>(a, s, t, begin, end, grads);
-    }
+    const bool unrolled = with_one_block(D, [&](auto nv) {
+      update_runs<decltype(nv)::value, W, I>(a, s, t, begin, end, grads);
+    });
+    if (!unrolled) update_runs<0, W, I>(a, s, t, begin, end, grads);
   });
   return -1;
 }

@@ -206,18 +206,12 @@ constexpr int kMaxBlockVectors = 8;
 constexpr int kMaxBlockVectors = 4;
 #endif
 
-// Calls f(std::integral_constant<int, n>) for 1 <= n <= 7.
-template <typename F>
+// Calls f(std::integral_constant<int, n>) for 1 <= n <= kMaxBlockVectors.
+template <int N = kMaxBlockVectors, typename F>
 inline void with_vector_count(int64_t n, const F& f) {
-  switch (n) {
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    default: break;
+  if constexpr (N >= 1) {
+    if (n == N) f(std::integral_constant<int, N>{});
+    else with_vector_count<N - 1>(n, f);
   }
 }
 
@@ -237,13 +231,13 @@ inline int64_t for_each_column_block(int64_t D, const F& block) {
   return d0;
 }
 
-// Whether D columns are one block of whole vectors, D = 16 * NV with NV <=
-// kMaxBlockVectors; with_one_block then calls f(std::integral_constant<int, NV>).
-inline bool is_one_block(int64_t D) { return D > 0 && D % 16 == 0 && D <= 16 * kMaxBlockVectors; }
+// When D columns are one block of whole vectors, D = 16 * NV with NV <=
+// kMaxBlockVectors, calls f(std::integral_constant<int, NV>) and returns true.
 template <typename F>
-inline void with_one_block(int64_t D, const F& f) {
-  if (D == 16 * kMaxBlockVectors) f(std::integral_constant<int, kMaxBlockVectors>{});
-  else with_vector_count(D / 16, f);
+inline bool with_one_block(int64_t D, const F& f) {
+  if (D <= 0 || D % 16 != 0 || D > 16 * kMaxBlockVectors) return false;
+  with_vector_count(D / 16, f);
+  return true;
 }
 
 }  // namespace dlrm_ops::cpu::CPU_CAPABILITY
