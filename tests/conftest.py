@@ -27,6 +27,18 @@ def make_bags(rows, B, max_len, index_dtype=torch.int64, empty_frac=0.2, generat
     return indices, offsets
 
 
+def first_bags(indices, offsets, T, B, n):
+    """The batch of the first n bags of each table of a table-major batch of B
+    bags: (indices, offsets, positions of its lookups in the whole batch)."""
+    pos, off = [], [torch.zeros(1, dtype=torch.int64)]
+    for t in range(T):
+        lo, hi = int(offsets[t * B]), int(offsets[t * B + n])
+        pos.append(torch.arange(lo, hi))
+        off.append(offsets[t * B + 1:t * B + n + 1].long() - lo + int(off[-1][-1]))
+    pos = torch.cat(pos)
+    return indices[pos], torch.cat(off).to(offsets.dtype), pos
+
+
 @pytest.fixture
 def bags():
     return make_bags

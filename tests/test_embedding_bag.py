@@ -12,7 +12,7 @@ import dlrm_ops
 from dlrm_ops import reference
 from dlrm_ops.nn import EmbeddingBagCollection
 
-from conftest import TOL, make_bags
+from conftest import TOL, first_bags, make_bags
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 INDEX_DTYPES = [torch.int32, torch.int64]
@@ -72,6 +72,28 @@ def test_single_index_bags_copy_rows_exactly():
     out = ebc(idx, torch.arange(0, 301))
     expect = torch.cat([ebc.weight_of(t)[idx[t * 100:(t + 1) * 100]] for t in range(3)], 1)
     assert torch.equal(out, expect)
+
+
+# [4096, 8 + 8 + 512] fp32 outputs are 8.65 MB, over the 8 MiB from which
+# pooled outputs are written past the caches (kStreamOutputBytes,
+# csrc/cpu/pooling.h); table 1 starts mid-line and is written through them.
+STREAMED = dict(rows=[30, 40, 50], dims=[8, 8, 512], B=4096)
+
+
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("mode, weighted", POOLINGS)
+def test_streamed_output_has_the_bits_of_a_cached_one(mode, weighted, index_dtype):
+    rows, B = STREAMED["rows"], STREAMED["B"]
+    ebc = EmbeddingBagCollection(rows, STREAMED["dims"], mode=mode)
+    indices, offsets = make_bags(rows, B=B, max_len=3, index_dtype=index_dtype)
+    psw = psw_for(indices, torch.float32) if weighted else None
+    with torch.no_grad():
+        out = ebc(indices, offsets, psw)
+        small_idx, small_off, pos = first_bags(indices, offsets, len(rows), B, 64)
+        small = ebc(small_idx, small_off, psw[pos] if weighted else None)
+    ref = reference.table_batched_embedding_bag(tables_of(ebc), indices, offsets, mode, psw)
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(out[:64], small)
 
 
 @settings(max_examples=40, deadline=None)
@@ -420,6 +442,16 @@ def test_every_cpu_path_agrees(capability):
         "    ref = reference.dot_interaction(d2, s2); ref.backward(g)\n"
         "    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)\n"
         "    torch.testing.assert_close((d.grad, s.grad), (d2.grad, s2.grad), atol=1e-4, rtol=1e-4)\n"
+        # outputs written past the caches, fp32 and int8 tables
+        "rows, dims, B = [30, 40, 50], [8, 8, 512], 4096\n"
+        "e = dlrm_ops.nn.EmbeddingBagCollection(rows, dims)\n"
+        "q = dlrm_ops.nn.QuantizedEmbeddingBagCollection.from_float(e, 8)\n"
+        "i, o = make_bags(rows, B, 3)\n"
+        "with torch.no_grad():\n"
+        "    for m, ts in ((e, [e.weight_of(t) for t in range(3)]),\n"
+        "                  (q, [q.dequantized_weight_of(t) for t in range(3)])):\n"
+        "        ref = reference.table_batched_embedding_bag(ts, i, o)\n"
+        "        torch.testing.assert_close(m(i, o), ref, atol=1e-5, rtol=1e-5)\n"
     )
     env = dict(os.environ, DLRM_OPS_CPU_CAPABILITY=capability)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

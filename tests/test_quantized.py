@@ -10,7 +10,7 @@ from dlrm_ops import reference
 from dlrm_ops.nn import (EmbeddingBagCollection, QuantizedEmbeddingBag,
                          QuantizedEmbeddingBagCollection)
 
-from conftest import make_bags
+from conftest import first_bags, make_bags
 
 PREPACK = {8: torch.ops.quantized.embedding_bag_byte_prepack,
            4: torch.ops.quantized.embedding_bag_4bit_prepack}
@@ -107,6 +107,23 @@ def test_lookup_matches_reference(bits, mode, weighted, index_dtype, dims):
     ref = reference.table_batched_embedding_bag(tables, indices, offsets, mode, psw)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("mode, weighted", [("sum", False), ("sum", True), ("mean", False)])
+def test_streamed_output_has_the_bits_of_a_cached_one(bits, mode, weighted):
+    """[4096, 528] fp32 outputs (8.65 MB) are written past the caches
+    (kStreamOutputBytes in csrc/cpu/pooling.h), table 1 through them."""
+    B = 4096
+    ebc, q = qcollection(bits, [8, 8, 512], mode=mode)
+    indices, offsets = make_bags(q.num_embeddings, B=B, max_len=3)
+    psw = torch.rand(indices.numel()) if weighted else None
+    out = q(indices, offsets, psw)
+    tables = [q.dequantized_weight_of(t) for t in range(3)]
+    ref = reference.table_batched_embedding_bag(tables, indices, offsets, mode, psw)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    small_idx, small_off, pos = first_bags(indices, offsets, 3, B, 64)
+    assert torch.equal(out[:64], q(small_idx, small_off, psw[pos] if weighted else None))
 
 
 @pytest.mark.parametrize("bits", [8, 4])

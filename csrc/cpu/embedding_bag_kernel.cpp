@@ -18,11 +18,12 @@ namespace {
 
 // Pools one bag over columns [d0, d0 + 16*NV) of table t, the sums held in
 // registers across the bag's rows; out-of-range indices are skipped and the
-// first one recorded in `bad` (on the first column block only).
+// first one recorded in `bad` (on the first column block only). `stream`:
+// out + d0 is 64-byte aligned and written with stream16.
 template <int NV, bool Weighted, typename W, typename I>
 inline void pool_block(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* psw,
                        int64_t start, int64_t stop, int64_t table_end, int64_t d0, float scale,
-                       W* out, int64_t& bad) {
+                       W* out, bool stream, int64_t& bad) {
   vf16 acc[NV] = {};
   for (int64_t p = start; p < stop; ++p) {
     if (d0 == 0 && p + kPrefetchDistance < table_end) {
@@ -39,6 +40,13 @@ inline void pool_block(const W* wt, int64_t D, uint64_t rows, const I* idx, cons
     } else {
 #pragma GCC unroll 8
       for (int k = 0; k < NV; ++k) acc[k] += load16(row + 16 * k);
+    }
+  }
+  if constexpr (std::is_same_v<W, float>) {
+    if (stream) {
+#pragma GCC unroll 8
+      for (int k = 0; k < NV; ++k) stream16(out + d0 + 16 * k, acc[k] * scale);
+      return;
     }
   }
 #pragma GCC unroll 8
@@ -62,11 +70,11 @@ inline void pool_tail(const W* wt, int64_t D, uint64_t rows, const I* idx, const
 
 template <bool Weighted, typename W, typename I>
 void pool_bag(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* psw,
-              int64_t start, int64_t stop, int64_t table_end, float scale, W* out,
+              int64_t start, int64_t stop, int64_t table_end, float scale, W* out, bool stream,
               int64_t& bad) {
   const int64_t d0 = for_each_column_block(D, [&](auto nv, int64_t c0) {
     pool_block<decltype(nv)::value, Weighted>(wt, D, rows, idx, psw, start, stop, table_end, c0,
-                                              scale, out, bad);
+                                              scale, out, stream, bad);
   });
   if (d0 < D) pool_tail<Weighted>(wt, D, rows, idx, psw, start, stop, d0, scale, out, bad);
 }
@@ -79,7 +87,7 @@ void pool_bag(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* 
 template <bool Weighted, typename W, typename I>
 void pool_bags(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* psw,
                const I* off, int64_t b0, int64_t b1, int64_t table_end, bool mean, W* out,
-               int64_t stride, int64_t& bad_out) {
+               int64_t stride, bool stream, int64_t& bad_out) {
   int64_t bad = bad_out;
   auto scale_of = [&](int64_t start, int64_t stop) {
     return mean && stop > start ? 1.f / static_cast<float>(stop - start) : 1.f;
@@ -89,14 +97,14 @@ void pool_bags(const W* wt, int64_t D, uint64_t rows, const I* idx, const float*
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = off[b], stop = off[b + 1];
       pool_block<NV, Weighted>(wt, 16 * NV, rows, idx, psw, start, stop, table_end, 0,
-                               scale_of(start, stop), out + b * stride, bad);
+                               scale_of(start, stop), out + b * stride, stream, bad);
     }
   });
   if (!unrolled) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = off[b], stop = off[b + 1];
       pool_bag<Weighted>(wt, D, rows, idx, psw, start, stop, table_end, scale_of(start, stop),
-                         out + b * stride, bad);
+                         out + b * stride, stream, bad);
     }
   }
   bad_out = bad;
@@ -113,6 +121,7 @@ int64_t forward(const EmbeddingBagArgs& a, void* out_ptr) {
   const bool mean = a.lk.pooling == kMean;
   const int64_t total_D = tb.dim_offsets[tb.T];
   const int64_t N = static_cast<int64_t>(off[tb.T * tb.B]);
+  const bool stream = std::is_same_v<W, float> && streams_output(tb);
   FirstBad first_bad;
 
   torch::stable::parallel_for(0, tb.T * tb.B, bag_grain(tb, N), [&](int64_t begin, int64_t end) {
@@ -124,13 +133,16 @@ int64_t forward(const EmbeddingBagArgs& a, void* out_ptr) {
       const I* toff = off + t * tb.B;
       const int64_t table_end = toff[tb.B];
       W* tout = out + tb.dim_offsets[t];
+      const bool s = stream && on_line(tout);
       if (psw) {
-        pool_bags<true>(wt, D, rows, idx, psw, toff, b0, b1, table_end, mean, tout, total_D, bad);
+        pool_bags<true>(wt, D, rows, idx, psw, toff, b0, b1, table_end, mean, tout, total_D, s,
+                        bad);
       } else {
-        pool_bags<false>(wt, D, rows, idx, psw, toff, b0, b1, table_end, mean, tout, total_D,
+        pool_bags<false>(wt, D, rows, idx, psw, toff, b0, b1, table_end, mean, tout, total_D, s,
                          bad);
       }
     });
+    if (stream) stream_fence();
     first_bad.record(bad);
   });
   return first_bad.result();

@@ -263,7 +263,7 @@ template <int64_t Bits, int NV, typename I>
 inline void qpool_block(const uint8_t* table, int64_t D, int64_t stride, uint64_t rows,
                         const I* idx, const float* psw, int64_t start, int64_t stop,
                         int64_t table_end, int64_t d0, float scale_out, float* out,
-                        int64_t& bad) {
+                        bool stream, int64_t& bad) {
   vf16 acc[NV] = {};
   float bias_sum = 0.f;
   for (int64_t p = start; p < stop; ++p) {
@@ -280,6 +280,11 @@ inline void qpool_block(const uint8_t* table, int64_t D, int64_t stride, uint64_
       const vf16 q = Bits == 8 ? load_q8(w.row + d0 + 16 * k) : load_q4(w.row + (d0 + 16 * k) / 2);
       acc[k] += w.scale * q;
     }
+  }
+  if (stream) {  // out + d0 on a line (streams_output)
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k) stream16(out + d0 + 16 * k, (acc[k] + bias_sum) * scale_out);
+    return;
   }
 #pragma GCC unroll 8
   for (int k = 0; k < NV; ++k) store16(out + d0 + 16 * k, (acc[k] + bias_sum) * scale_out);
@@ -305,11 +310,11 @@ inline void qpool_tail(const uint8_t* table, int64_t D, int64_t stride, uint64_t
 template <int64_t Bits, typename I>
 void qpool_bag(const uint8_t* table, int64_t D, uint64_t rows, const I* idx, const float* psw,
                int64_t start, int64_t stop, int64_t table_end, float scale_out, float* out,
-               int64_t& bad) {
+               bool stream, int64_t& bad) {
   const int64_t stride = packed_row_bytes(D, Bits);
   const int64_t d0 = for_each_column_block(D, [&](auto nv, int64_t c0) {
     qpool_block<Bits, decltype(nv)::value>(table, D, stride, rows, idx, psw, start, stop,
-                                           table_end, c0, scale_out, out, bad);
+                                           table_end, c0, scale_out, out, stream, bad);
   });
   if (d0 < D) {
     qpool_tail<Bits>(table, D, stride, rows, idx, psw, start, stop, d0, scale_out, out, bad);
@@ -325,6 +330,7 @@ int64_t qforward(const QuantizedBagArgs& a, void* out_ptr) {
   O* out = static_cast<O*>(out_ptr);
   const int64_t total_D = tb.dim_offsets[tb.T];
   const int64_t N = static_cast<int64_t>(off[tb.T * tb.B]);
+  const bool stream = std::is_same_v<O, float> && streams_output(tb);
   FirstBad first_bad;
   torch::stable::parallel_for(0, tb.T * tb.B, bag_grain(tb, N), [&](int64_t begin, int64_t end) {
     int64_t bad = INT64_MAX;
@@ -340,13 +346,15 @@ int64_t qforward(const QuantizedBagArgs& a, void* out_ptr) {
       const uint8_t* table = a.packed + tb.weights_offsets[t];
       const int64_t table_end = off[(t + 1) * tb.B];
       const uint64_t rows = static_cast<uint64_t>(tb.rows[t]);
+      const bool s = stream && on_line(acc);
       if (a.bits == 8) {
-        qpool_bag<8>(table, D, rows, idx, psw, start, stop, table_end, scale_out, acc, bad);
+        qpool_bag<8>(table, D, rows, idx, psw, start, stop, table_end, scale_out, acc, s, bad);
       } else {
-        qpool_bag<4>(table, D, rows, idx, psw, start, stop, table_end, scale_out, acc, bad);
+        qpool_bag<4>(table, D, rows, idx, psw, start, stop, table_end, scale_out, acc, s, bad);
       }
       if constexpr (!std::is_same_v<O, float>) row_store(out_row, acc, D);
     });
+    if (stream) stream_fence();
     first_bad.record(bad);
   });
   return first_bad.result();
