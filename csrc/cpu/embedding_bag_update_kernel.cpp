@@ -67,6 +67,14 @@ bool sgd_in_place(const UpdateArgs& a) {
          static_cast<float>(a.hp.weight_decay) == 0.f;
 }
 
+// fp32 row-wise Adagrad without weight decay: the register path of
+// update_runs applies it to the summed gradient where it lies.
+template <typename W>
+bool rowwise_adagrad_in_place(const UpdateArgs& a) {
+  return std::is_same_v<W, float> && a.optimizer == kRowwiseAdagrad &&
+         static_cast<float>(a.hp.weight_decay) == 0.f;
+}
+
 // Applies the update to one row: g is its summed gradient (fp32, D values),
 // wf scratch for the fp32 weights.
 template <typename W>
@@ -141,8 +149,10 @@ void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t
   W* w = static_cast<W*>(a.weights);
   const uint64_t* e = s.entries;
   const bool elementwise_state = a.optimizer == kAdagrad || a.optimizer == kAdam;
+  const bool row_state = a.optimizer == kRowwiseAdagrad;
   const bool in_place = sgd_in_place<W>(a);
-  const float lr = static_cast<float>(a.hp.lr);
+  const bool rowwise_in_place = rowwise_adagrad_in_place<W>(a);
+  const float lr = static_cast<float>(a.hp.lr), eps = static_cast<float>(a.hp.eps);
   float g_buf[256], wf_buf[256];
   std::unique_ptr<float[]> heap;
   float* g = g_buf;
@@ -157,15 +167,17 @@ void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t
     // stay written out: a shared helper lambda once compiled to no prefetch
     // at all (docs/architecture.md).
     if (q + kPrefetchRows <= table_end) {
-      const int64_t el = elem_base + SortedLookups::row(e[q + kPrefetchRows - 1]) * D;
+      const int64_t r = SortedLookups::row(e[q + kPrefetchRows - 1]), el = elem_base + r * D;
       prefetch_row(w + el, row_bytes);
       if (elementwise_state) prefetch_row(a.momentum1 + el, D * 4);
+      if (row_state) prefetch_row(a.momentum1 + state_base + r, 4);
       if (a.optimizer == kAdam) prefetch_row(a.momentum2 + el, D * 4);
     }
     if (q + kPrefetchFarRows <= table_end) {
-      const int64_t el = elem_base + SortedLookups::row(e[q + kPrefetchFarRows - 1]) * D;
+      const int64_t r = SortedLookups::row(e[q + kPrefetchFarRows - 1]), el = elem_base + r * D;
       prefetch_row<2>(w + el, row_bytes);
       if (elementwise_state) prefetch_row<2>(a.momentum1 + el, D * 4);
+      if (row_state) prefetch_row<2>(a.momentum1 + state_base + r, 4);
       if (a.optimizer == kAdam) prefetch_row<2>(a.momentum2 + el, D * 4);
     }
     // Gradient rows are one random row per lookup: fetched ahead too.
@@ -188,6 +200,19 @@ void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t
           float* wr = w + elem0;
 #pragma GCC unroll 8
           for (int j = 0; j < NV; ++j) store16(wr + 16 * j, load16(wr + 16 * j) - lr * acc[j]);
+          return;
+        }
+        if (rowwise_in_place) {  // update_row's row-wise Adagrad, on the registers
+          // The sum of squares through row_dot: the same dot in registers was
+          // contracted differently by the compiler (1 ulp off in some rows).
+#pragma GCC unroll 8
+          for (int j = 0; j < NV; ++j) store16(g + 16 * j, acc[j]);
+          float* st = a.momentum1 + state_base + row;
+          *st += row_dot(g, g, D) / static_cast<float>(D);
+          const float step = lr / (std::sqrt(*st) + eps);
+          float* wr = w + elem0;
+#pragma GCC unroll 8
+          for (int j = 0; j < NV; ++j) store16(wr + 16 * j, load16(wr + 16 * j) - step * acc[j]);
           return;
         }
       }
