@@ -265,7 +265,11 @@ def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
     if tbe is not None:
         with torch.no_grad():
             tbe.weights_host.copy_(inp.ebc.weight.detach().view(-1))
-        out["fbgemm TBE"] = lambda: tbe(idx, off).backward(grad)
+
+        def fbgemm_step():
+            tbe(idx, off).backward(grad)
+        fbgemm_step.tbe = tbe  # its own weights, for tests/test_benchmark.py
+        out["fbgemm TBE"] = fbgemm_step
     return out
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dlrm_ops.benchmark import _load_probe, embedding_bag_contenders, make_tbe_inputs, \
-    quantized_contenders
+    quantized_contenders, training_contenders
 
 
 def test_forward_contenders_agree():
@@ -44,3 +44,25 @@ def test_c_probe_pools(bits):
     probe(w.data_ptr(), 500, 32, 3, 8, inp.indices.data_ptr(), inp.offsets.data_ptr(),
           out.data_ptr(), 1)
     torch.testing.assert_close(out, expect, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad", "adagrad"])
+def test_training_contenders_update_alike(optimizer):
+    """One step of every training contender from the same weights makes the
+    same weights (ours and torch's share one buffer, FBGEMM has its own)."""
+    inp = make_tbe_inputs(3, 500, 32, 8, 4)
+    fns = training_contenders(inp, optimizer, lr=0.1)
+    weight = inp.ebc.weight.detach()
+    before = weight.clone()
+    fns.pop("dlrm_ops fused")()
+    expect = weight.clone()
+    assert not torch.equal(expect, before)
+    tbe = fns.pop("fbgemm TBE", None)
+    for name, step in fns.items():
+        weight.copy_(before)
+        step()
+        torch.testing.assert_close(weight, expect, atol=1e-6, rtol=1e-5, msg=name)
+    if tbe is not None:
+        tbe()
+        torch.testing.assert_close(tbe.tbe.weights_host.view_as(expect), expect, atol=1e-6,
+                                   rtol=1e-5, msg="fbgemm TBE")
