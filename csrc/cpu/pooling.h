@@ -59,7 +59,8 @@ inline int64_t max_dim(const TableBatch& tb) {
 // 0.82-1.04 ms, fused SGD step 3.8-4.0 -> 2.8-3.05 ms; forward + dot
 // interaction at D=128 5.7-6.0 -> 5.1-5.4 ms, at D=32 (6.8 MB) no change, at
 // D=16 (3.4 MB, read back from cache by the interaction) 0.88-0.94 ->
-// 1.00-1.05 ms streamed, hence the threshold.
+// 1.00-1.05 ms streamed, hence the threshold. (In a slow phase of the
+// machine the forward still gained, the SGD step not: docs/performance.md.)
 constexpr int64_t kStreamOutputBytes = int64_t{8} << 20;
 
 // Whether the fp32 pooled output [B, dim_offsets[T]] of tb is streamed: big
