@@ -219,7 +219,7 @@ def _fbgemm_training_tbe(inp: TBEInputs, optimizer: str, lr: float):
     rows, D = inp.ebc.num_embeddings[0], inp.ebc.embedding_dims[0]
     return SplitTableBatchedEmbeddingBagsCodegen(
         [(rows, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * inp.T, optimizer=opt,
-        learning_rate=lr, eps=1e-8)
+        learning_rate=lr, eps=1e-10 if optimizer == "adagrad" else 1e-8)  # ours' defaults
 
 
 def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,

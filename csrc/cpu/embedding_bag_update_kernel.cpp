@@ -60,18 +60,11 @@ void store_row(W* w, const float* v, int64_t D, const UpdateArgs& a, int64_t ele
   for (int64_t d = 0; d < D; ++d) w[d] = round_stochastic<W>(v[d], rounding_bits(seed, elem0 + d));
 }
 
-// Plain fp32 SGD (no weight decay) updates rows in place: w -= lr * g.
+// fp32 rows without weight decay are updated in place: SGD by update_row
+// (w -= lr * g), SGD and row-wise Adagrad by the register path of update_runs.
 template <typename W>
-bool sgd_in_place(const UpdateArgs& a) {
-  return std::is_same_v<W, float> && a.optimizer == kSGD &&
-         static_cast<float>(a.hp.weight_decay) == 0.f;
-}
-
-// fp32 row-wise Adagrad without weight decay: the register path of
-// update_runs applies it to the summed gradient where it lies.
-template <typename W>
-bool rowwise_adagrad_in_place(const UpdateArgs& a) {
-  return std::is_same_v<W, float> && a.optimizer == kRowwiseAdagrad &&
+bool in_place(const UpdateArgs& a, Optimizer optimizer) {
+  return std::is_same_v<W, float> && a.optimizer == optimizer &&
          static_cast<float>(a.hp.weight_decay) == 0.f;
 }
 
@@ -84,7 +77,7 @@ __attribute__((always_inline)) inline void update_row(const UpdateArgs& a, W* w,
   const float lr = static_cast<float>(a.hp.lr), eps = static_cast<float>(a.hp.eps);
   const float wd = static_cast<float>(a.hp.weight_decay);
   if constexpr (std::is_same_v<W, float>) {
-    if (sgd_in_place<W>(a)) {
+    if (in_place<W>(a, kSGD)) {
       for (int64_t d = 0; d < D; ++d) w[d] -= lr * g[d];
       return;
     }
@@ -150,8 +143,8 @@ void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t
   const uint64_t* e = s.entries;
   const bool elementwise_state = a.optimizer == kAdagrad || a.optimizer == kAdam;
   const bool row_state = a.optimizer == kRowwiseAdagrad;
-  const bool in_place = sgd_in_place<W>(a);
-  const bool rowwise_in_place = rowwise_adagrad_in_place<W>(a);
+  const bool sgd_in_place = in_place<W>(a, kSGD);
+  const bool rowwise_in_place = in_place<W>(a, kRowwiseAdagrad);
   const float lr = static_cast<float>(a.hp.lr), eps = static_cast<float>(a.hp.eps);
   float g_buf[256], wf_buf[256];
   std::unique_ptr<float[]> heap;
@@ -196,7 +189,7 @@ void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t
         }
       }
       if constexpr (std::is_same_v<W, float>) {
-        if (in_place) {  // update_row's in-place loop, on the registers
+        if (sgd_in_place) {  // update_row's in-place loop, on the registers
           float* wr = w + elem0;
 #pragma GCC unroll 8
           for (int j = 0; j < NV; ++j) store16(wr + 16 * j, load16(wr + 16 * j) - lr * acc[j]);

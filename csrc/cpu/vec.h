@@ -177,30 +177,6 @@ inline vf16 load16(const bf16* p) {
 }
 inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
 
-// store16 past the caches (non-temporal), for outputs too big to stay cached:
-// no read-for-ownership of the line, no eviction of the rows being gathered.
-// p must be 64-byte aligned; stream_fence() before the thread's work ends.
-inline void stream16(float* p, vf16 v) {
-#if defined(__AVX512F__)
-  _mm512_stream_ps(p, (__m512)v);
-#elif defined(__AVX2__)
-  float f[16];
-  std::memcpy(f, &v, sizeof(v));
-  _mm256_stream_ps(p, _mm256_loadu_ps(f));
-  _mm256_stream_ps(p + 8, _mm256_loadu_ps(f + 8));
-#elif defined(__SSE2__)
-  float f[16];
-  std::memcpy(f, &v, sizeof(v));
-  for (int k = 0; k < 16; k += 4) _mm_stream_ps(p + k, _mm_loadu_ps(f + k));
-#else
-  store16(p, v);
-#endif
-}
-inline void stream_fence() {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
-}
 inline void store16(fp16* p, vf16 v) {
 #if defined(__AVX512F__)
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
@@ -215,6 +191,29 @@ inline void store16(bf16* p, vf16 v) {
   float f[16];
   std::memcpy(f, &v, sizeof(v));
   for (int k = 0; k < 16; ++k) p[k] = from_float<bf16>(f[k]);
+}
+
+// store16 past the caches (non-temporal), for outputs too big to stay cached:
+// no read-for-ownership of the line, no eviction of the rows being gathered.
+// p must be 64-byte aligned; stream_fence() before the thread's work ends.
+inline void stream16(float* p, vf16 v) {
+#if defined(__AVX512F__)
+  _mm512_stream_ps(p, (__m512)v);
+#elif defined(__AVX2__)
+  const float* f = reinterpret_cast<const float*>(&v);
+  _mm256_stream_ps(p, _mm256_loadu_ps(f));
+  _mm256_stream_ps(p + 8, _mm256_loadu_ps(f + 8));
+#elif defined(__SSE2__)
+  const float* f = reinterpret_cast<const float*>(&v);
+  for (int k = 0; k < 16; k += 4) _mm_stream_ps(p + k, _mm_loadu_ps(f + k));
+#else
+  store16(p, v);
+#endif
+}
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 template <typename T>
