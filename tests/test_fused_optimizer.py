@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,6 +134,28 @@ def test_radix_sorted_walk_matches_torch(mode, weighted):
         opt.step()
     for t, m in enumerate(tables):
         torch.testing.assert_close(ebc.weight_of(t), m.weight.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("B", [200, 3000])
+def test_duplicates_sum_in_lookup_order(B):
+    """The sort keeps a row's lookups in lookup order: the dense gradient, a
+    plain float32 sum over them in that order, has the bits of one."""
+    rows, D = [3000, (1 << 23) + 5], 2
+    ebc = EmbeddingBagCollection(rows, D)
+    indices, offsets = _radix_bags(rows, B, torch.Generator().manual_seed(7))
+    grad = torch.randn(B, D * len(rows), generator=torch.Generator().manual_seed(8))
+    ebc(indices, offsets).backward(grad)
+    idx, off, g = indices.numpy(), offsets.numpy(), grad.numpy()
+    for t, n in enumerate(rows):
+        acc = {}
+        for b in range(B):
+            for p in range(off[t * B + b], off[t * B + b + 1]):
+                x = g[b, t * D:(t + 1) * D]
+                r = int(idx[p])
+                acc[r] = x.copy() if r not in acc else acc[r] + x
+        got = ebc.weight.grad.view(-1)[ebc._woff[t]:][:n * D].view(n, D)
+        rows_hit = sorted(acc)
+        assert torch.equal(got[rows_hit], torch.from_numpy(np.stack([acc[r] for r in rows_hit])))
 
 
 @pytest.mark.parametrize("mode, weighted", [("sum", False), ("sum", True), ("mean", False)])

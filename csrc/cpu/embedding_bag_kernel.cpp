@@ -232,6 +232,18 @@ void psw_grad(const EmbeddingBagArgs& a, const void* grad_out_ptr, float* grad_p
   });
 }
 
+template <typename I>
+bool offsets_ordered(const I* off, int64_t n) {
+  int disordered = 0;  // no early exit: the loop vectorises
+  for (int64_t i = 1; i < n; ++i) disordered |= off[i] < off[i - 1];
+  return !disordered;
+}
+
+bool offsets_ordered_entry(const void* off, bool int64, int64_t n) {
+  return int64 ? offsets_ordered(static_cast<const int64_t*>(off), n)
+               : offsets_ordered(static_cast<const int32_t*>(off), n);
+}
+
 #define DLRM_TYPED_ENTRY(name, ret, params, args)                                  \
   ret name##_entry params {                                                        \
     return dispatch_float(a.dtype, [&](auto* w) {                                  \
@@ -251,6 +263,7 @@ DLRM_TYPED_ENTRY(psw_grad, void, (const EmbeddingBagArgs& a, const void* go, flo
 
 }  // namespace
 
+REGISTER_CPU_KERNEL(offsets_ordered_stub, &offsets_ordered_entry);
 REGISTER_CPU_KERNEL(embedding_bag_forward_stub, &forward_entry);
 REGISTER_CPU_KERNEL(embedding_bag_backward_dense_stub, &backward_dense_entry);
 REGISTER_CPU_KERNEL(embedding_bag_backward_sparse_stub, &backward_sparse_entry);

@@ -91,6 +91,11 @@ struct UpdateArgs {
 // Returns the first out-of-range index position, or -1 (then nothing was written).
 using UpdateFn = int64_t (*)(const UpdateArgs&);
 
+// Whether offsets[0..n) (int64 or int32) never decrease: validation's loop
+// over every bag, vectorised per instruction set.
+using OffsetsOrderedFn = bool (*)(const void* offsets, bool int64, int64_t n);
+
+extern DispatchStub<OffsetsOrderedFn> offsets_ordered_stub;
 extern DispatchStub<ForwardFn> embedding_bag_forward_stub;
 extern DispatchStub<UpdateFn> embedding_bag_update_stub;
 extern DispatchStub<BackwardDenseFn> embedding_bag_backward_dense_stub;

@@ -10,20 +10,25 @@ int64_t read_index(const cpu::Lookups& lk, const void* data, int64_t i) {
                   : static_cast<int64_t>(static_cast<const int32_t*>(data)[i]);
 }
 
-void check_offsets(const cpu::Lookups& lk, int64_t T, int64_t B, int64_t N) {
-  auto off = [&](int64_t i) { return read_index(lk, lk.offsets, i); };
-  DLRM_CHECK(off(0) == 0, "offsets[0] must be 0, got ", off(0));
-  for (int64_t i = 1; i <= T * B; ++i) {
-    DLRM_CHECK(off(i) >= off(i - 1), "offsets must be non-decreasing, but offsets[", i, "] = ",
-               off(i), " < offsets[", i - 1, "] = ", off(i - 1), " (table ", (i - 1) / B,
+template <typename I>
+void check_offsets(const I* off, bool int64, int64_t T, int64_t B, int64_t N) {
+  DLRM_CHECK(off[0] == 0, "offsets[0] must be 0, got ", off[0]);
+  // A vectorised pass checks the order; the search for the first bad pair
+  // runs only when there is one. A check per pair here cost 2.7% of a fused
+  // row-wise Adagrad step at one lookup per bag (it runs in the forward and
+  // again in the backward).
+  const bool ordered = cpu::offsets_ordered_stub(off, int64, T * B + 1);
+  for (int64_t i = 1; !ordered && i <= T * B; ++i) {
+    DLRM_CHECK(off[i] >= off[i - 1], "offsets must be non-decreasing, but offsets[", i, "] = ",
+               off[i], " < offsets[", i - 1, "] = ", off[i - 1], " (table ", (i - 1) / B,
                ", bag ", (i - 1) % B, ")");
   }
-  DLRM_CHECK(off(T * B) == N, "offsets[-1] must equal the number of indices (", N, "), got ",
-             off(T * B));
+  DLRM_CHECK(off[T * B] == N, "offsets[-1] must equal the number of indices (", N, "), got ",
+             off[T * B]);
   // Each table's lookups are addressed by a 32-bit position (sorted_lookups.h).
   for (int64_t t = 0; t < T; ++t) {
-    DLRM_CHECK(off((t + 1) * B) - off(t * B) < (int64_t{1} << 32), "table ", t,
-               " has more than 2^32 indices in one call");
+    DLRM_CHECK(static_cast<int64_t>(off[(t + 1) * B]) - off[t * B] < (int64_t{1} << 32), "table ",
+               t, " has more than 2^32 indices in one call");
   }
 }
 
@@ -105,7 +110,11 @@ ValidatedLookups validate_lookups(const Tensor& ref, const char* ref_name,
   v.N = shape.N;
   v.lk = cpu::Lookups{indices.const_data_ptr(), offsets.const_data_ptr(),
                       indices.scalar_type() == ScalarType::Long, nullptr, pooling};
-  check_offsets(v.lk, T, B, v.N);
+  if (v.lk.int64) {
+    check_offsets(static_cast<const int64_t*>(v.lk.offsets), true, T, B, v.N);
+  } else {
+    check_offsets(static_cast<const int32_t*>(v.lk.offsets), false, T, B, v.N);
+  }
   if (per_sample_weights.has_value()) {
     v.psw_f32 = per_sample_weights_f32(*per_sample_weights);
     v.lk.per_sample_weights = v.psw_f32.const_data_ptr<float>();
