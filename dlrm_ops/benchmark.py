@@ -204,7 +204,7 @@ def run_embedding_bag(T: int, rows: int, dims: List[int], B: int, lengths: List[
     return results
 
 
-def _fbgemm_training_tbe(inp: TBEInputs, optimizer: str, lr: float):
+def _fbgemm_training_tbe(inp: TBEInputs, optimizer: str, lr: float, eps: float):
     try:
         from fbgemm_gpu.split_embedding_configs import EmbOptimType as OptimType
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
@@ -219,7 +219,7 @@ def _fbgemm_training_tbe(inp: TBEInputs, optimizer: str, lr: float):
     rows, D = inp.ebc.num_embeddings[0], inp.ebc.embedding_dims[0]
     return SplitTableBatchedEmbeddingBagsCodegen(
         [(rows, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * inp.T, optimizer=opt,
-        learning_rate=lr, eps=1e-10 if optimizer == "adagrad" else 1e-8)  # ours' defaults
+        learning_rate=lr, eps=eps)
 
 
 def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
@@ -260,8 +260,9 @@ def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
             dense_ebc(idx, off).backward(grad)
             dense_opt.step()
         out["dense grad+SGD"] = dense_step
-    tbe = _fbgemm_training_tbe(inp, optimizer, lr) if inp.ebc.weight.dtype == torch.float32 \
-        else None
+    eps = float(fused.hparams[1])  # the fused module's default for this optimizer
+    tbe = _fbgemm_training_tbe(inp, optimizer, lr, eps) \
+        if inp.ebc.weight.dtype == torch.float32 else None
     if tbe is not None:
         with torch.no_grad():
             tbe.weights_host.copy_(inp.ebc.weight.detach().view(-1))

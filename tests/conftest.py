@@ -39,6 +39,13 @@ def first_bags(indices, offsets, T, B, n):
     return indices[pos], torch.cat(off).to(offsets.dtype), pos
 
 
+def offsets_dropping_at(pos, dtype, bags=100):
+    """Indices and offsets of `bags` one-index bags whose offsets drop at `pos`."""
+    offsets = torch.arange(bags + 1, dtype=dtype)
+    offsets[pos] = offsets[pos - 1] - 1
+    return torch.zeros(bags, dtype=dtype), offsets
+
+
 @pytest.fixture
 def bags():
     return make_bags

@@ -12,7 +12,7 @@ import dlrm_ops
 from dlrm_ops import reference
 from dlrm_ops.nn import EmbeddingBagCollection
 
-from conftest import TOL, first_bags, make_bags
+from conftest import TOL, first_bags, make_bags, offsets_dropping_at
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 INDEX_DTYPES = [torch.int32, torch.int64]
@@ -279,19 +279,12 @@ def test_bad_offsets(offsets, msg):
         ebc(torch.tensor([0, 1, 2, 3]), torch.tensor(offsets))
 
 
-def _offsets_dropping_at(pos, dtype, bags=100):
-    """One table of `bags` one-index bags whose offsets drop at `pos`."""
-    offsets = torch.arange(bags + 1, dtype=dtype)
-    offsets[pos] = offsets[pos - 1] - 1
-    return torch.zeros(bags, dtype=dtype), offsets
-
-
 # Drops before, at and after the vectorised check's block edges (8 and 16 lanes).
 @pytest.mark.parametrize("pos", [1, 7, 8, 15, 16, 17, 64, 99])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_offsets_dropping_anywhere_are_named(pos, index_dtype):
     ebc = EmbeddingBagCollection([5], 4)
-    indices, offsets = _offsets_dropping_at(pos, index_dtype)
+    indices, offsets = offsets_dropping_at(pos, index_dtype)
     with pytest.raises(RuntimeError, match=rf"offsets must be non-decreasing, but offsets\[{pos}\] "
                                            rf"= {pos - 2} < offsets\[{pos - 1}\] = {pos - 1}"):
         ebc(indices, offsets)
@@ -471,16 +464,16 @@ def test_every_cpu_path_agrees(capability):
         "        ref = reference.table_batched_embedding_bag(ts, i, o)\n"
         "        torch.testing.assert_close(m(i, o), ref, atol=1e-5, rtol=1e-5)\n"
         # the offsets' order check of each build
-        "from test_embedding_bag import _offsets_dropping_at\n"
+        "from conftest import offsets_dropping_at\n"
         "for dt in (torch.int32, torch.int64):\n"
         "    for pos in (1, 8, 16, 17, 99):\n"
         "        try:\n"
-        "            e(*_offsets_dropping_at(pos, dt, bags=300))\n"
+        "            e(*offsets_dropping_at(pos, dt, bags=300))\n"
         "        except RuntimeError as err:\n"
         "            assert f'offsets[{pos}] = {pos - 2} < offsets[{pos - 1}]' in str(err), err\n"
         "        else:\n"
         "            raise AssertionError(f'offsets dropping at {pos} passed')\n"
-        "    e(*_offsets_dropping_at(1, dt, bags=300)[:1], torch.arange(301, dtype=dt))\n"
+        "    e(*offsets_dropping_at(1, dt, bags=300)[:1], torch.arange(301, dtype=dt))\n"
     )
     env = dict(os.environ, DLRM_OPS_CPU_CAPABILITY=capability)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
