@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .nn import EmbeddingBagCollection
+from .nn._memory import empty_table
 
 
 def zipf_indices(rows: int, n: int, alpha: float = 1.05, seed: int = 0) -> np.ndarray:
@@ -143,8 +144,25 @@ def _fbgemm_tbe(inp: TBEInputs):
     rows, D = inp.ebc.num_embeddings[0], inp.ebc.embedding_dims[0]
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
         [(rows, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * inp.T)
+    return _on_huge_pages(tbe, inp.ebc.weight)
+
+
+def _on_huge_pages(tbe, weights: torch.Tensor):
+    """FBGEMM's host buffers (weights from ours, optimizer state as it set it)
+    moved onto huge pages like ours and torch's: its constructor touches them
+    first, so under THP "madvise" they would get 4 KiB pages and every random
+    row a TLB miss (its training steps took 1.12-1.29x the time so,
+    docs/performance.md)."""
     with torch.no_grad():
-        tbe.weights_host.copy_(inp.ebc.weight.detach().view(-1))
+        for name in ("weights_host", "momentum1_host", "momentum2_host"):
+            old = getattr(tbe, name, None)
+            if old is None or old.numel() == 0:
+                continue
+            new = empty_table(old.shape, old.dtype)
+            new.copy_(weights.detach().view(-1) if name == "weights_host" else old)
+            if isinstance(old, torch.nn.Parameter):
+                new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+            setattr(tbe, name, new)
     return tbe
 
 
@@ -217,9 +235,9 @@ def _fbgemm_training_tbe(inp: TBEInputs, optimizer: str, lr: float, eps: float):
     if opt is None:
         return None
     rows, D = inp.ebc.num_embeddings[0], inp.ebc.embedding_dims[0]
-    return SplitTableBatchedEmbeddingBagsCodegen(
+    return _on_huge_pages(SplitTableBatchedEmbeddingBagsCodegen(
         [(rows, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * inp.T, optimizer=opt,
-        learning_rate=lr, eps=eps)
+        learning_rate=lr, eps=eps), inp.ebc.weight)
 
 
 def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
@@ -264,9 +282,6 @@ def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
     tbe = _fbgemm_training_tbe(inp, optimizer, lr, eps) \
         if inp.ebc.weight.dtype == torch.float32 else None
     if tbe is not None:
-        with torch.no_grad():
-            tbe.weights_host.copy_(inp.ebc.weight.detach().view(-1))
-
         def fbgemm_step():
             tbe(idx, off).backward(grad)
         fbgemm_step.tbe = tbe  # its own weights, for tests/test_benchmark.py
@@ -357,8 +372,9 @@ def quantized_contenders(inp: TBEInputs, bits: int) -> Dict[str, Callable]:
             1),
         "dlrm_ops fp32": lambda: ebc(idx, off),
     }
-    if probe is not None:  # all tables' packed rows stacked, as ours hold them
-        stacked = torch.cat(tables)
+    if probe is not None:  # all tables' packed rows stacked on huge pages, as ours hold them
+        stacked = empty_table((sum(len(w) for w in tables), tables[0].shape[1]), tables[0].dtype)
+        torch.cat(tables, out=stacked)
         rows, D = ebc.num_embeddings[0], ebc.embedding_dims[0]
         res = torch.empty(B, T * D)
         fns["C gather probe"] = lambda: probe(stacked.data_ptr(), rows, D, T, B,

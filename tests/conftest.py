@@ -46,6 +46,22 @@ def offsets_dropping_at(pos, dtype, bags=100):
     return torch.zeros(bags, dtype=dtype), offsets
 
 
+def anon_huge_kib():
+    """KiB of this process's anonymous memory on transparent huge pages."""
+    with open("/proc/self/smaps_rollup") as f:
+        return int(f.read().split("AnonHugePages:")[1].split()[0])
+
+
+def thp_available():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read()
+        anon_huge_kib()
+    except (OSError, IndexError, ValueError):
+        return False
+    return "[never]" not in mode
+
+
 @pytest.fixture
 def bags():
     return make_bags

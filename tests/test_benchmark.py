@@ -3,8 +3,9 @@ pooled result as dlrm_ops (a fast wrong contender would make a ratio lie)."""
 import pytest
 import torch
 
-from dlrm_ops.benchmark import _load_probe, embedding_bag_contenders, make_tbe_inputs, \
-    quantized_contenders, training_contenders
+from conftest import anon_huge_kib, thp_available
+from dlrm_ops.benchmark import _fbgemm_training_tbe, _load_probe, embedding_bag_contenders, \
+    make_tbe_inputs, quantized_contenders, training_contenders
 
 
 def test_forward_contenders_agree():
@@ -66,3 +67,21 @@ def test_training_contenders_update_alike(optimizer):
         tbe()
         torch.testing.assert_close(tbe.tbe.weights_host.view_as(expect), expect, atol=1e-6,
                                    rtol=1e-5, msg="fbgemm TBE")
+
+
+@pytest.mark.skipif(not thp_available(), reason="needs Linux with transparent huge pages")
+def test_fbgemm_buffers_move_onto_huge_pages():
+    """FBGEMM's contender gets huge pages as ours does (its constructor touches
+    its buffers first), with our weights and its own initial state."""
+    pytest.importorskip("fbgemm_gpu")
+    inp = make_tbe_inputs(2, 300_000, 32, 8, 1)  # 2 x 38 MB of weights, as much Adagrad state
+    before = anon_huge_kib()
+    tbe = _fbgemm_training_tbe(inp, "adagrad", lr=0.1, eps=1e-10)
+    assert anon_huge_kib() - before >= 100 * 1024
+    assert torch.equal(tbe.weights_host, inp.ebc.weight.detach().view(-1))
+    assert tbe.momentum1_host.numel() == tbe.weights_host.numel()
+    assert tbe.momentum1_host.abs().sum() == 0
+    out = tbe(inp.indices, inp.offsets)
+    torch.testing.assert_close(out, inp.ebc(inp.indices, inp.offsets))
+    out.sum().backward()
+    assert tbe.momentum1_host.abs().sum() > 0  # the step updated the moved state

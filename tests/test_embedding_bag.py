@@ -12,7 +12,8 @@ import dlrm_ops
 from dlrm_ops import reference
 from dlrm_ops.nn import EmbeddingBagCollection
 
-from conftest import TOL, first_bags, make_bags, offsets_dropping_at
+from conftest import TOL, anon_huge_kib, first_bags, make_bags, offsets_dropping_at, \
+    thp_available
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 INDEX_DTYPES = [torch.int32, torch.int64]
@@ -482,25 +483,10 @@ def test_every_cpu_path_agrees(capability):
     assert res.stdout.split()[0] == capability
 
 
-def _anon_huge_kib():
-    with open("/proc/self/smaps_rollup") as f:
-        return int(f.read().split("AnonHugePages:")[1].split()[0])
-
-
-def _thp_available():
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            mode = f.read()
-        _anon_huge_kib()
-    except (OSError, IndexError, ValueError):
-        return False
-    return "[never]" not in mode
-
-
-@pytest.mark.skipif(not _thp_available(), reason="needs Linux with transparent huge pages")
+@pytest.mark.skipif(not thp_available(), reason="needs Linux with transparent huge pages")
 def test_large_tables_are_backed_by_huge_pages():
-    before = _anon_huge_kib()
+    before = anon_huge_kib()
     ebc = EmbeddingBagCollection([300_000] * 2, 32, optimizer="adagrad")  # 2 x 77 MB
-    assert _anon_huge_kib() - before >= 50 * 1024  # of 2 x 77 MB (compaction may miss a few)
+    assert anon_huge_kib() - before >= 50 * 1024  # of 2 x 77 MB (compaction may miss a few)
     small = EmbeddingBagCollection([10], 4)  # below the threshold: plain pages, still correct
     assert small.weight.shape == (10, 4) and ebc.momentum1.abs().sum() == 0
