@@ -158,11 +158,13 @@ def _on_huge_pages(tbe, weights: torch.Tensor):
             old = getattr(tbe, name, None)
             if old is None or old.numel() == 0:
                 continue
-            new = empty_table(old.shape, old.dtype)
-            new.copy_(weights.detach().view(-1) if name == "weights_host" else old)
-            if isinstance(old, torch.nn.Parameter):
-                new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
-            setattr(tbe, name, new)
+            param = isinstance(old, torch.nn.Parameter)
+            shape, dtype, grad = old.shape, old.dtype, old.requires_grad
+            src = weights.detach().view(-1) if name == "weights_host" else old
+            setattr(tbe, name, None)  # FBGEMM's weights freed first: one copy at a time
+            del old
+            new = empty_table(shape, dtype).copy_(src)
+            setattr(tbe, name, torch.nn.Parameter(new, requires_grad=grad) if param else new)
     return tbe
 
 
