@@ -265,6 +265,11 @@ def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
         per_table = [(idx[t * n:(t + 1) * n], off[t * B:(t + 1) * B + 1] - t * n)
                      for t in range(T)]
         opt = torch_opt([m.weight for m in tables], lr=lr)
+        with torch.no_grad():  # Adagrad's sums onto huge pages, as our state is
+            for w in opt.state:
+                for k, v in opt.state[w].items():
+                    if torch.is_tensor(v) and v.shape == w.shape:
+                        opt.state[w][k] = empty_table(v.shape, v.dtype).copy_(v)
 
         def torch_step():
             opt.zero_grad()
