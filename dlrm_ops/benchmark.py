@@ -147,6 +147,11 @@ def _fbgemm_tbe(inp: TBEInputs):
     return _on_huge_pages(tbe, inp.ebc.weight)
 
 
+def _huge_copy(src: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A copy of src (in dtype, src's by default) on huge pages, as our tables."""
+    return empty_table(src.shape, dtype or src.dtype).copy_(src)
+
+
 def _on_huge_pages(tbe, weights: torch.Tensor):
     """FBGEMM's host buffers (weights from ours, optimizer state as it set it)
     moved onto huge pages like ours and torch's: its constructor touches them
@@ -159,11 +164,11 @@ def _on_huge_pages(tbe, weights: torch.Tensor):
             if old is None or old.numel() == 0:
                 continue
             param = isinstance(old, torch.nn.Parameter)
-            shape, dtype, grad = old.shape, old.dtype, old.requires_grad
+            dtype, grad = old.dtype, old.requires_grad
             src = weights.detach().view(-1) if name == "weights_host" else old
             setattr(tbe, name, None)  # FBGEMM's weights freed first: one copy at a time
             del old
-            new = empty_table(shape, dtype).copy_(src)
+            new = _huge_copy(src, dtype)
             setattr(tbe, name, torch.nn.Parameter(new, requires_grad=grad) if param else new)
     return tbe
 
@@ -269,7 +274,7 @@ def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
             for w in opt.state:
                 for k, v in opt.state[w].items():
                     if torch.is_tensor(v) and v.shape == w.shape:
-                        opt.state[w][k] = empty_table(v.shape, v.dtype).copy_(v)
+                        opt.state[w][k] = _huge_copy(v)
 
         def torch_step():
             opt.zero_grad()

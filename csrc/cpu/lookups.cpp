@@ -141,7 +141,7 @@ void throw_bad_index(const ValidatedLookups& v, int64_t pos) {
   int64_t lo = 0, hi = tb.T * tb.B - 1;  // the last bag starting at or before pos
   while (lo < hi) {
     const int64_t mid = (lo + hi + 1) / 2;
-    if (read_index(v.lk, v.lk.offsets, mid) <= pos) lo = mid; else hi = mid - 1;
+    if (offset_at(v.lk, mid) <= pos) lo = mid; else hi = mid - 1;
   }
   const int64_t t = lo / tb.B;
   DLRM_CHECK(false, "indices[", pos, "] = ", read_index(v.lk, v.lk.indices, pos),
