@@ -36,18 +36,22 @@ def cmd_benchmark(args) -> int:
         return 0
     threads = args.threads or sorted({1, torch.get_num_threads()})
     dtype = getattr(torch, args.dtype)
+    args.distinct_batches = args.distinct_batches or benchmark.DISTINCT_BATCHES
     print(f"table-batched embedding bag, {args.tables} tables x {args.rows} rows, "
-          f"Zipf indices, {dtype}; dlrm_ops x = other's time / dlrm_ops' time", flush=True)
+          f"Zipf indices, {args.distinct_batches} distinct batches in turn, {dtype}; "
+          "dlrm_ops x = other's time / dlrm_ops' time", flush=True)
     res = []
     if "forward" in args.ops:
         res += benchmark.run_embedding_bag(args.tables, args.rows, args.dims, args.batch,
-                                           args.lengths, threads, dtype, args.min_time)
+                                           args.lengths, threads, dtype, args.min_time,
+                                           args.distinct_batches)
     if "train" in args.ops:
         res += benchmark.run_training(args.tables, args.rows, args.dims, args.batch, args.lengths,
-                                      threads, args.optimizers, args.dense, args.min_time)
+                                      threads, args.optimizers, args.dense, args.min_time,
+                                      args.distinct_batches)
     if "quantized" in args.ops:
         res += benchmark.run_quantized(args.tables, args.rows, args.dims, args.batch, args.lengths,
-                                       threads, [8, 4], args.min_time)
+                                       threads, [8, 4], args.min_time, args.distinct_batches)
         res += benchmark.run_quantize(args.quantize_rows, 128, threads, args.min_time)
     if "dlrm" in args.ops:
         res += benchmark.run_dlrm(args.dlrm_configs, args.rows, args.batch, threads, args.min_time)
@@ -74,6 +78,10 @@ def main(argv=None) -> int:
     b.add_argument("--dims", type=_ints, default=[64, 128])
     b.add_argument("--batch", type=int, default=2048)
     b.add_argument("--lengths", type=_ints, default=[1, 20], help="indices per bag")
+    b.add_argument("--distinct-batches", type=int, default=None,
+                   help="index batches every contender cycles through, so rows come cold from "
+                        "memory as in training (default 16); 1 repeats one batch, whose rows "
+                        "stay cached")
     b.add_argument("--threads", type=_ints, default=None, help="default: 1 and all")
     b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     b.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")

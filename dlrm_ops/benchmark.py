@@ -24,23 +24,51 @@ from .nn import EmbeddingBagCollection
 from .nn._memory import empty_table
 
 
-def zipf_indices(rows: int, n: int, alpha: float = 1.05, seed: int = 0) -> np.ndarray:
+def zipf_indices(rows: int, n: int, alpha: float = 1.05, seed: int = 0,
+                 draw: int = 0) -> np.ndarray:
     """n indices in [0, rows) with Zipf(alpha) popularity; the hot rows are
-    scattered over the table (a random permutation), as real categories are."""
+    scattered over the table (a random permutation), as real categories are.
+    Draws with the same seed share the hot rows, as a table's batches do."""
     rng = np.random.default_rng(seed)
     ranks = (rng.zipf(alpha, n) - 1) % rows
     perm = rng.permutation(rows)
+    if draw:
+        ranks = (np.random.default_rng([seed, draw]).zipf(alpha, n) - 1) % rows
     return perm[ranks]
+
+
+# Batches cycled through by every contender: the 1-per-bag Kaggle batch
+# touches ~11 MB of distinct rows, which a repeated batch would keep in the
+# 48 MB L3 between calls; 16 batches touch ~140 MB, so rows come cold from
+# memory as in training (the Zipf-hot rows stay cached, as they would).
+DISTINCT_BATCHES = 16
 
 
 @dataclass
 class TBEInputs:
     ebc: EmbeddingBagCollection
-    indices: torch.Tensor
+    batches: List[torch.Tensor]  # each batch's indices; all share offsets
     offsets: torch.Tensor
     T: int
     B: int
     L: int
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self.batches[0]
+
+    def in_turn(self, fn: Callable, prepare: Callable = lambda idx: (idx,)) -> Callable:
+        """A call of fn on the next batch each time, its arguments prepared
+        up front so that a timing holds only the call. Every contender starts
+        at batch 0."""
+        args = itertools.cycle([prepare(idx) for idx in self.batches])
+        return lambda: fn(*next(args))
+
+    def per_table(self, idx: torch.Tensor) -> List[tuple]:
+        """idx split by table, each part with its table's own offsets."""
+        n = self.B * self.L
+        return [(idx[t * n:(t + 1) * n], self.offsets[t * self.B:(t + 1) * self.B + 1] - t * n)
+                for t in range(self.T)]
 
     @property
     def gathered_bytes(self) -> int:
@@ -48,17 +76,21 @@ class TBEInputs:
 
 
 def make_tbe_inputs(T: int, rows: int, D: int, B: int, L: int, dtype=torch.float32,
-                    dist: str = "zipf", seed: int = 0) -> TBEInputs:
-    """T tables of `rows` x D, B bags of exactly L indices per table."""
+                    dist: str = "zipf", seed: int = 0,
+                    batches: int = DISTINCT_BATCHES) -> TBEInputs:
+    """T tables of `rows` x D; `batches` batches of B bags of exactly L
+    indices per table."""
     ebc = EmbeddingBagCollection([rows] * T, D, dtype=dtype)
     n = B * L
-    if dist == "zipf":
-        idx = np.concatenate([zipf_indices(rows, n, seed=seed + t) for t in range(T)])
-    else:
-        idx = np.random.default_rng(seed).integers(0, rows, T * n)
-    indices = torch.from_numpy(idx.astype(np.int64))
+
+    def batch(k):
+        if dist == "zipf":
+            idx = np.concatenate([zipf_indices(rows, n, seed=seed + t, draw=k) for t in range(T)])
+        else:
+            idx = np.random.default_rng([seed, k] if k else seed).integers(0, rows, T * n)
+        return torch.from_numpy(idx.astype(np.int64))
     offsets = torch.arange(0, T * n + 1, L, dtype=torch.int64)
-    return TBEInputs(ebc, indices, offsets, T, B, L)
+    return TBEInputs(ebc, [batch(k) for k in range(batches)], offsets, T, B, L)
 
 
 def time_fn(fn: Callable[[], object], min_time: float = 0.3, min_reps: int = 5) -> float:
@@ -176,47 +208,47 @@ def _on_huge_pages(tbe, weights: torch.Tensor):
 def embedding_bag_contenders(inp: TBEInputs, threads: int) -> Dict[str, Callable]:
     ebc, T, B = inp.ebc, inp.T, inp.B
     rows, D = ebc.num_embeddings[0], ebc.embedding_dims[0]
-    idx, off = inp.indices, inp.offsets
+    off = inp.offsets
     tables = [ebc.weight_of(t).detach() for t in range(T)]
-    n = B * inp.L
-    per_table = [(idx[t * n:(t + 1) * n], off[t * B:(t + 1) * B + 1] - t * n) for t in range(T)]
-    stacked_idx = idx + torch.arange(T).repeat_interleave(n) * rows
+    table_base = torch.arange(T).repeat_interleave(B * inp.L) * rows
     stacked_w = ebc.weight.detach()
     out = {}
     with torch.no_grad():
-        out["dlrm_ops"] = lambda: ebc(idx, off)
-        out["torch loop"] = lambda: torch.cat(
+        out["dlrm_ops"] = inp.in_turn(lambda i: ebc(i, off))
+        out["torch loop"] = inp.in_turn(lambda per_table: torch.cat(
             [F.embedding_bag(i, w, o, mode="sum", include_last_offset=True)
-             for w, (i, o) in zip(tables, per_table)], 1)
+             for w, (i, o) in zip(tables, per_table)], 1), lambda i: (inp.per_table(i),))
         # One call over all tables stacked: bags in (table, batch) order, then
         # a transpose into [B, T*D].
-        out["torch stacked"] = lambda: F.embedding_bag(
+        out["torch stacked"] = inp.in_turn(lambda stacked_idx: F.embedding_bag(
             stacked_idx, stacked_w, off, mode="sum", include_last_offset=True
-        ).view(T, B, D).transpose(0, 1).reshape(B, T * D)
+        ).view(T, B, D).transpose(0, 1).reshape(B, T * D), lambda i: (i + table_base,))
     tbe = _fbgemm_tbe(inp)
     if tbe is not None and ebc.weight.dtype == torch.float32:
-        out["fbgemm TBE"] = lambda: tbe(idx, off)
+        out["fbgemm TBE"] = inp.in_turn(lambda i: tbe(i, off))
     probe = _load_probe() if ebc.weight.dtype == torch.float32 else None
     if probe is not None:
         res = torch.empty(B, T * D)
-        out["C gather probe"] = lambda: probe(stacked_w.data_ptr(), rows, D, T, B, idx.data_ptr(),
-                                              off.data_ptr(), res.data_ptr(), threads)
+        out["C gather probe"] = inp.in_turn(lambda i: probe(
+            stacked_w.data_ptr(), rows, D, T, B, i.data_ptr(), off.data_ptr(), res.data_ptr(),
+            threads))
     return {k: torch.no_grad()(v) for k, v in out.items()}
 
 
 def run_embedding_bag(T: int, rows: int, dims: List[int], B: int, lengths: List[int],
-                      threads: List[int], dtype=torch.float32, min_time: float = 0.3) -> List[dict]:
+                      threads: List[int], dtype=torch.float32, min_time: float = 0.3,
+                      batches: int = DISTINCT_BATCHES) -> List[dict]:
     results = []
     for D in dims:
         for L in lengths:
-            inp = make_tbe_inputs(T, rows, D, B, L, dtype)
+            inp = make_tbe_inputs(T, rows, D, B, L, dtype, batches=batches)
             for th in threads:
                 torch.set_num_threads(th)
                 fns = embedding_bag_contenders(inp, th)
-                times = time_all(fns, min_time)
-                ref = fns["dlrm_ops"]()
+                ref = fns["dlrm_ops"]()  # both on batch 0
                 check = fns["torch loop"]()
                 torch.testing.assert_close(ref, check, atol=1e-4, rtol=1e-4)
+                times = time_all(fns, min_time)
                 for k, t in times.items():
                     results.append(dict(op="embedding_bag", T=T, rows=rows, D=D, B=B, L=L,
                                         threads=th, impl=k, ms=t * 1e3,
@@ -252,23 +284,20 @@ def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
     """Forward + backward + update of one batch, by every way available."""
     T, B, D = inp.T, inp.B, inp.ebc.embedding_dims[0]
     rows = inp.ebc.num_embeddings[0]
-    idx, off = inp.indices, inp.offsets
+    off = inp.offsets
     grad = torch.randn(B, T * D, dtype=inp.ebc.weight.dtype)
     fused = EmbeddingBagCollection([rows] * T, D, dtype=inp.ebc.weight.dtype,
                                    optimizer=optimizer, lr=lr)
     fused.weight = inp.ebc.weight  # every contender updates the same rows: one copy in memory
-    out = {"dlrm_ops fused": lambda: fused(idx, off).backward(grad)}
+    out = {"dlrm_ops fused": inp.in_turn(lambda i: fused(i, off).backward(grad))}
 
     torch_opt = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad,
                  "adam": torch.optim.SparseAdam}.get(optimizer)
     if torch_opt is not None:
-        n = B * inp.L
         tables = [torch.nn.EmbeddingBag.from_pretrained(inp.ebc.weight_of(t).detach(),
                                                         freeze=False, mode="sum", sparse=True,
                                                         include_last_offset=True)
                   for t in range(T)]
-        per_table = [(idx[t * n:(t + 1) * n], off[t * B:(t + 1) * B + 1] - t * n)
-                     for t in range(T)]
         opt = torch_opt([m.weight for m in tables], lr=lr)
         with torch.no_grad():  # Adagrad's sums onto huge pages, as our state is
             for w in opt.state:
@@ -276,26 +305,26 @@ def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
                     if torch.is_tensor(v) and v.shape == w.shape:
                         opt.state[w][k] = _huge_copy(v)
 
-        def torch_step():
+        def torch_step(per_table):
             opt.zero_grad()
             torch.cat([m(i, o) for m, (i, o) in zip(tables, per_table)], 1).backward(grad)
             opt.step()
-        out[f"torch sparse+{torch_opt.__name__}"] = torch_step
+        out[f"torch sparse+{torch_opt.__name__}"] = inp.in_turn(
+            torch_step, lambda i: (inp.per_table(i),))
     if dense and optimizer == "sgd":
         dense_ebc = inp.ebc
         dense_opt = torch.optim.SGD(dense_ebc.parameters(), lr=lr)
 
-        def dense_step():
+        def dense_step(i):
             dense_opt.zero_grad()
-            dense_ebc(idx, off).backward(grad)
+            dense_ebc(i, off).backward(grad)
             dense_opt.step()
-        out["dense grad+SGD"] = dense_step
+        out["dense grad+SGD"] = inp.in_turn(dense_step)
     eps = float(fused.hparams[1])  # the fused module's default for this optimizer
     tbe = _fbgemm_training_tbe(inp, optimizer, lr, eps) \
         if inp.ebc.weight.dtype == torch.float32 else None
     if tbe is not None:
-        def fbgemm_step():
-            tbe(idx, off).backward(grad)
+        fbgemm_step = inp.in_turn(lambda i: tbe(i, off).backward(grad))
         fbgemm_step.tbe = tbe  # its own weights, for tests/test_benchmark.py
         out["fbgemm TBE"] = fbgemm_step
     return out
@@ -303,11 +332,11 @@ def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
 
 def run_training(T: int, rows: int, dims: List[int], B: int, lengths: List[int],
                  threads: List[int], optimizers: List[str], dense: bool = False,
-                 min_time: float = 0.3) -> List[dict]:
+                 min_time: float = 0.3, batches: int = DISTINCT_BATCHES) -> List[dict]:
     results = []
     for D in dims:
         for L in lengths:
-            inp = make_tbe_inputs(T, rows, D, B, L)
+            inp = make_tbe_inputs(T, rows, D, B, L, batches=batches)
             for optimizer in optimizers:
                 fns = training_contenders(inp, optimizer, dense=dense)
                 for th in threads:
@@ -370,37 +399,36 @@ def quantized_contenders(inp: TBEInputs, bits: int) -> Dict[str, Callable]:
 
     ebc, T, B = inp.ebc, inp.T, inp.B
     q = QuantizedEmbeddingBagCollection.from_float(ebc, bits)
-    idx, off = inp.indices, inp.offsets
-    n = B * inp.L
-    per_table = [(idx[t * n:(t + 1) * n], off[t * B:(t + 1) * B + 1] - t * n) for t in range(T)]
+    off = inp.offsets
     op = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if bits == 8
           else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets)
     tables = [q.packed_of(t) for t in range(T)]
     probe = _load_probe("pool_int8") if bits == 8 else None
     fns = {
-        f"dlrm_ops int{bits}": lambda: q(idx, off),
-        f"torch int{bits} loop": lambda: torch.cat(
+        f"dlrm_ops int{bits}": inp.in_turn(lambda i: q(i, off)),
+        f"torch int{bits} loop": inp.in_turn(lambda per_table: torch.cat(
             [op(w, i, o, False, 0, False, None, None, True) for w, (i, o) in zip(tables, per_table)],
-            1),
-        "dlrm_ops fp32": lambda: ebc(idx, off),
+            1), lambda i: (inp.per_table(i),)),
+        "dlrm_ops fp32": inp.in_turn(lambda i: ebc(i, off)),
     }
     if probe is not None:  # all tables' packed rows stacked on huge pages, as ours hold them
         stacked = empty_table((sum(len(w) for w in tables), tables[0].shape[1]), tables[0].dtype)
         torch.cat(tables, out=stacked)
         rows, D = ebc.num_embeddings[0], ebc.embedding_dims[0]
         res = torch.empty(B, T * D)
-        fns["C gather probe"] = lambda: probe(stacked.data_ptr(), rows, D, T, B,
-                                              idx.data_ptr(), off.data_ptr(), res.data_ptr(),
-                                              torch.get_num_threads())
+        fns["C gather probe"] = inp.in_turn(lambda i: probe(
+            stacked.data_ptr(), rows, D, T, B, i.data_ptr(), off.data_ptr(), res.data_ptr(),
+            torch.get_num_threads()))
     return {k: torch.no_grad()(f) for k, f in fns.items()}
 
 
 def run_quantized(T: int, rows: int, dims: List[int], B: int, lengths: List[int],
-                  threads: List[int], bits_list: List[int], min_time: float = 0.3) -> List[dict]:
+                  threads: List[int], bits_list: List[int], min_time: float = 0.3,
+                  batches: int = DISTINCT_BATCHES) -> List[dict]:
     results = []
     for D in dims:
         for L in lengths:
-            inp = make_tbe_inputs(T, rows, D, B, L)
+            inp = make_tbe_inputs(T, rows, D, B, L, batches=batches)
             for bits in bits_list:
                 fns = quantized_contenders(inp, bits)
                 row_bytes = D + 8 if bits == 8 else D // 2 + 4

@@ -1,20 +1,42 @@
 """The benchmark's contenders compute what they claim: each returns the same
 pooled result as dlrm_ops (a fast wrong contender would make a ratio lie)."""
+import numpy as np
 import pytest
 import torch
 
 from conftest import anon_huge_kib, thp_available
 from dlrm_ops.benchmark import _fbgemm_training_tbe, _load_probe, embedding_bag_contenders, \
-    make_tbe_inputs, quantized_contenders, training_contenders
+    make_tbe_inputs, quantized_contenders, training_contenders, zipf_indices
 
 
 def test_forward_contenders_agree():
-    inp = make_tbe_inputs(3, 500, 32, 8, 4)
+    """On every batch in turn, and each contender moves on to the next batch."""
+    inp = make_tbe_inputs(3, 500, 32, 8, 4, batches=3)
     fns = embedding_bag_contenders(inp, threads=1)
-    expect = fns.pop("dlrm_ops")()
+    ours = fns.pop("dlrm_ops")
     fns.pop("C gather probe", None)  # writes into its own buffer: test_c_probe_pools
-    for name, f in fns.items():
-        torch.testing.assert_close(f(), expect, msg=name)
+    seen = []
+    for _ in range(4):
+        expect = ours()
+        seen.append(expect)
+        for name, f in fns.items():
+            torch.testing.assert_close(f(), expect, msg=name)
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+    assert torch.equal(seen[3], seen[0])  # the cycle starts over
+
+
+def test_batches_share_hot_rows():
+    """A table's batches are fresh draws over the same popular rows, so a
+    cycle of them is cold in cache except where training's would be hot."""
+    a, b = zipf_indices(100_000, 20_000, seed=3), zipf_indices(100_000, 20_000, seed=3, draw=1)
+    assert not np.array_equal(a, b)
+    top = lambda x: set(np.argsort(np.bincount(x, minlength=100_000))[-20:])  # noqa: E731
+    assert len(top(a) & top(b)) >= 15
+    other = zipf_indices(100_000, 20_000, seed=4)
+    assert len(top(a) & top(other)) <= 2
+    inp = make_tbe_inputs(2, 1000, 8, 16, 2, batches=2)
+    assert len(inp.batches) == 2 and not torch.equal(inp.batches[0], inp.batches[1])
+    assert torch.equal(inp.indices, inp.batches[0])
 
 
 @pytest.mark.parametrize("bits", [8, 4])
