@@ -26,8 +26,8 @@ inline void pool_block(const W* wt, int64_t D, uint64_t rows, const I* idx, cons
                        W* out, bool stream, int64_t& bad) {
   vf16 acc[NV] = {};
   for (int64_t p = start; p < stop; ++p) {
-    if (d0 == 0 && p + kPrefetchDistance < table_end) {
-      const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p + kPrefetchDistance]));
+    if (d0 == 0 && p + kPrefetchLookups < table_end) {
+      const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p + kPrefetchLookups]));
       if (r < rows) prefetch_row<2>(wt + r * D, D * static_cast<int64_t>(sizeof(W)));
     }
     const uint64_t r = checked_row(idx, p, rows, d0 == 0, bad);

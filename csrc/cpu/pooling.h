@@ -15,10 +15,14 @@
 
 namespace dlrm_ops::cpu::CPU_CAPABILITY {
 
-// Lookups ahead whose rows are prefetched: enough to cover DRAM latency for
-// the random row gathers of large tables even when a lookup costs only a few
-// cycles (8-bit rows; 32 measured ~5% faster than 12 on those, same on fp32).
-constexpr int64_t kPrefetchDistance = 32;
+// Lookups ahead whose rows are prefetched by the pooled gathers: enough to
+// cover DRAM latency for random rows of large tables. Measured on 26 x 500k
+// Zipf tables with rows cold from memory (16 batches in turn), against 32:
+// fp32 rows 128 (0.91x at D=64 one per bag, 0.86x at 20 per bag, 0.92x at
+// D=128); 8- and 4-bit rows 32 (128: 0.94x at 20 per bag, 1.04-1.09x at one;
+// 32 was ~5% faster than 12 on them).
+constexpr int64_t kPrefetchLookups = 128;
+constexpr int64_t kPrefetchQuantizedLookups = 32;
 
 // The row of lookup p, or kBadRow when out of range for a table of `rows`
 // rows (negative indices included); then p is recorded in `bad` if `record`.

@@ -267,8 +267,8 @@ inline void qpool_block(const uint8_t* table, int64_t D, int64_t stride, uint64_
   vf16 acc[NV] = {};
   float bias_sum = 0.f;
   for (int64_t p = start; p < stop; ++p) {
-    if (d0 == 0 && p + kPrefetchDistance < table_end) {
-      const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p + kPrefetchDistance]));
+    if (d0 == 0 && p + kPrefetchQuantizedLookups < table_end) {
+      const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p + kPrefetchQuantizedLookups]));
       if (r < rows) prefetch_row<2>(table + r * stride, stride);
     }
     const uint64_t r = checked_row(idx, p, rows, d0 == 0, bad);
