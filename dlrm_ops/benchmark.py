@@ -575,7 +575,7 @@ def run_dlrm(configs: List[str], rows: int, B: int, threads: List[int], min_time
 def print_table(results: List[dict]) -> None:
     cols = ["T", "rows", "D", "B", "L", "threads", "impl", "ms", "gbs", "ours_speedup"]
     heads = ["T", "rows", "D", "B", "L", "thr", "implementation", "ms", "GB/s", "dlrm_ops x"]
-    widths = [3, 8, 4, 5, 3, 3, 22, 9, 7, 10]
+    widths = [3, 8, 4, 5, 3, 3, 24, 9, 7, 10]
     op = None
     for r in results:
         if r["op"] != op:
