@@ -52,6 +52,21 @@ def anon_huge_kib():
         return int(f.read().split("AnonHugePages:")[1].split()[0])
 
 
+def huge_kib_in(t):
+    """KiB of t's memory mapped on transparent huge pages."""
+    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    kib, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                a, b = (int(x, 16) for x in head.split("-"))
+                inside = a < hi and b > lo
+            elif inside and head == "AnonHugePages:":
+                kib += int(line.split()[1])
+    return kib
+
+
 def thp_available():
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:

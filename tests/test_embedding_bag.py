@@ -11,9 +11,10 @@ from hypothesis import given, settings, strategies as st
 import dlrm_ops
 from dlrm_ops import reference
 from dlrm_ops.nn import EmbeddingBagCollection
+from dlrm_ops.nn._memory import on_huge_pages
 
-from conftest import TOL, anon_huge_kib, first_bags, make_bags, offsets_dropping_at, \
-    thp_available
+from conftest import TOL, anon_huge_kib, first_bags, huge_kib_in, make_bags, \
+    offsets_dropping_at, thp_available
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 INDEX_DTYPES = [torch.int32, torch.int64]
@@ -490,3 +491,32 @@ def test_large_tables_are_backed_by_huge_pages():
     assert anon_huge_kib() - before >= 50 * 1024  # of 2 x 77 MB (compaction may miss a few)
     small = EmbeddingBagCollection([10], 4)  # below the threshold: plain pages, still correct
     assert small.weight.shape == (10, 4) and ebc.momentum1.abs().sum() == 0
+
+
+@pytest.mark.skipif(not thp_available(), reason="needs Linux with transparent huge pages")
+def test_reused_memory_comes_back_on_huge_pages():
+    """Memory already touched on 4 KiB pages, as tcmalloc or jemalloc hand
+    back a freed tensor's span, is moved onto huge pages, not left as it was."""
+    t = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)  # no advice: 4 KiB pages ("madvise")
+    on_huge_pages(t).fill_(2)
+    assert huge_kib_in(t) >= 48 * 1024  # of 64 MiB (compaction may miss a few)
+    assert bool((t == 2).all())
+
+
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+
+
+@pytest.mark.skipif(not (thp_available() and os.path.exists(TCMALLOC)),
+                    reason="needs transparent huge pages and tcmalloc")
+def test_table_on_huge_pages_after_a_freed_tensor_under_tcmalloc():
+    """The benchmark's case: under tcmalloc a table built after a big tensor
+    was freed reuses that tensor's 4 KiB pages unless they are dropped."""
+    code = ("import torch; from conftest import huge_kib_in; "
+            "from dlrm_ops.nn import EmbeddingBagCollection as E; "
+            "t = torch.empty(160 << 20, dtype=torch.uint8).fill_(1); del t; "
+            "e = E([600_000], 64); print(huge_kib_in(e.weight))")
+    env = dict(os.environ, LD_PRELOAD=TCMALLOC)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(__file__))
+    assert res.returncode == 0, res.stderr
+    assert int(res.stdout.split()[-1]) >= 100 * 1024  # of 146 MiB
