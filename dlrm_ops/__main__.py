@@ -6,6 +6,13 @@ import sys
 import torch
 
 
+def _positive(s: str) -> int:
+    n = int(s)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def _ints(s: str):
     return [int(x) for x in s.split(",")]
 
@@ -78,7 +85,7 @@ def main(argv=None) -> int:
     b.add_argument("--dims", type=_ints, default=[64, 128])
     b.add_argument("--batch", type=int, default=2048)
     b.add_argument("--lengths", type=_ints, default=[1, 20], help="indices per bag")
-    b.add_argument("--distinct-batches", type=int, default=None,
+    b.add_argument("--distinct-batches", type=_positive, default=None,
                    help="index batches every contender cycles through, so rows come cold from "
                         "memory as in training (default 16); 1 repeats one batch, whose rows "
                         "stay cached")

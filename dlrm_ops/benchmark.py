@@ -25,16 +25,15 @@ from .nn._memory import empty_table
 
 
 def zipf_indices(rows: int, n: int, alpha: float = 1.05, seed: int = 0,
-                 draw: int = 0) -> np.ndarray:
-    """n indices in [0, rows) with Zipf(alpha) popularity; the hot rows are
-    scattered over the table (a random permutation), as real categories are.
-    Draws with the same seed share the hot rows, as a table's batches do."""
+                 draws: int = 1) -> np.ndarray:
+    """[draws, n] indices in [0, rows) with Zipf(alpha) popularity; the hot
+    rows are scattered over the table (a random permutation), as real
+    categories are, and shared by the draws, as a table's batches share them."""
     rng = np.random.default_rng(seed)
-    ranks = (rng.zipf(alpha, n) - 1) % rows
+    ranks = [rng.zipf(alpha, n)]
     perm = rng.permutation(rows)
-    if draw:
-        ranks = (np.random.default_rng([seed, draw]).zipf(alpha, n) - 1) % rows
-    return perm[ranks]
+    ranks += [np.random.default_rng([seed, k]).zipf(alpha, n) for k in range(1, draws)]
+    return perm[(np.stack(ranks) - 1) % rows]
 
 
 # Batches cycled through by every contender: the 1-per-bag Kaggle batch
@@ -80,17 +79,19 @@ def make_tbe_inputs(T: int, rows: int, D: int, B: int, L: int, dtype=torch.float
                     batches: int = DISTINCT_BATCHES) -> TBEInputs:
     """T tables of `rows` x D; `batches` batches of B bags of exactly L
     indices per table."""
+    if batches < 1:
+        raise ValueError(f"batches must be at least 1, got {batches}")
     ebc = EmbeddingBagCollection([rows] * T, D, dtype=dtype)
     n = B * L
-
-    def batch(k):
-        if dist == "zipf":
-            idx = np.concatenate([zipf_indices(rows, n, seed=seed + t, draw=k) for t in range(T)])
-        else:
-            idx = np.random.default_rng([seed, k] if k else seed).integers(0, rows, T * n)
-        return torch.from_numpy(idx.astype(np.int64))
+    if dist == "zipf":  # [T, batches, n]
+        per_table = np.stack([zipf_indices(rows, n, seed=seed + t, draws=batches)
+                              for t in range(T)])
+        idx = [per_table[:, k].reshape(-1) for k in range(batches)]
+    else:
+        idx = [np.random.default_rng([seed, k] if k else seed).integers(0, rows, T * n)
+               for k in range(batches)]
     offsets = torch.arange(0, T * n + 1, L, dtype=torch.int64)
-    return TBEInputs(ebc, [batch(k) for k in range(batches)], offsets, T, B, L)
+    return TBEInputs(ebc, [torch.from_numpy(i.astype(np.int64)) for i in idx], offsets, T, B, L)
 
 
 def time_fn(fn: Callable[[], object], min_time: float = 0.3, min_reps: int = 5) -> float:
@@ -176,7 +177,7 @@ def _fbgemm_tbe(inp: TBEInputs):
     rows, D = inp.ebc.num_embeddings[0], inp.ebc.embedding_dims[0]
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
         [(rows, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * inp.T)
-    return _on_huge_pages(tbe, inp.ebc.weight)
+    return _fbgemm_on_huge_pages(tbe, inp.ebc.weight)
 
 
 def _huge_copy(src: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -184,7 +185,7 @@ def _huge_copy(src: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.
     return empty_table(src.shape, dtype or src.dtype).copy_(src)
 
 
-def _on_huge_pages(tbe, weights: torch.Tensor):
+def _fbgemm_on_huge_pages(tbe, weights: torch.Tensor):
     """FBGEMM's host buffers (weights from ours, optimizer state as it set it)
     moved onto huge pages like ours and torch's: its constructor touches them
     first, so under THP "madvise" they would get 4 KiB pages and every random
@@ -274,7 +275,7 @@ def _fbgemm_training_tbe(inp: TBEInputs, optimizer: str, lr: float, eps: float):
     if opt is None:
         return None
     rows, D = inp.ebc.num_embeddings[0], inp.ebc.embedding_dims[0]
-    return _on_huge_pages(SplitTableBatchedEmbeddingBagsCodegen(
+    return _fbgemm_on_huge_pages(SplitTableBatchedEmbeddingBagsCodegen(
         [(rows, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * inp.T, optimizer=opt,
         learning_rate=lr, eps=eps), inp.ebc.weight)
 

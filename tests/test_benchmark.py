@@ -28,15 +28,18 @@ def test_forward_contenders_agree():
 def test_batches_share_hot_rows():
     """A table's batches are fresh draws over the same popular rows, so a
     cycle of them is cold in cache except where training's would be hot."""
-    a, b = zipf_indices(100_000, 20_000, seed=3), zipf_indices(100_000, 20_000, seed=3, draw=1)
+    a, b = zipf_indices(100_000, 20_000, seed=3, draws=2)
     assert not np.array_equal(a, b)
+    assert np.array_equal(a, zipf_indices(100_000, 20_000, seed=3)[0])  # draw 0: as ever
     top = lambda x: set(np.argsort(np.bincount(x, minlength=100_000))[-20:])  # noqa: E731
     assert len(top(a) & top(b)) >= 15
-    other = zipf_indices(100_000, 20_000, seed=4)
+    other = zipf_indices(100_000, 20_000, seed=4)[0]
     assert len(top(a) & top(other)) <= 2
     inp = make_tbe_inputs(2, 1000, 8, 16, 2, batches=2)
     assert len(inp.batches) == 2 and not torch.equal(inp.batches[0], inp.batches[1])
     assert torch.equal(inp.indices, inp.batches[0])
+    with pytest.raises(ValueError, match="batches must be at least 1, got 0"):
+        make_tbe_inputs(2, 1000, 8, 16, 2, batches=0)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
