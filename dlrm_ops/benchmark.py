@@ -120,8 +120,11 @@ def time_all(fns: Dict[str, Callable[[], object]], min_time: float = 0.3,
 
 
 # A plain C gather-and-sum loop over the same rows: the random-gather ceiling
-# that the issue's targets are stated against. Compiled at run time with cc.
+# that the issue's targets are stated against; and a C model of the fused SGD
+# step with no framework around it (sgd_step), the floor a training step on
+# this machine's memory can reach. Compiled at run time with cc.
 _PROBE_SRC = r"""
+#include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 /* Table-major bags summed into out [B, T*D]; row r of STRIDE elements of
@@ -146,7 +149,86 @@ POOL(pool_int8, uint8_t, D + 8,
      float sb[2];
      memcpy(sb, r + D, sizeof(sb));
      for (int64_t d = 0; d < D; ++d) o[d] += sb[0] * r[d] + sb[1];)
+
+/* Stable LSD radix sort of k[0, n) on bits [32, 32 + nbits), 11 per pass;
+   returns the buffer (k or tmp) holding the result. */
+static uint64_t* radix(uint64_t* k, uint64_t* tmp, int64_t n, int nbits) {
+  for (int shift = 32; shift < 32 + nbits; shift += 11) {
+    int64_t count[2049] = {0};
+    for (int64_t i = 0; i < n; ++i) ++count[((k[i] >> shift) & 2047) + 1];
+    for (int d = 0; d < 2048; ++d) count[d + 1] += count[d];
+    for (int64_t i = 0; i < n; ++i) tmp[count[(k[i] >> shift) & 2047]++] = k[i];
+    uint64_t* s = k; k = tmp; tmp = s;
+  }
+  return k;
+}
+
+/* The fused SGD step at its plainest: the forward (rows prefetched 128
+   lookups ahead, output streamed when its rows are whole 32-byte vectors),
+   then per table the lookups sorted by row and each touched row updated once
+   with its summed gradient, w -= lr * g (weights and gradient rows
+   prefetched). w [T*rows, D] as our buffer; keys and tmp hold N words. */
+void sgd_step(float* w, int64_t rows, int64_t D, int64_t T, int64_t B, const int64_t* idx,
+              const int64_t* off, const float* grad, float* out, float lr, uint64_t* keys,
+              uint64_t* tmp, int nthreads) {
+  const int stream = D % 8 == 0 && (uintptr_t)out % 32 == 0 && D <= 1024;
+  _Pragma("omp parallel for num_threads(nthreads) schedule(static)")
+  for (int64_t tb = 0; tb < T * B; ++tb) {
+    const int64_t t = tb / B, b = tb % B, end = off[(t + 1) * B];
+    const float* wt = w + t * rows * D;
+    float acc[1024];
+    float* o = out + b * T * D + t * D;
+    float* sum = stream ? acc : o;
+    memset(sum, 0, D * sizeof(float));
+    for (int64_t p = off[tb]; p < off[tb + 1]; ++p) {
+      if (p + 128 < end)
+        for (int64_t l = 0; l < D * 4; l += 64) _mm_prefetch((const char*)(wt + idx[p + 128] * D) + l, _MM_HINT_T1);
+      const float* r = wt + idx[p] * D;
+      for (int64_t d = 0; d < D; ++d) sum[d] += r[d];
+    }
+    if (stream)
+      for (int64_t d = 0; d < D; d += 8) _mm256_stream_ps(o + d, _mm256_loadu_ps(acc + d));
+  }
+  _mm_sfence();
+  const int nbits = rows <= 1 ? 0 : 64 - __builtin_clzll((uint64_t)rows - 1);
+  _Pragma("omp parallel for num_threads(nthreads) schedule(static)")
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t start = off[t * B], n = off[(t + 1) * B] - start;
+    uint64_t* e = keys + start;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t p = off[t * B + b]; p < off[t * B + b + 1]; ++p)
+        e[p - start] = ((uint64_t)idx[p] << 32) | (uint64_t)b;
+    const uint64_t* s = radix(e, tmp + start, n, nbits);
+    float* wt = w + t * rows * D;
+    const float* gt = grad + t * D;
+    float g[1024];
+    for (int64_t p = 0; p < n;) {
+      const uint64_t r = s[p] >> 32;
+      int64_t q = p + 1;
+      while (q < n && (s[q] >> 32) == r) ++q;
+      if (q + 8 <= n)
+        for (int64_t l = 0; l < D * 4; l += 64) _mm_prefetch((const char*)(wt + (s[q + 7] >> 32) * D) + l, _MM_HINT_T0);
+      if (q + 64 <= n)
+        for (int64_t l = 0; l < D * 4; l += 64) _mm_prefetch((const char*)(wt + (s[q + 63] >> 32) * D) + l, _MM_HINT_T1);
+      for (int64_t k = p + 16; k < q + 16 && k < n; ++k)
+        for (int64_t l = 0; l < D * 4; l += 64) _mm_prefetch((const char*)(gt + (s[k] & 0xffffffffu) * T * D) + l, _MM_HINT_T0);
+      memcpy(g, gt + (s[p] & 0xffffffffu) * T * D, D * sizeof(float));
+      for (int64_t k = p + 1; k < q; ++k) {
+        const float* x = gt + (s[k] & 0xffffffffu) * T * D;
+        for (int64_t d = 0; d < D; ++d) g[d] += x[d];
+      }
+      float* wr = wt + r * D;
+      for (int64_t d = 0; d < D; ++d) wr[d] -= lr * g[d];
+      p = q;
+    }
+  }
+}
 """
+_PROBE_ARGS = {  # ctypes argument types of each probe function
+    "pool": ["p", "i64", "i64", "i64", "i64", "p", "p", "p", "int"],
+    "pool_int8": ["p", "i64", "i64", "i64", "i64", "p", "p", "p", "int"],
+    "sgd_step": ["p", "i64", "i64", "i64", "i64", "p", "p", "p", "p", "float", "p", "p", "int"],
+}
 
 
 def _load_probe(name: str = "pool") -> Optional[Callable]:
@@ -160,8 +242,9 @@ def _load_probe(name: str = "pool") -> Optional[Callable]:
         fn = getattr(ctypes.CDLL(lib), name)
     except (OSError, subprocess.CalledProcessError):
         return None
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, i64, i64, i64, i64, p, p, p, ctypes.c_int]
+    types = {"p": ctypes.c_void_p, "i64": ctypes.c_int64, "int": ctypes.c_int,
+             "float": ctypes.c_float}
+    fn.argtypes = [types[a] for a in _PROBE_ARGS[name]]
     fn.restype = None
     return fn
 
@@ -335,6 +418,15 @@ def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
             dense_ebc(i, off).backward(grad)
             dense_opt.step()
         out["dense grad+SGD"] = inp.in_turn(dense_step)
+    probe = _load_probe("sgd_step") \
+        if optimizer == "sgd" and inp.ebc.weight.dtype == torch.float32 else None
+    if probe is not None:  # on our buffer, as the torch contenders
+        w = inp.ebc.weight.detach()
+        res = torch.empty(B, T * D)
+        keys = torch.empty(2, inp.indices.numel(), dtype=torch.int64)
+        out["C SGD step probe"] = inp.in_turn(lambda i: probe(
+            w.data_ptr(), rows, D, T, B, i.data_ptr(), off.data_ptr(), grad.data_ptr(),
+            res.data_ptr(), lr, keys[0].data_ptr(), keys[1].data_ptr(), torch.get_num_threads()))
     eps = float(fused.hparams[1])  # the fused module's default for this optimizer
     tbe = _fbgemm_training_tbe(inp, optimizer, lr, eps) \
         if inp.ebc.weight.dtype == torch.float32 else None
