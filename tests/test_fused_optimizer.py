@@ -409,3 +409,57 @@ def test_training_step_under_torch_compile():
     torch.testing.assert_close(compiled_model.ebc.weight, eager.ebc.weight)
     torch.testing.assert_close(compiled_model.ebc.momentum1, eager.ebc.momentum1)
     torch.testing.assert_close(compiled_model.lin.weight.grad, eager.lin.weight.grad)
+
+
+# Tables past the 64 MiB at which the CPU training forward gathers one-lookup
+# bags in row order and hands its sort to the update (csrc/cpu/embedding_bag_kernel.cpp).
+ROW_ORDER_ROWS, ROW_ORDER_D, ROW_ORDER_B = 270_000, 32, 64
+
+
+def one_per_bag(seed, index_dtype):
+    g = torch.Generator().manual_seed(seed)
+    hot = torch.randint(0, ROW_ORDER_ROWS, (8,), generator=g)  # duplicates, as Zipf makes
+    idx = torch.where(torch.rand(2 * ROW_ORDER_B, generator=g) < 0.3,
+                      hot[torch.randint(0, 8, (2 * ROW_ORDER_B,), generator=g)],
+                      torch.randint(0, ROW_ORDER_ROWS, (2 * ROW_ORDER_B,), generator=g))
+    return idx.to(index_dtype), torch.arange(2 * ROW_ORDER_B + 1).to(index_dtype)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("optimizer,mode,weighted", [
+    ("sgd", "sum", False), ("rowwise_adagrad", "sum", True), ("adam", "mean", False)])
+def test_row_order_training_forward(optimizer, mode, weighted, index_dtype):
+    """On tables big enough for the row-order forward: its output is the plain
+    forward's, and the update that takes its sort makes the weights and state
+    of an update that sorts again (the held sort refused after a forward of
+    other indices)."""
+    torch.manual_seed(0)
+    dims = [ROW_ORDER_D] * 2
+    a = EmbeddingBagCollection([ROW_ORDER_ROWS] * 2, dims, optimizer=optimizer, lr=0.1,
+                               mode=mode)
+    b = EmbeddingBagCollection([ROW_ORDER_ROWS] * 2, dims, optimizer=optimizer, lr=0.1,
+                               mode=mode)
+    b.load_state_dict(a.state_dict())
+    plain = EmbeddingBagCollection([ROW_ORDER_ROWS] * 2, dims, mode=mode)
+    plain.weight = a.weight
+    idx, off = one_per_bag(1, index_dtype)
+    other, _ = one_per_bag(2, index_dtype)
+    psw = torch.rand(idx.numel()) if weighted else None
+    grad = torch.randn(ROW_ORDER_B, 2 * ROW_ORDER_D)
+    before = a.weight.detach().clone()
+    for step in range(2):
+        with torch.no_grad():
+            expect = plain(idx, off, psw)
+        out_a = a(idx, off, psw)
+        torch.testing.assert_close(out_a, expect, atol=0, rtol=0)
+        out_a.backward(grad)  # takes the forward's sort
+        out_b = b(idx, off, psw)
+        b(other, off, psw)  # holds the sort of other indices: refused below
+        out_b.backward(grad)
+        assert torch.equal(a.weight, b.weight), step
+        assert torch.equal(a.momentum1, b.momentum1) and torch.equal(a.momentum2, b.momentum2)
+    assert not torch.equal(a.weight, before)
+    bad = idx.clone()
+    bad[5] = ROW_ORDER_ROWS
+    with pytest.raises(RuntimeError, match=r"indices\[5\] = 270000 is out of range for table 0"):
+        a(bad, off, psw)

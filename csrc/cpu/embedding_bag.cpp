@@ -54,6 +54,27 @@ Tensor embedding_bag_forward(Tensor weights, Tensor weights_offsets, Tensor dim_
   return out;
 }
 
+// The forward of a fused-optimizer training step (ForwardFn of the training
+// forward: its sorted lookups held for the update).
+Tensor embedding_bag_forward_with_optimizer(Tensor weights, Tensor weights_offsets,
+                                            Tensor dim_offsets, Tensor rows, Tensor indices,
+                                            Tensor offsets, int64_t pooling,
+                                            std::optional<Tensor> per_sample_weights,
+                                            int64_t total_dim, Tensor /*momentum1*/,
+                                            Tensor /*momentum2*/, Tensor /*step*/,
+                                            Tensor /*hparams*/, int64_t /*optimizer*/,
+                                            bool /*stochastic_rounding*/) {
+  Prepared p = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
+                       per_sample_weights);
+  const auto& tb = p.args.tb;
+  DLRM_CHECK(total_dim == tb.dim_offsets[tb.T], "total_dim must equal dim_offsets[-1] = ",
+             tb.dim_offsets[tb.T], ", got ", total_dim);
+  Tensor out = torch::stable::new_empty(weights, {tb.B, tb.dim_offsets[tb.T]});
+  const int64_t bad = cpu::embedding_bag_train_forward_stub(p.args, out.mutable_data_ptr());
+  if (bad >= 0) throw_bad_index(p.v, bad);
+  return out;
+}
+
 Tensor embedding_bag_backward_dense(Tensor grad_output, Tensor weights, Tensor weights_offsets,
                                     Tensor dim_offsets, Tensor rows, Tensor indices,
                                     Tensor offsets, int64_t pooling,
@@ -139,8 +160,7 @@ void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(dlrm_ops, CPU, m) {
-  m.impl("embedding_bag_forward_with_optimizer",
-         TORCH_BOX(&forward_with_optimizer<&embedding_bag_forward>));
+  m.impl("embedding_bag_forward_with_optimizer", TORCH_BOX(&embedding_bag_forward_with_optimizer));
   m.impl("embedding_bag_update_", TORCH_BOX(&embedding_bag_update_));
   m.impl("embedding_bag_forward", TORCH_BOX(&embedding_bag_forward));
   m.impl("embedding_bag_backward_dense", TORCH_BOX(&embedding_bag_backward_dense));
@@ -154,6 +174,7 @@ STABLE_TORCH_LIBRARY_IMPL(dlrm_ops, CPU, m) {
 namespace dlrm_ops::cpu {
 DispatchStub<OffsetsOrderedFn> offsets_ordered_stub;
 DispatchStub<ForwardFn> embedding_bag_forward_stub;
+DispatchStub<ForwardFn> embedding_bag_train_forward_stub;
 DispatchStub<UpdateFn> embedding_bag_update_stub;
 DispatchStub<BackwardDenseFn> embedding_bag_backward_dense_stub;
 DispatchStub<BackwardSparseFn> embedding_bag_backward_sparse_stub;

@@ -110,20 +110,86 @@ void pool_bags(const W* wt, int64_t D, uint64_t rows, const I* idx, const float*
   bad_out = bad;
 }
 
+// Bags [b0, b1) of table t whose lookups are the table's sorted entries
+// e[b0, b1), one per bag (low = position = bag), gathered in row order. A
+// one-row bag's sum is its row (times its weight), copied as is.
+template <int NV, typename W>
+void gather_sorted(const W* wt, const uint64_t* e, const float* psw, int64_t b0, int64_t b1,
+                   int64_t B, W* out, int64_t stride, bool stream) {
+  for (int64_t k = b0; k < b1; ++k) {
+    if (k + kPrefetchLookups < B) {
+      prefetch_row<2>(wt + SortedLookups::row(e[k + kPrefetchLookups]) * 16 * NV,
+                      16 * NV * static_cast<int64_t>(sizeof(W)));
+    }
+    const W* row = wt + SortedLookups::row(e[k]) * 16 * NV;
+    const int64_t b = SortedLookups::low(e[k]);
+    W* o = out + b * stride;
+    vf16 v[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) v[j] = psw ? psw[b] * load16(row + 16 * j) : load16(row + 16 * j);
+    if constexpr (std::is_same_v<W, float>) {
+      if (stream) {
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; ++j) stream16(o + 16 * j, v[j]);
+        continue;
+      }
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) store16(o + 16 * j, v[j]);
+  }
+}
+
+// Whether every bag of table t holds exactly one lookup (no early exit: the
+// loop vectorises).
+template <typename I>
+bool one_per_bag(const I* off, int64_t t, int64_t B) {
+  const I* toff = off + t * B;
+  bool other = false;
+  for (int64_t b = 0; b < B; ++b) other |= toff[b + 1] - toff[b] != 1;
+  return !other;
+}
+
+// The training forward gathers in row order (its sort then taken by the
+// update) when every table has one lookup per bag and D one block of
+// vectors, and the tables hold at least kRowOrderMinBytes: rows from memory,
+// where rows near each other come cheaper together. 26 x 500k Zipf tables,
+// B=2048, 16 batches in turn, in one process against the bag-order forward
+// and the update's own sort (paired, 6-10 rounds): D=64, 2 threads, forward
+// 0.90-0.94x the time, SGD step 0.92-0.95x, row-wise Adagrad 0.95x; 1
+// thread, SGD 0.93x; D=128, forward 0.93x, SGD 0.98x. Where it is off,
+// nothing changes (20 per bag: 0.98x; 26 x 1000 rows: 1.00x); turned on
+// there, it cost 1.13x (the sort moved into a forward that gathers in bag
+// order) and 1.04x (cached rows gain nothing from order).
+constexpr int64_t kRowOrderMinBytes = int64_t{64} << 20;
+
+template <typename I>
+bool gathers_in_row_order(const EmbeddingBagArgs& a, int64_t elem_bytes) {
+  const TableBatch& tb = a.tb;
+  const I* off = static_cast<const I*>(a.lk.offsets);
+  const int64_t N = static_cast<int64_t>(off[tb.T * tb.B]);
+  int64_t bytes = 0;
+  for (int64_t t = 0; t < tb.T; ++t) {
+    const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
+    if (!with_one_block(D, [](auto) {}) || !one_per_bag(off, t, tb.B)) return false;
+    bytes += tb.rows[t] * D * elem_bytes;
+  }
+  return bytes >= kRowOrderMinBytes && N * 8 <= kCachedScratchBytes;
+}
+
+// The forward; with `sorted` (every table's lookups, sort_rows with
+// positions; every table has one lookup per bag) in that order.
 template <typename W, typename I>
-int64_t forward(const EmbeddingBagArgs& a, void* out_ptr) {
+int64_t pool_tables(const EmbeddingBagArgs& a, W* out, const uint64_t* sorted) {
   const TableBatch& tb = a.tb;
   const I* idx = static_cast<const I*>(a.lk.indices);
   const I* off = static_cast<const I*>(a.lk.offsets);
   const W* w = static_cast<const W*>(a.weights);
-  W* out = static_cast<W*>(out_ptr);
   const float* psw = a.lk.per_sample_weights;
   const bool mean = a.lk.pooling == kMean;
   const int64_t total_D = tb.dim_offsets[tb.T];
   const int64_t N = static_cast<int64_t>(off[tb.T * tb.B]);
   const bool stream = std::is_same_v<W, float> && streams_output(tb);
   FirstBad first_bad;
-
   torch::stable::parallel_for(0, tb.T * tb.B, bag_grain(tb, N), [&](int64_t begin, int64_t end) {
     int64_t bad = INT64_MAX;
     for_each_table_range(tb, begin, end, [&](int64_t t, int64_t b0, int64_t b1) {
@@ -134,7 +200,13 @@ int64_t forward(const EmbeddingBagArgs& a, void* out_ptr) {
       const int64_t table_end = toff[tb.B];
       W* tout = out + tb.dim_offsets[t];
       const bool s = stream && on_line(tout);
-      if (psw) {
+      if (sorted) {  // indices were range-checked by the sort
+        const float* tpsw = psw ? psw + toff[0] : nullptr;
+        with_one_block(D, [&](auto nv) {
+          gather_sorted<decltype(nv)::value>(wt, sorted + toff[0], tpsw, b0, b1, tb.B, tout,
+                                             total_D, s);
+        });
+      } else if (psw) {
         pool_bags<true>(wt, D, rows, idx, psw, toff, b0, b1, table_end, mean, tout, total_D, s,
                         bad);
       } else {
@@ -146,6 +218,26 @@ int64_t forward(const EmbeddingBagArgs& a, void* out_ptr) {
     first_bad.record(bad);
   });
   return first_bad.result();
+}
+
+template <typename W, typename I>
+int64_t forward(const EmbeddingBagArgs& a, void* out) {
+  return pool_tables<W, I>(a, static_cast<W*>(out), nullptr);
+}
+
+template <typename W, typename I>
+int64_t train_forward(const EmbeddingBagArgs& a, void* out) {
+  if (!gathers_in_row_order<I>(a, sizeof(W))) return forward<W, I>(a, out);
+  const I* off = static_cast<const I*>(a.lk.offsets);
+  const int64_t N = static_cast<int64_t>(off[a.tb.T * a.tb.B]);
+  uint64_t* sorted = keep_forward_sorted(N);
+  std::unique_ptr<uint64_t[]> own;
+  const int64_t bad = sort_rows<I>(a.tb, a.lk, true, sorted, sort_scratch(N + 1, own), nullptr);
+  if (bad >= 0) {
+    take_forward_sorted(N);  // nothing held
+    return bad;
+  }
+  return pool_tables<W, I>(a, static_cast<W*>(out), sorted);
 }
 
 template <typename W, typename I>
@@ -253,6 +345,7 @@ bool offsets_ordered_entry(const void* off, bool int64, int64_t n) {
   }
 
 DLRM_TYPED_ENTRY(forward, int64_t, (const EmbeddingBagArgs& a, void* out), (a, out))
+DLRM_TYPED_ENTRY(train_forward, int64_t, (const EmbeddingBagArgs& a, void* out), (a, out))
 DLRM_TYPED_ENTRY(backward_dense, int64_t,
                  (const EmbeddingBagArgs& a, const void* go, void* gw), (a, go, gw))
 DLRM_TYPED_ENTRY(backward_sparse, void,
@@ -265,6 +358,7 @@ DLRM_TYPED_ENTRY(psw_grad, void, (const EmbeddingBagArgs& a, const void* go, flo
 
 REGISTER_CPU_KERNEL(offsets_ordered_stub, &offsets_ordered_entry);
 REGISTER_CPU_KERNEL(embedding_bag_forward_stub, &forward_entry);
+REGISTER_CPU_KERNEL(embedding_bag_train_forward_stub, &train_forward_entry);
 REGISTER_CPU_KERNEL(embedding_bag_backward_dense_stub, &backward_dense_entry);
 REGISTER_CPU_KERNEL(embedding_bag_backward_sparse_stub, &backward_sparse_entry);
 REGISTER_CPU_KERNEL(embedding_bag_psw_grad_stub, &psw_grad_entry);

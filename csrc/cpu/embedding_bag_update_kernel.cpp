@@ -224,8 +224,13 @@ void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t
 template <typename W, typename I>
 int64_t update(const UpdateArgs& a) {
   const TableBatch& tb = a.eb.tb;
-  SortedLookups s = sort_lookups<I>(tb, a.eb.lk);
-  if (s.first_bad >= 0) return s.first_bad;
+  const I* off = static_cast<const I*>(a.eb.lk.offsets);
+  const uint64_t* held = take_forward_sorted(static_cast<int64_t>(off[tb.T * tb.B]));
+  SortedLookups s;
+  if (held == nullptr || !sorted_lookups_from<I>(tb, a.eb.lk, held, s)) {
+    s = sort_lookups<I>(tb, a.eb.lk);
+    if (s.first_bad >= 0) return s.first_bad;
+  }
   const int64_t grain = 16384 / max_dim(tb) + 1;
   for_each_table_runs<I>(tb, a.eb.lk, s, static_cast<const W*>(a.grad_out), grain,
                          [&](int64_t t, int64_t begin, int64_t end, const GradRows<W>& grads) {

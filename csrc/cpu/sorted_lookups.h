@@ -11,6 +11,7 @@
 #include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <memory>
@@ -26,9 +27,10 @@ struct SortedLookups {
   // Table t's lookups occupy [start[t], start[t+1]) (start[t] = offsets[t*B]);
   // there, entry k is (row << 32) | low, in ascending row order and, within a
   // row, in lookup order. `low` is the lookup's bag within its table or, with
-  // per-sample weights (which are per position), its position - start[t].
-  // entries and bag lie in sort_scratch: valid until this thread sorts again.
-  uint64_t* entries = nullptr;
+  // `positions`, its position - start[t]. entries and bag lie in
+  // sort_scratch (valid until this thread sorts again), or entries are the
+  // training forward's (sorted_lookups_from).
+  const uint64_t* entries = nullptr;
   bool positions = false;
   int32_t* bag = nullptr;           // with positions: the bag of every position
   int64_t first_bad = -1;           // first position whose index is out of range
@@ -48,7 +50,7 @@ struct SortedLookups {
   std::pair<int64_t, float> bag_scale(uint64_t e, const Lookups& lk, const I* off, int64_t t,
                                       int64_t B, int64_t start) const {
     const int64_t b = bag_of(e, start);
-    if (positions) return {b, lk.per_sample_weights[start + low(e)]};
+    if (lk.per_sample_weights) return {b, lk.per_sample_weights[start + low(e)]};
     if (lk.pooling == kMean) {
       const int64_t bag = t * B + b;
       return {b, 1.f / static_cast<float>(off[bag + 1] - off[bag])};
@@ -107,33 +109,32 @@ inline uint64_t* sort_scratch(int64_t words, std::unique_ptr<uint64_t[]>& own) {
   return cached.get();
 }
 
+// Sorts every table's lookups by row into entries [N] (SortedLookups'
+// layout; tmp: N words of scratch), parallel over tables. `low` is the
+// position in the table with `positions`, else the bag; bag (when not null)
+// gets the bag of every position. Returns the first position whose index is
+// out of range, or -1.
 template <typename I>
-SortedLookups sort_lookups(const TableBatch& tb, const Lookups& lk) {
+int64_t sort_rows(const TableBatch& tb, const Lookups& lk, bool positions, uint64_t* entries,
+                  uint64_t* tmp, int32_t* bag) {
   const I* idx = static_cast<const I*>(lk.indices);
   const I* off = static_cast<const I*>(lk.offsets);
   const int64_t T = tb.T, B = tb.B;
-  const int64_t N = static_cast<int64_t>(off[T * B]);
-  SortedLookups s;
-  s.positions = lk.per_sample_weights != nullptr;
-  uint64_t* scratch = sort_scratch(2 * N + (s.positions ? (N + 1) / 2 : 0) + 1, s.own);
-  s.entries = scratch;
-  uint64_t* tmp = scratch + N;
-  if (s.positions) s.bag = reinterpret_cast<int32_t*>(scratch + 2 * N);
   FirstBad first_bad;
   torch::stable::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t start = off[t * B], n = off[(t + 1) * B] - start;
       const uint64_t rows = static_cast<uint64_t>(tb.rows[t]);
-      uint64_t* e = s.entries + start;
+      uint64_t* e = entries + start;
       int64_t bad = INT64_MAX;
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t p = off[t * B + b]; p < off[t * B + b + 1]; ++p) {
           uint64_t r = checked_row(idx, p, rows, true, bad);
           if (r == kBadRow) r = 0;  // keeps the sort valid; the caller throws
-          const uint64_t low = s.positions ? static_cast<uint64_t>(p - start)
-                                           : static_cast<uint64_t>(b);
+          const uint64_t low = positions ? static_cast<uint64_t>(p - start)
+                                         : static_cast<uint64_t>(b);
           e[p - start] = (r << 32) | low;
-          if (s.positions) s.bag[p] = static_cast<int32_t>(b);
+          if (bag) bag[p] = static_cast<int32_t>(b);
         }
       }
       first_bad.record(bad);
@@ -142,8 +143,90 @@ SortedLookups sort_lookups(const TableBatch& tb, const Lookups& lk) {
       if (sorted != e) std::copy(sorted, sorted + n, e);
     }
   });
-  s.first_bad = first_bad.result();
+  return first_bad.result();
+}
+
+template <typename I>
+SortedLookups sort_lookups(const TableBatch& tb, const Lookups& lk) {
+  const I* off = static_cast<const I*>(lk.offsets);
+  const int64_t N = static_cast<int64_t>(off[tb.T * tb.B]);
+  SortedLookups s;
+  s.positions = lk.per_sample_weights != nullptr;
+  uint64_t* scratch = sort_scratch(2 * N + (s.positions ? (N + 1) / 2 : 0) + 1, s.own);
+  if (s.positions) s.bag = reinterpret_cast<int32_t*>(scratch + 2 * N);
+  s.entries = scratch;
+  s.first_bad = sort_rows<I>(tb, lk, s.positions, scratch, scratch + N, s.bag);
   return s;
+}
+
+// The training forward's sorted lookups (sort_rows with positions), kept for
+// the update of the same lookups on this thread: the backward of a CPU graph
+// runs on the thread that called it. Handed out once; the update checks
+// them (sorted_lookups_from), so a stale set is only a miss.
+struct ForwardSorted {
+  std::unique_ptr<uint64_t[]> entries;
+  int64_t words = 0;
+  int64_t n = -1;  // lookups held, -1: none
+};
+inline ForwardSorted& forward_sorted() {
+  thread_local ForwardSorted f;
+  return f;
+}
+// A buffer for n sorted lookups, held for the next update.
+inline uint64_t* keep_forward_sorted(int64_t n) {
+  ForwardSorted& f = forward_sorted();
+  if (f.words < n) {
+    f.entries.reset(new uint64_t[n]);
+    f.words = n;
+  }
+  f.n = n;
+  return f.entries.get();
+}
+// The held sorted lookups if there are n of them, else nullptr; held no more.
+inline const uint64_t* take_forward_sorted(int64_t n) {
+  ForwardSorted& f = forward_sorted();
+  const bool hit = f.n == n;
+  f.n = -1;
+  return hit ? f.entries.get() : nullptr;
+}
+
+// The lookups as the forward sorted them (sort_rows with positions), checked
+// against indices and offsets so that a stale set (another batch's) is
+// refused rather than applied: per table, entries strictly ascending, each a
+// position of the table whose index is its row. Positions are then
+// distinct, so the entries are the table's lookups, each once, in the order
+// the update's own sort gives. Returns false on a mismatch.
+template <typename I>
+bool sorted_lookups_from(const TableBatch& tb, const Lookups& lk, const uint64_t* given,
+                         SortedLookups& s) {
+  const I* idx = static_cast<const I*>(lk.indices);
+  const I* off = static_cast<const I*>(lk.offsets);
+  const int64_t T = tb.T, B = tb.B;
+  const int64_t N = static_cast<int64_t>(off[T * B]);
+  s.positions = true;
+  s.entries = given;
+  s.bag = reinterpret_cast<int32_t*>(sort_scratch((N + 1) / 2 + 1, s.own));
+  std::atomic<bool> ok{true};
+  torch::stable::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t start = off[t * B], n = off[(t + 1) * B] - start;
+      const uint64_t rows = static_cast<uint64_t>(tb.rows[t]);
+      const uint64_t* e = given + start;
+      bool good = true;
+      for (int64_t k = 0; k < n && good; ++k) {
+        const uint64_t r = e[k] >> 32, p = e[k] & 0xffffffffu;
+        good = (k == 0 || e[k] > e[k - 1]) && p < static_cast<uint64_t>(n) && r < rows &&
+               static_cast<uint64_t>(static_cast<int64_t>(idx[start + p])) == r;
+      }
+      if (!good) ok = false;
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t p = off[t * B + b]; p < off[t * B + b + 1]; ++p) {
+          s.bag[p] = static_cast<int32_t>(b);
+        }
+      }
+    }
+  });
+  return ok.load();
 }
 
 // Table t's gradient rows: bag b's at base + b * stride.
