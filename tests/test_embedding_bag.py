@@ -508,6 +508,8 @@ TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
 @pytest.mark.skipif(not (thp_available() and os.path.exists(TCMALLOC)),
                     reason="needs transparent huge pages and tcmalloc")
+@pytest.mark.skipif("LD_PRELOAD" in os.environ,
+                    reason="sets its own allocator (scripts/test_sanitized.sh preloads ASan)")
 def test_table_on_huge_pages_after_a_freed_tensor_under_tcmalloc():
     """The benchmark's case: under tcmalloc a table built after a big tensor
     was freed reuses that tensor's 4 KiB pages unless they are dropped."""
