@@ -58,9 +58,10 @@ inline void check_optimizer_args(const Tensor& weights, const Tensor& momentum1,
 using EmbeddingBagForward = Tensor (*)(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int64_t,
                                        std::optional<Tensor>, int64_t, bool);
 
-// embedding_bag_forward_with_optimizer on CUDA: the plain forward; the
-// optimizer state is read by its backward (embedding_bag_update_). (The
-// CPU's also sorts for the update where that pays: csrc/cpu/embedding_bag.cpp.)
+// embedding_bag_forward_with_optimizer on a device from a forward of the
+// plain forward's signature: CUDA's plain forward, the CPU's training forward
+// (which also sorts for the update where that pays). The optimizer state is
+// read by its backward (embedding_bag_update_).
 template <EmbeddingBagForward Forward>
 Tensor forward_with_optimizer(Tensor weights, Tensor weights_offsets, Tensor dim_offsets,
                               Tensor rows, Tensor indices, Tensor offsets, int64_t pooling,

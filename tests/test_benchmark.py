@@ -94,6 +94,15 @@ def test_training_contenders_update_alike(optimizer):
                                    rtol=1e-5, msg="fbgemm TBE")
 
 
+def test_c_sgd_step_probe_only_where_its_rows_fit():
+    """The probe sums a row on its stack (D <= 1024): wider rows get no probe
+    rather than an overflow."""
+    if _load_probe("sgd_step") is None:
+        pytest.skip("no C compiler")
+    assert "C SGD step probe" in training_contenders(make_tbe_inputs(2, 50, 1024, 4, 1), "sgd")
+    assert "C SGD step probe" not in training_contenders(make_tbe_inputs(2, 50, 1040, 4, 1), "sgd")
+
+
 @pytest.mark.skipif(not thp_available(), reason="needs Linux with transparent huge pages")
 def test_fbgemm_buffers_move_onto_huge_pages():
     """FBGEMM's contender gets huge pages as ours does (its constructor touches

@@ -39,41 +39,22 @@ void check_grad_output(const Tensor& grad_output, const Tensor& weights, const P
   dlrm_ops::check_grad_output(grad_output, weights, p.args.tb.B, p.args.tb.dim_offsets[p.args.tb.T]);
 }
 
-// The pooled output of `forward`: the plain forward's stub or the training
-// forward's (which also holds its sorted lookups for the update).
-Tensor pool(const cpu::DispatchStub<cpu::ForwardFn>& forward, const Tensor& weights,
-            const Tensor& weights_offsets, const Tensor& dim_offsets, const Tensor& rows,
-            const Tensor& indices, const Tensor& offsets, int64_t pooling,
-            const std::optional<Tensor>& per_sample_weights, int64_t total_dim) {
+// The forward op on the kernels of Stub: embedding_bag_forward on the plain
+// forward's, forward_with_optimizer on the training forward's (which also
+// holds its sorted lookups for the update).
+template <cpu::DispatchStub<cpu::ForwardFn>& Stub>
+Tensor pooled(Tensor weights, Tensor weights_offsets, Tensor dim_offsets, Tensor rows,
+              Tensor indices, Tensor offsets, int64_t pooling,
+              std::optional<Tensor> per_sample_weights, int64_t total_dim, bool /*sparse*/) {
   Prepared p = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
                        per_sample_weights);
   const auto& tb = p.args.tb;
   DLRM_CHECK(total_dim == tb.dim_offsets[tb.T], "total_dim must equal dim_offsets[-1] = ",
              tb.dim_offsets[tb.T], ", got ", total_dim);
   Tensor out = torch::stable::new_empty(weights, {tb.B, tb.dim_offsets[tb.T]});
-  const int64_t bad = forward(p.args, out.mutable_data_ptr());
+  const int64_t bad = Stub(p.args, out.mutable_data_ptr());
   if (bad >= 0) throw_bad_index(p.v, bad);
   return out;
-}
-
-Tensor embedding_bag_forward(Tensor weights, Tensor weights_offsets, Tensor dim_offsets,
-                             Tensor rows, Tensor indices, Tensor offsets, int64_t pooling,
-                             std::optional<Tensor> per_sample_weights, int64_t total_dim,
-                             bool /*sparse*/) {
-  return pool(cpu::embedding_bag_forward_stub, weights, weights_offsets, dim_offsets, rows,
-              indices, offsets, pooling, per_sample_weights, total_dim);
-}
-
-Tensor embedding_bag_forward_with_optimizer(Tensor weights, Tensor weights_offsets,
-                                            Tensor dim_offsets, Tensor rows, Tensor indices,
-                                            Tensor offsets, int64_t pooling,
-                                            std::optional<Tensor> per_sample_weights,
-                                            int64_t total_dim, Tensor /*momentum1*/,
-                                            Tensor /*momentum2*/, Tensor /*step*/,
-                                            Tensor /*hparams*/, int64_t /*optimizer*/,
-                                            bool /*stochastic_rounding*/) {
-  return pool(cpu::embedding_bag_train_forward_stub, weights, weights_offsets, dim_offsets, rows,
-              indices, offsets, pooling, per_sample_weights, total_dim);
 }
 
 Tensor embedding_bag_backward_dense(Tensor grad_output, Tensor weights, Tensor weights_offsets,
@@ -161,9 +142,10 @@ void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(dlrm_ops, CPU, m) {
-  m.impl("embedding_bag_forward_with_optimizer", TORCH_BOX(&embedding_bag_forward_with_optimizer));
+  m.impl("embedding_bag_forward_with_optimizer",
+         TORCH_BOX(&forward_with_optimizer<&pooled<cpu::embedding_bag_train_forward_stub>>));
   m.impl("embedding_bag_update_", TORCH_BOX(&embedding_bag_update_));
-  m.impl("embedding_bag_forward", TORCH_BOX(&embedding_bag_forward));
+  m.impl("embedding_bag_forward", TORCH_BOX(&pooled<cpu::embedding_bag_forward_stub>));
   m.impl("embedding_bag_backward_dense", TORCH_BOX(&embedding_bag_backward_dense));
   m.impl("embedding_bag_backward_sparse", TORCH_BOX(&embedding_bag_backward_sparse));
   m.impl("embedding_bag_per_sample_weights_grad",

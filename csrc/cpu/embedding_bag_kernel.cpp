@@ -167,13 +167,14 @@ bool gathers_in_row_order(const EmbeddingBagArgs& a, int64_t elem_bytes) {
   const TableBatch& tb = a.tb;
   const I* off = static_cast<const I*>(a.lk.offsets);
   const int64_t N = static_cast<int64_t>(off[tb.T * tb.B]);
-  int64_t bytes = 0;
+  int64_t bytes = 0;  // first: small tables skip the bags' scan
+  for (int64_t t = 0; t < tb.T; ++t) bytes += tb.rows[t] * (tb.dim_offsets[t + 1] - tb.dim_offsets[t]);
+  if (bytes * elem_bytes < kRowOrderMinBytes || N * 8 > kCachedScratchBytes) return false;
   for (int64_t t = 0; t < tb.T; ++t) {
     const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
     if (!with_one_block(D, [](auto) {}) || !one_per_bag(off, t, tb.B)) return false;
-    bytes += tb.rows[t] * D * elem_bytes;
   }
-  return bytes >= kRowOrderMinBytes && N * 8 <= kCachedScratchBytes;
+  return true;
 }
 
 // The forward; with `sorted` (every table's lookups, sort_rows with

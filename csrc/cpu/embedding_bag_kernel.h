@@ -97,9 +97,11 @@ using OffsetsOrderedFn = bool (*)(const void* offsets, bool int64, int64_t n);
 
 extern DispatchStub<OffsetsOrderedFn> offsets_ordered_stub;
 extern DispatchStub<ForwardFn> embedding_bag_forward_stub;
-// The forward of a training step with a fused optimizer (same output, same
-// return): where it pays it sorts the lookups by row, gathers in that order,
-// and holds the sorted lookups for this thread's next update.
+// The forward of a training step with a fused optimizer (same return, same
+// values; a one-lookup bag gathered in row order is its row copied, so a -0
+// stays -0 where the bag-order sum gives +0): where it pays it sorts the
+// lookups by row, gathers in that order, and holds the sorted lookups for
+// this thread's next update.
 extern DispatchStub<ForwardFn> embedding_bag_train_forward_stub;
 extern DispatchStub<UpdateFn> embedding_bag_update_stub;
 extern DispatchStub<BackwardDenseFn> embedding_bag_backward_dense_stub;
