@@ -463,3 +463,31 @@ def test_row_order_training_forward(optimizer, mode, weighted, index_dtype):
     bad[5] = ROW_ORDER_ROWS
     with pytest.raises(RuntimeError, match=r"indices\[5\] = 270000 is out of range for table 0"):
         a(bad, off, psw)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_held_sort_refused_for_other_bags(optimizer):
+    """An update of the forward's indices under other offsets (same count, two
+    lookups in every other bag) sorts for itself: a position is a bag only
+    with one lookup per bag."""
+    dims = [ROW_ORDER_D] * 2
+    a = EmbeddingBagCollection([ROW_ORDER_ROWS] * 2, dims, optimizer=optimizer, lr=0.1)
+    b = EmbeddingBagCollection([ROW_ORDER_ROWS] * 2, dims, optimizer=optimizer, lr=0.1)
+    b.load_state_dict(a.state_dict())
+    idx, off = one_per_bag(3, torch.int64)
+    pairs = torch.arange(0, 2 * ROW_ORDER_B + 1, 2).repeat_interleave(2)[1:]  # 0, 2, 2, 4, 4, ...
+    grad = torch.randn(ROW_ORDER_B, 2 * ROW_ORDER_D)
+
+    def update(m):
+        torch.ops.dlrm_ops.embedding_bag_update_(
+            grad, m.weight.detach(), m.momentum1, m.momentum2, m.step, m.weights_offsets,
+            m.dim_offsets, m.rows, idx, pairs, 0, None, m.hparams,
+            dlrm_ops.ops.OPTIMIZERS[optimizer], False)
+
+    w0 = a.weight.detach().clone()
+    with torch.no_grad():
+        a(idx, off)  # holds its sort (one lookup per bag)
+    update(a)  # must refuse it
+    update(b)  # nothing held
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.momentum1, b.momentum1)
+    assert not torch.equal(a.weight, w0)

@@ -139,16 +139,6 @@ void gather_sorted(const W* wt, const uint64_t* e, const float* psw, int64_t b0,
   }
 }
 
-// Whether every bag of table t holds exactly one lookup (no early exit: the
-// loop vectorises).
-template <typename I>
-bool one_per_bag(const I* off, int64_t t, int64_t B) {
-  const I* toff = off + t * B;
-  bool other = false;
-  for (int64_t b = 0; b < B; ++b) other |= toff[b + 1] - toff[b] != 1;
-  return !other;
-}
-
 // The training forward gathers in row order (its sort then taken by the
 // update) when every table has one lookup per bag and D one block of
 // vectors, and the tables hold at least kRowOrderMinBytes: rows from memory,

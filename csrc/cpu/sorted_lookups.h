@@ -159,6 +159,16 @@ SortedLookups sort_lookups(const TableBatch& tb, const Lookups& lk) {
   return s;
 }
 
+// Whether every bag of table t holds exactly one lookup (no early exit: the
+// loop vectorises).
+template <typename I>
+bool one_per_bag(const I* off, int64_t t, int64_t B) {
+  const I* toff = off + t * B;
+  bool other = false;
+  for (int64_t b = 0; b < B; ++b) other |= toff[b + 1] - toff[b] != 1;
+  return !other;
+}
+
 // The training forward's sorted lookups (sort_rows with positions), kept for
 // the update of the same lookups on this thread: the backward of a CPU graph
 // runs on the thread that called it. Handed out once; the update checks
@@ -192,38 +202,39 @@ inline const uint64_t* take_forward_sorted(int64_t n) {
 
 // The lookups as the forward sorted them (sort_rows with positions), checked
 // against indices and offsets so that a stale set (another batch's) is
-// refused rather than applied: per table, entries strictly ascending, each a
-// position of the table whose index is its row. Positions are then
-// distinct, so the entries are the table's lookups, each once, in the order
-// the update's own sort gives. Returns false on a mismatch.
+// refused rather than applied: every bag holds one lookup (as the forward's
+// row-order rule requires), and per table the entries are strictly
+// ascending, each a position of the table whose index is its row. Positions
+// are then distinct, so the entries are the table's lookups, each once, in
+// the order the update's own sort gives, and a position is its bag: no bag
+// array. Returns false on a mismatch.
 template <typename I>
 bool sorted_lookups_from(const TableBatch& tb, const Lookups& lk, const uint64_t* given,
                          SortedLookups& s) {
   const I* idx = static_cast<const I*>(lk.indices);
   const I* off = static_cast<const I*>(lk.offsets);
   const int64_t T = tb.T, B = tb.B;
-  const int64_t N = static_cast<int64_t>(off[T * B]);
-  s.positions = true;
+  for (int64_t t = 0; t < T; ++t) {
+    if (!one_per_bag(off, t, B)) return false;
+  }
+  s.positions = false;  // low is the position, which is the bag
   s.entries = given;
-  s.bag = reinterpret_cast<int32_t*>(sort_scratch((N + 1) / 2 + 1, s.own));
   std::atomic<bool> ok{true};
   torch::stable::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t start = off[t * B], n = off[(t + 1) * B] - start;
+      const int64_t start = off[t * B];
       const uint64_t rows = static_cast<uint64_t>(tb.rows[t]);
       const uint64_t* e = given + start;
       bool good = true;
-      for (int64_t k = 0; k < n && good; ++k) {
-        const uint64_t r = e[k] >> 32, p = e[k] & 0xffffffffu;
-        good = (k == 0 || e[k] > e[k - 1]) && p < static_cast<uint64_t>(n) && r < rows &&
-               static_cast<uint64_t>(static_cast<int64_t>(idx[start + p])) == r;
+      uint64_t prev = 0;
+      for (int64_t k = 0; k < B; ++k) {  // no early exit: a miss is rare
+        const uint64_t x = e[k], r = x >> 32, p = x & 0xffffffffu;
+        const bool in = p < static_cast<uint64_t>(B);
+        good &= (k == 0 || x > prev) & in & (r < rows) &
+                (static_cast<uint64_t>(static_cast<int64_t>(idx[start + (in ? p : 0)])) == r);
+        prev = x;
       }
       if (!good) ok = false;
-      for (int64_t b = 0; b < B; ++b) {
-        for (int64_t p = off[t * B + b]; p < off[t * B + b + 1]; ++p) {
-          s.bag[p] = static_cast<int32_t>(b);
-        }
-      }
     }
   });
   return ok.load();
