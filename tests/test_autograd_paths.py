@@ -60,3 +60,20 @@ def test_interaction_paths_agree():
         grads.append((out, d.grad, s.grad))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_no_grad_calls_give_the_same_values_and_no_graph():
+    """Without grad the public functions call the kernels below autograd."""
+    ebc = EmbeddingBagCollection([30, 12], 8)
+    idx, off = make_bags([30, 12], 9, 5)
+    dense = torch.randn(9, 8, requires_grad=True)
+    pooled = ebc(idx, off)
+    expect = (pooled, dlrm_ops.dot_interaction(dense, pooled))
+    assert all(t.grad_fn is not None for t in expect)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            pooled = ebc(idx, off)
+            got = (pooled, dlrm_ops.dot_interaction(dense, pooled))
+        for a, b in zip(got, expect):
+            assert not a.requires_grad and a.grad_fn is None
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
