@@ -161,10 +161,9 @@ bool gathers_in_row_order(const EmbeddingBagArgs& a, int64_t elem_bytes) {
   for (int64_t t = 0; t < tb.T; ++t) bytes += tb.rows[t] * (tb.dim_offsets[t + 1] - tb.dim_offsets[t]);
   if (bytes * elem_bytes < kRowOrderMinBytes || N * 8 > kCachedScratchBytes) return false;
   for (int64_t t = 0; t < tb.T; ++t) {
-    const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
-    if (!with_one_block(D, [](auto) {}) || !one_per_bag(off, t, tb.B)) return false;
+    if (!with_one_block(tb.dim_offsets[t + 1] - tb.dim_offsets[t], [](auto) {})) return false;
   }
-  return true;
+  return one_lookup_per_bag(off, tb.T * tb.B);
 }
 
 // The forward; with `sorted` (every table's lookups, sort_rows with

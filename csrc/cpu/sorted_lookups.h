@@ -159,13 +159,12 @@ SortedLookups sort_lookups(const TableBatch& tb, const Lookups& lk) {
   return s;
 }
 
-// Whether every bag of table t holds exactly one lookup (no early exit: the
-// loop vectorises).
+// Whether each of the bags [0, bags) holds exactly one lookup; all tables'
+// bags at once with bags = T * B (no early exit: the loop vectorises).
 template <typename I>
-bool one_per_bag(const I* off, int64_t t, int64_t B) {
-  const I* toff = off + t * B;
+bool one_lookup_per_bag(const I* off, int64_t bags) {
   bool other = false;
-  for (int64_t b = 0; b < B; ++b) other |= toff[b + 1] - toff[b] != 1;
+  for (int64_t b = 0; b < bags; ++b) other |= off[b + 1] - off[b] != 1;
   return !other;
 }
 
@@ -214,9 +213,7 @@ bool sorted_lookups_from(const TableBatch& tb, const Lookups& lk, const uint64_t
   const I* idx = static_cast<const I*>(lk.indices);
   const I* off = static_cast<const I*>(lk.offsets);
   const int64_t T = tb.T, B = tb.B;
-  for (int64_t t = 0; t < T; ++t) {
-    if (!one_per_bag(off, t, B)) return false;
-  }
+  if (!one_lookup_per_bag(off, T * B)) return false;
   s.positions = false;  // low is the position, which is the bag
   s.entries = given;
   std::atomic<bool> ok{true};
