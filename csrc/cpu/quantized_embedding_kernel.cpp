@@ -62,8 +62,8 @@ bool row_min_max(const T* x, int64_t D, float& mn, float& mx) {
     vmn = vmx = load16(x);
     for (; d + 16 <= D; d += 16) {
       const vf16 v = load16(x + d);
-      vmn = v < vmn ? v : vmn;
-      vmx = v > vmx ? v : vmx;
+      vmn = vmin(v, vmn);
+      vmx = vmax(v, vmx);
       vfin += v * 0.f;
     }
   }
@@ -101,10 +101,8 @@ inline void round16(const T* x, float mn, float inv, int32_t* q) {
 #if defined(__AVX512F__)
   _mm512_storeu_si512(q, _mm512_cvtps_epi32((__m512)v));
 #elif defined(__AVX2__)
-  __m256 h[2];
-  std::memcpy(h, &v, sizeof(v));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_cvtps_epi32(h[0]));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 8), _mm256_cvtps_epi32(h[1]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_cvtps_epi32((__m256)v.part[0]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 8), _mm256_cvtps_epi32((__m256)v.part[1]));
 #else
   for (int k = 0; k < 16; ++k) q[k] = static_cast<int32_t>(std::nearbyint(v[k]));
 #endif

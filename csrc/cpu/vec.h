@@ -113,27 +113,71 @@ inline auto dispatch_float(torch::headeronly::ScalarType t, F&& f) {
 
 namespace dlrm_ops::cpu::CPU_CAPABILITY {
 
-// 16 floats as one GCC vector: one zmm under AVX-512, two ymm under AVX2,
-// four xmm on the portable build. Loops over small arrays of these with
-// constant trip counts keep pooled sums in registers.
+// 16 floats, the unit of every kernel's column loops. Loops over small arrays
+// of these with constant trip counts keep pooled sums in registers.
+#if defined(__AVX512F__)
+// One GCC vector, one zmm register.
 typedef float vf16 __attribute__((vector_size(64)));
-typedef _Float16 vh16 __attribute__((vector_size(32)));
-typedef uint16_t vu16 __attribute__((vector_size(32)));
-typedef uint32_t vu32 __attribute__((vector_size(64)));
+
+inline vf16 vmin(vf16 a, vf16 b) { return a < b ? a : b; }
+inline vf16 vmax(vf16 a, vf16 b) { return a > b ? a : b; }
+#else
+// Without AVX-512 GCC has no register mode for a 64-byte vector and keeps
+// one in memory: every += of a pooled sum became stack stores and reloads
+// (26 x 500k x 64 Zipf tables, 20 per bag, 2 threads on an AVX2 EPYC: 0.6x
+// torch's forward). So here it is a struct of the widest native vectors (two
+// ymm under AVX2, four xmm otherwise), each operator applied part by part.
+#if defined(__AVX__)
+typedef float vfn __attribute__((vector_size(32)));
+#else
+typedef float vfn __attribute__((vector_size(16)));
+#endif
+struct vf16 {
+  static constexpr int kParts = 64 / sizeof(vfn);
+  static constexpr int kLanes = 16 / kParts;
+  vfn part[kParts];
+  float operator[](int k) const { return part[k / kLanes][k % kLanes]; }
+};
+
+template <typename F>
+inline vf16 per_part(const vf16& a, const vf16& b, F f) {
+  vf16 r;
+#pragma GCC unroll 4
+  for (int k = 0; k < vf16::kParts; ++k) r.part[k] = f(a.part[k], b.part[k]);
+  return r;
+}
+inline vf16 splat(float s) {
+  vf16 r;
+#pragma GCC unroll 4
+  for (int k = 0; k < vf16::kParts; ++k) r.part[k] = vfn{} + s;
+  return r;
+}
+inline vf16 operator+(vf16 a, vf16 b) { return per_part(a, b, [](vfn x, vfn y) { return x + y; }); }
+inline vf16 operator-(vf16 a, vf16 b) { return per_part(a, b, [](vfn x, vfn y) { return x - y; }); }
+inline vf16 operator*(vf16 a, vf16 b) { return per_part(a, b, [](vfn x, vfn y) { return x * y; }); }
+inline vf16 operator+(vf16 a, float s) { return a + splat(s); }
+inline vf16 operator-(vf16 a, float s) { return a - splat(s); }
+inline vf16 operator*(vf16 a, float s) { return a * splat(s); }
+inline vf16 operator*(float s, vf16 a) { return splat(s) * a; }
+inline vf16& operator+=(vf16& a, vf16 b) { return a = a + b; }
+inline vf16 vmin(vf16 a, vf16 b) { return per_part(a, b, [](vfn x, vfn y) { return x < y ? x : y; }); }
+inline vf16 vmax(vf16 a, vf16 b) { return per_part(a, b, [](vfn x, vfn y) { return x > y ? x : y; }); }
+#endif
 
 inline vf16 load16(const float* p) {
   vf16 v;
+#if defined(__AVX512F__)
   std::memcpy(&v, p, sizeof(v));
+#else  // part by part: a copy of the whole struct went through the stack
+#pragma GCC unroll 4
+  for (int k = 0; k < vf16::kParts; ++k) std::memcpy(&v.part[k], p + k * vf16::kLanes, sizeof(vfn));
+#endif
   return v;
 }
+inline vf16 from_floats(const float (&f)[16]) { return load16(f); }
+
 #if defined(__AVX2__) && !defined(__AVX512F__)
-// Two 8-float halves as one vf16 (two ymm registers under AVX2).
-inline vf16 join(__m256 lo, __m256 hi) {
-  vf16 v;
-  std::memcpy(&v, &lo, 32);
-  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
-  return v;
-}
+inline vf16 join(__m256 lo, __m256 hi) { return vf16{{(vfn)lo, (vfn)hi}}; }
 #endif
 
 // GCC scalarizes vector conversions from 8/16-bit types, so those use the
@@ -145,9 +189,9 @@ inline vf16 load16(const fp16* p) {
   return join(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
               _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))));
 #else
-  vh16 h;
-  std::memcpy(&h, p, sizeof(h));
-  return __builtin_convertvector(h, vf16);
+  float f[16];
+  for (int k = 0; k < 16; ++k) f[k] = static_cast<float>(p[k]);
+  return from_floats(f);
 #endif
 }
 
@@ -162,29 +206,50 @@ inline vf16 bytes_to_vf16(const uint8_t* p) {
               _mm256_cvtepi32_ps(
                   _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)))));
 #else
-  vf16 v;
-  for (int k = 0; k < 16; ++k) v[k] = static_cast<float>(p[k]);
-  return v;
+  float f[16];
+  for (int k = 0; k < 16; ++k) f[k] = static_cast<float>(p[k]);
+  return from_floats(f);
 #endif
 }
+
+// bf16 is the top half of an fp32: its bits shifted up 16.
 inline vf16 load16(const bf16* p) {
-  vu16 h;
-  std::memcpy(&h, p, sizeof(h));
-  vu32 u = __builtin_convertvector(h, vu32) << 16;
-  vf16 v;
-  std::memcpy(&v, &u, sizeof(v));
-  return v;
+#if defined(__AVX512F__)
+  return (vf16)_mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+#elif defined(__AVX2__)
+  auto half = [](const bf16* q) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))), 16));
+  };
+  return join(half(p), half(p + 8));
+#else
+  float f[16];
+  for (int k = 0; k < 16; ++k) f[k] = to_float(p[k]);
+  return from_floats(f);
+#endif
 }
-inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline void store16(float* p, vf16 v) {
+#if defined(__AVX512F__)
+  std::memcpy(p, &v, sizeof(v));
+#else
+#pragma GCC unroll 4
+  for (int k = 0; k < vf16::kParts; ++k) std::memcpy(p + k * vf16::kLanes, &v.part[k], sizeof(vfn));
+#endif
+}
 
 inline void store16(fp16* p, vf16 v) {
 #if defined(__AVX512F__)
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                       _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__AVX2__)
+  for (int k = 0; k < 2; ++k) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8 * k),
+                     _mm256_cvtps_ph((__m256)v.part[k], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
 #else
-  float f[16];
-  std::memcpy(f, &v, sizeof(v));
-  for (int k = 0; k < 16; ++k) p[k] = static_cast<fp16>(f[k]);
+  for (int k = 0; k < 16; ++k) p[k] = static_cast<fp16>(v[k]);
 #endif
 }
 inline void store16(bf16* p, vf16 v) {
@@ -199,13 +264,11 @@ inline void store16(bf16* p, vf16 v) {
 inline void stream16(float* p, vf16 v) {
 #if defined(__AVX512F__)
   _mm512_stream_ps(p, (__m512)v);
-#elif defined(__AVX2__)
-  const float* f = reinterpret_cast<const float*>(&v);
-  _mm256_stream_ps(p, _mm256_loadu_ps(f));
-  _mm256_stream_ps(p + 8, _mm256_loadu_ps(f + 8));
+#elif defined(__AVX__)
+  _mm256_stream_ps(p, (__m256)v.part[0]);
+  _mm256_stream_ps(p + 8, (__m256)v.part[1]);
 #elif defined(__SSE2__)
-  const float* f = reinterpret_cast<const float*>(&v);
-  for (int k = 0; k < 16; k += 4) _mm_stream_ps(p + k, _mm_loadu_ps(f + k));
+  for (int k = 0; k < 4; ++k) _mm_stream_ps(p + 4 * k, (__m128)v.part[k]);
 #else
   store16(p, v);
 #endif
