@@ -73,6 +73,19 @@ bool row_min_max(const T* x, int64_t D, float& mn, float& mx) {
     mn = _mm512_reduce_min_ps((__m512)vmn);
     mx = _mm512_reduce_max_ps((__m512)vmx);
     fin = _mm512_reduce_add_ps((__m512)vfin);
+#elif defined(__AVX2__)
+    // Any order: the row is used only when all of it is finite.
+    const auto reduce = [](__m256 v, auto op) {
+      __m128 m = op(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+      m = op(m, _mm_movehl_ps(m, m));
+      return _mm_cvtss_f32(op(m, _mm_shuffle_ps(m, m, 1)));
+    };
+    mn = reduce(_mm256_min_ps((__m256)vmn.part[0], (__m256)vmn.part[1]),
+                [](__m128 a, __m128 b) { return _mm_min_ps(a, b); });
+    mx = reduce(_mm256_max_ps((__m256)vmx.part[0], (__m256)vmx.part[1]),
+                [](__m128 a, __m128 b) { return _mm_max_ps(a, b); });
+    fin = reduce(_mm256_add_ps((__m256)vfin.part[0], (__m256)vfin.part[1]),
+                 [](__m128 a, __m128 b) { return _mm_add_ps(a, b); });
 #else
     mn = vmn[0];
     mx = vmx[0];
@@ -94,19 +107,34 @@ bool row_min_max(const T* x, int64_t D, float& mn, float& mx) {
   return fin == 0.f;
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// round((x[d..d+16) - mn) * inv) to nearest even, as 16 bytes saturated to
+// [0, 255] (the int8 codes lie in it; the int4 ones are clamped after).
+template <typename T>
+inline __m128i round_to_bytes(const T* x, float mn, float inv) {
+  const vf16 v = (load16(x) - mn) * inv;
+  const __m256i w = _mm256_packus_epi32(_mm256_cvtps_epi32((__m256)v.part[0]),
+                                        _mm256_cvtps_epi32((__m256)v.part[1]));
+  const __m256i ordered = _mm256_permute4x64_epi64(w, 0xD8);  // packus works per 128-bit lane
+  return _mm_packus_epi16(_mm256_castsi256_si128(ordered), _mm256_extracti128_si256(ordered, 1));
+}
+#elif !defined(__AVX512F__)
 // round((x[d..d+16) - mn) * inv) to nearest even, as 16 int32 lanes in q.
 template <typename T>
 inline void round16(const T* x, float mn, float inv, int32_t* q) {
   const vf16 v = (load16(x) - mn) * inv;
-#if defined(__AVX512F__)
-  _mm512_storeu_si512(q, _mm512_cvtps_epi32((__m512)v));
-#elif defined(__AVX2__)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_cvtps_epi32((__m256)v.part[0]));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 8), _mm256_cvtps_epi32((__m256)v.part[1]));
-#else
   for (int k = 0; k < 16; ++k) q[k] = static_cast<int32_t>(std::nearbyint(v[k]));
-#endif
 }
+#endif
+
+#if defined(__SSE2__)
+// 16 nibble values, one per byte, packed two per byte (low nibble first).
+inline void store_nibbles(__m128i b, uint8_t* out) {
+  const __m128i pairs = _mm_or_si128(_mm_and_si128(b, _mm_set1_epi16(0x00FF)),
+                                     _mm_slli_epi16(_mm_srli_epi16(b, 8), 4));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(pairs, pairs));
+}
+#endif
 
 // A row holding inf or NaN is stored with NaN scale and bias (all q = 0), so
 // that it dequantizes to NaN instead of to plausible finite values.
@@ -128,6 +156,10 @@ void quantize_row8(const T* x, int64_t D, uint8_t* out) {
   for (; d + 16 <= D; d += 16) {  // round to nearest even, narrow to bytes
     const __m512i q = _mm512_cvtps_epi32((__m512)((load16(x + d) - mn) * inv));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + d), _mm512_cvtepi32_epi8(q));
+  }
+#elif defined(__AVX2__)
+  for (; d + 16 <= D; d += 16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + d), round_to_bytes(x + d, mn, inv));
   }
 #else
   for (int32_t q[16]; d + 16 <= D; d += 16) {
@@ -171,10 +203,11 @@ void quantize_row4(const T* x, int64_t D, uint8_t* out) {
   for (; d + 16 <= D; d += 16) {  // round, clamp to [0, 15], pack column pairs into bytes
     __m512i q = _mm512_cvtps_epi32((__m512)((load16(x + d) - mn) * inv));
     q = _mm512_min_epi32(_mm512_max_epi32(q, _mm512_setzero_si512()), _mm512_set1_epi32(15));
-    const __m128i b = _mm512_cvtepi32_epi8(q);  // 16 nibble values, one per byte
-    const __m128i pairs = _mm_or_si128(_mm_and_si128(b, _mm_set1_epi16(0x00FF)),
-                                       _mm_slli_epi16(_mm_srli_epi16(b, 8), 4));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + d / 2), _mm_packus_epi16(pairs, pairs));
+    store_nibbles(_mm512_cvtepi32_epi8(q), out + d / 2);
+  }
+#elif defined(__AVX2__)
+  for (; d + 16 <= D; d += 16) {  // negative codes saturated to 0 by round_to_bytes
+    store_nibbles(_mm_min_epu8(round_to_bytes(x + d, mn, inv), _mm_set1_epi8(15)), out + d / 2);
   }
 #else
   for (int32_t q[16]; d + 16 <= D; d += 16) {

@@ -215,8 +215,14 @@ inline vf16 bytes_to_vf16(const uint8_t* p) {
 // bf16 is the top half of an fp32: its bits shifted up 16.
 inline vf16 load16(const bf16* p) {
 #if defined(__AVX512F__)
-  return (vf16)_mm512_castsi512_ps(_mm512_slli_epi32(
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  typedef uint16_t vu16 __attribute__((vector_size(32)));
+  typedef uint32_t vu32 __attribute__((vector_size(64)));
+  vu16 h;
+  std::memcpy(&h, p, sizeof(h));
+  vu32 u = __builtin_convertvector(h, vu32) << 16;
+  vf16 v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
 #elif defined(__AVX2__)
   auto half = [](const bf16* q) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(
