@@ -174,7 +174,13 @@ inline vf16 load16(const float* p) {
 #endif
   return v;
 }
-inline vf16 from_floats(const float (&f)[16]) { return load16(f); }
+// 16 values converted one by one (the portable build's 16-bit loads).
+template <typename T>
+inline vf16 load16_each(const T* p) {
+  float f[16];
+  for (int k = 0; k < 16; ++k) f[k] = to_float(p[k]);
+  return load16(f);
+}
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
 inline vf16 join(__m256 lo, __m256 hi) { return vf16{{(vfn)lo, (vfn)hi}}; }
@@ -189,9 +195,7 @@ inline vf16 load16(const fp16* p) {
   return join(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
               _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))));
 #else
-  float f[16];
-  for (int k = 0; k < 16; ++k) f[k] = static_cast<float>(p[k]);
-  return from_floats(f);
+  return load16_each(p);
 #endif
 }
 
@@ -208,7 +212,7 @@ inline vf16 bytes_to_vf16(const uint8_t* p) {
 #else
   float f[16];
   for (int k = 0; k < 16; ++k) f[k] = static_cast<float>(p[k]);
-  return from_floats(f);
+  return load16(f);
 #endif
 }
 
@@ -230,9 +234,7 @@ inline vf16 load16(const bf16* p) {
   };
   return join(half(p), half(p + 8));
 #else
-  float f[16];
-  for (int k = 0; k < 16; ++k) f[k] = to_float(p[k]);
-  return from_floats(f);
+  return load16_each(p);
 #endif
 }
 
