@@ -19,14 +19,21 @@ namespace {
 // Pools one bag over columns [d0, d0 + 16*NV) of table t, the sums held in
 // registers across the bag's rows; out-of-range indices are skipped and the
 // first one recorded in `bad` (on the first column block only). `stream`:
-// out + d0 is 64-byte aligned and written with stream16.
-template <int NV, bool Weighted, typename W, typename I>
+// out + d0 is 64-byte aligned and written with stream16. Whole: D is 16*NV
+// (d0 = 0), so a row's prefetch is unrolled and branch-free (`lined`: wt
+// starts a line and rows are whole lines); the index ahead is clamped to the
+// table rather than tested.
+template <int NV, bool Weighted, typename W, typename I, bool Whole = false>
 inline void pool_block(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* psw,
                        int64_t start, int64_t stop, int64_t table_end, int64_t d0, float scale,
-                       W* out, bool stream, int64_t& bad) {
+                       W* out, bool stream, int64_t& bad, bool lined = false) {
   vf16 acc[NV] = {};
   for (int64_t p = start; p < stop; ++p) {
-    if (d0 == 0 && p + kPrefetchLookups < table_end) {
+    if constexpr (Whole) {
+      const uint64_t r = static_cast<uint64_t>(
+          static_cast<int64_t>(idx[std::min(p + kPrefetchLookups, table_end - 1)]));
+      prefetch_row_of<2, 16 * NV * sizeof(W)>(wt + (r < rows ? r : 0) * (16 * NV), lined);
+    } else if (d0 == 0 && p + kPrefetchLookups < table_end) {
       const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p + kPrefetchLookups]));
       if (r < rows) prefetch_row<2>(wt + r * D, D * static_cast<int64_t>(sizeof(W)));
     }
@@ -94,10 +101,12 @@ void pool_bags(const W* wt, int64_t D, uint64_t rows, const I* idx, const float*
   };
   const bool unrolled = with_one_block(D, [&](auto nv) {
     constexpr int NV = decltype(nv)::value;
+    const bool lined = on_line(wt) && 16 * NV * sizeof(W) % 64 == 0;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = off[b], stop = off[b + 1];
-      pool_block<NV, Weighted>(wt, 16 * NV, rows, idx, psw, start, stop, table_end, 0,
-                               scale_of(start, stop), out + b * stride, stream, bad);
+      pool_block<NV, Weighted, W, I, true>(wt, 16 * NV, rows, idx, psw, start, stop, table_end,
+                                           0, scale_of(start, stop), out + b * stride, stream,
+                                           bad, lined);
     }
   });
   if (!unrolled) {
@@ -116,11 +125,10 @@ void pool_bags(const W* wt, int64_t D, uint64_t rows, const I* idx, const float*
 template <int NV, typename W>
 void gather_sorted(const W* wt, const uint64_t* e, const float* psw, int64_t b0, int64_t b1,
                    int64_t B, W* out, int64_t stride, bool stream) {
+  const bool lined = on_line(wt) && 16 * NV * sizeof(W) % 64 == 0;
   for (int64_t k = b0; k < b1; ++k) {
-    if (k + kPrefetchLookups < B) {
-      prefetch_row<2>(wt + SortedLookups::row(e[k + kPrefetchLookups]) * 16 * NV,
-                      16 * NV * static_cast<int64_t>(sizeof(W)));
-    }
+    prefetch_row_of<2, 16 * NV * sizeof(W)>(
+        wt + SortedLookups::row(e[std::min(k + kPrefetchLookups, B - 1)]) * 16 * NV, lined);
     const W* row = wt + SortedLookups::row(e[k]) * 16 * NV;
     const int64_t b = SortedLookups::low(e[k]);
     W* o = out + b * stride;

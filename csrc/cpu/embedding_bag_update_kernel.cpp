@@ -146,6 +146,14 @@ void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t
   const bool sgd_in_place = in_place<W>(a, kSGD);
   const bool rowwise_in_place = in_place<W>(a, kRowwiseAdagrad);
   const float lr = static_cast<float>(a.hp.lr), eps = static_cast<float>(a.hp.eps);
+  // The register path's prefetches: rows of compile-time size, `lined` when
+  // every row starts a line (prefetch_row_of).
+  constexpr int64_t kRowBytes = 16 * NV * sizeof(W), kStateBytes = 16 * NV * 4;
+  const bool lined = on_line(w + elem_base) && kRowBytes % 64 == 0;
+  const bool state_lined =
+      elementwise_state && on_line(a.momentum1 + elem_base) && kStateBytes % 64 == 0;
+  const bool grads_lined =
+      on_line(grads.base) && kRowBytes % 64 == 0 && grads.stride * sizeof(W) % 64 == 0;
   float g_buf[256], wf_buf[256];
   std::unique_ptr<float[]> heap;
   float* g = g_buf;
@@ -156,31 +164,49 @@ void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t
     wf = g + D;
   }
   for_each_run(e, begin, end, [&](int64_t row, int64_t p, int64_t q) {
-    // Rows ascend: the entry n ahead is at most n rows ahead. The two blocks
-    // stay written out: a shared helper lambda once compiled to no prefetch
-    // at all (docs/architecture.md).
-    if (q + kPrefetchRows <= table_end) {
-      const int64_t r = SortedLookups::row(e[q + kPrefetchRows - 1]), el = elem_base + r * D;
-      prefetch_row(w + el, row_bytes);
-      if (elementwise_state) prefetch_row(a.momentum1 + el, D * 4);
-      if (row_state) prefetch_row(a.momentum1 + state_base + r, 4);
-      if (a.optimizer == kAdam) prefetch_row(a.momentum2 + el, D * 4);
-    }
-    if (q + kPrefetchFarRows <= table_end) {
-      const int64_t r = SortedLookups::row(e[q + kPrefetchFarRows - 1]), el = elem_base + r * D;
-      prefetch_row<2>(w + el, row_bytes);
-      if (elementwise_state) prefetch_row<2>(a.momentum1 + el, D * 4);
-      if (row_state) prefetch_row<2>(a.momentum1 + state_base + r, 4);
-      if (a.optimizer == kAdam) prefetch_row<2>(a.momentum2 + el, D * 4);
-    }
-    // Gradient rows are one random row per lookup: fetched ahead too.
-    for (int64_t k = p + kPrefetchGrads; k < std::min(q + kPrefetchGrads, table_end); ++k) {
-      prefetch_row(grads[s.bag_of(e[k], start)], row_bytes);
+    // Rows ascend: the entry n ahead is at most n rows ahead. The blocks stay
+    // written out: a shared helper lambda once compiled to no prefetch at all
+    // (docs/architecture.md).
+    if constexpr (NV > 0) {  // unrolled, the entries ahead clamped to the table
+      const int64_t rn = SortedLookups::row(e[std::min(q + kPrefetchRows, table_end) - 1]);
+      const int64_t en = elem_base + rn * D;
+      prefetch_row_of<3, kRowBytes>(w + en, lined);
+      if (elementwise_state) prefetch_row_of<3, kStateBytes>(a.momentum1 + en, state_lined);
+      if (row_state) __builtin_prefetch(a.momentum1 + state_base + rn, 0, 3);
+      if (a.optimizer == kAdam) prefetch_row_of<3, kStateBytes>(a.momentum2 + en, state_lined);
+      const int64_t rf = SortedLookups::row(e[std::min(q + kPrefetchFarRows, table_end) - 1]);
+      const int64_t ef = elem_base + rf * D;
+      prefetch_row_of<2, kRowBytes>(w + ef, lined);
+      if (elementwise_state) prefetch_row_of<2, kStateBytes>(a.momentum1 + ef, state_lined);
+      if (row_state) __builtin_prefetch(a.momentum1 + state_base + rf, 0, 2);
+      if (a.optimizer == kAdam) prefetch_row_of<2, kStateBytes>(a.momentum2 + ef, state_lined);
+    } else {
+      if (q + kPrefetchRows <= table_end) {
+        const int64_t r = SortedLookups::row(e[q + kPrefetchRows - 1]), el = elem_base + r * D;
+        prefetch_row(w + el, row_bytes);
+        if (elementwise_state) prefetch_row(a.momentum1 + el, D * 4);
+        if (row_state) prefetch_row(a.momentum1 + state_base + r, 4);
+        if (a.optimizer == kAdam) prefetch_row(a.momentum2 + el, D * 4);
+      }
+      if (q + kPrefetchFarRows <= table_end) {
+        const int64_t r = SortedLookups::row(e[q + kPrefetchFarRows - 1]), el = elem_base + r * D;
+        prefetch_row<2>(w + el, row_bytes);
+        if (elementwise_state) prefetch_row<2>(a.momentum1 + el, D * 4);
+        if (row_state) prefetch_row<2>(a.momentum1 + state_base + r, 4);
+        if (a.optimizer == kAdam) prefetch_row<2>(a.momentum2 + el, D * 4);
+      }
+      // Gradient rows are one random row per lookup: fetched ahead too (the
+      // register path fetches them in its sum loop).
+      for (int64_t k = p + kPrefetchGrads; k < std::min(q + kPrefetchGrads, table_end); ++k) {
+        prefetch_row(grads[s.bag_of(e[k], start)], row_bytes);
+      }
     }
     const int64_t elem0 = elem_base + row * D;
     if constexpr (NV > 0) {
       vf16 acc[NV];
       for (int64_t k = p; k < q; ++k) {
+        prefetch_row_of<3, kRowBytes>(
+            grads[s.bag_of(e[std::min(k + kPrefetchGrads, table_end - 1)], start)], grads_lined);
         const auto [b, sc] = s.bag_scale(e[k], lk, off, t, B, start);
         const W* x = grads[b];
 #pragma GCC unroll 8
