@@ -101,7 +101,7 @@ void pool_bags(const W* wt, int64_t D, uint64_t rows, const I* idx, const float*
   };
   const bool unrolled = with_one_block(D, [&](auto nv) {
     constexpr int NV = decltype(nv)::value;
-    const bool lined = on_line(wt) && 16 * NV * sizeof(W) % 64 == 0;
+    const bool lined = rows_on_lines(wt, 16 * NV * sizeof(W));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = off[b], stop = off[b + 1];
       pool_block<NV, Weighted, W, I, true>(wt, 16 * NV, rows, idx, psw, start, stop, table_end,
@@ -125,7 +125,7 @@ void pool_bags(const W* wt, int64_t D, uint64_t rows, const I* idx, const float*
 template <int NV, typename W>
 void gather_sorted(const W* wt, const uint64_t* e, const float* psw, int64_t b0, int64_t b1,
                    int64_t B, W* out, int64_t stride, bool stream) {
-  const bool lined = on_line(wt) && 16 * NV * sizeof(W) % 64 == 0;
+  const bool lined = rows_on_lines(wt, 16 * NV * sizeof(W));
   for (int64_t k = b0; k < b1; ++k) {
     prefetch_row_of<2, 16 * NV * sizeof(W)>(
         wt + SortedLookups::row(e[std::min(k + kPrefetchLookups, B - 1)]) * 16 * NV, lined);

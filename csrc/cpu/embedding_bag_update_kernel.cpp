@@ -149,11 +149,10 @@ void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t
   // The register path's prefetches: rows of compile-time size, `lined` when
   // every row starts a line (prefetch_row_of).
   constexpr int64_t kRowBytes = 16 * NV * sizeof(W), kStateBytes = 16 * NV * 4;
-  const bool lined = on_line(w + elem_base) && kRowBytes % 64 == 0;
-  const bool state_lined =
-      elementwise_state && on_line(a.momentum1 + elem_base) && kStateBytes % 64 == 0;
+  const bool lined = rows_on_lines(w + elem_base, kRowBytes);
+  const bool state_lined = elementwise_state && rows_on_lines(a.momentum1 + elem_base, kStateBytes);
   const bool grads_lined =
-      on_line(grads.base) && kRowBytes % 64 == 0 && grads.stride * sizeof(W) % 64 == 0;
+      rows_on_lines(grads.base, kRowBytes) && grads.stride * sizeof(W) % 64 == 0;
   float g_buf[256], wf_buf[256];
   std::unique_ptr<float[]> heap;
   float* g = g_buf;

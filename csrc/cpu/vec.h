@@ -112,6 +112,11 @@ inline void prefetch_row_of(const void* p, bool lined) {
   if (!lined) __builtin_prefetch(c + Bytes - 1, 0, Locality);
 }
 
+// prefetch_row_of's `lined` for rows of row_bytes laid end to end from base.
+inline bool rows_on_lines(const void* base, int64_t row_bytes) {
+  return reinterpret_cast<uintptr_t>(base) % 64 == 0 && row_bytes % 64 == 0;
+}
+
 // Calls f with a null pointer of the C++ type matching a float dtype.
 template <typename F>
 inline auto dispatch_float(torch::headeronly::ScalarType t, F&& f) {
