@@ -224,11 +224,89 @@ void sgd_step(float* w, int64_t rows, int64_t D, int64_t T, int64_t B, const int
     }
   }
 }
+
+#define PREFETCH_LINES(p, bytes, hint) \
+  for (int64_t l = 0; l < (bytes); l += 64) _mm_prefetch((const char*)(p) + l, hint)
+
+/* sgd_floor's two passes over table t, inlined with D a constant where it is
+   one, so that their loops unroll as the fused step's do (loops per row's
+   lines cost the floor 1.3x at D=64). */
+static inline __attribute__((always_inline)) void floor_gather(
+    const float* w, int64_t rows, const int64_t D, int64_t T, int64_t B, const uint64_t* sorted,
+    float* out, int64_t t) {
+  const uint64_t* e = sorted + t * B;
+  const float* wt = w + t * rows * D;
+  for (int64_t k = 0; k < B; ++k) {
+    PREFETCH_LINES(wt + (e[k + 128 < B ? k + 128 : B - 1] >> 32) * D, D * 4, _MM_HINT_T1);
+    const float* r = wt + (e[k] >> 32) * D;
+    float* o = out + (e[k] & 0xffffffffu) * T * D + t * D;
+    for (int64_t d = 0; d < D; d += 8) _mm256_stream_ps(o + d, _mm256_loadu_ps(r + d));
+  }
+}
+
+static inline __attribute__((always_inline)) void floor_walk(
+    float* w, int64_t rows, const int64_t D, int64_t T, int64_t B, const uint64_t* sorted,
+    const float* grad, float lr, int64_t t) {
+  const uint64_t* e = sorted + t * B;
+  float* wt = w + t * rows * D;
+  const float* gt = grad + t * D;
+  const __m256 step = _mm256_set1_ps(lr);
+  __m256 g[128];
+  for (int64_t p = 0; p < B;) {
+    const uint64_t r = e[p] >> 32;
+    int64_t q = p;
+    for (; q < B && (e[q] >> 32) == r; ++q) {
+      PREFETCH_LINES(gt + (e[q + 16 < B ? q + 16 : B - 1] & 0xffffffffu) * T * D, D * 4,
+                     _MM_HINT_T0);
+      const float* x = gt + (e[q] & 0xffffffffu) * T * D;
+      for (int64_t j = 0; j < D / 8; ++j)
+        g[j] = q == p ? _mm256_loadu_ps(x + 8 * j) : _mm256_add_ps(g[j], _mm256_loadu_ps(x + 8 * j));
+    }
+    PREFETCH_LINES(wt + (e[q + 7 < B ? q + 7 : B - 1] >> 32) * D, D * 4, _MM_HINT_T0);
+    PREFETCH_LINES(wt + (e[q + 63 < B ? q + 63 : B - 1] >> 32) * D, D * 4, _MM_HINT_T1);
+    float* wr = wt + r * D;
+    for (int64_t j = 0; j < D / 8; ++j)
+      _mm256_storeu_ps(wr + 8 * j, _mm256_fnmadd_ps(step, g[j], _mm256_loadu_ps(wr + 8 * j)));
+    p = q;
+  }
+}
+
+/* The parallel loops stay in the caller of the inlined passes, so that the
+   constant DV reaches the code OpenMP outlines. */
+#define FLOOR_WITH(DV)                                                               \
+  {                                                                                  \
+    _Pragma("omp parallel num_threads(nthreads)") {                                  \
+      _Pragma("omp for schedule(static) nowait")                                     \
+      for (int64_t t = 0; t < T; ++t) floor_gather(w, rows, DV, T, B, sorted, out, t); \
+      _mm_sfence();                                                                  \
+    }                                                                                \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")               \
+    for (int64_t t = 0; t < T; ++t) floor_walk(w, rows, DV, T, B, sorted, grad, lr, t); \
+  }
+
+/* One lookup per bag: the SGD step's memory traffic and nothing more, the
+   floor of any step that gathers in row order. Each table's B lookups come
+   sorted by row (`sorted` [T, B]: row << 32 | bag, sorted before the timing);
+   the forward copies each row into its bag's output in that order, then the
+   walk sums each row's gradient rows and updates it once, w -= lr * g. The
+   prefetch distances are the fused step's. No sort, no checks, no framework.
+   D % 8 == 0, D <= 1024, out 32-byte aligned. */
+void sgd_floor(float* w, int64_t rows, int64_t D, int64_t T, int64_t B, const uint64_t* sorted,
+               const float* grad, float* out, float lr, int nthreads) {
+  switch (D) {
+    case 16: FLOOR_WITH(16) break;
+    case 32: FLOOR_WITH(32) break;
+    case 64: FLOOR_WITH(64) break;
+    case 128: FLOOR_WITH(128) break;
+    default: FLOOR_WITH(D)
+  }
+}
 """
 _PROBE_ARGS = {  # ctypes argument types of each probe function
     "pool": ["p", "i64", "i64", "i64", "i64", "p", "p", "p", "int"],
     "pool_int8": ["p", "i64", "i64", "i64", "i64", "p", "p", "p", "int"],
     "sgd_step": ["p", "i64", "i64", "i64", "i64", "p", "p", "p", "p", "float", "p", "p", "int"],
+    "sgd_floor": ["p", "i64", "i64", "i64", "i64", "p", "p", "p", "float", "int"],
 }
 
 
@@ -428,6 +506,19 @@ def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
         out["C SGD step probe"] = inp.in_turn(lambda i: probe(
             w.data_ptr(), rows, D, T, B, i.data_ptr(), off.data_ptr(), grad.data_ptr(),
             res.data_ptr(), lr, keys[0].data_ptr(), keys[1].data_ptr(), torch.get_num_threads()))
+    floor = _load_probe("sgd_floor") if probe is not None and inp.L == 1 and D % 8 == 0 else None
+    if floor is not None:  # each batch's lookups sorted by row up front: the floor's input
+        w = inp.ebc.weight.detach()
+        res = torch.empty(B, T * D)
+        bags = torch.arange(B).expand(T, B)
+
+        def by_row(i):
+            return (torch.sort((i.view(T, B) << 32) | bags, dim=1).values.contiguous(),)
+        floor_step = inp.in_turn(lambda e: floor(
+            w.data_ptr(), rows, D, T, B, e.data_ptr(), grad.data_ptr(), res.data_ptr(), lr,
+            torch.get_num_threads()), by_row)
+        floor_step.out = res  # its forward's output, for tests/test_benchmark.py
+        out["C SGD floor probe"] = floor_step
     eps = float(fused.hparams[1])  # the fused module's default for this optimizer
     tbe = _fbgemm_training_tbe(inp, optimizer, lr, eps) \
         if inp.ebc.weight.dtype == torch.float32 else None

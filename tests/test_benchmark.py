@@ -72,11 +72,12 @@ def test_c_probe_pools(bits):
     torch.testing.assert_close(out, expect, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad", "adagrad"])
-def test_training_contenders_update_alike(optimizer):
+@pytest.mark.parametrize("optimizer,L", [("sgd", 4), ("sgd", 1), ("rowwise_adagrad", 4),
+                                         ("adagrad", 4)])
+def test_training_contenders_update_alike(optimizer, L):
     """One step of every training contender from the same weights makes the
     same weights (ours and torch's share one buffer, FBGEMM has its own)."""
-    inp = make_tbe_inputs(3, 500, 32, 8, 4)
+    inp = make_tbe_inputs(3, 500, 32, 8, L)
     fns = training_contenders(inp, optimizer, lr=0.1)
     weight = inp.ebc.weight.detach()
     before = weight.clone()
@@ -92,6 +93,27 @@ def test_training_contenders_update_alike(optimizer):
         tbe()
         torch.testing.assert_close(tbe.tbe.weights_host.view_as(expect), expect, atol=1e-6,
                                    rtol=1e-5, msg="fbgemm TBE")
+
+
+def test_c_sgd_floor_probe_steps_one_lookup_per_bag():
+    """The floor probe takes each batch's lookups sorted up front and makes
+    our step's weights and forward output; only at one lookup per bag."""
+    if _load_probe("sgd_floor") is None:
+        pytest.skip("no C compiler")
+    inp = make_tbe_inputs(3, 500, 32, 8, 1, batches=2)
+    weight = inp.ebc.weight.detach()
+    before = weight.clone()
+    fns = training_contenders(inp, "sgd", lr=0.1)
+    expect_out = inp.ebc(inp.batches[0], inp.offsets).detach()
+    fns["dlrm_ops fused"]()
+    expect = weight.clone()
+    weight.copy_(before)
+    floor = fns["C SGD floor probe"]
+    floor()
+    torch.testing.assert_close(weight, expect, atol=1e-6, rtol=1e-5)
+    assert torch.equal(floor.out, expect_out)  # a row copied is its one-lookup bag's sum
+    assert "C SGD floor probe" not in training_contenders(make_tbe_inputs(2, 50, 32, 4, 2), "sgd")
+    assert "C SGD floor probe" not in training_contenders(make_tbe_inputs(2, 50, 36, 4, 1), "sgd")
 
 
 def test_c_sgd_step_probe_only_where_its_rows_fit():
