@@ -125,17 +125,132 @@ __attribute__((always_inline)) inline void update_row(const UpdateArgs& a, W* w,
   store_row(w, wf, D, a, elem0);
 }
 
-// Updates the runs [begin, end) of table t's sorted entries. NV > 0: D is
-// 16 * NV, and a run's gradient is summed in registers (applied there too
-// for fp32 SGD); NV = 0: any D, through stack buffers. Both sum in the same
-// order with the same operations, so they give the same bits.
+// How the register path applies a run's summed gradient: fp32 SGD or
+// row-wise Adagrad without weight decay in place on the registers, anything
+// else through update_row.
+enum class Apply { kSgd, kRowwise, kRow };
+
+// The register path: D = 16 * NV, each run's gradient summed in NV vectors
+// with the any-D path's operations in its order, so both give the same bits.
+// Plain (sum pooling, no per-sample weights) adds the gradient rows as they
+// are, the same bits as times 1. The variants are compiled apart and each run
+// is found while it is summed, the rows ahead fetched after it: the leaner
+// the loop, the more runs it keeps in flight (fp32 SGD at one lookup per bag
+// on 26 x 500k x 64: docs/performance.md).
+template <int NV, Apply A, bool Plain, typename W, typename I>
+void register_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t begin,
+                   int64_t end, const GradRows<W>& grads) {
+  constexpr int64_t D = 16 * NV;
+  constexpr int64_t kRowBytes = D * sizeof(W), kStateBytes = D * 4;
+  const TableBatch& tb = a.eb.tb;
+  const Lookups& lk = a.eb.lk;
+  const I* off = static_cast<const I*>(lk.offsets);
+  const int64_t B = tb.B, start = off[t * B], table_end = off[(t + 1) * B];
+  const int64_t elem_base = tb.weights_offsets[t], state_base = a.row_offsets[t];
+  W* w = static_cast<W*>(a.weights);
+  const uint64_t* e = s.entries;
+  const float lr = static_cast<float>(a.hp.lr), eps = static_cast<float>(a.hp.eps);
+  const bool elementwise_state = a.optimizer == kAdagrad || a.optimizer == kAdam;
+  // Rows of compile-time size: `lined` when every row starts a line (prefetch_row_of).
+  const bool lined = rows_on_lines(w + elem_base, kRowBytes);
+  const bool state_lined = elementwise_state && rows_on_lines(a.momentum1 + elem_base, kStateBytes);
+  const bool grads_lined =
+      rows_on_lines(grads.base, kRowBytes) && grads.stride * sizeof(W) % 64 == 0;
+  float g[D], wf[D];
+  for (int64_t p = begin; p < end;) {
+    const int64_t row = SortedLookups::row(e[p]);
+    vf16 acc[NV];
+    int64_t q = p;
+    for (; q < end && SortedLookups::row(e[q]) == row; ++q) {
+      const uint64_t ahead = e[std::min(q + kPrefetchGrads, table_end - 1)];
+      if constexpr (Plain) {
+        prefetch_row_of<3, kRowBytes>(grads[SortedLookups::low(ahead)], grads_lined);
+        const W* x = grads[SortedLookups::low(e[q])];
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; ++j) acc[j] = q == p ? load16(x + 16 * j) : acc[j] + load16(x + 16 * j);
+      } else {
+        prefetch_row_of<3, kRowBytes>(grads[s.bag_of(ahead, start)], grads_lined);
+        const auto [b, sc] = s.bag_scale(e[q], lk, off, t, B, start);
+        const W* x = grads[b];
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; ++j) {
+          if (q == p) acc[j] = sc * load16(x + 16 * j); else acc[j] += sc * load16(x + 16 * j);
+        }
+      }
+    }
+    // Rows ascend: the entry n ahead is at most n rows ahead. The blocks stay
+    // written out: a shared helper lambda once compiled to no prefetch at all
+    // (docs/architecture.md).
+    const int64_t rn = SortedLookups::row(e[std::min(q + kPrefetchRows, table_end) - 1]);
+    const int64_t en = elem_base + rn * D;
+    prefetch_row_of<3, kRowBytes>(w + en, lined);
+    const int64_t rf = SortedLookups::row(e[std::min(q + kPrefetchFarRows, table_end) - 1]);
+    const int64_t ef = elem_base + rf * D;
+    prefetch_row_of<2, kRowBytes>(w + ef, lined);
+    if (A != Apply::kSgd && a.optimizer == kRowwiseAdagrad) {
+      __builtin_prefetch(a.momentum1 + state_base + rn, 0, 3);
+      __builtin_prefetch(a.momentum1 + state_base + rf, 0, 2);
+    }
+    if (A == Apply::kRow && elementwise_state) {
+      prefetch_row_of<3, kStateBytes>(a.momentum1 + en, state_lined);
+      prefetch_row_of<2, kStateBytes>(a.momentum1 + ef, state_lined);
+      if (a.optimizer == kAdam) {
+        prefetch_row_of<3, kStateBytes>(a.momentum2 + en, state_lined);
+        prefetch_row_of<2, kStateBytes>(a.momentum2 + ef, state_lined);
+      }
+    }
+    p = q;
+    const int64_t elem0 = elem_base + row * D;
+    if constexpr (A == Apply::kSgd) {  // update_row's in-place loop, on the registers
+      float* wr = w + elem0;
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) store16(wr + 16 * j, sub_scaled(load16(wr + 16 * j), lr, acc[j]));
+    } else if constexpr (A == Apply::kRowwise) {  // update_row's row-wise Adagrad
+      // The sum of squares through row_dot: the same dot in registers was
+      // contracted differently by the compiler (1 ulp off in some rows).
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) store16(g + 16 * j, acc[j]);
+      float* st = a.momentum1 + state_base + row;
+      *st += row_dot(g, g, D) / static_cast<float>(D);
+      const float step = lr / (std::sqrt(*st) + eps);
+      float* wr = w + elem0;
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) store16(wr + 16 * j, sub_scaled(load16(wr + 16 * j), step, acc[j]));
+    } else {
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) store16(g + 16 * j, acc[j]);
+      update_row(a, w + elem0, g, wf, D, elem0, state_base + row);
+    }
+  }
+}
+
+// The register path's variant for this update.
 template <int NV, typename W, typename I>
+void register_update(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t begin,
+                     int64_t end, const GradRows<W>& grads) {
+  const bool plain = a.eb.lk.per_sample_weights == nullptr && a.eb.lk.pooling != kMean;
+  if constexpr (std::is_same_v<W, float>) {
+    if (in_place<W>(a, kSGD)) {
+      if (plain) return register_runs<NV, Apply::kSgd, true, W, I>(a, s, t, begin, end, grads);
+      return register_runs<NV, Apply::kSgd, false, W, I>(a, s, t, begin, end, grads);
+    }
+    if (in_place<W>(a, kRowwiseAdagrad)) {
+      if (plain) return register_runs<NV, Apply::kRowwise, true, W, I>(a, s, t, begin, end, grads);
+      return register_runs<NV, Apply::kRowwise, false, W, I>(a, s, t, begin, end, grads);
+    }
+  }
+  register_runs<NV, Apply::kRow, false, W, I>(a, s, t, begin, end, grads);
+}
+
+// Updates the runs [begin, end) of table t's sorted entries, any D: each
+// run's gradient summed through a stack buffer.
+template <typename W, typename I>
 void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t begin,
                  int64_t end, const GradRows<W>& grads) {
   const TableBatch& tb = a.eb.tb;
   const Lookups& lk = a.eb.lk;
   const I* off = static_cast<const I*>(lk.offsets);
-  const int64_t D = NV > 0 ? 16 * NV : tb.dim_offsets[t + 1] - tb.dim_offsets[t];
+  const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(W));
   const int64_t B = tb.B, start = off[t * B], table_end = off[(t + 1) * B];
   const int64_t elem_base = tb.weights_offsets[t], state_base = a.row_offsets[t];
@@ -143,16 +258,6 @@ void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t
   const uint64_t* e = s.entries;
   const bool elementwise_state = a.optimizer == kAdagrad || a.optimizer == kAdam;
   const bool row_state = a.optimizer == kRowwiseAdagrad;
-  const bool sgd_in_place = in_place<W>(a, kSGD);
-  const bool rowwise_in_place = in_place<W>(a, kRowwiseAdagrad);
-  const float lr = static_cast<float>(a.hp.lr), eps = static_cast<float>(a.hp.eps);
-  // The register path's prefetches: rows of compile-time size, `lined` when
-  // every row starts a line (prefetch_row_of).
-  constexpr int64_t kRowBytes = 16 * NV * sizeof(W), kStateBytes = 16 * NV * 4;
-  const bool lined = rows_on_lines(w + elem_base, kRowBytes);
-  const bool state_lined = elementwise_state && rows_on_lines(a.momentum1 + elem_base, kStateBytes);
-  const bool grads_lined =
-      rows_on_lines(grads.base, kRowBytes) && grads.stride * sizeof(W) % 64 == 0;
   float g_buf[256], wf_buf[256];
   std::unique_ptr<float[]> heap;
   float* g = g_buf;
@@ -163,85 +268,29 @@ void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t
     wf = g + D;
   }
   for_each_run(e, begin, end, [&](int64_t row, int64_t p, int64_t q) {
-    // Rows ascend: the entry n ahead is at most n rows ahead. The blocks stay
-    // written out: a shared helper lambda once compiled to no prefetch at all
-    // (docs/architecture.md).
-    if constexpr (NV > 0) {  // unrolled, the entries ahead clamped to the table
-      const int64_t rn = SortedLookups::row(e[std::min(q + kPrefetchRows, table_end) - 1]);
-      const int64_t en = elem_base + rn * D;
-      prefetch_row_of<3, kRowBytes>(w + en, lined);
-      if (elementwise_state) prefetch_row_of<3, kStateBytes>(a.momentum1 + en, state_lined);
-      if (row_state) __builtin_prefetch(a.momentum1 + state_base + rn, 0, 3);
-      if (a.optimizer == kAdam) prefetch_row_of<3, kStateBytes>(a.momentum2 + en, state_lined);
-      const int64_t rf = SortedLookups::row(e[std::min(q + kPrefetchFarRows, table_end) - 1]);
-      const int64_t ef = elem_base + rf * D;
-      prefetch_row_of<2, kRowBytes>(w + ef, lined);
-      if (elementwise_state) prefetch_row_of<2, kStateBytes>(a.momentum1 + ef, state_lined);
-      if (row_state) __builtin_prefetch(a.momentum1 + state_base + rf, 0, 2);
-      if (a.optimizer == kAdam) prefetch_row_of<2, kStateBytes>(a.momentum2 + ef, state_lined);
-    } else {
-      if (q + kPrefetchRows <= table_end) {
-        const int64_t r = SortedLookups::row(e[q + kPrefetchRows - 1]), el = elem_base + r * D;
-        prefetch_row(w + el, row_bytes);
-        if (elementwise_state) prefetch_row(a.momentum1 + el, D * 4);
-        if (row_state) prefetch_row(a.momentum1 + state_base + r, 4);
-        if (a.optimizer == kAdam) prefetch_row(a.momentum2 + el, D * 4);
-      }
-      if (q + kPrefetchFarRows <= table_end) {
-        const int64_t r = SortedLookups::row(e[q + kPrefetchFarRows - 1]), el = elem_base + r * D;
-        prefetch_row<2>(w + el, row_bytes);
-        if (elementwise_state) prefetch_row<2>(a.momentum1 + el, D * 4);
-        if (row_state) prefetch_row<2>(a.momentum1 + state_base + r, 4);
-        if (a.optimizer == kAdam) prefetch_row<2>(a.momentum2 + el, D * 4);
-      }
-      // Gradient rows are one random row per lookup: fetched ahead too (the
-      // register path fetches them in its sum loop).
-      for (int64_t k = p + kPrefetchGrads; k < std::min(q + kPrefetchGrads, table_end); ++k) {
-        prefetch_row(grads[s.bag_of(e[k], start)], row_bytes);
-      }
+    if (q + kPrefetchRows <= table_end) {
+      const int64_t r = SortedLookups::row(e[q + kPrefetchRows - 1]), el = elem_base + r * D;
+      prefetch_row(w + el, row_bytes);
+      if (elementwise_state) prefetch_row(a.momentum1 + el, D * 4);
+      if (row_state) prefetch_row(a.momentum1 + state_base + r, 4);
+      if (a.optimizer == kAdam) prefetch_row(a.momentum2 + el, D * 4);
+    }
+    if (q + kPrefetchFarRows <= table_end) {
+      const int64_t r = SortedLookups::row(e[q + kPrefetchFarRows - 1]), el = elem_base + r * D;
+      prefetch_row<2>(w + el, row_bytes);
+      if (elementwise_state) prefetch_row<2>(a.momentum1 + el, D * 4);
+      if (row_state) prefetch_row<2>(a.momentum1 + state_base + r, 4);
+      if (a.optimizer == kAdam) prefetch_row<2>(a.momentum2 + el, D * 4);
+    }
+    // Gradient rows are one random row per lookup: fetched ahead too.
+    for (int64_t k = p + kPrefetchGrads; k < std::min(q + kPrefetchGrads, table_end); ++k) {
+      prefetch_row(grads[s.bag_of(e[k], start)], row_bytes);
+    }
+    for (int64_t k = p; k < q; ++k) {
+      const auto [b, sc] = s.bag_scale(e[k], lk, off, t, B, start);
+      if (k == p) row_set(g, grads[b], sc, D); else row_axpy(g, grads[b], sc, D);
     }
     const int64_t elem0 = elem_base + row * D;
-    if constexpr (NV > 0) {
-      vf16 acc[NV];
-      for (int64_t k = p; k < q; ++k) {
-        prefetch_row_of<3, kRowBytes>(
-            grads[s.bag_of(e[std::min(k + kPrefetchGrads, table_end - 1)], start)], grads_lined);
-        const auto [b, sc] = s.bag_scale(e[k], lk, off, t, B, start);
-        const W* x = grads[b];
-#pragma GCC unroll 8
-        for (int j = 0; j < NV; ++j) {
-          if (k == p) acc[j] = sc * load16(x + 16 * j); else acc[j] += sc * load16(x + 16 * j);
-        }
-      }
-      if constexpr (std::is_same_v<W, float>) {
-        if (sgd_in_place) {  // update_row's in-place loop, on the registers
-          float* wr = w + elem0;
-#pragma GCC unroll 8
-          for (int j = 0; j < NV; ++j) store16(wr + 16 * j, load16(wr + 16 * j) - lr * acc[j]);
-          return;
-        }
-        if (rowwise_in_place) {  // update_row's row-wise Adagrad, on the registers
-          // The sum of squares through row_dot: the same dot in registers was
-          // contracted differently by the compiler (1 ulp off in some rows).
-#pragma GCC unroll 8
-          for (int j = 0; j < NV; ++j) store16(g + 16 * j, acc[j]);
-          float* st = a.momentum1 + state_base + row;
-          *st += row_dot(g, g, D) / static_cast<float>(D);
-          const float step = lr / (std::sqrt(*st) + eps);
-          float* wr = w + elem0;
-#pragma GCC unroll 8
-          for (int j = 0; j < NV; ++j) store16(wr + 16 * j, load16(wr + 16 * j) - step * acc[j]);
-          return;
-        }
-      }
-#pragma GCC unroll 8
-      for (int j = 0; j < NV; ++j) store16(g + 16 * j, acc[j]);
-    } else {
-      for (int64_t k = p; k < q; ++k) {
-        const auto [b, sc] = s.bag_scale(e[k], lk, off, t, B, start);
-        if (k == p) row_set(g, grads[b], sc, D); else row_axpy(g, grads[b], sc, D);
-      }
-    }
     update_row(a, w + elem0, g, wf, D, elem0, state_base + row);
   });
 }
@@ -261,9 +310,9 @@ int64_t update(const UpdateArgs& a) {
                          [&](int64_t t, int64_t begin, int64_t end, const GradRows<W>& grads) {
     const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
     const bool unrolled = with_one_block(D, [&](auto nv) {
-      update_runs<decltype(nv)::value, W, I>(a, s, t, begin, end, grads);
+      register_update<decltype(nv)::value, W, I>(a, s, t, begin, end, grads);
     });
-    if (!unrolled) update_runs<0, W, I>(a, s, t, begin, end, grads);
+    if (!unrolled) update_runs<W, I>(a, s, t, begin, end, grads);
   });
   return -1;
 }

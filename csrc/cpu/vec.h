@@ -257,6 +257,23 @@ inline vf16 load16(const bf16* p) {
 #endif
 }
 
+// w - s * x rounded once where the instruction set fuses it, as the compiler
+// contracts the any-D loops' `w -= lr * g`: the register path's update then
+// keeps their bits whatever the compiler makes of the surrounding loop.
+inline vf16 sub_scaled(vf16 w, float s, vf16 x) {
+#if defined(__AVX512F__)
+  return (vf16)_mm512_fnmadd_ps(_mm512_set1_ps(s), (__m512)x, (__m512)w);
+#elif defined(__FMA__)
+  vf16 r;
+  for (int k = 0; k < 2; ++k) {
+    r.part[k] = (vfn)_mm256_fnmadd_ps(_mm256_set1_ps(s), (__m256)x.part[k], (__m256)w.part[k]);
+  }
+  return r;
+#else
+  return w - s * x;
+#endif
+}
+
 inline void store16(float* p, vf16 v) {
 #if defined(__AVX512F__)
   std::memcpy(p, &v, sizeof(v));
