@@ -465,6 +465,30 @@ def test_row_order_training_forward(optimizer, mode, weighted, index_dtype):
         a(bad, off, psw)
 
 
+def test_held_sort_refused_for_changed_indices():
+    """The held sort is of the forward's indices byte for byte: an update of
+    the same tensor changed in place (one index) sorts for itself."""
+    dims = [ROW_ORDER_D] * 2
+    a = EmbeddingBagCollection([ROW_ORDER_ROWS] * 2, dims, optimizer="sgd", lr=0.1)
+    b = EmbeddingBagCollection([ROW_ORDER_ROWS] * 2, dims, optimizer="sgd", lr=0.1)
+    b.load_state_dict(a.state_dict())
+    idx, off = one_per_bag(4, torch.int64)
+    grad = torch.randn(ROW_ORDER_B, 2 * ROW_ORDER_D)
+
+    def update(m):
+        torch.ops.dlrm_ops.embedding_bag_update_(
+            grad, m.weight.detach(), m.momentum1, m.momentum2, m.step, m.weights_offsets,
+            m.dim_offsets, m.rows, idx, off, 0, None, m.hparams,
+            dlrm_ops.ops.OPTIMIZERS["sgd"], False)
+
+    with torch.no_grad():
+        a(idx, off)  # holds its sort
+    idx[7] = (idx[7] + 1) % ROW_ORDER_ROWS
+    update(a)  # must refuse it
+    update(b)  # nothing held
+    assert torch.equal(a.weight, b.weight)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
 def test_held_sort_refused_for_other_bags(optimizer):
     """An update of the forward's indices under other offsets (same count, two

@@ -228,11 +228,11 @@ int64_t train_forward(const EmbeddingBagArgs& a, void* out) {
   if (!gathers_in_row_order<I>(a, sizeof(W))) return forward<W, I>(a, out);
   const I* off = static_cast<const I*>(a.lk.offsets);
   const int64_t N = static_cast<int64_t>(off[a.tb.T * a.tb.B]);
-  uint64_t* sorted = keep_forward_sorted(N);
+  uint64_t* sorted = keep_forward_sorted(a.tb, a.lk, N);
   std::unique_ptr<uint64_t[]> own;
   const int64_t bad = sort_rows<I>(a.tb, a.lk, true, sorted, sort_scratch(N + 1, own), nullptr);
   if (bad >= 0) {
-    take_forward_sorted(N);  // nothing held
+    drop_forward_sorted();
     return bad;
   }
   return pool_tables<W, I>(a, static_cast<W*>(out), sorted);

@@ -299,9 +299,12 @@ template <typename W, typename I>
 int64_t update(const UpdateArgs& a) {
   const TableBatch& tb = a.eb.tb;
   const I* off = static_cast<const I*>(a.eb.lk.offsets);
-  const uint64_t* held = take_forward_sorted(static_cast<int64_t>(off[tb.T * tb.B]));
+  const uint64_t* held =
+      take_forward_sorted<I>(tb, a.eb.lk, static_cast<int64_t>(off[tb.T * tb.B]));
   SortedLookups s;
-  if (held == nullptr || !sorted_lookups_from<I>(tb, a.eb.lk, held, s)) {
+  if (held != nullptr) {
+    s.entries = held;  // low is the position, which is the bag
+  } else {
     s = sort_lookups<I>(tb, a.eb.lk);
     if (s.first_bad >= 0) return s.first_bad;
   }

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <climits>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -29,7 +30,7 @@ struct SortedLookups {
   // row, in lookup order. `low` is the lookup's bag within its table or, with
   // `positions`, its position - start[t]. entries and bag lie in
   // sort_scratch (valid until this thread sorts again), or entries are the
-  // training forward's (sorted_lookups_from).
+  // training forward's (take_forward_sorted).
   const uint64_t* entries = nullptr;
   bool positions = false;
   int32_t* bag = nullptr;           // with positions: the bag of every position
@@ -170,71 +171,58 @@ bool one_lookup_per_bag(const I* off, int64_t bags) {
 
 // The training forward's sorted lookups (sort_rows with positions), kept for
 // the update of the same lookups on this thread: the backward of a CPU graph
-// runs on the thread that called it. Handed out once; the update checks
-// them (sorted_lookups_from), so a stale set is only a miss.
+// runs on the thread that called it. Held with a copy of the indices they
+// sort and the tables' shape, and handed out once, only to an update of
+// exactly those lookups (take_forward_sorted), so a stale set is only a miss.
 struct ForwardSorted {
   std::unique_ptr<uint64_t[]> entries;
   int64_t words = 0;
+  std::unique_ptr<char[]> indices;  // the indices sorted, byte for byte
+  int64_t index_capacity = 0;
+  int64_t index_bytes = 0;
+  int64_t T = 0, B = 0;
+  std::vector<int64_t> rows;
   int64_t n = -1;  // lookups held, -1: none
 };
 inline ForwardSorted& forward_sorted() {
   thread_local ForwardSorted f;
   return f;
 }
-// A buffer for n sorted lookups, held for the next update.
-inline uint64_t* keep_forward_sorted(int64_t n) {
+// A buffer for the sort of the N lookups lk of tables tb, held for the next
+// update, with a copy of the indices.
+inline uint64_t* keep_forward_sorted(const TableBatch& tb, const Lookups& lk, int64_t N) {
   ForwardSorted& f = forward_sorted();
-  if (f.words < n) {
-    f.entries.reset(new uint64_t[n]);
-    f.words = n;
+  if (f.words < N) {
+    f.entries.reset(new uint64_t[N]);
+    f.words = N;
   }
-  f.n = n;
+  f.index_bytes = N * (lk.int64 ? 8 : 4);
+  if (f.index_capacity < f.index_bytes) {
+    f.indices.reset(new char[f.index_bytes]);
+    f.index_capacity = f.index_bytes;
+  }
+  std::memcpy(f.indices.get(), lk.indices, f.index_bytes);
+  f.T = tb.T;
+  f.B = tb.B;
+  f.rows.assign(tb.rows, tb.rows + tb.T);
+  f.n = N;
   return f.entries.get();
 }
-// The held sorted lookups if there are n of them, else nullptr; held no more.
-inline const uint64_t* take_forward_sorted(int64_t n) {
+inline void drop_forward_sorted() { forward_sorted().n = -1; }
+// The held sort if it is of the N lookups lk of tables tb, else nullptr; held
+// no more. The same tables, the same indices byte for byte and one lookup in
+// every bag (so the same offsets: they start at 0) make it exactly the sort
+// that sort_lookups would give these lookups, a position being its bag.
+template <typename I>
+const uint64_t* take_forward_sorted(const TableBatch& tb, const Lookups& lk, int64_t N) {
   ForwardSorted& f = forward_sorted();
-  const bool hit = f.n == n;
+  const bool hit = f.n == N && f.T == tb.T && f.B == tb.B &&
+                   std::equal(f.rows.begin(), f.rows.end(), tb.rows) &&
+                   f.index_bytes == N * static_cast<int64_t>(sizeof(I)) &&
+                   std::memcmp(f.indices.get(), lk.indices, f.index_bytes) == 0 &&
+                   one_lookup_per_bag(static_cast<const I*>(lk.offsets), tb.T * tb.B);
   f.n = -1;
   return hit ? f.entries.get() : nullptr;
-}
-
-// The lookups as the forward sorted them (sort_rows with positions), checked
-// against indices and offsets so that a stale set (another batch's) is
-// refused rather than applied: every bag holds one lookup (as the forward's
-// row-order rule requires), and per table the entries are strictly
-// ascending, each a position of the table whose index is its row. Positions
-// are then distinct, so the entries are the table's lookups, each once, in
-// the order the update's own sort gives, and a position is its bag: no bag
-// array. Returns false on a mismatch.
-template <typename I>
-bool sorted_lookups_from(const TableBatch& tb, const Lookups& lk, const uint64_t* given,
-                         SortedLookups& s) {
-  const I* idx = static_cast<const I*>(lk.indices);
-  const I* off = static_cast<const I*>(lk.offsets);
-  const int64_t T = tb.T, B = tb.B;
-  if (!one_lookup_per_bag(off, T * B)) return false;
-  s.positions = false;  // low is the position, which is the bag
-  s.entries = given;
-  std::atomic<bool> ok{true};
-  torch::stable::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t start = off[t * B];
-      const uint64_t rows = static_cast<uint64_t>(tb.rows[t]);
-      const uint64_t* e = given + start;
-      bool good = true;
-      uint64_t prev = 0;
-      for (int64_t k = 0; k < B; ++k) {  // no early exit: a miss is rare
-        const uint64_t x = e[k], r = x >> 32, p = x & 0xffffffffu;
-        const bool in = p < static_cast<uint64_t>(B);
-        good &= (k == 0 || x > prev) & in & (r < rows) &
-                (static_cast<uint64_t>(static_cast<int64_t>(idx[start + (in ? p : 0)])) == r);
-        prev = x;
-      }
-      if (!good) ok = false;
-    }
-  });
-  return ok.load();
 }
 
 // Table t's gradient rows: bag b's at base + b * stride.
