@@ -263,9 +263,10 @@ inline vf16 load16(const bf16* p) {
 inline vf16 sub_scaled(vf16 w, float s, vf16 x) {
 #if defined(__AVX512F__)
   return (vf16)_mm512_fnmadd_ps(_mm512_set1_ps(s), (__m512)x, (__m512)w);
-#elif defined(__FMA__)
+#elif defined(__FMA__)  // FMA implies AVX: vf16 is ymm parts
   vf16 r;
-  for (int k = 0; k < 2; ++k) {
+#pragma GCC unroll 4
+  for (int k = 0; k < vf16::kParts; ++k) {
     r.part[k] = (vfn)_mm256_fnmadd_ps(_mm256_set1_ps(s), (__m256)x.part[k], (__m256)w.part[k]);
   }
   return r;
