@@ -281,12 +281,15 @@ def test_bad_offsets(offsets, msg):
         ebc(torch.tensor([0, 1, 2, 3]), torch.tensor(offsets))
 
 
-# Drops before, at and after the vectorised check's block edges (8 and 16 lanes).
-@pytest.mark.parametrize("pos", [1, 7, 8, 15, 16, 17, 64, 99])
+# Drops before, at and after the vectorised check's block edges (8 and 16
+# lanes) and, in 40000 bags, its threads' chunks (16384 offsets or more each).
+@pytest.mark.parametrize("pos,bags", [(1, 100), (7, 100), (8, 100), (15, 100), (16, 100),
+                                      (17, 100), (64, 100), (99, 100), (16384, 40000),
+                                      (16385, 40000), (20001, 40000), (39999, 40000)])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-def test_offsets_dropping_anywhere_are_named(pos, index_dtype):
+def test_offsets_dropping_anywhere_are_named(pos, bags, index_dtype):
     ebc = EmbeddingBagCollection([5], 4)
-    indices, offsets = offsets_dropping_at(pos, index_dtype)
+    indices, offsets = offsets_dropping_at(pos, index_dtype, bags)
     with pytest.raises(RuntimeError, match=rf"offsets must be non-decreasing, but offsets\[{pos}\] "
                                            rf"= {pos - 2} < offsets\[{pos - 1}\] = {pos - 1}"):
         ebc(indices, offsets)

@@ -515,3 +515,26 @@ def test_held_sort_refused_for_other_bags(optimizer):
     update(b)  # nothing held
     assert torch.equal(a.weight, b.weight) and torch.equal(a.momentum1, b.momentum1)
     assert not torch.equal(a.weight, w0)
+
+
+def test_row_order_refused_for_a_late_bag_of_two():
+    """Bags of one lookup but for one pair far into a big batch (past the
+    first thread's share of the offsets scan): the training forward gathers
+    in bag order, and the step matches the plain forward and a dense SGD step."""
+    B = 20_000
+    dims = [ROW_ORDER_D] * 2
+    a = EmbeddingBagCollection([ROW_ORDER_ROWS] * 2, dims, optimizer="sgd", lr=0.1)
+    plain = EmbeddingBagCollection([ROW_ORDER_ROWS] * 2, dims)
+    plain.weight = torch.nn.Parameter(a.weight.detach().clone())
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, ROW_ORDER_ROWS, (2 * B,), generator=g)
+    idx[100:200] = idx[7]  # duplicates
+    off = torch.arange(2 * B + 1)
+    off[30_001] += 1  # bag 30000 (table 1) holds two lookups, bag 30001 none
+    grad = torch.randn(B, 2 * ROW_ORDER_D, generator=g)
+    out = a(idx, off)
+    expect = plain(idx, off)
+    torch.testing.assert_close(out, expect.detach(), atol=0, rtol=0)
+    out.backward(grad)
+    expect.backward(grad)
+    torch.testing.assert_close(a.weight.detach(), plain.weight.detach() - 0.1 * plain.weight.grad)

@@ -155,7 +155,7 @@ STABLE_TORCH_LIBRARY_IMPL(dlrm_ops, CPU, m) {
 }  // namespace dlrm_ops
 
 namespace dlrm_ops::cpu {
-DispatchStub<OffsetsOrderedFn> offsets_ordered_stub;
+DispatchStub<ScanOffsetsFn> scan_offsets_stub;
 DispatchStub<ForwardFn> embedding_bag_forward_stub;
 DispatchStub<ForwardFn> embedding_bag_train_forward_stub;
 DispatchStub<UpdateFn> embedding_bag_update_stub;

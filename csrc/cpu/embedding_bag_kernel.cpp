@@ -5,6 +5,7 @@
 #include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <memory>
 
@@ -160,18 +161,16 @@ void gather_sorted(const W* wt, const uint64_t* e, const float* psw, int64_t b0,
 // order) and 1.04x (cached rows gain nothing from order).
 constexpr int64_t kRowOrderMinBytes = int64_t{64} << 20;
 
-template <typename I>
 bool gathers_in_row_order(const EmbeddingBagArgs& a, int64_t elem_bytes) {
   const TableBatch& tb = a.tb;
-  const I* off = static_cast<const I*>(a.lk.offsets);
-  const int64_t N = static_cast<int64_t>(off[tb.T * tb.B]);
-  int64_t bytes = 0;  // first: small tables skip the bags' scan
-  for (int64_t t = 0; t < tb.T; ++t) bytes += tb.rows[t] * (tb.dim_offsets[t + 1] - tb.dim_offsets[t]);
-  if (bytes * elem_bytes < kRowOrderMinBytes || N * 8 > kCachedScratchBytes) return false;
+  if (!a.lk.one_per_bag || tb.T * tb.B * 8 > kCachedScratchBytes) return false;
+  int64_t bytes = 0;
   for (int64_t t = 0; t < tb.T; ++t) {
-    if (!with_one_block(tb.dim_offsets[t + 1] - tb.dim_offsets[t], [](auto) {})) return false;
+    const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
+    if (!with_one_block(D, [](auto) {})) return false;
+    bytes += tb.rows[t] * D;
   }
-  return one_lookup_per_bag(off, tb.T * tb.B);
+  return bytes * elem_bytes >= kRowOrderMinBytes;
 }
 
 // The forward; with `sorted` (every table's lookups, sort_rows with
@@ -225,12 +224,13 @@ int64_t forward(const EmbeddingBagArgs& a, void* out) {
 
 template <typename W, typename I>
 int64_t train_forward(const EmbeddingBagArgs& a, void* out) {
-  if (!gathers_in_row_order<I>(a, sizeof(W))) return forward<W, I>(a, out);
+  if (!gathers_in_row_order(a, sizeof(W))) return forward<W, I>(a, out);
   const I* off = static_cast<const I*>(a.lk.offsets);
   const int64_t N = static_cast<int64_t>(off[a.tb.T * a.tb.B]);
-  uint64_t* sorted = keep_forward_sorted(a.tb, a.lk, N);
+  auto [sorted, copy] = keep_forward_sorted<I>(a.tb, a.lk, N);
   std::unique_ptr<uint64_t[]> own;
-  const int64_t bad = sort_rows<I>(a.tb, a.lk, true, sorted, sort_scratch(N + 1, own), nullptr);
+  const int64_t bad =
+      sort_rows<I>(a.tb, a.lk, true, sorted, sort_scratch(N + 1, own), nullptr, copy);
   if (bad >= 0) {
     drop_forward_sorted();
     return bad;
@@ -322,16 +322,29 @@ void psw_grad(const EmbeddingBagArgs& a, const void* grad_out_ptr, float* grad_p
   });
 }
 
+// Offsets of a big batch come from memory: both threads read them (26 x
+// 2048 one-lookup bags: see docs/performance.md).
+constexpr int64_t kScanGrain = 16384;
+
 template <typename I>
-bool offsets_ordered(const I* off, int64_t n) {
-  int disordered = 0;  // no early exit: the loop vectorises
-  for (int64_t i = 1; i < n; ++i) disordered |= off[i] < off[i - 1];
-  return !disordered;
+int scan_offsets(const I* off, int64_t n) {
+  std::atomic<int> seen{0};  // kOrdered: some pair decreases; kOnePerBag: some bag is not of one
+  torch::stable::parallel_for(1, std::max<int64_t>(n, 1), kScanGrain, [&](int64_t b, int64_t e) {
+    // Integer flags and no early exit: the loop vectorises (bools did not).
+    uint64_t disordered = 0, other = 0;
+    for (int64_t i = b; i < e; ++i) {
+      disordered |= off[i] < off[i - 1];
+      other |= static_cast<uint64_t>(static_cast<int64_t>(off[i])) -
+               static_cast<uint64_t>(static_cast<int64_t>(off[i - 1])) - 1;
+    }
+    seen.fetch_or((disordered ? kOrdered : 0) | (other ? kOnePerBag : 0));
+  });
+  return ~seen.load() & (kOrdered | kOnePerBag);
 }
 
-bool offsets_ordered_entry(const void* off, bool int64, int64_t n) {
-  return int64 ? offsets_ordered(static_cast<const int64_t*>(off), n)
-               : offsets_ordered(static_cast<const int32_t*>(off), n);
+int scan_offsets_entry(const void* off, bool int64, int64_t n) {
+  return int64 ? scan_offsets(static_cast<const int64_t*>(off), n)
+               : scan_offsets(static_cast<const int32_t*>(off), n);
 }
 
 #define DLRM_TYPED_ENTRY(name, ret, params, args)                                  \
@@ -354,7 +367,7 @@ DLRM_TYPED_ENTRY(psw_grad, void, (const EmbeddingBagArgs& a, const void* go, flo
 
 }  // namespace
 
-REGISTER_CPU_KERNEL(offsets_ordered_stub, &offsets_ordered_entry);
+REGISTER_CPU_KERNEL(scan_offsets_stub, &scan_offsets_entry);
 REGISTER_CPU_KERNEL(embedding_bag_forward_stub, &forward_entry);
 REGISTER_CPU_KERNEL(embedding_bag_train_forward_stub, &train_forward_entry);
 REGISTER_CPU_KERNEL(embedding_bag_backward_dense_stub, &backward_dense_entry);

@@ -34,6 +34,7 @@ struct Lookups {
   bool int64;                       // dtype of indices and offsets
   const float* per_sample_weights;  // [N] or nullptr
   int64_t pooling;
+  bool one_per_bag = false;         // every bag holds exactly one lookup
 };
 
 // All float tensors (weights, output, grad_output, grad_weight, values) share
@@ -91,11 +92,12 @@ struct UpdateArgs {
 // Returns the first out-of-range index position, or -1 (then nothing was written).
 using UpdateFn = int64_t (*)(const UpdateArgs&);
 
-// Whether offsets[0..n) (int64 or int32) never decrease: validation's loop
-// over every bag, vectorised per instruction set.
-using OffsetsOrderedFn = bool (*)(const void* offsets, bool int64, int64_t n);
+// Validation's pass over every bag's offsets (int64 or int32, n of them):
+// kOrdered if they never decrease, kOnePerBag if each bag holds one lookup.
+enum OffsetsScan : int { kOrdered = 1, kOnePerBag = 2 };
+using ScanOffsetsFn = int (*)(const void* offsets, bool int64, int64_t n);
 
-extern DispatchStub<OffsetsOrderedFn> offsets_ordered_stub;
+extern DispatchStub<ScanOffsetsFn> scan_offsets_stub;
 extern DispatchStub<ForwardFn> embedding_bag_forward_stub;
 // The forward of a training step with a fused optimizer (same return, same
 // values; a one-lookup bag gathered in row order is its row copied, so a -0

@@ -11,6 +11,7 @@
 #include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <cstring>
@@ -70,14 +71,17 @@ inline uint64_t* radix_sort_rows(uint64_t* keys, uint64_t* tmp, int64_t n, int n
   }
   const int passes = (nbits + kDigit - 1) / kDigit;
   constexpr uint64_t kMask = (uint64_t{1} << kDigit) - 1;
-  int64_t count[kMaxPasses][1 << kDigit] = {};
+  // 32-bit counts (a table has < 2^32 lookups), only the passes' zeroed:
+  // 64-bit counts of every pass zeroed 48 KB per table.
+  uint32_t count[kMaxPasses][1 << kDigit];
+  std::memset(count, 0, sizeof(count[0]) * passes);
   for (int64_t i = 0; i < n; ++i) {  // every pass's histogram in one read
     for (int q = 0; q < passes; ++q) ++count[q][(keys[i] >> (32 + q * kDigit)) & kMask];
   }
   for (int q = 0; q < passes; ++q) {
-    int64_t sum = 0;
+    uint32_t sum = 0;
     for (auto& c : count[q]) {
-      const int64_t k = c;
+      const uint32_t k = c;
       c = sum;
       sum += k;
     }
@@ -112,11 +116,11 @@ inline uint64_t* sort_scratch(int64_t words, std::unique_ptr<uint64_t[]>& own) {
 // Sorts every table's lookups by row into entries [N] (SortedLookups'
 // layout; tmp: N words of scratch), parallel over tables. `low` is the
 // position in the table with `positions`, else the bag; bag (when not null)
-// gets the bag of every position. Returns the first position whose index is
-// out of range, or -1.
+// gets the bag of every position, copy (when not null) the indices. Returns
+// the first position whose index is out of range, or -1.
 template <typename I>
 int64_t sort_rows(const TableBatch& tb, const Lookups& lk, bool positions, uint64_t* entries,
-                  uint64_t* tmp, int32_t* bag) {
+                  uint64_t* tmp, int32_t* bag, I* copy = nullptr) {
   const I* idx = static_cast<const I*>(lk.indices);
   const I* off = static_cast<const I*>(lk.offsets);
   const int64_t T = tb.T, B = tb.B;
@@ -127,6 +131,7 @@ int64_t sort_rows(const TableBatch& tb, const Lookups& lk, bool positions, uint6
       const uint64_t rows = static_cast<uint64_t>(tb.rows[t]);
       uint64_t* e = entries + start;
       int64_t bad = INT64_MAX;
+      if (copy) std::copy(idx + start, idx + start + n, copy + start);
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t p = off[t * B + b]; p < off[t * B + b + 1]; ++p) {
           uint64_t r = checked_row(idx, p, rows, true, bad);
@@ -159,15 +164,6 @@ SortedLookups sort_lookups(const TableBatch& tb, const Lookups& lk) {
   return s;
 }
 
-// Whether each of the bags [0, bags) holds exactly one lookup; all tables'
-// bags at once with bags = T * B (no early exit: the loop vectorises).
-template <typename I>
-bool one_lookup_per_bag(const I* off, int64_t bags) {
-  bool other = false;
-  for (int64_t b = 0; b < bags; ++b) other |= off[b + 1] - off[b] != 1;
-  return !other;
-}
-
 // The training forward's sorted lookups (sort_rows with positions), kept for
 // the update of the same lookups on this thread: the backward of a CPU graph
 // runs on the thread that called it. Held with a copy of the indices they
@@ -188,26 +184,40 @@ inline ForwardSorted& forward_sorted() {
   return f;
 }
 // A buffer for the sort of the N lookups lk of tables tb, held for the next
-// update, with a copy of the indices.
-inline uint64_t* keep_forward_sorted(const TableBatch& tb, const Lookups& lk, int64_t N) {
+// update, and one for a copy of their indices (sort_rows writes both).
+template <typename I>
+std::pair<uint64_t*, I*> keep_forward_sorted(const TableBatch& tb, const Lookups& lk, int64_t N) {
   ForwardSorted& f = forward_sorted();
   if (f.words < N) {
     f.entries.reset(new uint64_t[N]);
     f.words = N;
   }
-  f.index_bytes = N * (lk.int64 ? 8 : 4);
+  f.index_bytes = N * static_cast<int64_t>(sizeof(I));
   if (f.index_capacity < f.index_bytes) {
     f.indices.reset(new char[f.index_bytes]);
     f.index_capacity = f.index_bytes;
   }
-  std::memcpy(f.indices.get(), lk.indices, f.index_bytes);
   f.T = tb.T;
   f.B = tb.B;
   f.rows.assign(tb.rows, tb.rows + tb.T);
   f.n = N;
-  return f.entries.get();
+  return {f.entries.get(), reinterpret_cast<I*>(f.indices.get())};
 }
 inline void drop_forward_sorted() { forward_sorted().n = -1; }
+
+// Whether the n bytes at x and y are equal, compared by all threads: the
+// indices of a big batch come from memory.
+inline bool same_bytes(const void* x, const void* y, int64_t n) {
+  constexpr int64_t kGrain = 128 << 10;
+  std::atomic<bool> differ{false};
+  torch::stable::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+    if (std::memcmp(static_cast<const char*>(x) + b, static_cast<const char*>(y) + b, e - b)) {
+      differ.store(true, std::memory_order_relaxed);
+    }
+  });
+  return !differ.load();
+}
+
 // The held sort if it is of the N lookups lk of tables tb, else nullptr; held
 // no more. The same tables, the same indices byte for byte and one lookup in
 // every bag (so the same offsets: they start at 0) make it exactly the sort
@@ -215,11 +225,10 @@ inline void drop_forward_sorted() { forward_sorted().n = -1; }
 template <typename I>
 const uint64_t* take_forward_sorted(const TableBatch& tb, const Lookups& lk, int64_t N) {
   ForwardSorted& f = forward_sorted();
-  const bool hit = f.n == N && f.T == tb.T && f.B == tb.B &&
+  const bool hit = f.n == N && lk.one_per_bag && f.T == tb.T && f.B == tb.B &&
                    std::equal(f.rows.begin(), f.rows.end(), tb.rows) &&
                    f.index_bytes == N * static_cast<int64_t>(sizeof(I)) &&
-                   std::memcmp(f.indices.get(), lk.indices, f.index_bytes) == 0 &&
-                   one_lookup_per_bag(static_cast<const I*>(lk.offsets), tb.T * tb.B);
+                   same_bytes(f.indices.get(), lk.indices, f.index_bytes);
   f.n = -1;
   return hit ? f.entries.get() : nullptr;
 }
