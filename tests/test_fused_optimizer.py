@@ -97,8 +97,10 @@ def _radix_bags(rows, B, g):
     for t, n in enumerate(rows):
         hot = torch.randint(0, n, (40,), generator=g)
         hot[:3] = torch.tensor([0, n - 1, n // 2])  # first and last rows, a top-digit edge
-        # Rows equal in their low 11 and 22 bits: only the later digit passes part them.
-        hot[3:6] = torch.tensor([7, 7 + (1 << 11), 7 + (1 << 22)]) % n
+        # Rows equal in their low digits (12-bit rows: 6-bit digits; 24-bit
+        # rows: 8-bit digits): only the later digit passes part them.
+        hot[3:9] = torch.tensor([7, 7 + (1 << 6), 7 + (1 << 8), 7 + (1 << 12), 7 + (1 << 16),
+                                 7 + (1 << 22)]) % n
         cnt = int(lengths[t * B:(t + 1) * B].sum())
         idx.append(hot[torch.randint(0, 40, (cnt,), generator=g)])
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])

@@ -64,29 +64,31 @@ struct SortedLookups {
 // result is in row order and, within a row, in input order. Returns the
 // buffer holding the result.
 inline uint64_t* radix_sort_rows(uint64_t* keys, uint64_t* tmp, int64_t n, int nbits) {
-  constexpr int kDigit = 11, kMaxPasses = 3;
+  constexpr int kMaxDigit = 11, kMaxPasses = 3;
   if (n <= 256) {  // equal rows keep input order: lows ascend within a row
     std::sort(keys, keys + n);
     return keys;
   }
-  const int passes = (nbits + kDigit - 1) / kDigit;
-  constexpr uint64_t kMask = (uint64_t{1} << kDigit) - 1;
-  // 32-bit counts (a table has < 2^32 lookups), only the passes' zeroed:
-  // 64-bit counts of every pass zeroed 48 KB per table.
-  uint32_t count[kMaxPasses][1 << kDigit];
-  std::memset(count, 0, sizeof(count[0]) * passes);
+  // Passes of equal digits (19-bit rows: 10 + 9 bits, not 11 + 8), counts
+  // 32-bit (a table has < 2^32 lookups) and only the passes' zeroed.
+  const int passes = (nbits + kMaxDigit - 1) / kMaxDigit;
+  if (passes == 0) return keys;
+  const int digit = (nbits + passes - 1) / passes;
+  const uint64_t mask = (uint64_t{1} << digit) - 1;
+  uint32_t count[kMaxPasses][1 << kMaxDigit];
+  for (int q = 0; q < passes; ++q) std::memset(count[q], 0, sizeof(uint32_t) << digit);
   for (int64_t i = 0; i < n; ++i) {  // every pass's histogram in one read
-    for (int q = 0; q < passes; ++q) ++count[q][(keys[i] >> (32 + q * kDigit)) & kMask];
+    for (int q = 0; q < passes; ++q) ++count[q][(keys[i] >> (32 + q * digit)) & mask];
   }
   for (int q = 0; q < passes; ++q) {
     uint32_t sum = 0;
-    for (auto& c : count[q]) {
-      const uint32_t k = c;
-      c = sum;
+    for (uint64_t j = 0; j <= mask; ++j) {
+      const uint32_t k = count[q][j];
+      count[q][j] = sum;
       sum += k;
     }
-    const int shift = 32 + q * kDigit;
-    for (int64_t i = 0; i < n; ++i) tmp[count[q][(keys[i] >> shift) & kMask]++] = keys[i];
+    const int shift = 32 + q * digit;
+    for (int64_t i = 0; i < n; ++i) tmp[count[q][(keys[i] >> shift) & mask]++] = keys[i];
     std::swap(keys, tmp);
   }
   return keys;
@@ -132,14 +134,22 @@ int64_t sort_rows(const TableBatch& tb, const Lookups& lk, bool positions, uint6
       uint64_t* e = entries + start;
       int64_t bad = INT64_MAX;
       if (copy) std::copy(idx + start, idx + start + n, copy + start);
-      for (int64_t b = 0; b < B; ++b) {
-        for (int64_t p = off[t * B + b]; p < off[t * B + b + 1]; ++p) {
+      if (positions && !bag) {  // no bags wanted: the offsets stay unread
+        for (int64_t p = start; p < start + n; ++p) {
           uint64_t r = checked_row(idx, p, rows, true, bad);
           if (r == kBadRow) r = 0;  // keeps the sort valid; the caller throws
-          const uint64_t low = positions ? static_cast<uint64_t>(p - start)
-                                         : static_cast<uint64_t>(b);
-          e[p - start] = (r << 32) | low;
-          if (bag) bag[p] = static_cast<int32_t>(b);
+          e[p - start] = (r << 32) | static_cast<uint64_t>(p - start);
+        }
+      } else {
+        for (int64_t b = 0; b < B; ++b) {
+          for (int64_t p = off[t * B + b]; p < off[t * B + b + 1]; ++p) {
+            uint64_t r = checked_row(idx, p, rows, true, bad);
+            if (r == kBadRow) r = 0;
+            const uint64_t low = positions ? static_cast<uint64_t>(p - start)
+                                           : static_cast<uint64_t>(b);
+            e[p - start] = (r << 32) | low;
+            if (bag) bag[p] = static_cast<int32_t>(b);
+          }
         }
       }
       first_bad.record(bad);
