@@ -519,7 +519,8 @@ def test_held_sort_refused_for_other_bags(optimizer):
     assert not torch.equal(a.weight, w0)
 
 
-def test_row_order_refused_for_a_late_bag_of_two():
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_row_order_refused_for_a_late_bag_of_two(index_dtype):
     """Bags of one lookup but for one pair far into a big batch (past the
     first thread's share of the offsets scan): the training forward gathers
     in bag order, and the step matches the plain forward and a dense SGD step."""
@@ -533,6 +534,7 @@ def test_row_order_refused_for_a_late_bag_of_two():
     idx[100:200] = idx[7]  # duplicates
     off = torch.arange(2 * B + 1)
     off[30_001] += 1  # bag 30000 (table 1) holds two lookups, bag 30001 none
+    idx, off = idx.to(index_dtype), off.to(index_dtype)
     grad = torch.randn(B, 2 * ROW_ORDER_D, generator=g)
     out = a(idx, off)
     expect = plain(idx, off)

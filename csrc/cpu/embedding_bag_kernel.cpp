@@ -163,6 +163,7 @@ constexpr int64_t kRowOrderMinBytes = int64_t{64} << 20;
 
 bool gathers_in_row_order(const EmbeddingBagArgs& a, int64_t elem_bytes) {
   const TableBatch& tb = a.tb;
+  // One lookup per bag: T * B lookups, whose sort must fit the held buffer.
   if (!a.lk.one_per_bag || tb.T * tb.B * 8 > kCachedScratchBytes) return false;
   int64_t bytes = 0;
   for (int64_t t = 0; t < tb.T; ++t) {
