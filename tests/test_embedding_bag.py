@@ -228,6 +228,36 @@ def test_dense_backward_is_deterministic_across_threads():
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
+
+def test_chunks_taken_by_other_threads_cover_every_lookup():
+    # Forward and update share each thread's part out in 32 chunks, which
+    # threads done early take from the others: 7 threads on this machine's
+    # cores make them take many. Every bag and every run exactly once.
+    rows = [3000, 40, 900]
+    indices, offsets = make_bags(rows, B=3000, max_len=12, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(3000, 3 * 16, generator=torch.Generator().manual_seed(2))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 7):
+            torch.set_num_threads(n)
+            ebc = EmbeddingBagCollection(rows, 16, optimizer="sgd", lr=0.1)
+            with torch.no_grad():
+                ebc.weight.copy_(torch.linspace(-1, 1, ebc.weight.numel()).view_as(ebc.weight))
+            tables = [t.detach().clone() for t in tables_of(ebc)]
+            out = ebc(indices, offsets)
+            torch.testing.assert_close(
+                out, reference.table_batched_embedding_bag(tables, indices, offsets))
+            out.backward(grad)
+            results.append(ebc.weight.detach().clone())
+    finally:
+        torch.set_num_threads(threads)
+    dense = [t.requires_grad_() for t in tables]
+    reference.table_batched_embedding_bag(dense, indices, offsets).backward(grad)
+    expected = torch.cat([(t - 0.1 * t.grad).detach() for t in dense])
+    torch.testing.assert_close(results[0], expected.view_as(results[0]))
+    assert torch.equal(results[0], results[1])
+
 def test_inputs_are_not_modified():
     rows = [10, 10]
     ebc = EmbeddingBagCollection(rows, 4)

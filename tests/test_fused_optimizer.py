@@ -167,7 +167,7 @@ def test_long_bags_match_torch(mode, weighted, threads, dtype):
     # Table 0 has 24 lookups per bag, so the walk copies its gradient rows
     # into a contiguous buffer (kCopyLookupsPerBag in sorted_lookups.h);
     # table 1 has at most 2, gathered in place. With 3 threads the walk is
-    # split inside table 0, and its last chunk there is too short to copy.
+    # split inside table 0, each thread copying the rows for its chunks.
     rows, B, D = [500, 300], 128, 16
     torch.manual_seed(0)
     ebc = EmbeddingBagCollection(rows, D, mode=mode, dtype=dtype, optimizer="sgd", lr=0.1)

@@ -248,16 +248,35 @@ struct GradRows {
   const W* operator[](int64_t b) const { return base + b * stride; }
 };
 
-// A chunk copies a table's gradient slice (B rows strided by grad_out's row)
-// into a contiguous buffer when it has at least kCopyLookupsPerBag lookups
-// per bag of that table and the slice fits in kCopyMaxBytes, well inside L2.
-// Each strided row sits on its own 4 KiB page: gathered many times in row
-// order, their TLB and cache misses cost more than the copy. SGD steps on
-// 26 x 500k x 64 Zipf tables, 3 runs each, copy against none: 4 and 6 per
-// bag 7.1-7.6 / 6.8-7.4 ms and 11.8-14.7 / 10.2-12.2 ms; 8 per bag
-// 18.1-18.3 / 19.0-21.5 ms, 16 per bag 36.3-38.4 / 40.0-41.4 ms.
+// A thread copies a table's gradient slice (B rows strided by grad_out's row)
+// into a contiguous buffer when the table has at least kCopyLookupsPerBag
+// lookups per bag, the slice fits in kCopyMaxBytes, well inside L2, and its
+// chunk holds at least B of them. Each strided row sits on its own 4 KiB
+// page: gathered many times in row order, their TLB and cache misses cost
+// more than the copy. SGD steps on 26 x 500k x 64 Zipf tables, 3 runs each,
+// copy against none: 4 and 6 per bag 7.1-7.6 / 6.8-7.4 ms and 11.8-14.7 /
+// 10.2-12.2 ms; 8 per bag 18.1-18.3 / 19.0-21.5 ms, 16 per bag 36.3-38.4 /
+// 40.0-41.4 ms.
 constexpr int64_t kCopyLookupsPerBag = 8;
 constexpr int64_t kCopyMaxBytes = 1 << 20;
+
+// The slice a thread copied last, kept for its next chunks of the same table
+// in the same call (`call`: for_each_table_runs' count of calls).
+template <typename W>
+struct GradCopy {
+  uint64_t call = 0;
+  int64_t t = -1;
+  std::vector<W> rows;
+};
+template <typename W>
+GradCopy<W>& grad_copy() {
+  thread_local GradCopy<W> c;
+  return c;
+}
+inline uint64_t next_runs_call() {
+  static std::atomic<uint64_t> calls{0};
+  return calls.fetch_add(1, std::memory_order_relaxed) + 1;
+}
 
 // Calls f(t, begin, end, grads) for each table t in a chunk of the sorted
 // entries: [begin, end) are whole runs of equal rows of table t, each run seen
@@ -289,23 +308,28 @@ void for_each_table_runs(const TableBatch& tb, const Lookups& lk, const SortedLo
     while (p < table_end && p > table_start && (e[p] >> 32) == (e[p - 1] >> 32)) ++p;
     return p;
   };
-  torch::stable::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+  const uint64_t call = next_runs_call();
+  parallel_balanced(N, grain, [&](int64_t begin, int64_t end) {
     int64_t p = run_start_from(begin);
     const int64_t stop = run_start_from(end);
-    std::vector<W> copy;
     for (int64_t t = p < stop ? table_of(p) : T; p < stop; ++t) {
       const int64_t table_end = std::min<int64_t>(stop, off[(t + 1) * B]);
       if (p >= table_end) continue;
       const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
       const W* slice = grad_out + tb.dim_offsets[t];
       GradRows<W> grads{slice, total_D};
-      if (table_end - p >= kCopyLookupsPerBag * B &&
+      if (off[(t + 1) * B] - off[t * B] >= kCopyLookupsPerBag * B && table_end - p >= B &&
           B * D * static_cast<int64_t>(sizeof(W)) <= kCopyMaxBytes) {
-        copy.resize(std::max<size_t>(copy.size(), B * D));
-        for (int64_t b = 0; b < B; ++b) {
-          std::copy(slice + b * total_D, slice + b * total_D + D, copy.data() + b * D);
+        GradCopy<W>& c = grad_copy<W>();
+        if (c.call != call || c.t != t) {
+          c.rows.resize(std::max<size_t>(c.rows.size(), B * D));
+          for (int64_t b = 0; b < B; ++b) {
+            std::copy(slice + b * total_D, slice + b * total_D + D, c.rows.data() + b * D);
+          }
+          c.call = call;
+          c.t = t;
         }
-        grads = {copy.data(), D};
+        grads = {c.rows.data(), D};
       }
       f(t, p, table_end, grads);
       p = table_end;
