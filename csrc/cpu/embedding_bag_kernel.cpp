@@ -127,6 +127,12 @@ template <int NV, typename W>
 void gather_sorted(const W* wt, const uint64_t* e, const float* psw, int64_t b0, int64_t b1,
                    int64_t B, W* out, int64_t stride, bool stream) {
   const bool lined = rows_on_lines(wt, 16 * NV * sizeof(W));
+  // The rows the loop would have fetched ahead of b0, up front: a table's
+  // first rows came on demand, a few at a time (measured with the update's
+  // prologue, register_runs).
+  for (int64_t k = b0; k < std::min(b0 + kPrefetchLookups, b1); ++k) {
+    prefetch_row_of<2, 16 * NV * sizeof(W)>(wt + SortedLookups::row(e[k]) * 16 * NV, lined);
+  }
   for (int64_t k = b0; k < b1; ++k) {
     prefetch_row_of<2, 16 * NV * sizeof(W)>(
         wt + SortedLookups::row(e[std::min(k + kPrefetchLookups, B - 1)]) * 16 * NV, lined);

@@ -157,6 +157,27 @@ void register_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64
   const bool grads_lined =
       rows_on_lines(grads.base, kRowBytes) && grads.stride * sizeof(W) % 64 == 0;
   float g[D], wf[D];
+  // What the loop would have fetched ahead of `begin`, up front: a table's
+  // first runs came on demand, a few at a time. With gather_sorted's, on
+  // 26 x 500k x 64 Zipf tables, one lookup per bag, 2 threads, alternated in
+  // one process: SGD steps 0.96-0.98x the time, row-wise Adagrad 0.98x.
+  for (int64_t k = begin; k < std::min(begin + kPrefetchGrads, end); ++k) {
+    const W* x = Plain ? grads[SortedLookups::low(e[k])] : grads[s.bag_of(e[k], start)];
+    prefetch_row_of<3, kRowBytes>(x, grads_lined);
+  }
+  for (int64_t k = begin; k < std::min(begin + kPrefetchFarRows, end); ++k) {
+    const int64_t r = SortedLookups::row(e[k]);
+    prefetch_row_of<2, kRowBytes>(w + elem_base + r * D, lined);
+    if (A != Apply::kSgd && a.optimizer == kRowwiseAdagrad) {
+      __builtin_prefetch(a.momentum1 + state_base + r, 0, 2);
+    }
+    if (A == Apply::kRow && elementwise_state) {
+      prefetch_row_of<2, kStateBytes>(a.momentum1 + elem_base + r * D, state_lined);
+      if (a.optimizer == kAdam) {
+        prefetch_row_of<2, kStateBytes>(a.momentum2 + elem_base + r * D, state_lined);
+      }
+    }
+  }
   for (int64_t p = begin; p < end;) {
     const int64_t row = SortedLookups::row(e[p]);
     vf16 acc[NV];
