@@ -125,6 +125,7 @@ def time_all(fns: Dict[str, Callable[[], object]], min_time: float = 0.3,
 # reference for what is overhead. Compiled at run time with cc.
 _PROBE_SRC = r"""
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 /* Table-major bags summed into out [B, T*D]; row r of STRIDE elements of
@@ -246,11 +247,11 @@ static inline __attribute__((always_inline)) void floor_gather(
 
 static inline __attribute__((always_inline)) void floor_walk(
     float* w, int64_t rows, const int64_t D, int64_t T, int64_t B, const uint64_t* sorted,
-    const float* grad, float lr, int64_t t) {
+    const float* grad, float lr, float eps, float* state, int64_t t) {
   const uint64_t* e = sorted + t * B;
   float* wt = w + t * rows * D;
+  float* st = state ? state + t * rows : 0;
   const float* gt = grad + t * D;
-  const __m256 step = _mm256_set1_ps(lr);
   __m256 g[128];
   for (int64_t p = 0; p < B;) {
     const uint64_t r = e[p] >> 32;
@@ -262,11 +263,25 @@ static inline __attribute__((always_inline)) void floor_walk(
       for (int64_t j = 0; j < D / 8; ++j)
         g[j] = q == p ? _mm256_loadu_ps(x + 8 * j) : _mm256_add_ps(g[j], _mm256_loadu_ps(x + 8 * j));
     }
-    PREFETCH_LINES(wt + (e[q + 7 < B ? q + 7 : B - 1] >> 32) * D, D * 4, _MM_HINT_T0);
-    PREFETCH_LINES(wt + (e[q + 63 < B ? q + 63 : B - 1] >> 32) * D, D * 4, _MM_HINT_T1);
+    const uint64_t rn = e[q + 7 < B ? q + 7 : B - 1] >> 32, rf = e[q + 63 < B ? q + 63 : B - 1] >> 32;
+    PREFETCH_LINES(wt + rn * D, D * 4, _MM_HINT_T0);
+    PREFETCH_LINES(wt + rf * D, D * 4, _MM_HINT_T1);
+    float step = lr;
+    if (st) {  /* row-wise Adagrad: s += mean(g * g), step lr / (sqrt(s) + eps) */
+      _mm_prefetch((const char*)(st + rn), _MM_HINT_T0);
+      _mm_prefetch((const char*)(st + rf), _MM_HINT_T1);
+      __m256 sq = _mm256_mul_ps(g[0], g[0]);
+      for (int64_t j = 1; j < D / 8; ++j) sq = _mm256_fmadd_ps(g[j], g[j], sq);
+      float lanes[8], sum = 0.f;
+      _mm256_storeu_ps(lanes, sq);
+      for (int k = 0; k < 8; ++k) sum += lanes[k];
+      st[r] += sum / (float)D;
+      step = lr / (sqrtf(st[r]) + eps);
+    }
+    const __m256 s8 = _mm256_set1_ps(step);
     float* wr = wt + r * D;
     for (int64_t j = 0; j < D / 8; ++j)
-      _mm256_storeu_ps(wr + 8 * j, _mm256_fnmadd_ps(step, g[j], _mm256_loadu_ps(wr + 8 * j)));
+      _mm256_storeu_ps(wr + 8 * j, _mm256_fnmadd_ps(s8, g[j], _mm256_loadu_ps(wr + 8 * j)));
     p = q;
   }
 }
@@ -281,7 +296,7 @@ static inline __attribute__((always_inline)) void floor_walk(
       _mm_sfence();                                                                  \
     }                                                                                \
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")               \
-    for (int64_t t = 0; t < T; ++t) floor_walk(w, rows, DV, T, B, sorted, grad, lr, t); \
+    for (int64_t t = 0; t < T; ++t) floor_walk(w, rows, DV, T, B, sorted, grad, lr, eps, state, t); \
   }
 
 /* One lookup per bag: the SGD step's memory traffic and nothing more, the
@@ -290,9 +305,11 @@ static inline __attribute__((always_inline)) void floor_walk(
    the forward copies each row into its bag's output in that order, then the
    walk sums each row's gradient rows and updates it once, w -= lr * g. The
    prefetch distances are the fused step's. No sort, no checks, no framework.
-   D % 8 == 0, D <= 1024, out 32-byte aligned. */
-void sgd_floor(float* w, int64_t rows, int64_t D, int64_t T, int64_t B, const uint64_t* sorted,
-               const float* grad, float* out, float lr, int nthreads) {
+   With `state` (one float per row, [T, rows]) the update is row-wise
+   Adagrad's (rowwise_floor). D % 8 == 0, D <= 1024, out 32-byte aligned. */
+static void floor_step(float* w, int64_t rows, int64_t D, int64_t T, int64_t B,
+                       const uint64_t* sorted, const float* grad, float* out, float lr, float eps,
+                       float* state, int nthreads) {
   switch (D) {
     case 16: FLOOR_WITH(16) break;
     case 32: FLOOR_WITH(32) break;
@@ -301,12 +318,25 @@ void sgd_floor(float* w, int64_t rows, int64_t D, int64_t T, int64_t B, const ui
     default: FLOOR_WITH(D)
   }
 }
+
+void sgd_floor(float* w, int64_t rows, int64_t D, int64_t T, int64_t B, const uint64_t* sorted,
+               const float* grad, float* out, float lr, int nthreads) {
+  floor_step(w, rows, D, T, B, sorted, grad, out, lr, 0.f, 0, nthreads);
+}
+
+void rowwise_floor(float* w, int64_t rows, int64_t D, int64_t T, int64_t B,
+                   const uint64_t* sorted, const float* grad, float* out, float lr, float eps,
+                   float* state, int nthreads) {
+  floor_step(w, rows, D, T, B, sorted, grad, out, lr, eps, state, nthreads);
+}
 """
 _PROBE_ARGS = {  # ctypes argument types of each probe function
     "pool": ["p", "i64", "i64", "i64", "i64", "p", "p", "p", "int"],
     "pool_int8": ["p", "i64", "i64", "i64", "i64", "p", "p", "p", "int"],
     "sgd_step": ["p", "i64", "i64", "i64", "i64", "p", "p", "p", "p", "float", "p", "p", "int"],
     "sgd_floor": ["p", "i64", "i64", "i64", "i64", "p", "p", "p", "float", "int"],
+    "rowwise_floor": ["p", "i64", "i64", "i64", "i64", "p", "p", "p", "float", "float", "p",
+                      "int"],
 }
 
 
@@ -453,6 +483,7 @@ def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
                                    optimizer=optimizer, lr=lr)
     fused.weight = inp.ebc.weight  # every contender updates the same rows: one copy in memory
     out = {"dlrm_ops fused": inp.in_turn(lambda i: fused(i, off).backward(grad))}
+    out["dlrm_ops fused"].module = fused  # its state, for tests/test_benchmark.py
 
     torch_opt = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad,
                  "adam": torch.optim.SparseAdam}.get(optimizer)
@@ -506,19 +537,26 @@ def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
         out["C SGD step probe"] = inp.in_turn(lambda i: probe(
             w.data_ptr(), rows, D, T, B, i.data_ptr(), off.data_ptr(), grad.data_ptr(),
             res.data_ptr(), lr, keys[0].data_ptr(), keys[1].data_ptr(), torch.get_num_threads()))
-    floor = _load_probe("sgd_floor") if probe is not None and inp.L == 1 and D % 8 == 0 else None
+    floors = {"sgd": ("sgd_floor", "C SGD floor probe"),
+              "rowwise_adagrad": ("rowwise_floor", "C row-wise floor probe")}
+    floor = _load_probe(floors[optimizer][0]) \
+        if optimizer in floors and inp.ebc.weight.dtype == torch.float32 and inp.L == 1 \
+        and D % 8 == 0 and D <= 1024 else None
     if floor is not None:  # each batch's lookups sorted by row up front: the floor's input
         w = inp.ebc.weight.detach()
         res = torch.empty(B, T * D)
         bags = torch.arange(B).expand(T, B)
+        state = None if optimizer == "sgd" else _huge_copy(fused.momentum1)  # on huge pages, as ours
+        extra = () if state is None else (float(fused.hparams[1]), state.data_ptr())
 
         def by_row(i):
             return (torch.sort((i.view(T, B) << 32) | bags, dim=1).values.contiguous(),)
         floor_step = inp.in_turn(lambda e: floor(
             w.data_ptr(), rows, D, T, B, e.data_ptr(), grad.data_ptr(), res.data_ptr(), lr,
-            torch.get_num_threads()), by_row)
+            *extra, torch.get_num_threads()), by_row)
         floor_step.out = res  # its forward's output, for tests/test_benchmark.py
-        out["C SGD floor probe"] = floor_step
+        floor_step.state = state
+        out[floors[optimizer][1]] = floor_step
     eps = float(fused.hparams[1])  # the fused module's default for this optimizer
     tbe = _fbgemm_training_tbe(inp, optimizer, lr, eps) \
         if inp.ebc.weight.dtype == torch.float32 else None

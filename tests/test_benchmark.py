@@ -95,25 +95,32 @@ def test_training_contenders_update_alike(optimizer, L):
                                    rtol=1e-5, msg="fbgemm TBE")
 
 
-def test_c_sgd_floor_probe_steps_one_lookup_per_bag():
-    """The floor probe takes each batch's lookups sorted up front and makes
-    our step's weights and forward output; only at one lookup per bag."""
+@pytest.mark.parametrize("optimizer, name", [("sgd", "C SGD floor probe"),
+                                             ("rowwise_adagrad", "C row-wise floor probe")])
+def test_c_floor_probes_step_one_lookup_per_bag(optimizer, name):
+    """The floor probes take each batch's lookups sorted up front and make
+    our step's weights (and row-wise state) and forward output; only at one
+    lookup per bag."""
     if _load_probe("sgd_floor") is None:
         pytest.skip("no C compiler")
     inp = make_tbe_inputs(3, 500, 32, 8, 1, batches=2)
     weight = inp.ebc.weight.detach()
     before = weight.clone()
-    fns = training_contenders(inp, "sgd", lr=0.1)
+    fns = training_contenders(inp, optimizer, lr=0.1)
     expect_out = inp.ebc(inp.batches[0], inp.offsets).detach()
     fns["dlrm_ops fused"]()
     expect = weight.clone()
     weight.copy_(before)
-    floor = fns["C SGD floor probe"]
+    floor = fns[name]
     floor()
     torch.testing.assert_close(weight, expect, atol=1e-6, rtol=1e-5)
     assert torch.equal(floor.out, expect_out)  # a row copied is its one-lookup bag's sum
-    assert "C SGD floor probe" not in training_contenders(make_tbe_inputs(2, 50, 32, 4, 2), "sgd")
-    assert "C SGD floor probe" not in training_contenders(make_tbe_inputs(2, 50, 36, 4, 1), "sgd")
+    if optimizer != "sgd":
+        state = fns["dlrm_ops fused"].module.momentum1
+        assert state.abs().sum() > 0
+        torch.testing.assert_close(floor.state, state, atol=1e-6, rtol=1e-5)
+    assert name not in training_contenders(make_tbe_inputs(2, 50, 32, 4, 2), optimizer)
+    assert name not in training_contenders(make_tbe_inputs(2, 50, 36, 4, 1), optimizer)
 
 
 def test_c_sgd_step_probe_only_where_its_rows_fit():
