@@ -212,7 +212,7 @@ void sgd_step(float* w, int64_t rows, int64_t D, int64_t T, int64_t B, const int
         for (int64_t l = 0; l < D * 4; l += 64) _mm_prefetch((const char*)(wt + (s[q + 7] >> 32) * D) + l, _MM_HINT_T0);
       if (q + 64 <= n)
         for (int64_t l = 0; l < D * 4; l += 64) _mm_prefetch((const char*)(wt + (s[q + 63] >> 32) * D) + l, _MM_HINT_T1);
-      for (int64_t k = p + 16; k < q + 16 && k < n; ++k)
+      for (int64_t k = p + 12; k < q + 12 && k < n; ++k)
         for (int64_t l = 0; l < D * 4; l += 64) _mm_prefetch((const char*)(gt + (s[k] & 0xffffffffu) * T * D) + l, _MM_HINT_T0);
       memcpy(g, gt + (s[p] & 0xffffffffu) * T * D, D * sizeof(float));
       for (int64_t k = p + 1; k < q; ++k) {
@@ -257,7 +257,7 @@ static inline __attribute__((always_inline)) void floor_walk(
     const uint64_t r = e[p] >> 32;
     int64_t q = p;
     for (; q < B && (e[q] >> 32) == r; ++q) {
-      PREFETCH_LINES(gt + (e[q + 16 < B ? q + 16 : B - 1] & 0xffffffffu) * T * D, D * 4,
+      PREFETCH_LINES(gt + (e[q + 12 < B ? q + 12 : B - 1] & 0xffffffffu) * T * D, D * 4,
                      _MM_HINT_T0);
       const float* x = gt + (e[q] & 0xffffffffu) * T * D;
       for (int64_t j = 0; j < D / 8; ++j)
