@@ -23,7 +23,7 @@ namespace {
 // threads, in one process against 16): gradients 12 ahead took SGD steps
 // 0.97-0.99x the time, row-wise Adagrad 0.97-0.99x, 8 and 10 as much; 20 per
 // bag and D=128 0.99-1.00x. Rows 6/48, 4/32, 12/96, 8/128 ahead, gradients
-// 24: 0.99-1.04x.
+// 24: 0.98-1.04x.
 constexpr int64_t kPrefetchRows = 8;
 constexpr int64_t kPrefetchFarRows = 64;
 constexpr int64_t kPrefetchGrads = 12;
