@@ -93,6 +93,7 @@ inline bool on_line(const void* p) { return reinterpret_cast<uintptr_t>(p) % 64 
 template <typename F>
 void parallel_balanced(int64_t n, int64_t grain, const F& f) {
   if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
   const int64_t threads = std::min<int64_t>(torch::stable::get_num_threads(), (n + grain - 1) / grain);
   if (threads <= 1) {
     torch::stable::parallel_for(0, n, grain, f);
