@@ -228,7 +228,6 @@ def test_dense_backward_is_deterministic_across_threads():
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
-
 def test_chunks_taken_by_other_threads_cover_every_lookup():
     # Forward and update share each thread's part out in 32 chunks, which
     # threads done early take from the others: 7 threads on this machine's
@@ -257,6 +256,7 @@ def test_chunks_taken_by_other_threads_cover_every_lookup():
     expected = torch.cat([(t - 0.1 * t.grad).detach() for t in dense])
     torch.testing.assert_close(results[0], expected.view_as(results[0]))
     assert torch.equal(results[0], results[1])
+
 
 def test_inputs_are_not_modified():
     rows = [10, 10]

@@ -194,7 +194,7 @@ int64_t pool_tables(const EmbeddingBagArgs& a, W* out, const uint64_t* sorted) {
   const int64_t N = static_cast<int64_t>(off[tb.T * tb.B]);
   const bool stream = std::is_same_v<W, float> && streams_output(tb);
   FirstBad first_bad;
-  parallel_balanced(tb.T * tb.B, bag_grain(tb, N), [&](int64_t begin, int64_t end) {
+  parallel_balanced(tb.T * tb.B, bag_grain(tb, N), [&](int64_t begin, int64_t end, int64_t) {
     int64_t bad = INT64_MAX;
     for_each_table_range(tb, begin, end, [&](int64_t t, int64_t b0, int64_t b1) {
       const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];

@@ -79,8 +79,9 @@ inline bool streams_output(const TableBatch& tb) {
 }
 inline bool on_line(const void* p) { return reinterpret_cast<uintptr_t>(p) % 64 == 0; }
 
-// f(begin, end) over [0, n) in chunks of a 32nd of a thread's share (at
-// least grain). Each thread takes the chunks of its own share, the one
+// f(begin, end, worker) over [0, n) in chunks of a 32nd of a thread's share
+// (at least grain); `worker` (< get_num_threads()) is the same for all chunks
+// one thread runs, for per-thread scratch. Each thread takes the chunks of its own share, the one
 // parallel_for(0, n, grain) would give it, front to back, so it walks the
 // lines its own earlier regions left in its caches; a thread done with its
 // share then takes chunks from the back of the others', so that one held up
@@ -96,7 +97,7 @@ void parallel_balanced(int64_t n, int64_t grain, const F& f) {
   grain = std::max<int64_t>(grain, 1);
   const int64_t threads = std::min<int64_t>(torch::stable::get_num_threads(), (n + grain - 1) / grain);
   if (threads <= 1) {
-    torch::stable::parallel_for(0, n, grain, f);
+    f(0, n, 0);
     return;
   }
   const int64_t share = (n + threads - 1) / threads;
@@ -110,7 +111,7 @@ void parallel_balanced(int64_t n, int64_t grain, const F& f) {
     const int64_t len = std::max<int64_t>(0, std::min(n, (i + 1) * share) - i * share);
     spans[i].v.store((len + chunk - 1) / chunk, std::memory_order_relaxed);
   }
-  auto run = [&](int64_t i, bool from_front) {
+  auto run = [&](int64_t i, bool from_front, int64_t worker) {
     Span& s = spans[i];
     uint64_t v = s.v.load(std::memory_order_relaxed);
     for (;;) {
@@ -120,13 +121,13 @@ void parallel_balanced(int64_t n, int64_t grain, const F& f) {
       const uint64_t next = from_front ? ((front + 1) << 32 | back) : (front << 32 | (back - 1));
       if (!s.v.compare_exchange_weak(v, next, std::memory_order_relaxed)) continue;
       const int64_t b = i * share + static_cast<int64_t>(c) * chunk;
-      f(b, std::min({n, (i + 1) * share, b + chunk}));
+      f(b, std::min({n, (i + 1) * share, b + chunk}), worker);
       v = s.v.load(std::memory_order_relaxed);
     }
   };
   torch::stable::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) run(i, true);
-    for (int64_t k = 1; k < threads; ++k) run((begin + k) % threads, false);
+    for (int64_t i = begin; i < end; ++i) run(i, true, begin);
+    for (int64_t k = 1; k < threads; ++k) run((begin + k) % threads, false, begin);
   });
 }
 

@@ -260,23 +260,12 @@ struct GradRows {
 constexpr int64_t kCopyLookupsPerBag = 8;
 constexpr int64_t kCopyMaxBytes = 1 << 20;
 
-// The slice a thread copied last, kept for its next chunks of the same table
-// in the same call (`call`: for_each_table_runs' count of calls).
+// The slice a thread copied last, kept for its next chunks of the same table.
 template <typename W>
 struct GradCopy {
-  uint64_t call = 0;
   int64_t t = -1;
   std::vector<W> rows;
 };
-template <typename W>
-GradCopy<W>& grad_copy() {
-  thread_local GradCopy<W> c;
-  return c;
-}
-inline uint64_t next_runs_call() {
-  static std::atomic<uint64_t> calls{0};
-  return calls.fetch_add(1, std::memory_order_relaxed) + 1;
-}
 
 // Calls f(t, begin, end, grads) for each table t in a chunk of the sorted
 // entries: [begin, end) are whole runs of equal rows of table t, each run seen
@@ -308,8 +297,8 @@ void for_each_table_runs(const TableBatch& tb, const Lookups& lk, const SortedLo
     while (p < table_end && p > table_start && (e[p] >> 32) == (e[p - 1] >> 32)) ++p;
     return p;
   };
-  const uint64_t call = next_runs_call();
-  parallel_balanced(N, grain, [&](int64_t begin, int64_t end) {
+  std::vector<GradCopy<W>> copies(torch::stable::get_num_threads());
+  parallel_balanced(N, grain, [&](int64_t begin, int64_t end, int64_t worker) {
     int64_t p = run_start_from(begin);
     const int64_t stop = run_start_from(end);
     for (int64_t t = p < stop ? table_of(p) : T; p < stop; ++t) {
@@ -320,13 +309,12 @@ void for_each_table_runs(const TableBatch& tb, const Lookups& lk, const SortedLo
       GradRows<W> grads{slice, total_D};
       if (off[(t + 1) * B] - off[t * B] >= kCopyLookupsPerBag * B && table_end - p >= B &&
           B * D * static_cast<int64_t>(sizeof(W)) <= kCopyMaxBytes) {
-        GradCopy<W>& c = grad_copy<W>();
-        if (c.call != call || c.t != t) {
+        GradCopy<W>& c = copies[worker];
+        if (c.t != t) {
           c.rows.resize(std::max<size_t>(c.rows.size(), B * D));
           for (int64_t b = 0; b < B; ++b) {
             std::copy(slice + b * total_D, slice + b * total_D + D, c.rows.data() + b * D);
           }
-          c.call = call;
           c.t = t;
         }
         grads = {c.rows.data(), D};
