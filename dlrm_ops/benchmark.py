@@ -229,7 +229,7 @@ void sgd_step(float* w, int64_t rows, int64_t D, int64_t T, int64_t B, const int
 #define PREFETCH_LINES(p, bytes, hint) \
   for (int64_t l = 0; l < (bytes); l += 64) _mm_prefetch((const char*)(p) + l, hint)
 
-/* sgd_floor's two passes over table t, inlined with D a constant where it is
+/* floor_step's two passes over table t, inlined with D a constant where it is
    one, so that their loops unroll as the fused step's do (loops per row's
    lines cost the floor 1.3x at D=64). */
 static inline __attribute__((always_inline)) void floor_gather(
@@ -305,9 +305,9 @@ static inline __attribute__((always_inline)) void floor_walk(
    the forward copies each row into its bag's output in that order, then the
    walk sums each row's gradient rows and updates it once, w -= lr * g. The
    prefetch distances are the fused step's. No sort, no checks, no framework.
-   With `state` (one float per row, [T, rows]) the update is row-wise
-   Adagrad's (rowwise_floor). D % 8 == 0, D <= 1024, out 32-byte aligned. */
-static void floor_step(float* w, int64_t rows, int64_t D, int64_t T, int64_t B,
+   With `state` (one float per row, [T, rows]; NULL for SGD) the update is
+   row-wise Adagrad's. D % 8 == 0, D <= 1024, out 32-byte aligned. */
+void floor_step(float* w, int64_t rows, int64_t D, int64_t T, int64_t B,
                        const uint64_t* sorted, const float* grad, float* out, float lr, float eps,
                        float* state, int nthreads) {
   switch (D) {
@@ -318,25 +318,12 @@ static void floor_step(float* w, int64_t rows, int64_t D, int64_t T, int64_t B,
     default: FLOOR_WITH(D)
   }
 }
-
-void sgd_floor(float* w, int64_t rows, int64_t D, int64_t T, int64_t B, const uint64_t* sorted,
-               const float* grad, float* out, float lr, int nthreads) {
-  floor_step(w, rows, D, T, B, sorted, grad, out, lr, 0.f, 0, nthreads);
-}
-
-void rowwise_floor(float* w, int64_t rows, int64_t D, int64_t T, int64_t B,
-                   const uint64_t* sorted, const float* grad, float* out, float lr, float eps,
-                   float* state, int nthreads) {
-  floor_step(w, rows, D, T, B, sorted, grad, out, lr, eps, state, nthreads);
-}
 """
 _PROBE_ARGS = {  # ctypes argument types of each probe function
     "pool": ["p", "i64", "i64", "i64", "i64", "p", "p", "p", "int"],
     "pool_int8": ["p", "i64", "i64", "i64", "i64", "p", "p", "p", "int"],
     "sgd_step": ["p", "i64", "i64", "i64", "i64", "p", "p", "p", "p", "float", "p", "p", "int"],
-    "sgd_floor": ["p", "i64", "i64", "i64", "i64", "p", "p", "p", "float", "int"],
-    "rowwise_floor": ["p", "i64", "i64", "i64", "i64", "p", "p", "p", "float", "float", "p",
-                      "int"],
+    "floor_step": ["p", "i64", "i64", "i64", "i64", "p", "p", "p", "float", "float", "p", "int"],
 }
 
 
@@ -537,9 +524,9 @@ def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
         out["C SGD step probe"] = inp.in_turn(lambda i: probe(
             w.data_ptr(), rows, D, T, B, i.data_ptr(), off.data_ptr(), grad.data_ptr(),
             res.data_ptr(), lr, keys[0].data_ptr(), keys[1].data_ptr(), torch.get_num_threads()))
-    floors = {"sgd": ("sgd_floor", "C SGD floor probe"),
-              "rowwise_adagrad": ("rowwise_floor", "C row-wise floor probe")}
-    floor = _load_probe(floors[optimizer][0]) \
+    eps = float(fused.hparams[1])  # the fused module's default for this optimizer
+    floors = {"sgd": "C SGD floor probe", "rowwise_adagrad": "C row-wise floor probe"}
+    floor = _load_probe("floor_step") \
         if optimizer in floors and inp.ebc.weight.dtype == torch.float32 and inp.L == 1 \
         and D % 8 == 0 and D <= 1024 else None
     if floor is not None:  # each batch's lookups sorted by row up front: the floor's input
@@ -547,17 +534,16 @@ def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
         res = torch.empty(B, T * D)
         bags = torch.arange(B).expand(T, B)
         state = None if optimizer == "sgd" else _huge_copy(fused.momentum1)  # on huge pages, as ours
-        extra = () if state is None else (float(fused.hparams[1]), state.data_ptr())
+        state_args = (0.0, None) if state is None else (eps, state.data_ptr())
 
         def by_row(i):
             return (torch.sort((i.view(T, B) << 32) | bags, dim=1).values.contiguous(),)
         floor_step = inp.in_turn(lambda e: floor(
             w.data_ptr(), rows, D, T, B, e.data_ptr(), grad.data_ptr(), res.data_ptr(), lr,
-            *extra, torch.get_num_threads()), by_row)
+            *state_args, torch.get_num_threads()), by_row)
         floor_step.out = res  # its forward's output, for tests/test_benchmark.py
         floor_step.state = state
-        out[floors[optimizer][1]] = floor_step
-    eps = float(fused.hparams[1])  # the fused module's default for this optimizer
+        out[floors[optimizer]] = floor_step
     tbe = _fbgemm_training_tbe(inp, optimizer, lr, eps) \
         if inp.ebc.weight.dtype == torch.float32 else None
     if tbe is not None:

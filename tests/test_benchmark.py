@@ -101,7 +101,7 @@ def test_c_floor_probes_step_one_lookup_per_bag(optimizer, name):
     """The floor probes take each batch's lookups sorted up front and make
     our step's weights (and row-wise state) and forward output; only at one
     lookup per bag."""
-    if _load_probe("sgd_floor") is None:
+    if _load_probe("floor_step") is None:
         pytest.skip("no C compiler")
     inp = make_tbe_inputs(3, 500, 32, 8, 1, batches=2)
     weight = inp.ebc.weight.detach()

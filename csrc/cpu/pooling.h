@@ -81,21 +81,22 @@ inline bool on_line(const void* p) { return reinterpret_cast<uintptr_t>(p) % 64 
 
 // f(begin, end, worker) over [0, n) in chunks of a 32nd of a thread's share
 // (at least grain); `worker` (< get_num_threads()) is the same for all chunks
-// one thread runs, for per-thread scratch. Each thread takes the chunks of its own share, the one
-// parallel_for(0, n, grain) would give it, front to back, so it walks the
-// lines its own earlier regions left in its caches; a thread done with its
-// share then takes chunks from the back of the others', so that one held up
-// by memory leaves the others less to wait for at the region's end. Fused
-// steps on 26 x 500k x 64 Zipf tables, 2 threads, one lookup per bag, in one
-// process against parallel_for's split (rounds of 40 steps alternated): SGD
-// 0.98-0.99x the time, row-wise Adagrad 0.93-0.97x; 20 per bag 0.97-0.99x.
-// Chunks all claimed from one shared front lose that affinity: 1.14-1.16x
-// the time of parallel_for's split in three runs of five.
+// one thread runs, for per-thread scratch. Each thread takes the chunks of its
+// own share, the one parallel_for(0, n, grain) would give it, front to back,
+// so it walks the lines its own earlier regions left in its caches; a thread
+// done with its share then takes chunks from the back of the others', so that
+// one held up by memory leaves the others less to wait for at the region's
+// end. Fused steps on 26 x 500k x 64 Zipf tables, 2 threads, one lookup per
+// bag, in one process against parallel_for's split (rounds of 40 steps
+// alternated): SGD 0.98-0.99x the time, row-wise Adagrad 0.93-0.97x; 20 per
+// bag 0.97-0.99x. Chunks all claimed from one shared front lose that affinity:
+// 1.14-1.16x the time of parallel_for's split in three runs of five.
 template <typename F>
 void parallel_balanced(int64_t n, int64_t grain, const F& f) {
   if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
-  const int64_t threads = std::min<int64_t>(torch::stable::get_num_threads(), (n + grain - 1) / grain);
+  const int64_t threads =
+      std::min<int64_t>(torch::stable::get_num_threads(), (n + grain - 1) / grain);
   if (threads <= 1) {
     f(0, n, 0);
     return;
