@@ -2,6 +2,7 @@
 // by the CPU and CUDA implementations (they read no tensor data).
 #pragma once
 
+#include <cmath>
 #include <optional>
 
 #include "common.h"
@@ -53,6 +54,21 @@ inline void check_optimizer_args(const Tensor& weights, const Tensor& momentum1,
                                                     : weights.numel();
   check_state(momentum1, "momentum1", weights, n1);
   check_state(momentum2, "momentum2", weights, optimizer == kAdam ? weights.numel() : 0);
+}
+
+// The values of hparams (host memory) for `optimizer`, as torch.optim checks
+// its arguments; NaN and infinity are refused too.
+inline void check_hparams(const double* hp, int64_t optimizer) {
+  auto check = [](double v, bool ok, const char* what) {
+    DLRM_CHECK(std::isfinite(v) && ok, "hparams: invalid ", what, ": ", v);
+  };
+  check(hp[0], hp[0] >= 0, "learning rate (must be >= 0)");
+  check(hp[4], hp[4] >= 0, "weight_decay (must be >= 0)");
+  if (optimizer != kSGD) check(hp[1], hp[1] >= 0, "eps (must be >= 0)");
+  if (optimizer == kAdam) {
+    check(hp[2], hp[2] >= 0 && hp[2] < 1, "beta1 (must be in [0, 1))");
+    check(hp[3], hp[3] >= 0 && hp[3] < 1, "beta2 (must be in [0, 1))");
+  }
 }
 
 using EmbeddingBagForward = Tensor (*)(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int64_t,

@@ -37,6 +37,12 @@ inline cpu::InteractionArgs check_interaction(const Tensor& dense, const Tensor&
     T = sparse.size(1) / D;
   }
   DLRM_CHECK(T >= 1, "sparse must hold at least one feature");
+  // The output width D + P must be an int64, even where B = 0 allows any T.
+  const int64_t F = T + 1;
+  int64_t twice_pairs, width;
+  DLRM_CHECK(T < (int64_t{1} << 62) && !__builtin_mul_overflow(F, self_interaction ? F + 1 : F - 1, &twice_pairs) &&
+                 !__builtin_add_overflow(D, twice_pairs / 2, &width),
+             "sparse has too many features (", T, ") for an output width below 2^63");
   check_contiguous(dense, "dense");
   // Samples may be strided (e.g. a column slice); each sample's T*D must be dense.
   const bool inner_ok = sparse.stride(sparse.dim() - 1) == 1 &&

@@ -122,39 +122,77 @@ def table_batched_embedding_bag_with_optimizer(
         stochastic_rounding)
 
 
+_LOOKUP_ARGS = ("weights_offsets", "dim_offsets", "rows", "indices", "offsets")
+
+
+def _same_device(ref_name, ref, names, tensors):
+    """The fake kernels' device check. They also run, as the Meta kernels, when
+    a meta tensor is mixed with real ones (Meta outranks CPU in dispatch), so
+    without it such a call would return uninitialised memory."""
+    for name, t in zip(names, tensors):
+        if isinstance(t, torch.Tensor) and t.device != ref.device:
+            raise RuntimeError(f"{name} must be on the same device as {ref_name} "
+                               f"({ref.device}), got {t.device}")
+
+
+def _fake_lookups(ref_name, ref, lookups, per_sample_weights=None):
+    _same_device(ref_name, ref, _LOOKUP_ARGS + ("per_sample_weights",),
+                 tuple(lookups) + (per_sample_weights,))
+    rows, offsets = lookups[2], lookups[4]
+    torch._check(rows.numel() >= 1, lambda: "rows must list at least one table")
+    return (offsets.numel() - 1) // rows.numel()
+
+
 @torch.library.register_fake("dlrm_ops::embedding_bag_forward")
 def _(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
       per_sample_weights, total_dim, sparse=False):
-    torch._check(rows.numel() >= 1, lambda: "rows must list at least one table")
-    B = (offsets.numel() - 1) // rows.numel()
+    B = _fake_lookups("weights", weights, (weights_offsets, dim_offsets, rows, indices, offsets),
+                      per_sample_weights)
     return weights.new_empty((B, total_dim))
 
 
 @torch.library.register_fake("dlrm_ops::embedding_bag_forward_with_optimizer")
 def _(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
       per_sample_weights, total_dim, *state):
-    B = (offsets.numel() - 1) // rows.numel()
+    B = _fake_lookups("weights", weights, (weights_offsets, dim_offsets, rows, indices, offsets),
+                      per_sample_weights)
+    _same_device("weights", weights, ("momentum1", "momentum2", "step", "hparams"), state[:4])
     return weights.new_empty((B, total_dim))
 
 
 @torch.library.register_fake("dlrm_ops::embedding_bag_update_")
-def _(*args):
+def _(grad_output, weights, momentum1, momentum2, step, *lookups_and_rest):
+    _fake_lookups("weights", weights, lookups_and_rest[:5], lookups_and_rest[6])
+    _same_device("weights", weights, ("grad_output", "momentum1", "momentum2", "step", "hparams"),
+                 (grad_output, momentum1, momentum2, step, lookups_and_rest[7]))
     return None
 
 
+def _fake_grad(grad_output, weights, lookups, per_sample_weights=None):
+    _fake_lookups("weights", weights, lookups, per_sample_weights)
+    _same_device("weights", weights, ("grad_output",), (grad_output,))
+
+
 @torch.library.register_fake("dlrm_ops::embedding_bag_backward_dense")
-def _(grad_output, weights, *args):
+def _(grad_output, weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
+      per_sample_weights):
+    _fake_grad(grad_output, weights, (weights_offsets, dim_offsets, rows, indices, offsets),
+               per_sample_weights)
     return torch.empty_like(weights)
 
 
 @torch.library.register_fake("dlrm_ops::embedding_bag_backward_sparse")
-def _(grad_output, weights, *args):
+def _(grad_output, weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
+      per_sample_weights):
+    _fake_grad(grad_output, weights, (weights_offsets, dim_offsets, rows, indices, offsets),
+               per_sample_weights)
     n = torch.library.get_ctx().new_dynamic_size()
     return weights.new_empty((n,))
 
 
 @torch.library.register_fake("dlrm_ops::embedding_bag_per_sample_weights_grad")
 def _(grad_output, weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling):
+    _fake_grad(grad_output, weights, (weights_offsets, dim_offsets, rows, indices, offsets))
     return weights.new_empty(indices.shape, dtype=torch.float32)
 
 
@@ -162,7 +200,8 @@ def _sparse_weight_grad(values, weights, weights_offsets, dim_offsets, rows, ind
     """Sparse COO gradient of `weights` from one gradient row per lookup."""
     T = rows.numel()
     B = (offsets.numel() - 1) // T
-    counts = (offsets[B::B] - offsets[:-1:B]).long()
+    counts = (offsets[B::B] - offsets[:-1:B]).long() if B > 0 else \
+        torch.zeros(T, dtype=torch.long, device=offsets.device)
     dims = (dim_offsets[1:] - dim_offsets[:-1])
     n = indices.numel()
     if weights.dim() == 2:  # all tables share D: one COO row per lookup
@@ -217,7 +256,15 @@ _embedding_bag = _autograd_function(_ops.embedding_bag_forward.default, _embeddi
 def _with_optimizer_setup(ctx, inputs, output):
     (weights, woff, doff, rows, indices, offsets, pooling, psw, total_dim, m1, m2, step, hparams,
      optimizer, stochastic_rounding) = inputs
-    ctx.save_for_backward(weights, woff, doff, rows, indices, offsets, psw, m1, m2, step, hparams)
+    # The weights' values at the forward are read back only for the gradient of
+    # per_sample_weights: only then are they saved, so that an update of them
+    # in between (another fused backward) fails the unpacking, as an in-place
+    # change of a saved tensor does. The update itself works on them as they are.
+    ctx.reads_weights = psw is not None and ctx.needs_input_grad[7]
+    if not ctx.reads_weights:
+        ctx.weights = weights
+    ctx.save_for_backward(weights if ctx.reads_weights else None, woff, doff, rows, indices,
+                          offsets, psw, m1, m2, step, hparams)
     ctx.pooling = pooling
     ctx.optimizer = optimizer
     ctx.stochastic_rounding = stochastic_rounding
@@ -228,10 +275,14 @@ def _with_optimizer_backward(ctx, grad):
     grad = grad.contiguous()
     meta = (woff, doff, rows, indices, offsets, ctx.pooling)
     grad_psw = None
-    if psw is not None and ctx.needs_input_grad[7]:  # before the weights change
+    if ctx.reads_weights:  # before the weights change
         grad_psw = _ops.embedding_bag_per_sample_weights_grad(grad, weights, *meta).to(psw.dtype)
+    else:
+        weights = ctx.weights
     _ops.embedding_bag_update_(grad, weights, m1, m2, step, *meta, psw, hparams, ctx.optimizer,
                                ctx.stochastic_rounding)
+    # In place: autograd's checks of saved tensors must see the change.
+    torch.autograd.graph.increment_version(weights)
     return (None,) * 7 + (grad_psw,) + (None,) * 7
 
 
@@ -264,6 +315,7 @@ def _interaction_pairs(F, self_interaction):
 
 @torch.library.register_fake("dlrm_ops::dot_interaction")
 def _(dense, sparse, self_interaction=False, order=0):
+    _same_device("dense", dense, ("sparse",), (sparse,))
     B, D = dense.shape
     T = sparse.shape[1] if sparse.dim() == 3 else sparse.shape[1] // D
     return dense.new_empty((B, D + _interaction_pairs(T + 1, self_interaction)))
@@ -271,6 +323,7 @@ def _(dense, sparse, self_interaction=False, order=0):
 
 @torch.library.register_fake("dlrm_ops::dot_interaction_backward")
 def _(grad_output, dense, sparse, self_interaction, order):
+    _same_device("dense", dense, ("grad_output", "sparse"), (grad_output, sparse))
     return torch.empty_like(dense), torch.empty_like(sparse, memory_format=torch.contiguous_format)
 
 
@@ -352,5 +405,6 @@ def _(packed, bits, dtype=None):
 @torch.library.register_fake("dlrm_ops::quantized_embedding_bag_forward")
 def _(packed, weights_offsets, dim_offsets, rows, indices, offsets, pooling, per_sample_weights,
       total_dim, bits, output_dtype=None):
-    B = (offsets.numel() - 1) // rows.numel()
+    B = _fake_lookups("packed", packed, (weights_offsets, dim_offsets, rows, indices, offsets),
+                      per_sample_weights)
     return packed.new_empty((B, total_dim), dtype=output_dtype or torch.float32)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from . import reference
+from . import checkpoint, reference
 from .data import CriteoDataset, RandomData, SyntheticData, preprocess_criteo
 from .models import DLRM
 from .nn import quantize
@@ -144,11 +144,8 @@ def evaluate(model, batches) -> dict:
 
 
 def save_checkpoint(path: str, model, optimizer, step: int, args) -> None:
-    """Written to a temporary file and renamed: a crash never leaves half a checkpoint."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "args": {k: v for k, v in vars(args).items() if k != "func"}}, tmp)
-    os.replace(tmp, path)
+    checkpoint.save(path, model.state_dict(), optimizer.state_dict(), step,
+                    {k: v for k, v in vars(args).items() if k != "func"})
 
 
 def compare_with_reference(args, model, tables, data, steps: int) -> Optional[dict]:
@@ -223,7 +220,10 @@ def run(args) -> int:
     opt = dense_optimizer(args, model.dense_parameters())
     step = 0
     if args.load_model:
-        ckpt = torch.load(args.load_model, weights_only=False)
+        try:
+            ckpt = checkpoint.load(args.load_model)
+        except checkpoint.CheckpointError as e:
+            raise SystemExit(f"--load-model: {e}") from None
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]

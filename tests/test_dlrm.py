@@ -173,10 +173,14 @@ def test_terabyte_days_resume(tmp_path):
         write_tsv(tmp_path / f"day_{d}", [row(label=str(d % 2))] * 4)
         files.append(tmp_path / f"day_{d}")
     preprocess_criteo(files[:10], tmp_path / "p", "terabyte", max_ind_range=50)
-    (tmp_path / "day_3").write_text("garbage\n")  # done days are not read again
+    made = (tmp_path / "p" / "day_3.labels.bin").stat().st_mtime_ns
     meta = preprocess_criteo(files, tmp_path / "p", "terabyte", max_ind_range=50)
     assert len(meta["days"]) == 24
+    assert (tmp_path / "p" / "day_3.labels.bin").stat().st_mtime_ns == made  # not made again
     assert len(CriteoDataset(tmp_path / "p", "test", batch_size=2)) == 1
+    write_tsv(tmp_path / "day_3", [row(label="1")] * 6)  # a changed day is made again
+    meta = preprocess_criteo(files, tmp_path / "p", "terabyte", max_ind_range=50)
+    assert meta["days"]["3"] == 6 and meta["days"]["4"] == 4
 
 
 @pytest.mark.skipif(not CRITEO_SAMPLE.exists(), reason="shared Criteo sample not present")

@@ -51,6 +51,8 @@ Tensor pooled(Tensor weights, Tensor weights_offsets, Tensor dim_offsets, Tensor
   const auto& tb = p.args.tb;
   DLRM_CHECK(total_dim == tb.dim_offsets[tb.T], "total_dim must equal dim_offsets[-1] = ",
              tb.dim_offsets[tb.T], ", got ", total_dim);
+  // The training forward's backward is the fused update: refuse shared rows now.
+  if (&Stub == &cpu::embedding_bag_train_forward_stub) check_tables_disjoint(tb, "weights");
   Tensor out = torch::stable::new_empty(weights, {tb.B, tb.dim_offsets[tb.T]});
   const int64_t bad = Stub(p.args, out.mutable_data_ptr());
   if (bad >= 0) throw_bad_index(p.v, bad);
@@ -64,6 +66,7 @@ Tensor embedding_bag_backward_dense(Tensor grad_output, Tensor weights, Tensor w
   Prepared p = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
                        per_sample_weights);
   check_grad_output(grad_output, weights, p);
+  check_tables_disjoint(p.args.tb, "weights");
   Tensor grad_weight = torch::stable::new_zeros(weights, weights.sizes());
   const int64_t bad = cpu::embedding_bag_backward_dense_stub(p.args, grad_output.const_data_ptr(),
                                                              grad_weight.mutable_data_ptr());
@@ -83,12 +86,16 @@ Tensor embedding_bag_backward_sparse(Tensor grad_output, Tensor weights, Tensor 
   int64_t total = 0;
   for (int64_t t = 0; t < tb.T; ++t) {
     value_offsets[t] = total;
-    total += (offset_at(p.v.lk, (t + 1) * tb.B) - offset_at(p.v.lk, t * tb.B)) *
-             (tb.dim_offsets[t + 1] - tb.dim_offsets[t]);
+    int64_t n;
+    DLRM_CHECK(!__builtin_mul_overflow(offset_at(p.v.lk, (t + 1) * tb.B) - offset_at(p.v.lk, t * tb.B),
+                                       tb.dim_offsets[t + 1] - tb.dim_offsets[t], &n) &&
+                   !__builtin_add_overflow(total, n, &total),
+               "the sparse gradient of weights has more than 2^63 values");
   }
   Tensor values = torch::stable::new_empty(weights, {total});
-  cpu::embedding_bag_backward_sparse_stub(p.args, grad_output.const_data_ptr(),
-                                          value_offsets.data(), values.mutable_data_ptr());
+  const int64_t bad = cpu::embedding_bag_backward_sparse_stub(
+      p.args, grad_output.const_data_ptr(), value_offsets.data(), values.mutable_data_ptr());
+  if (bad >= 0) throw_bad_index(p.v, bad);
   return values;
 }
 
@@ -100,8 +107,9 @@ Tensor embedding_bag_per_sample_weights_grad(Tensor grad_output, Tensor weights,
                        std::nullopt);
   check_grad_output(grad_output, weights, p);
   Tensor grad = torch::stable::new_empty(weights, {p.v.N}, ScalarType::Float);
-  cpu::embedding_bag_psw_grad_stub(p.args, grad_output.const_data_ptr(),
-                                   grad.mutable_data_ptr<float>());
+  const int64_t bad = cpu::embedding_bag_psw_grad_stub(p.args, grad_output.const_data_ptr(),
+                                                       grad.mutable_data_ptr<float>());
+  if (bad >= 0) throw_bad_index(p.v, bad);
   return grad;
 }
 
@@ -121,8 +129,10 @@ void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
     total_rows += tb.rows[t];
   }
   check_optimizer_args(weights, momentum1, momentum2, step, hparams, optimizer, total_rows);
-  const bool has_m1 = momentum1.numel() > 0;
+  check_tables_disjoint(tb, "weights");
   const double* hp = hparams.const_data_ptr<double>();
+  check_hparams(hp, optimizer);
+  const bool has_m1 = momentum1.numel() > 0;
   int64_t* step_ptr = step.mutable_data_ptr<int64_t>();
   cpu::UpdateArgs args{p.args,
                        grad_output.const_data_ptr(),

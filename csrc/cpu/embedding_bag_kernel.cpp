@@ -278,21 +278,27 @@ int64_t backward_dense(const EmbeddingBagArgs& a, const void* grad_out_ptr, void
 }
 
 template <typename W, typename I>
-void backward_sparse(const EmbeddingBagArgs& a, const void* grad_out_ptr,
-                     const int64_t* value_offsets, void* values_ptr) {
+int64_t backward_sparse(const EmbeddingBagArgs& a, const void* grad_out_ptr,
+                        const int64_t* value_offsets, void* values_ptr) {
   const TableBatch& tb = a.tb;
+  const I* idx = static_cast<const I*>(a.lk.indices);
   const I* off = static_cast<const I*>(a.lk.offsets);
   const W* go = static_cast<const W*>(grad_out_ptr);
   W* values = static_cast<W*>(values_ptr);
   const int64_t total_D = tb.dim_offsets[tb.T];
   const int64_t N = static_cast<int64_t>(off[tb.T * tb.B]);
+  FirstBad first_bad;
   torch::stable::parallel_for(0, tb.T * tb.B, bag_grain(tb, N), [&](int64_t begin, int64_t end) {
+    int64_t bad = INT64_MAX;
     for_each_bag(tb, off, begin, end, [&](int64_t t, int64_t b, int64_t start, int64_t stop) {
       const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
+      const uint64_t rows = static_cast<uint64_t>(tb.rows[t]);
       const int64_t table_start = off[t * tb.B];
       const W* g = go + b * total_D + tb.dim_offsets[t];
       float row[256];
       for (int64_t p = start; p < stop; ++p) {
+        // The values do not read the row, but their COO indices will.
+        checked_row(idx, p, rows, true, bad);
         const float sc = lookup_scale(a.lk, off, t * tb.B + b, p);
         W* v = values + value_offsets[t] + (p - table_start) * D;
         for (int64_t d0 = 0; d0 < D; d0 += 256) {
@@ -302,11 +308,13 @@ void backward_sparse(const EmbeddingBagArgs& a, const void* grad_out_ptr,
         }
       }
     });
+    first_bad.record(bad);
   });
+  return first_bad.result();
 }
 
 template <typename W, typename I>
-void psw_grad(const EmbeddingBagArgs& a, const void* grad_out_ptr, float* grad_psw) {
+int64_t psw_grad(const EmbeddingBagArgs& a, const void* grad_out_ptr, float* grad_psw) {
   const TableBatch& tb = a.tb;
   const I* idx = static_cast<const I*>(a.lk.indices);
   const I* off = static_cast<const I*>(a.lk.offsets);
@@ -314,19 +322,22 @@ void psw_grad(const EmbeddingBagArgs& a, const void* grad_out_ptr, float* grad_p
   const W* go = static_cast<const W*>(grad_out_ptr);
   const int64_t total_D = tb.dim_offsets[tb.T];
   const int64_t N = static_cast<int64_t>(off[tb.T * tb.B]);
+  FirstBad first_bad;
   torch::stable::parallel_for(0, tb.T * tb.B, bag_grain(tb, N), [&](int64_t begin, int64_t end) {
+    int64_t bad = INT64_MAX;
     for_each_bag(tb, off, begin, end, [&](int64_t t, int64_t b, int64_t start, int64_t stop) {
       const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
       const uint64_t rows = static_cast<uint64_t>(tb.rows[t]);
       const W* wt = w + tb.weights_offsets[t];
       const W* g = go + b * total_D + tb.dim_offsets[t];
       for (int64_t p = start; p < stop; ++p) {
-        int64_t ignored = INT64_MAX;
-        const uint64_t r = checked_row(idx, p, rows, false, ignored);
+        const uint64_t r = checked_row(idx, p, rows, true, bad);
         grad_psw[p] = r == kBadRow ? 0.f : row_dot(g, wt + r * D, D);
       }
     });
+    first_bad.record(bad);
   });
+  return first_bad.result();
 }
 
 // Offsets of a big batch come from memory: both threads read them (26 x
@@ -366,10 +377,10 @@ DLRM_TYPED_ENTRY(forward, int64_t, (const EmbeddingBagArgs& a, void* out), (a, o
 DLRM_TYPED_ENTRY(train_forward, int64_t, (const EmbeddingBagArgs& a, void* out), (a, out))
 DLRM_TYPED_ENTRY(backward_dense, int64_t,
                  (const EmbeddingBagArgs& a, const void* go, void* gw), (a, go, gw))
-DLRM_TYPED_ENTRY(backward_sparse, void,
+DLRM_TYPED_ENTRY(backward_sparse, int64_t,
                  (const EmbeddingBagArgs& a, const void* go, const int64_t* vo, void* v),
                  (a, go, vo, v))
-DLRM_TYPED_ENTRY(psw_grad, void, (const EmbeddingBagArgs& a, const void* go, float* g),
+DLRM_TYPED_ENTRY(psw_grad, int64_t, (const EmbeddingBagArgs& a, const void* go, float* g),
                  (a, go, g))
 
 }  // namespace

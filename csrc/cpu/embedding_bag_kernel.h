@@ -54,11 +54,13 @@ using ForwardFn = int64_t (*)(const EmbeddingBagArgs&, void* out);
 using BackwardDenseFn = int64_t (*)(const EmbeddingBagArgs&, const void* grad_out,
                                     void* grad_weight);
 // One gradient row per lookup, table t's rows starting at element
-// value_offsets[t] of values (the values of a sparse COO gradient).
-using BackwardSparseFn = void (*)(const EmbeddingBagArgs&, const void* grad_out,
+// value_offsets[t] of values (the values of a sparse COO gradient). Returns
+// the position of the first index out of range for its table, or -1.
+using BackwardSparseFn = int64_t (*)(const EmbeddingBagArgs&, const void* grad_out,
                                   const int64_t* value_offsets, void* values);
-// d loss / d per_sample_weights[i] = <grad_out[bag(i)], weights[row(i)]>.
-using PerSampleWeightsGradFn = void (*)(const EmbeddingBagArgs&, const void* grad_out,
+// d loss / d per_sample_weights[i] = <grad_out[bag(i)], weights[row(i)]>;
+// returns as BackwardSparseFn.
+using PerSampleWeightsGradFn = int64_t (*)(const EmbeddingBagArgs&, const void* grad_out,
                                         float* grad_psw);
 
 enum Optimizer : int64_t { kSGD = 1, kAdagrad = 2, kRowwiseAdagrad = 3, kAdam = 4 };

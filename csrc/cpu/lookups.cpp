@@ -2,7 +2,10 @@
 
 #include <torch/csrc/stable/ops.h>
 
+#include <algorithm>
+#include <array>
 #include <type_traits>
+#include <vector>
 
 namespace dlrm_ops {
 namespace {
@@ -103,10 +106,12 @@ ValidatedLookups validate_lookups(const Tensor& ref, const char* ref_name,
   const int64_t* woff = weights_offsets.const_data_ptr<int64_t>();
   const int64_t* doff = dim_offsets.const_data_ptr<int64_t>();
   const int64_t* nrows = rows.const_data_ptr<int64_t>();
-  DLRM_CHECK(doff[0] == 0, "dim_offsets[0] must be 0");
+  DLRM_CHECK(doff[0] == 0, "dim_offsets[0] must be 0, got ", doff[0]);
   for (int64_t t = 0; t < T; ++t) {
-    const int64_t D = doff[t + 1] - doff[t];
-    DLRM_CHECK(D >= 1, "table ", t, " must have dim >= 1, dim_offsets gives ", D);
+    // Compared before subtracting: with doff[0] = 0 and every step positive,
+    // no difference overflows.
+    DLRM_CHECK(doff[t + 1] > doff[t], "table ", t, " must have dim >= 1, but dim_offsets[", t + 1,
+               "] = ", doff[t + 1], " <= dim_offsets[", t, "] = ", doff[t]);
     DLRM_CHECK(nrows[t] >= 0 && nrows[t] < (int64_t{1} << 32), "table ", t,
                " must have 0 <= rows < 2^32, got ", nrows[t]);
     DLRM_CHECK(woff[t] >= 0, "weights_offsets[", t, "] must be >= 0, got ", woff[t]);
@@ -129,10 +134,28 @@ void check_tables_fit(const cpu::TableBatch& tb, int64_t size, int64_t bits, con
   for (int64_t t = 0; t < tb.T; ++t) {
     const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
     DLRM_CHECK(bits != 4 || D % 2 == 0, "table ", t, " has dim ", D, "; 4-bit dims must be even");
-    DLRM_CHECK(tb.weights_offsets[t] + tb.rows[t] * row_size(D, bits) <= size, "table ", t, " (",
+    // A row wider than the buffer never fits (and its packed size could overflow).
+    const int64_t row = D > size ? size + 1 : row_size(D, bits);
+    DLRM_CHECK(span_fits(tb.weights_offsets[t], tb.rows[t], row, size), "table ", t, " (",
                tb.rows[t], " rows of dim ", D, " at ", bits ? "byte " : "element ",
                tb.weights_offsets[t], ") does not fit in ", name, " of ", size,
                bits ? " bytes" : " elements");
+  }
+}
+
+void check_tables_disjoint(const cpu::TableBatch& tb, const char* name) {
+  // Spans [start, end) of the tables that have rows, by start (tables fit).
+  std::vector<std::array<int64_t, 3>> spans;
+  for (int64_t t = 0; t < tb.T; ++t) {
+    if (tb.rows[t] == 0) continue;
+    const int64_t start = tb.weights_offsets[t];
+    spans.push_back({start, start + tb.rows[t] * (tb.dim_offsets[t + 1] - tb.dim_offsets[t]), t});
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i) {
+    DLRM_CHECK(spans[i][0] >= spans[i - 1][1], "tables ", spans[i - 1][2], " and ", spans[i][2],
+               " share elements of ", name, " (weights_offsets ", spans[i - 1][0], " and ",
+               spans[i][0], "): the dense gradient and the fused optimizer need disjoint tables");
   }
 }
 

@@ -48,6 +48,11 @@ inline int64_t row_size(int64_t D, int64_t bits) {
 // Each table's rows fit in a buffer of `size` units of row_size; 4-bit dims are even.
 void check_tables_fit(const cpu::TableBatch& tb, int64_t size, int64_t bits, const char* name);
 
+// No two tables with rows share an element of the buffer (fitting tables of
+// elements): the dense gradient and the fused update write each table's rows
+// on their own, so shared rows would lose a table's part.
+void check_tables_disjoint(const cpu::TableBatch& tb, const char* name);
+
 // per_sample_weights as contiguous fp32 (the kernels' accumulation type).
 Tensor per_sample_weights_f32(const Tensor& psw);
 

@@ -523,21 +523,23 @@ __global__ void increment_kernel(int64_t* step) { *step += 1; }
 
 Lookups prepare(const Tensor& weights, const Tensor& weights_offsets, const Tensor& dim_offsets,
                 const Tensor& rows, const Tensor& indices, const Tensor& offsets, int64_t pooling,
-                const std::optional<Tensor>& per_sample_weights, int64_t total_dim) {
+                const std::optional<Tensor>& per_sample_weights, int64_t total_dim,
+                bool disjoint = false) {
   check_cuda(weights, "weights");
   check_dtype(weights, "weights", {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
   check_contiguous(weights, "weights");
-  return validate_lookups(weights, "weights", weights.numel(), 0, total_dim, weights_offsets,
-                          dim_offsets, rows, indices, offsets, pooling, per_sample_weights);
+  return validate_lookups(weights, "weights", weights.numel(), 0, total_dim, disjoint,
+                          weights_offsets, dim_offsets, rows, indices, offsets, pooling,
+                          per_sample_weights);
 }
 
 // prepare() for the backward ops, which also take grad_output [B, dim_offsets[-1]].
 Lookups prepare_grad(const Tensor& grad_output, const Tensor& weights,
                      const Tensor& weights_offsets, const Tensor& dim_offsets, const Tensor& rows,
                      const Tensor& indices, const Tensor& offsets, int64_t pooling,
-                     const std::optional<Tensor>& per_sample_weights) {
+                     const std::optional<Tensor>& per_sample_weights, bool disjoint = false) {
   Lookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
-                       per_sample_weights, -1);
+                       per_sample_weights, -1, disjoint);
   check_grad_output(grad_output, weights, lk.v.B, lk.total_dim);
   return lk;
 }
@@ -579,7 +581,7 @@ Tensor embedding_bag_backward_dense(Tensor grad_output, Tensor weights, Tensor w
                                     std::optional<Tensor> per_sample_weights) {
   DeviceGuard guard(weights.get_device());
   const Lookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
-                                  indices, offsets, pooling, per_sample_weights);
+                                  indices, offsets, pooling, per_sample_weights, true);
   Tensor grad_weight = torch::stable::new_zeros(weights, weights.sizes());
   if (lk.v.N == 0) return grad_weight;
   const cudaStream_t stream = stream_of(weights);
@@ -652,7 +654,7 @@ void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
                            Tensor hparams, int64_t optimizer, bool stochastic_rounding) {
   DeviceGuard guard(weights.get_device());
   const Lookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
-                                  indices, offsets, pooling, per_sample_weights);
+                                  indices, offsets, pooling, per_sample_weights, true);
   check_optimizer_args(weights, momentum1, momentum2, step, hparams, optimizer, lk.total_rows);
   const cudaStream_t stream = stream_of(weights);
   if (lk.v.N > 0) {

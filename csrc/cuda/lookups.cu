@@ -16,11 +16,28 @@ __device__ int64_t row_size(int64_t D, int64_t bits) {
   return bits == 0 ? D : bits == 8 ? D + 8 : D / 2 + 4;
 }
 
-// Warp 0 of block 0 checks the table metadata and writes the per-table
-// prefix sums, a table per lane.
+// Table t's span [start, end) of the buffer, in units of row_size; false if
+// its metadata is invalid or it does not fit. Bounds are compared before any
+// difference or product is formed: every int64 input is safe.
+__device__ bool table_span(const LookupView& v, int64_t t, int64_t ref_size, int64_t bits,
+                           int64_t& start, int64_t& end) {
+  const int64_t lo = v.dim_offsets[t], hi = v.dim_offsets[t + 1], n = v.rows[t];
+  start = v.weights_offsets[t];
+  if (lo < 0 || hi <= lo || n < 0 || n >= (int64_t{1} << 32) || start < 0) return false;
+  const int64_t D = hi - lo;
+  if (bits == 4 && D % 2 != 0) return false;
+  const int64_t row = D > ref_size ? ref_size + 1 : row_size(D, bits);
+  if (!span_fits(start, n, row, ref_size)) return false;
+  end = start + n * row;
+  return true;
+}
+
+// Warp 0 of block 0 checks the table metadata (with `disjoint`, that no two
+// tables with rows share an element) and writes the per-table prefix sums, a
+// table per lane.
 template <typename I>
 __global__ void inspect_kernel(LookupView v, int64_t ref_size, int64_t bits, int64_t total_dim,
-                               int64_t* meta) {
+                               bool disjoint, int64_t* meta) {
   const int64_t TB = v.T * v.B;
   const int lane = threadIdx.x % kWarp;
   if (blockIdx.x == 0 && threadIdx.x < kWarp) {
@@ -32,12 +49,22 @@ __global__ void inspect_kernel(LookupView v, int64_t ref_size, int64_t bits, int
       const int64_t t = t0 + lane;
       int64_t n = 0, vals = 0;
       if (t < v.T) {
-        const int64_t D = v.dim_offsets[t + 1] - v.dim_offsets[t], w = v.weights_offsets[t];
-        n = v.rows[t];
-        bad |= D < 1 || n < 0 || n >= (int64_t{1} << 32) || w < 0 || (bits == 4 && D % 2 != 0) ||
-               (D >= 1 && n >= 0 && w >= 0 && w + n * row_size(D, bits) > ref_size);
-        vals = (offset_at<I>(v, (t + 1) * v.B) - offset_at<I>(v, t * v.B)) * D;
-        max_dim = max(max_dim, D);
+        int64_t start, end;
+        if (table_span(v, t, ref_size, bits, start, end)) {
+          const int64_t D = v.dim_offsets[t + 1] - v.dim_offsets[t];
+          const int64_t count = offset_at<I>(v, (t + 1) * v.B) - offset_at<I>(v, t * v.B);
+          n = v.rows[t];
+          bad |= count < 0 || (count > 0 && D > INT64_MAX / count);
+          vals = count * D;
+          max_dim = max(max_dim, D);
+          for (int64_t u = t + 1; disjoint && n > 0 && u < v.T; ++u) {
+            int64_t s2, e2;
+            bad |= v.rows[u] > 0 && table_span(v, u, ref_size, bits, s2, e2) && start < e2 &&
+                   s2 < end;
+          }
+        } else {
+          bad = true;
+        }
       }
       int64_t n_incl = n, vals_incl = vals;  // inclusive scans over the lanes
       for (int o = 1; o < kWarp; o *= 2) {
@@ -97,7 +124,8 @@ int64_t* pinned_header() {
 }
 
 [[noreturn]] void throw_cpu_error(const Tensor& ref, const char* ref_name, int64_t ref_size,
-                                  int64_t bits, int64_t total_dim, const Tensor& weights_offsets,
+                                  int64_t bits, int64_t total_dim, bool disjoint,
+                                  const Tensor& weights_offsets,
                                   const Tensor& dim_offsets, const Tensor& rows,
                                   const Tensor& indices, const Tensor& offsets, int64_t pooling,
                                   int64_t bad_pos) {
@@ -110,6 +138,7 @@ int64_t* pinned_header() {
   DLRM_CHECK(total_dim < 0 || v.tb.dim_offsets[v.tb.T] == total_dim, "total_dim must equal dim_offsets[-1] = ",
              v.tb.dim_offsets[v.tb.T], ", got ", total_dim);
   check_tables_fit(v.tb, ref_size, bits, ref_name);
+  if (disjoint) check_tables_disjoint(v.tb, ref_name);
   if (bad_pos >= 0) throw_bad_index(v, bad_pos);
   DLRM_CHECK(false, "invalid lookups for ", ref_name);
   __builtin_unreachable();
@@ -118,7 +147,7 @@ int64_t* pinned_header() {
 }  // namespace
 
 Lookups validate_lookups(const Tensor& ref, const char* ref_name, int64_t ref_size, int64_t bits,
-                         int64_t total_dim, const Tensor& weights_offsets,
+                         int64_t total_dim, bool disjoint, const Tensor& weights_offsets,
                          const Tensor& dim_offsets, const Tensor& rows, const Tensor& indices,
                          const Tensor& offsets, int64_t pooling,
                          const std::optional<Tensor>& per_sample_weights) {
@@ -144,15 +173,16 @@ Lookups validate_lookups(const Tensor& ref, const char* ref_name, int64_t ref_si
   constexpr int kThreads = 256;
   const int64_t blocks = std::max<int64_t>(1, ceil_div(std::max(s.T * s.B, s.N), kThreads));
   dispatch_index(lk.int64, [&](auto i) {
-    inspect_kernel<decltype(i)><<<blocks, kThreads, 0, stream>>>(lk.v, ref_size, bits, total_dim, meta);
+    inspect_kernel<decltype(i)><<<blocks, kThreads, 0, stream>>>(lk.v, ref_size, bits, total_dim,
+                                                                  disjoint, meta);
   });
   DLRM_LAUNCH_CHECK();
   int64_t* h = pinned_header();
   DLRM_CUDA_CHECK(cudaMemcpyAsync(h, meta, kHeader * sizeof(int64_t), cudaMemcpyDeviceToHost, stream));
   DLRM_CUDA_CHECK(cudaStreamSynchronize(stream));
   if (h[0] != 0 || h[1] != 0) {
-    throw_cpu_error(ref, ref_name, ref_size, bits, total_dim, weights_offsets, dim_offsets, rows,
-                    indices, offsets, pooling, h[1] != 0 ? static_cast<int64_t>(~h[1]) : -1);
+    throw_cpu_error(ref, ref_name, ref_size, bits, total_dim, disjoint, weights_offsets,
+                    dim_offsets, rows, indices, offsets, pooling, h[1] != 0 ? static_cast<int64_t>(~h[1]) : -1);
   }
   lk.total_rows = h[2];
   lk.total_values = h[3];

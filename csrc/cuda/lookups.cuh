@@ -53,9 +53,10 @@ __device__ __forceinline__ float lookup_scale(const LookupView& v, int64_t l, in
 
 // `ref` is the weight buffer (`ref_size` elements, or packed bytes for
 // bits 8 and 4); every table must fit in it, and dim_offsets[-1] must be
-// total_dim unless that is -1.
+// total_dim unless that is -1; with `disjoint`, no two tables with rows may
+// share an element (cpu/lookups.h, check_tables_disjoint).
 Lookups validate_lookups(const Tensor& ref, const char* ref_name, int64_t ref_size, int64_t bits,
-                         int64_t total_dim, const Tensor& weights_offsets,
+                         int64_t total_dim, bool disjoint, const Tensor& weights_offsets,
                          const Tensor& dim_offsets, const Tensor& rows, const Tensor& indices,
                          const Tensor& offsets, int64_t pooling,
                          const std::optional<Tensor>& per_sample_weights);

@@ -230,7 +230,7 @@ Tensor quantized_embedding_bag_forward(Tensor packed, Tensor weights_offsets, Te
   check_cuda(packed, "packed");
   const ScalarType out_t = check_packed_tables(packed, bits, output_dtype);
   DeviceGuard guard(packed.get_device());
-  const Lookups lk = validate_lookups(packed, "packed", packed.numel(), bits, total_dim,
+  const Lookups lk = validate_lookups(packed, "packed", packed.numel(), bits, total_dim, false,
                                       weights_offsets, dim_offsets, rows, indices, offsets,
                                       pooling, per_sample_weights);
   Tensor out = torch::stable::new_empty(packed, {lk.v.B, total_dim}, out_t);

@@ -9,7 +9,9 @@ numbered by per-column dictionaries (0 = empty). A malformed line raises
 ``skip_malformed=True``. Kaggle's train.txt is cut into 7 pseudo-days by line
 count (days 0-5 train; day 6 halved into test and validation), Terabyte comes
 as day_0..day_23 (days 0-22 train, day 23 halved). Under hashing a day whose
-arrays are complete is skipped on a rerun, so an interrupted run resumes.
+arrays are complete is skipped on a rerun, so an interrupted run resumes,
+unless its raw file (name, size, modification time) or the options changed:
+``meta.json`` records what every day was made from.
 """
 import json
 import math
@@ -46,7 +48,8 @@ def parse_line(line: str, where: str, max_ind_range: Optional[int],
                 v = int(f)
             except ValueError:
                 raise MalformedLineError(f"{where}: I{j + 1} must be an integer, got {f!r}") from None
-            dense[j] = math.log1p(v) if v > 0 else 0.0
+            # math.log takes integers of any size (log1p overflows past 1e308).
+            dense[j] = 0.0 if v <= 0 else math.log1p(v) if v < 2 ** 53 else math.log(v)
     sparse = np.zeros(NUM_SPARSE, dtype=np.int64)
     for j, f in enumerate(fields[1 + NUM_DENSE:]):
         if not f:
@@ -94,8 +97,23 @@ class _DayWriter:
 
 
 def _count_lines(path: Path) -> int:
+    """Lines of the file, a last one without a newline included."""
+    n, last = 0, b"\n"
     with open(path, "rb") as f:
-        return sum(buf.count(b"\n") for buf in iter(lambda: f.read(1 << 20), b""))
+        for buf in iter(lambda: f.read(1 << 20), b""):
+            n += buf.count(b"\n")
+            last = buf[-1:]
+    return n + (last != b"\n")
+
+
+def _fingerprint(files: Sequence[Path]) -> list:
+    """What the processed data was made from: each raw file's name, size and
+    modification time (a changed or replaced file changes it)."""
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append({"file": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
 
 
 def _write_meta(out_dir: Path, meta: dict) -> None:
@@ -114,10 +132,19 @@ def preprocess_criteo(raw_files: Sequence[str], out_dir: str, dataset: str = "ka
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    if meta.get("max_ind_range") != max_ind_range or meta.get("dataset") != dataset:
-        meta = {"dataset": dataset, "max_ind_range": max_ind_range, "days": {}, "skipped": 0}
-    vocab = None if max_ind_range else [dict() for _ in range(NUM_SPARSE)]
     files = [Path(p) for p in raw_files]
+    # What the days were made from: the options, and each day's raw file (Kaggle's
+    # days are cut from one file by its line count, so all of it). A day made
+    # from another file or with other options is made again.
+    source = {"dataset": dataset, "max_ind_range": max_ind_range, "skip_malformed": skip_malformed}
+    if dataset == "kaggle":
+        source["raw_files"] = _fingerprint(files)
+    if meta.get("source") != source:
+        if meta:
+            print(f"{out_dir} holds data processed from other files or options: processing again")
+        meta = {"dataset": dataset, "max_ind_range": max_ind_range, "source": source, "days": {},
+                "day_files": {}, "skipped": 0}
+    vocab = None if max_ind_range else [dict() for _ in range(NUM_SPARSE)]
     if dataset == "kaggle":
         if len(files) != 1:
             raise ValueError("the Kaggle data is one file (train.txt)")
@@ -129,7 +156,7 @@ def preprocess_criteo(raw_files: Sequence[str], out_dir: str, dataset: str = "ka
     writer: Optional[_DayWriter] = None
     current_file, handle, lineno = None, None, 0
     for path, day, first, last in plan:
-        done = str(day) in meta["days"]
+        done = str(day) in meta["days"] and meta["day_files"].get(str(day)) == _fingerprint([path])
         if done and vocab is None and dataset == "terabyte":
             continue
         if path != current_file:
@@ -150,6 +177,7 @@ def preprocess_criteo(raw_files: Sequence[str], out_dir: str, dataset: str = "ka
                 break
         if writer is not None:
             meta["days"][str(day)] = writer.close()
+            meta["day_files"][str(day)] = _fingerprint([path])
             meta["table_sizes"] = ([max_ind_range] * NUM_SPARSE if vocab is None
                                    else [len(v) + 1 for v in vocab])
             _write_meta(out, meta)

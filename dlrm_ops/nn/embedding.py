@@ -9,6 +9,20 @@ from .. import ops
 from ._memory import empty_table
 
 
+def check_hparams(optimizer: str, lr: float, eps: float = 0.0, weight_decay: float = 0.0,
+                  betas: Tuple[float, float] = (0.0, 0.0)) -> None:
+    """Raises ValueError for hyperparameters torch.optim would refuse, and for
+    NaN or infinite ones (the fused kernels check them again on the CPU)."""
+    checks = [("learning rate", lr, lr >= 0), ("weight_decay value", weight_decay, weight_decay >= 0)]
+    if optimizer != "sgd":
+        checks.append(("epsilon value", eps, eps >= 0))
+    if optimizer == "adam":
+        checks += [(f"beta parameter at index {i}", b, 0 <= b < 1) for i, b in enumerate(betas)]
+    for what, value, ok in checks:
+        if not (math.isfinite(value) and ok):
+            raise ValueError(f"Invalid {what}: {value}")
+
+
 class EmbeddingBagCollection(nn.Module):
     """T embedding tables pooled in one native call.
 
@@ -90,6 +104,7 @@ class EmbeddingBagCollection(nn.Module):
                              "optimizer produces no weight gradient")
         if eps is None:  # the defaults of torch.optim.Adagrad / Adam
             eps = 1e-10 if optimizer == "adagrad" else 1e-8
+        check_hparams(optimizer, lr=lr, eps=eps, weight_decay=weight_decay, betas=betas)
         n_elem, n_rows = self.weight.numel(), sum(self.num_embeddings)
         n1 = {"sgd": 0, "adagrad": n_elem, "rowwise_adagrad": n_rows, "adam": n_elem}[optimizer]
         self.register_buffer("momentum1", empty_table(n1, torch.float32, device).zero_())
@@ -105,6 +120,7 @@ class EmbeddingBagCollection(nn.Module):
 
     @lr.setter
     def lr(self, value: float) -> None:
+        check_hparams(self.optimizer, lr=value)
         with torch.no_grad():
             self.hparams[0] = value
 
@@ -203,15 +219,21 @@ def bags_from_embedding_bag_args(input: torch.Tensor, offsets: Optional[torch.Te
         B, L = input.shape
         offsets = torch.arange(0, B * L + 1, L, dtype=input.dtype, device=input.device) \
             if L > 0 else torch.zeros(B + 1, dtype=input.dtype, device=input.device)
-        input = input.reshape(-1)
         if per_sample_weights is not None:
+            if per_sample_weights.shape != input.shape:
+                raise ValueError(f"per_sample_weights must have the shape of input "
+                                 f"{tuple(input.shape)}, got {tuple(per_sample_weights.shape)}")
             per_sample_weights = per_sample_weights.reshape(-1)
+        input = input.reshape(-1)
     elif input.dim() == 1:
         if offsets is None:
             raise ValueError("offsets must be given when input is 1-D")
         if offsets.dim() != 1:
             raise ValueError(f"offsets must be 1-D, got {offsets.dim()}-D")
-        offsets = offsets.to(input.dtype)
+        if offsets.dtype not in (torch.int32, torch.int64):
+            raise RuntimeError(f"offsets must have dtype int32 or int64, got {offsets.dtype}")
+        if offsets.dtype != input.dtype:  # as torch: both as int64, never narrowed
+            input, offsets = input.long(), offsets.long()
         if not include_last_offset:
             offsets = torch.cat([offsets, offsets.new_full((1,), input.numel())])
     else:
