@@ -1,9 +1,12 @@
-"""Loads the native op library (stable-ABI `_kernels.so`) into torch.ops.dlrm_ops."""
+"""Loads the native op library (stable-ABI `_kernels.so`) into torch.ops.dlrm_ops.
+DLRM_OPS_LIBRARY names another build of it (scripts/test_sanitized.sh loads
+the sanitizer build so)."""
+import os
 from pathlib import Path
 
 import torch
 
-_LIB = Path(__file__).resolve().parent / "_kernels.so"
+_LIB = Path(os.environ.get("DLRM_OPS_LIBRARY") or Path(__file__).resolve().parent / "_kernels.so")
 
 
 def load() -> None:

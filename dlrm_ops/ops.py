@@ -1,6 +1,7 @@
 """The public functional API over the native ops, with their autograd and fake
 (meta) kernels. Schemas live in csrc/ops.cpp; kernels in csrc/cpu, csrc/cuda."""
 import contextlib
+import threading
 from typing import Optional
 
 import torch
@@ -253,6 +254,9 @@ _embedding_bag = _autograd_function(_ops.embedding_bag_forward.default, _embeddi
                                     _embedding_bag_backward)
 
 
+_update_lock = threading.Lock()
+
+
 def _with_optimizer_setup(ctx, inputs, output):
     (weights, woff, doff, rows, indices, offsets, pooling, psw, total_dim, m1, m2, step, hparams,
      optimizer, stochastic_rounding) = inputs
@@ -279,8 +283,11 @@ def _with_optimizer_backward(ctx, grad):
         grad_psw = _ops.embedding_bag_per_sample_weights_grad(grad, weights, *meta).to(psw.dtype)
     else:
         weights = ctx.weights
-    _ops.embedding_bag_update_(grad, weights, m1, m2, step, *meta, psw, hparams, ctx.optimizer,
-                               ctx.stochastic_rounding)
+    # One fused update at a time: backward passes from several Python threads
+    # would otherwise lose each other's updates of the rows they share.
+    with contextlib.nullcontext() if torch.compiler.is_compiling() else _update_lock:
+        _ops.embedding_bag_update_(grad, weights, m1, m2, step, *meta, psw, hparams,
+                                   ctx.optimizer, ctx.stochastic_rounding)
     # In place: autograd's checks of saved tensors must see the change.
     torch.autograd.graph.increment_version(weights)
     return (None,) * 7 + (grad_psw,) + (None,) * 7

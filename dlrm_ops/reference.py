@@ -143,7 +143,7 @@ def dequantize_rowwise(packed: torch.Tensor, bits: int = 8,
         sb = packed[:, -8:].reshape(-1).clone().view(torch.float32).view(-1, 2)
     else:
         b = packed[:, :-4]
-        q = torch.stack([b & 0xF, b >> 4], 2).reshape(b.shape[0], -1).float()
+        q = torch.stack([b & 0xF, b >> 4], 2).reshape(b.shape[0], 2 * b.shape[1]).float()
         sb = packed[:, -4:].reshape(-1).clone().view(torch.float16).view(-1, 2).float()
     return (q * sb[:, :1] + sb[:, 1:]).to(dtype)
 

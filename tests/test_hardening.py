@@ -332,3 +332,66 @@ def test_criteo_processed_folder_follows_its_raw_file(tmp_path):
     # Other options redo it too.
     meta = criteo.preprocess_criteo([str(raw)], out, "kaggle", 500)
     assert meta["table_sizes"] == [500] * 26
+
+
+# ---------------------------------------------------------------- threads
+
+
+def test_concurrent_fused_training_loses_no_update():
+    """Python threads training one module: every step's update lands (without
+    the lock, this lost about 1 in 4000 of them)."""
+    import threading
+
+    e = EmbeddingBagCollection([1000], 64, optimizer="sgd", lr=1.0)
+    with torch.no_grad():
+        e.weight.zero_()
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 8, (20000,), generator=g)  # 8 hot rows
+    off, grad = torch.arange(20001), torch.ones(20000, 64)
+
+    def work():
+        for _ in range(60):
+            e(idx, off).backward(grad)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    intra = torch.get_num_threads()
+    torch.set_num_threads(1)  # the calls overlap more so
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        torch.set_num_threads(intra)
+    assert float(e.weight.detach().sum()) == -8 * 60 * 20000 * 64
+    assert int(e.step) == 480
+
+
+def test_fused_updates_run_one_at_a_time(monkeypatch):
+    """The deterministic form of the test above: updates called from several
+    threads never overlap."""
+    import threading
+    import time
+
+    real, active, seen = ops._ops, [0], []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def embedding_bag_update_(self, *args):
+            active[0] += 1
+            seen.append(active[0])
+            time.sleep(0.002)
+            real.embedding_bag_update_(*args)
+            active[0] -= 1
+
+    monkeypatch.setattr(ops, "_ops", Spy())
+    e = EmbeddingBagCollection([10], 4, optimizer="adagrad", lr=0.1)
+    threads = [threading.Thread(target=lambda: [e(L(1), L(0, 1)).sum().backward()
+                                                for _ in range(5)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 20 and max(seen) == 1
