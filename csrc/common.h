@@ -12,25 +12,14 @@
 #include <initializer_list>
 #include <string>
 
+#include "kernel_common.h"
+
 namespace dlrm_ops {
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
 #define DLRM_CHECK(cond, ...) STD_TORCH_CHECK(cond, __VA_ARGS__)
-
-#ifdef __CUDACC__
-#define DLRM_HOST_DEVICE __host__ __device__
-#else
-#define DLRM_HOST_DEVICE
-#endif
-
-// Whether n items of `item` units each, starting at unit `start`, fit in a
-// buffer of `size` units (all >= 0). Sizes and offsets come from user tensors,
-// so the product is never formed: no int64 overflow for any inputs.
-DLRM_HOST_DEVICE inline bool span_fits(int64_t start, int64_t n, int64_t item, int64_t size) {
-  return start <= size && (n == 0 || item <= (size - start) / n);
-}
 
 inline const char* dtype_name(ScalarType t) {
   switch (t) {

@@ -4,16 +4,13 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
 
 #include "common.h"
-#include "cpu/embedding_bag_kernel.h"
+#include "optimizers.h"
 
 namespace dlrm_ops {
 
-using cpu::kAdagrad;
-using cpu::kAdam;
-using cpu::kRowwiseAdagrad;
-using cpu::kSGD;
 
 inline void check_grad_output(const Tensor& grad_output, const Tensor& weights, int64_t B,
                               int64_t total_dim) {
@@ -34,41 +31,50 @@ inline void check_state(const Tensor& t, const char* name, const Tensor& weights
              t.numel());
 }
 
-// Optimizer id, hparams (float64 [lr, eps, beta1, beta2, weight_decay]), the
-// int64 step and the fp32 state sized for `total_rows` rows of `weights`.
+// The optimizers' ids and names, for messages: "1 (sgd), 2 (adagrad), ...".
+inline std::string optimizer_names() {
+  std::string out;
+  for (int64_t o = kFirstOptimizer; o <= kLastOptimizer; ++o) {
+    with_rule(o, [&](auto r) {
+      out += (out.empty() ? "" : ", ") + std::to_string(o) + " (" + decltype(r)::kName + ")";
+    });
+  }
+  return out;
+}
+
+// Optimizer id, hparams (float64, HParam order), the int64 step and the fp32
+// state of the optimizer's layout (csrc/optimizers.h) for `total_rows` rows of
+// `weights`.
 inline void check_optimizer_args(const Tensor& weights, const Tensor& momentum1,
                                  const Tensor& momentum2, const Tensor& step,
                                  const Tensor& hparams, int64_t optimizer, int64_t total_rows) {
-  DLRM_CHECK(optimizer >= kSGD && optimizer <= kAdam,
-             "optimizer must be 1 (sgd), 2 (adagrad), 3 (rowwise_adagrad) or 4 (adam), got ",
-             optimizer);
+  DLRM_CHECK(optimizer >= kFirstOptimizer && optimizer <= kLastOptimizer,
+             "optimizer must be one of ", optimizer_names(), ", got ", optimizer);
   check_same_device(hparams, "hparams", weights, "weights");
   check_dtype(hparams, "hparams", {ScalarType::Double});
-  DLRM_CHECK(hparams.numel() == 5 && hparams.is_contiguous(),
+  DLRM_CHECK(hparams.numel() == kNumHParams && hparams.is_contiguous(),
              "hparams must hold [lr, eps, beta1, beta2, weight_decay]");
   check_same_device(step, "step", weights, "weights");
   check_dtype(step, "step", {ScalarType::Long});
   DLRM_CHECK(step.numel() == 1, "step must have one element");
-  const int64_t n1 = optimizer == kSGD ? 0
-                     : optimizer == kRowwiseAdagrad ? total_rows
-                                                    : weights.numel();
-  check_state(momentum1, "momentum1", weights, n1);
-  check_state(momentum2, "momentum2", weights, optimizer == kAdam ? weights.numel() : 0);
+  const StateLayout s = state_layout(optimizer);
+  check_state(momentum1, "momentum1", weights, state_numel(s.m1, weights.numel(), total_rows));
+  check_state(momentum2, "momentum2", weights, state_numel(s.m2, weights.numel(), total_rows));
 }
 
-// The values of hparams (host memory) for `optimizer`, as torch.optim checks
-// its arguments; NaN and infinity are refused too.
+// The values of hparams (host memory) that `optimizer` reads, as torch.optim
+// checks its arguments; NaN and infinity are refused too.
 inline void check_hparams(const double* hp, int64_t optimizer) {
-  auto check = [](double v, bool ok, const char* what) {
-    DLRM_CHECK(std::isfinite(v) && ok, "hparams: invalid ", what, ": ", v);
+  const int used = with_rule(optimizer, [](auto r) { return decltype(r)::kHParams; });
+  auto check = [&](HParam p, bool ok, const char* what) {
+    DLRM_CHECK(!(used & bit(p)) || (std::isfinite(hp[p]) && ok), "hparams: invalid ", what, ": ",
+               hp[p]);
   };
-  check(hp[0], hp[0] >= 0, "learning rate (must be >= 0)");
-  check(hp[4], hp[4] >= 0, "weight_decay (must be >= 0)");
-  if (optimizer != kSGD) check(hp[1], hp[1] >= 0, "eps (must be >= 0)");
-  if (optimizer == kAdam) {
-    check(hp[2], hp[2] >= 0 && hp[2] < 1, "beta1 (must be in [0, 1))");
-    check(hp[3], hp[3] >= 0 && hp[3] < 1, "beta2 (must be in [0, 1))");
-  }
+  check(kLr, hp[kLr] >= 0, "learning rate (must be >= 0)");
+  check(kWeightDecay, hp[kWeightDecay] >= 0, "weight_decay (must be >= 0)");
+  check(kEps, hp[kEps] >= 0, "eps (must be >= 0)");
+  check(kBeta1, hp[kBeta1] >= 0 && hp[kBeta1] < 1, "beta1 (must be in [0, 1))");
+  check(kBeta2, hp[kBeta2] >= 0 && hp[kBeta2] < 1, "beta2 (must be in [0, 1))");
 }
 
 using EmbeddingBagForward = Tensor (*)(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int64_t,

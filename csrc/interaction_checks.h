@@ -5,12 +5,11 @@
 #include <torch/csrc/stable/ops.h>
 
 #include "common.h"
-#include "cpu/interaction_kernel.h"
 
 namespace dlrm_ops {
 
 // Validates the inputs; `sparse_c` keeps a contiguous copy alive if one was needed.
-inline cpu::InteractionArgs check_interaction(const Tensor& dense, const Tensor& sparse,
+inline InteractionArgs check_interaction(const Tensor& dense, const Tensor& sparse,
                                               bool self_interaction, int64_t order,
                                               Tensor& sparse_c) {
   check_same_device(sparse, "sparse", dense, "dense");
@@ -20,7 +19,7 @@ inline cpu::InteractionArgs check_interaction(const Tensor& dense, const Tensor&
   check_dim(dense, "dense", 2);
   DLRM_CHECK(sparse.dim() == 2 || sparse.dim() == 3, "sparse must be [B, T, D] or [B, T*D], got ",
              sparse.dim(), "-D");
-  DLRM_CHECK(order == cpu::kTril || order == cpu::kTriu, "order must be 0 (tril) or 1 (triu), got ",
+  DLRM_CHECK(order == kTril || order == kTriu, "order must be 0 (tril) or 1 (triu), got ",
              order);
   const int64_t B = dense.size(0), D = dense.size(1);
   DLRM_CHECK(D >= 1, "dense must have at least one column");
@@ -48,15 +47,15 @@ inline cpu::InteractionArgs check_interaction(const Tensor& dense, const Tensor&
   const bool inner_ok = sparse.stride(sparse.dim() - 1) == 1 &&
                         (sparse.dim() == 2 || sparse.stride(1) == D);
   sparse_c = inner_ok ? sparse : torch::stable::contiguous(sparse);
-  return cpu::InteractionArgs{B, T, D, self_interaction, order, dense.scalar_type(),
+  return InteractionArgs{B, T, D, self_interaction, order, dense.scalar_type(),
                               dense.const_data_ptr(), sparse_c.const_data_ptr(),
                               B > 1 ? sparse_c.stride(0) : T * D};
 }
 
 // grad_output [B, D + P] in the dtype of dense, as a contiguous tensor.
 inline Tensor check_interaction_grad(const Tensor& grad_output, const Tensor& dense,
-                                     const cpu::InteractionArgs& a) {
-  const int64_t P = cpu::interaction_pairs(a.T + 1, a.self_interaction);
+                                     const InteractionArgs& a) {
+  const int64_t P = interaction_pairs(a.T + 1, a.self_interaction);
   check_same_device(grad_output, "grad_output", dense, "dense");
   DLRM_CHECK(grad_output.scalar_type() == dense.scalar_type(), "grad_output must have the dtype of dense");
   check_dim(grad_output, "grad_output", 2);

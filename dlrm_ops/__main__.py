@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     b.add_argument("--interaction-batches", type=_ints, default=[2048, 8192])
     b.add_argument("--interaction-dims", type=_ints, default=[16, 64, 128])
     b.add_argument("--optimizers", type=lambda s: s.split(","), default=["sgd", "rowwise_adagrad"],
-                   help="for train: sgd, adagrad, rowwise_adagrad, adam")
+                   help="for train: names of dlrm_ops.optimizers.OPTIMIZERS")
     b.add_argument("--dense", action="store_true",
                    help="train: also time dense gradients + SGD (a dense gradient of every "
                         "table: 3.3 GB more at 26 x 500k x 64)")

@@ -1,19 +1,56 @@
 """The public functional API over the native ops, with their autograd and fake
 (meta) kernels. Schemas live in csrc/ops.cpp; kernels in csrc/cpu, csrc/cuda."""
 import contextlib
+import enum
 import threading
 from typing import Optional
 
 import torch
 
-from . import _load
+from . import _load, optimizers
 
 _load.load()
 _ops = torch.ops.dlrm_ops
 
-POOLING = {"sum": 0, "mean": 1}
-ORDERS = {"tril": 0, "triu": 1}
-OPTIMIZERS = {"sgd": 1, "adagrad": 2, "rowwise_adagrad": 3, "adam": 4}
+
+class Pooling(enum.IntEnum):
+    """csrc/kernel_common.h's Pooling."""
+    SUM = 0
+    MEAN = 1
+
+
+class InteractionOrder(enum.IntEnum):
+    """csrc/kernel_common.h's InteractionOrder."""
+    TRIL = 0
+    TRIU = 1
+
+
+POOLING = {"sum": Pooling.SUM, "mean": Pooling.MEAN}
+ORDERS = {"tril": InteractionOrder.TRIL, "triu": InteractionOrder.TRIU}
+OPTIMIZERS = {name: s.id for name, s in optimizers.OPTIMIZERS.items()}
+
+
+class _Args:
+    """Argument positions of an op's schema, by name: what an autograd
+    backward returns and `needs_input_grad` are indexed so."""
+
+    def __init__(self, op):
+        self.pos = {a.name: i for i, a in enumerate(op._schema.arguments)}
+
+    def __getitem__(self, name: str) -> int:
+        return self.pos[name]
+
+    def grads(self, **named):
+        """One entry per argument: None but those named."""
+        out = [None] * len(self.pos)
+        for name, g in named.items():
+            out[self.pos[name]] = g
+        return tuple(out)
+
+
+_EB = _Args(_ops.embedding_bag_forward.default)
+_EB_OPT = _Args(_ops.embedding_bag_forward_with_optimizer.default)
+_DOT = _Args(_ops.dot_interaction.default)
 
 
 def _pooling(mode: str) -> int:
@@ -108,13 +145,14 @@ def table_batched_embedding_bag_with_optimizer(
     stochastic_rounding: bool = False,
 ) -> torch.Tensor:
     """`table_batched_embedding_bag` whose backward updates ``weights`` in place
-    with ``optimizer`` (see ``csrc/cpu/embedding_bag_kernel.h`` for the exact
-    rules) instead of producing a weight gradient. ``momentum1``/``momentum2``
-    are the fp32 optimizer state, ``step`` an int64 counter, ``hparams`` float64
-    ``[lr, eps, beta1, beta2, weight_decay]``; all are updated or read in the
-    backward. ``per_sample_weights`` still get their gradient."""
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+    with ``optimizer`` (a name of ``dlrm_ops.optimizers.OPTIMIZERS``; the exact
+    rules are in ``csrc/optimizers.h``) instead of producing a weight gradient.
+    ``momentum1``/``momentum2`` are the fp32 optimizer state (sized by
+    ``OptimizerSpec.state_numel``), ``step`` an int64 counter, ``hparams``
+    float64 in ``HParam`` order (``optimizers.hparams`` makes them); all are
+    updated or read in the backward. ``per_sample_weights`` still get their
+    gradient."""
+    optimizers.spec(optimizer)
     if total_dim is None:
         total_dim = int(dim_offsets[-1])
     return _embedding_bag_with_optimizer(
@@ -162,10 +200,12 @@ def _(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
 
 
 @torch.library.register_fake("dlrm_ops::embedding_bag_update_")
-def _(grad_output, weights, momentum1, momentum2, step, *lookups_and_rest):
-    _fake_lookups("weights", weights, lookups_and_rest[:5], lookups_and_rest[6])
+def _(grad_output, weights, momentum1, momentum2, step, weights_offsets, dim_offsets, rows,
+      indices, offsets, pooling, per_sample_weights, hparams, optimizer, stochastic_rounding):
+    _fake_lookups("weights", weights, (weights_offsets, dim_offsets, rows, indices, offsets),
+                  per_sample_weights)
     _same_device("weights", weights, ("grad_output", "momentum1", "momentum2", "step", "hparams"),
-                 (grad_output, momentum1, momentum2, step, lookups_and_rest[7]))
+                 (grad_output, momentum1, momentum2, step, hparams))
     return None
 
 
@@ -236,16 +276,16 @@ def _embedding_bag_backward(ctx, grad):
     grad = grad.contiguous()
     grad_weights = grad_psw = None
     meta = (woff, doff, rows, indices, offsets, ctx.pooling)
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[_EB["weights"]]:
         if ctx.sparse:
             values = _ops.embedding_bag_backward_sparse(grad, weights, *meta, psw)
             grad_weights = _sparse_weight_grad(values, weights, woff, doff, rows, indices,
                                                offsets)
         else:
             grad_weights = _ops.embedding_bag_backward_dense(grad, weights, *meta, psw)
-    if psw is not None and ctx.needs_input_grad[7]:
+    if psw is not None and ctx.needs_input_grad[_EB["per_sample_weights"]]:
         grad_psw = _ops.embedding_bag_per_sample_weights_grad(grad, weights, *meta).to(psw.dtype)
-    return grad_weights, None, None, None, None, None, None, grad_psw, None, None
+    return _EB.grads(weights=grad_weights, per_sample_weights=grad_psw)
 
 
 torch.library.register_autograd("dlrm_ops::embedding_bag_forward", _embedding_bag_backward,
@@ -264,7 +304,7 @@ def _with_optimizer_setup(ctx, inputs, output):
     # per_sample_weights: only then are they saved, so that an update of them
     # in between (another fused backward) fails the unpacking, as an in-place
     # change of a saved tensor does. The update itself works on them as they are.
-    ctx.reads_weights = psw is not None and ctx.needs_input_grad[7]
+    ctx.reads_weights = psw is not None and ctx.needs_input_grad[_EB_OPT["per_sample_weights"]]
     if not ctx.reads_weights:
         ctx.weights = weights
     ctx.save_for_backward(weights if ctx.reads_weights else None, woff, doff, rows, indices,
@@ -290,7 +330,7 @@ def _with_optimizer_backward(ctx, grad):
                                    ctx.optimizer, ctx.stochastic_rounding)
     # In place: autograd's checks of saved tensors must see the change.
     torch.autograd.graph.increment_version(weights)
-    return (None,) * 7 + (grad_psw,) + (None,) * 7
+    return _EB_OPT.grads(per_sample_weights=grad_psw)
 
 
 torch.library.register_autograd("dlrm_ops::embedding_bag_forward_with_optimizer",
@@ -345,7 +385,7 @@ def _interaction_backward(ctx, grad):
     dense, sparse = ctx.saved_tensors
     grad_dense, grad_sparse = _ops.dot_interaction_backward(grad, dense, sparse,
                                                             ctx.self_interaction, ctx.order)
-    return grad_dense, grad_sparse, None, None
+    return _DOT.grads(dense=grad_dense, sparse=grad_sparse)
 
 
 torch.library.register_autograd("dlrm_ops::dot_interaction", _interaction_backward,

@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import optimizers
+
 
 def bag_ids(offsets: torch.Tensor, num_indices: int) -> torch.Tensor:
     """Bag number of every index, from offsets with the final end offset."""
@@ -58,34 +60,38 @@ def sparse_optimizer_step(
     """One step of the optimizers fused into the embedding backward, applied in
     place to the rows of ``weight`` ([R, D], any float dtype, math in fp32)
     that ``grad`` (sparse COO, duplicates allowed) touches. ``state`` holds the
-    fp32 state between calls ("sum" [R, D] or [R] for rowwise_adagrad; "exp_avg",
-    "exp_avg_sq", "step" for adam)."""
+    fp32 state between calls: "momentum1" and "momentum2", [R, D] or [R] as
+    ``optimizers.OPTIMIZERS`` lays them out, and "step"."""
+    spec = optimizers.spec(optimizer)
     g = grad.coalesce()
     rows = g.indices()[0]
     vals = g.values().float()
     w = weight.detach()
     wr = w[rows].float()
     vals = vals + weight_decay * wr
+    shapes = {optimizers.State.ELEMENT: w.shape, optimizers.State.ROW: w.shape[:1]}
+    m1, m2 = (state.setdefault(f"momentum{i}", torch.zeros(shapes[layout], dtype=torch.float32))
+              if layout != optimizers.State.NONE else None
+              for i, layout in ((1, spec.momentum1), (2, spec.momentum2)))
+    state["step"] = step = state.get("step", 0) + 1
+    b1, b2 = betas
+    adam_step = lr * (1 - b2 ** step) ** 0.5 / (1 - b1 ** step)
     if optimizer == "sgd":
         new = wr - lr * vals
     elif optimizer == "adagrad":
-        s = state.setdefault("sum", torch.zeros(w.shape, dtype=torch.float32))
-        s[rows] += vals * vals
-        new = wr - lr * vals / (s[rows].sqrt() + eps)
+        m1[rows] += vals * vals
+        new = wr - lr * vals / (m1[rows].sqrt() + eps)
     elif optimizer == "rowwise_adagrad":
-        s = state.setdefault("sum", torch.zeros(w.shape[0], dtype=torch.float32))
-        s[rows] += (vals * vals).mean(1)
-        new = wr - lr * vals / (s[rows].sqrt() + eps).unsqueeze(1)
+        m1[rows] += (vals * vals).mean(1)
+        new = wr - lr * vals / (m1[rows].sqrt() + eps).unsqueeze(1)
     elif optimizer == "adam":
-        m = state.setdefault("exp_avg", torch.zeros(w.shape, dtype=torch.float32))
-        v = state.setdefault("exp_avg_sq", torch.zeros(w.shape, dtype=torch.float32))
-        state["step"] = step = state.get("step", 0) + 1
-        m[rows] += (vals - m[rows]) * (1 - betas[0])
-        v[rows] += (vals * vals - v[rows]) * (1 - betas[1])
-        step_size = lr * (1 - betas[1] ** step) ** 0.5 / (1 - betas[0] ** step)
-        new = wr - step_size * (m[rows] / (v[rows].sqrt() + eps))
-    else:
-        raise ValueError(f"unknown optimizer {optimizer!r}")
+        m1[rows] += (vals - m1[rows]) * (1 - b1)
+        m2[rows] += (vals * vals - m2[rows]) * (1 - b2)
+        new = wr - adam_step * (m1[rows] / (m2[rows].sqrt() + eps))
+    elif optimizer == "rowwise_adam":
+        m1[rows] += (vals - m1[rows]) * (1 - b1)
+        m2[rows] += ((vals * vals).mean(1) - m2[rows]) * (1 - b2)
+        new = wr - adam_step * m1[rows] / (m2[rows].sqrt() + eps).unsqueeze(1)
     w[rows] = new.to(w.dtype)
 
 

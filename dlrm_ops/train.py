@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from . import checkpoint, reference
+from . import checkpoint, optimizers, reference
 from .data import CriteoDataset, RandomData, SyntheticData, preprocess_criteo
 from .models import DLRM
 from .nn import quantize
@@ -57,8 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--num-test-batches", type=int, default=40)
     t.add_argument("--nepochs", type=int, default=1)
     t.add_argument("--learning-rate", type=float, default=0.1)
-    t.add_argument("--optimizer", choices=["sgd", "adagrad", "rowwise_adagrad"], default="sgd",
-                   help="embeddings use it fused into the backward; MLPs use torch's SGD or Adagrad")
+    t.add_argument("--optimizer", choices=sorted(optimizers.OPTIMIZERS), default="sgd",
+                   help="embeddings use it fused into the backward; MLPs use torch's SGD, "
+                        "Adagrad or Adam")
     t.add_argument("--loss-function", choices=["bce"], default="bce")
     t.add_argument("--print-freq", type=int, default=1000)
     t.add_argument("--test-freq", type=int, default=5000)
@@ -122,9 +123,8 @@ def build_model(args, tables) -> DLRM:
 
 
 def dense_optimizer(args, params):
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=args.learning_rate)
-    return torch.optim.Adagrad(params, lr=args.learning_rate)
+    """The torch.optim class of the embeddings' optimizer (dlrm_ops.optimizers)."""
+    return optimizers.spec(args.optimizer).dense(params, lr=args.learning_rate)
 
 
 @torch.no_grad()
@@ -161,8 +161,9 @@ def compare_with_reference(args, model, tables, data, steps: int) -> Optional[di
                                   args.arch_interaction_itself).load_from(ours)
     opt_ours = dense_optimizer(args, ours.dense_parameters())
     opt_ref = dense_optimizer(args, ref.dense_parameters())
-    emb_ref = (torch.optim.SGD if args.optimizer == "sgd" else torch.optim.Adagrad)(
-        ref.embedding_parameters(), lr=args.learning_rate)
+    emb_opt = {torch.optim.SGD: torch.optim.SGD, torch.optim.Adagrad: torch.optim.Adagrad,
+               torch.optim.Adam: torch.optim.SparseAdam}[optimizers.spec(args.optimizer).dense]
+    emb_ref = emb_opt(ref.embedding_parameters(), lr=args.learning_rate)
 
     def step_ours(b):
         opt_ours.zero_grad()

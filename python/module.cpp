@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 
 #include "cpu/dispatch.h"
+#include "kernel_common.h"
+#include "optimizers.h"
 
 namespace py = pybind11;
 
@@ -23,4 +25,31 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_capability", [] {
     return dlrm_ops::cpu::capability_name(dlrm_ops::cpu::capability());
   });
+  // The kernels' enums and optimizer table, for the check that Python's
+  // mirrors (dlrm_ops/ops.py, dlrm_ops/optimizers.py) agree.
+  m.def("enums", [] {
+    using namespace dlrm_ops;
+    py::dict e;
+    e["pooling"] = py::dict(py::arg("sum") = int64_t{kSum}, py::arg("mean") = int64_t{kMean});
+    e["order"] = py::dict(py::arg("tril") = int64_t{kTril}, py::arg("triu") = int64_t{kTriu});
+    e["hparam"] = py::dict(py::arg("lr") = int{kLr}, py::arg("eps") = int{kEps},
+                           py::arg("beta1") = int{kBeta1}, py::arg("beta2") = int{kBeta2},
+                           py::arg("weight_decay") = int{kWeightDecay});
+    return e;
+  });
+  m.def("optimizers", [] {
+    using namespace dlrm_ops;
+    py::list out;
+    for (int64_t o = kFirstOptimizer; o <= kLastOptimizer; ++o) {
+      with_rule(o, [&](auto r) {
+        using R = decltype(r);
+        out.append(py::dict(py::arg("name") = R::kName, py::arg("id") = int64_t{R::kId},
+                            py::arg("momentum1") = static_cast<int>(R::kM1),
+                            py::arg("momentum2") = static_cast<int>(R::kM2),
+                            py::arg("hparams") = R::kHParams));
+      });
+    }
+    return out;
+  }, "The fused optimizers: name, id, state layouts (0 none, 1 element, 2 row), "
+     "hyperparameters read (bits of 1 << HParam).");
 }

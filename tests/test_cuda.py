@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dlrm_ops
+from dlrm_ops.optimizers import OPTIMIZERS
 from dlrm_ops import reference
 from dlrm_ops.nn import EmbeddingBagCollection, QuantizedEmbeddingBagCollection
 
@@ -100,7 +101,7 @@ def test_autograd_dense_and_sparse_gradients():
         close(g.to_dense() if sparse else g, cpu.weight.grad.to_dense())
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("dims", DIMS)
 @pytest.mark.parametrize("mode, weighted", [("sum", False), ("sum", True), ("mean", False)])
 def test_fused_optimizer_matches_cpu(optimizer, dims, mode, weighted):
@@ -120,7 +121,7 @@ def test_fused_optimizer_matches_cpu(optimizer, dims, mode, weighted):
     assert int(gpu.step) == int(cpu.step) == 3
 
 
-@pytest.mark.parametrize("optimizer", [None, "sgd", "adagrad", "rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("optimizer", [None, *OPTIMIZERS])
 @pytest.mark.parametrize("dims", [[300, 16], [40, 16]])
 def test_hot_rows_match_cpu_and_repeat_bit_for_bit(optimizer, dims):
     """Rows looked up over 128 times in a batch (table 0: about 230 lookups a

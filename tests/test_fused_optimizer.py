@@ -10,6 +10,7 @@ import torch
 
 import dlrm_ops
 from dlrm_ops import reference
+from dlrm_ops.optimizers import OPTIMIZERS
 from dlrm_ops.nn import EmbeddingBagCollection
 
 from conftest import TOL, make_bags
@@ -215,7 +216,7 @@ def _reference_run(optimizer, ebc, data, weight_decay=0.0, lr=0.1, eps=1e-8):
     return tables, states
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dims", DIMS)
@@ -231,10 +232,12 @@ def test_matches_reference(optimizer, weight_decay, weighted, dims):
     for t, m in enumerate(tables):
         torch.testing.assert_close(ebc.weight_of(t), m.weight.detach(), atol=1e-5, rtol=1e-5)
     if optimizer == "rowwise_adagrad":
-        torch.testing.assert_close(ebc.momentum1, torch.cat([s["sum"] for s in states]))
+        torch.testing.assert_close(ebc.momentum1, torch.cat([s["momentum1"] for s in states]))
+    if optimizer == "rowwise_adam":
+        torch.testing.assert_close(ebc.momentum2, torch.cat([s["momentum2"] for s in states]))
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad", "adam", "rowwise_adam"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_weights(optimizer, dtype):
     ebc = fused(optimizer, dtype=dtype, lr=0.05)
@@ -314,7 +317,7 @@ def test_register_path_gives_the_bits_of_the_any_dim_path(tmp_path):
     assert torch.equal(results[0], results[1])
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_bit_identical_for_any_thread_count(optimizer):
     results = []
     threads = torch.get_num_threads()

@@ -10,7 +10,7 @@
 #include "common.h"
 #include "embedding_bag_checks.h"
 #include "cpu/embedding_bag_kernel.h"
-#include "cpu/lookups.h"
+#include "lookups.h"
 
 namespace dlrm_ops {
 namespace {
@@ -138,10 +138,10 @@ void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
                        grad_output.const_data_ptr(),
                        weights.mutable_data_ptr(),
                        has_m1 ? momentum1.mutable_data_ptr<float>() : nullptr,
-                       optimizer == cpu::kAdam ? momentum2.mutable_data_ptr<float>() : nullptr,
+                       momentum2.numel() > 0 ? momentum2.mutable_data_ptr<float>() : nullptr,
                        row_offsets.data(),
                        optimizer,
-                       {hp[0], hp[1], hp[2], hp[3], hp[4]},
+                       make_hyper(hp, *step_ptr + 1),
                        *step_ptr + 1,
                        stochastic_rounding};
   const int64_t bad = cpu::embedding_bag_update_stub(args);

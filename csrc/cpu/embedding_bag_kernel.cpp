@@ -98,7 +98,7 @@ void pool_bags(const W* wt, int64_t D, uint64_t rows, const I* idx, const float*
                int64_t stride, bool stream, int64_t& bad_out) {
   int64_t bad = bad_out;
   auto scale_of = [&](int64_t start, int64_t stop) {
-    return mean && stop > start ? 1.f / static_cast<float>(stop - start) : 1.f;
+    return pooling_scale(mean ? kMean : kSum, stop - start);
   };
   const bool unrolled = with_one_block(D, [&](auto nv) {
     constexpr int NV = decltype(nv)::value;

@@ -7,41 +7,18 @@
 #include <cstdint>
 
 #include "cpu/dispatch.h"
+#include "kernel_common.h"
+#include "optimizers.h"
 
 namespace dlrm_ops::cpu {
 
 using torch::headeronly::ScalarType;
 
-enum Pooling : int64_t { kSum = 0, kMean = 1 };
-
-// T tables in one flat buffer, FBGEMM's table-batched layout. Table t holds
-// rows[t] rows of D_t = dim_offsets[t+1] - dim_offsets[t] elements starting at
-// element weights_offsets[t]; its pooled vectors fill output columns
-// [dim_offsets[t], dim_offsets[t+1]).
-struct TableBatch {
-  int64_t T;
-  int64_t B;
-  const int64_t* weights_offsets;
-  const int64_t* dim_offsets;
-  const int64_t* rows;
-};
-
-// Bag b of table t is indices[offsets[t*B+b] : offsets[t*B+b+1]]; offsets
-// were validated (start 0, non-decreasing, end numel(indices)).
-struct Lookups {
-  const void* indices;
-  const void* offsets;
-  bool int64;                       // dtype of indices and offsets
-  const float* per_sample_weights;  // [N] or nullptr
-  int64_t pooling;
-  bool one_per_bag = false;         // every bag holds exactly one lookup
-};
-
 // All float tensors (weights, output, grad_output, grad_weight, values) share
 // the weight dtype `dtype`; accumulation is fp32.
 struct EmbeddingBagArgs {
   TableBatch tb;
-  Lookups lk;
+  HostLookups lk;
   ScalarType dtype;
   const void* weights;
 };
@@ -63,22 +40,8 @@ using BackwardSparseFn = int64_t (*)(const EmbeddingBagArgs&, const void* grad_o
 using PerSampleWeightsGradFn = int64_t (*)(const EmbeddingBagArgs&, const void* grad_out,
                                         float* grad_psw);
 
-enum Optimizer : int64_t { kSGD = 1, kAdagrad = 2, kRowwiseAdagrad = 3, kAdam = 4 };
-
-// Hyperparameters of the fused update, in the order of the `hparams` tensor.
-struct OptimizerParams {
-  double lr, eps, beta1, beta2, weight_decay;
-};
-
 // The optimizer fused into the backward: every touched row gets its summed
-// gradient g (duplicates summed in lookup order) and is updated in place.
-//   sgd:             w -= lr * g
-//   adagrad:         s += g*g (per element);      w -= lr * g / (sqrt(s) + eps)
-//   rowwise_adagrad: s += mean(g*g) (per row);    w -= lr * g / (sqrt(s) + eps)
-//   adam (lazy):     m += (g - m)(1-b1); v += (g*g - v)(1-b2);
-//                    w -= lr * sqrt(1-b2^step)/(1-b1^step) * m / (sqrt(v) + eps)
-// with g += weight_decay * w first. State is fp32: per element (layout of the
-// weights) or per row (row_offsets[t] + row for rowwise_adagrad).
+// gradient and the rule of `optimizer` (csrc/optimizers.h), in place.
 struct UpdateArgs {
   EmbeddingBagArgs eb;
   const void* grad_out;
@@ -87,8 +50,8 @@ struct UpdateArgs {
   float* momentum2;
   const int64_t* row_offsets;  // [T] first state row of table t
   int64_t optimizer;
-  OptimizerParams hp;
-  int64_t step;               // after this update's increment (adam)
+  Hyper h;
+  int64_t step;               // after this update's increment (rounding seed)
   bool stochastic_rounding;   // fp16/bf16 weights
 };
 // Returns the first out-of-range index position, or -1 (then nothing was written).
@@ -105,7 +68,9 @@ extern DispatchStub<ForwardFn> embedding_bag_forward_stub;
 // values; a one-lookup bag gathered in row order is its row copied, so a -0
 // stays -0 where the bag-order sum gives +0): where it pays it sorts the
 // lookups by row, gathers in that order, and holds the sorted lookups for
-// this thread's next update.
+// this thread's next update: a thread-local hand-off (cpu/sorted_lookups.h,
+// keep_forward_sorted / take_forward_sorted) that the update takes only for
+// the same indices and offsets, and otherwise sorts again.
 extern DispatchStub<ForwardFn> embedding_bag_train_forward_stub;
 extern DispatchStub<UpdateFn> embedding_bag_update_stub;
 extern DispatchStub<BackwardDenseFn> embedding_bag_backward_dense_stub;

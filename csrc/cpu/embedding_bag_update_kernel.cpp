@@ -68,8 +68,37 @@ void store_row(W* w, const float* v, int64_t D, const UpdateArgs& a, int64_t ele
 // (w -= lr * g), SGD and row-wise Adagrad by the register path of update_runs.
 template <typename W>
 bool in_place(const UpdateArgs& a, Optimizer optimizer) {
-  return std::is_same_v<W, float> && a.optimizer == optimizer &&
-         static_cast<float>(a.hp.weight_decay) == 0.f;
+  return std::is_same_v<W, float> && a.optimizer == optimizer && a.h.weight_decay == 0.f;
+}
+
+// Applies Rule (csrc/optimizers.h) to one row: g is its summed gradient (fp32,
+// D values), wf scratch for the fp32 weights.
+template <typename Rule, typename W>
+__attribute__((always_inline)) inline void apply_rule(const UpdateArgs& a, W* w, float* g,
+                                                       float* wf, int64_t D, int64_t elem0,
+                                                       int64_t state_row) {
+  const Hyper& h = a.h;
+  for (int64_t d = 0; d < D; ++d) wf[d] = to_float(w[d]);
+  if (h.weight_decay != 0.f) {
+    for (int64_t d = 0; d < D; ++d) g[d] += h.weight_decay * wf[d];
+  }
+  float coef = 0.f;
+  if constexpr (Rule::kM1 == State::kRow || Rule::kM2 == State::kRow) {
+    float* s = (Rule::kM1 == State::kRow ? a.momentum1 : a.momentum2) + state_row;
+    *s = Rule::row_state(h, *s, row_dot(g, g, D) / static_cast<float>(D));
+    coef = Rule::row_coef(h, *s);
+  }
+  if constexpr (Rule::kM1 == State::kElement && Rule::kM2 == State::kElement) {
+    float* m1 = a.momentum1 + elem0;
+    float* m2 = a.momentum2 + elem0;
+    for (int64_t d = 0; d < D; ++d) wf[d] = Rule::apply(h, coef, g[d], wf[d], m1 + d, m2 + d);
+  } else if constexpr (Rule::kM1 == State::kElement) {
+    float* m1 = a.momentum1 + elem0;
+    for (int64_t d = 0; d < D; ++d) wf[d] = Rule::apply(h, coef, g[d], wf[d], m1 + d, nullptr);
+  } else {
+    for (int64_t d = 0; d < D; ++d) wf[d] = Rule::apply(h, coef, g[d], wf[d], nullptr, nullptr);
+  }
+  store_row(w, wf, D, a, elem0);
 }
 
 // Applies the update to one row: g is its summed gradient (fp32, D values),
@@ -78,55 +107,16 @@ template <typename W>
 __attribute__((always_inline)) inline void update_row(const UpdateArgs& a, W* w, float* g,
                                                        float* wf, int64_t D, int64_t elem0,
                                                        int64_t state_row) {
-  const float lr = static_cast<float>(a.hp.lr), eps = static_cast<float>(a.hp.eps);
-  const float wd = static_cast<float>(a.hp.weight_decay);
   if constexpr (std::is_same_v<W, float>) {
     if (in_place<W>(a, kSGD)) {
+      const float lr = a.h.lr;
       for (int64_t d = 0; d < D; ++d) w[d] -= lr * g[d];
       return;
     }
   }
-  for (int64_t d = 0; d < D; ++d) wf[d] = to_float(w[d]);
-  if (wd != 0.f) {
-    for (int64_t d = 0; d < D; ++d) g[d] += wd * wf[d];
-  }
-  switch (a.optimizer) {
-    case kSGD:
-      for (int64_t d = 0; d < D; ++d) wf[d] -= lr * g[d];
-      break;
-    case kAdagrad: {
-      float* s = a.momentum1 + elem0;
-      for (int64_t d = 0; d < D; ++d) {
-        s[d] += g[d] * g[d];
-        wf[d] -= lr * g[d] / (std::sqrt(s[d]) + eps);
-      }
-      break;
-    }
-    case kRowwiseAdagrad: {
-      float* s = a.momentum1 + state_row;
-      *s += row_dot(g, g, D) / static_cast<float>(D);
-      const float step = lr / (std::sqrt(*s) + eps);
-      for (int64_t d = 0; d < D; ++d) wf[d] -= step * g[d];
-      break;
-    }
-    case kAdam: {
-      float* m = a.momentum1 + elem0;
-      float* v = a.momentum2 + elem0;
-      const float b1 = static_cast<float>(a.hp.beta1), b2 = static_cast<float>(a.hp.beta2);
-      const double bc1 = 1.0 - std::pow(a.hp.beta1, static_cast<double>(a.step));
-      const double bc2 = 1.0 - std::pow(a.hp.beta2, static_cast<double>(a.step));
-      const float step_size = static_cast<float>(a.hp.lr * std::sqrt(bc2) / bc1);
-      for (int64_t d = 0; d < D; ++d) {
-        m[d] += (g[d] - m[d]) * (1.f - b1);
-        v[d] += (g[d] * g[d] - v[d]) * (1.f - b2);
-        wf[d] -= step_size * (m[d] / (std::sqrt(v[d]) + eps));
-      }
-      break;
-    }
-    default:
-      break;
-  }
-  store_row(w, wf, D, a, elem0);
+  with_rule(a.optimizer, [&](auto rule) {
+    apply_rule<decltype(rule)>(a, w, g, wf, D, elem0, state_row);
+  });
 }
 
 // How the register path applies a run's summed gradient: fp32 SGD or
@@ -147,17 +137,22 @@ void register_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64
   constexpr int64_t D = 16 * NV;
   constexpr int64_t kRowBytes = D * sizeof(W), kStateBytes = D * 4;
   const TableBatch& tb = a.eb.tb;
-  const Lookups& lk = a.eb.lk;
+  const HostLookups& lk = a.eb.lk;
   const I* off = static_cast<const I*>(lk.offsets);
   const int64_t B = tb.B, start = off[t * B], table_end = off[(t + 1) * B];
   const int64_t elem_base = tb.weights_offsets[t], state_base = a.row_offsets[t];
   W* w = static_cast<W*>(a.weights);
   const uint64_t* e = s.entries;
-  const float lr = static_cast<float>(a.hp.lr), eps = static_cast<float>(a.hp.eps);
-  const bool elementwise_state = a.optimizer == kAdagrad || a.optimizer == kAdam;
+  const float lr = a.h.lr;
+  // The optimizer's state (csrc/optimizers.h): per-element rows prefetched as
+  // the weights', a per-row entry as one line.
+  const StateLayout ls = state_layout(a.optimizer);
+  const bool m1_rows = ls.m1 == State::kElement, m2_rows = ls.m2 == State::kElement;
+  float* const row_state = ls.m1 == State::kRow ? a.momentum1
+                           : ls.m2 == State::kRow ? a.momentum2 : nullptr;
   // Rows of compile-time size: `lined` when every row starts a line (prefetch_row_of).
   const bool lined = rows_on_lines(w + elem_base, kRowBytes);
-  const bool state_lined = elementwise_state && rows_on_lines(a.momentum1 + elem_base, kStateBytes);
+  const bool state_lined = m1_rows && rows_on_lines(a.momentum1 + elem_base, kStateBytes);
   const bool grads_lined =
       rows_on_lines(grads.base, kRowBytes) && grads.stride * sizeof(W) % 64 == 0;
   float g[D], wf[D];
@@ -172,14 +167,10 @@ void register_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64
   for (int64_t k = begin; k < std::min(begin + kPrefetchFarRows, end); ++k) {
     const int64_t r = SortedLookups::row(e[k]);
     prefetch_row_of<2, kRowBytes>(w + elem_base + r * D, lined);
-    if (A != Apply::kSgd && a.optimizer == kRowwiseAdagrad) {
-      __builtin_prefetch(a.momentum1 + state_base + r, 0, 2);
-    }
-    if (A == Apply::kRow && elementwise_state) {
+    if (A != Apply::kSgd && row_state) __builtin_prefetch(row_state + state_base + r, 0, 2);
+    if (A == Apply::kRow && m1_rows) {
       prefetch_row_of<2, kStateBytes>(a.momentum1 + elem_base + r * D, state_lined);
-      if (a.optimizer == kAdam) {
-        prefetch_row_of<2, kStateBytes>(a.momentum2 + elem_base + r * D, state_lined);
-      }
+      if (m2_rows) prefetch_row_of<2, kStateBytes>(a.momentum2 + elem_base + r * D, state_lined);
     }
   }
   for (int64_t p = begin; p < end;) {
@@ -212,32 +203,32 @@ void register_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64
     const int64_t rf = SortedLookups::row(e[std::min(q + kPrefetchFarRows, table_end) - 1]);
     const int64_t ef = elem_base + rf * D;
     prefetch_row_of<2, kRowBytes>(w + ef, lined);
-    if (A != Apply::kSgd && a.optimizer == kRowwiseAdagrad) {
-      __builtin_prefetch(a.momentum1 + state_base + rn, 0, 3);
-      __builtin_prefetch(a.momentum1 + state_base + rf, 0, 2);
+    if (A != Apply::kSgd && row_state) {
+      __builtin_prefetch(row_state + state_base + rn, 0, 3);
+      __builtin_prefetch(row_state + state_base + rf, 0, 2);
     }
-    if (A == Apply::kRow && elementwise_state) {
+    if (A == Apply::kRow && m1_rows) {
       prefetch_row_of<3, kStateBytes>(a.momentum1 + en, state_lined);
       prefetch_row_of<2, kStateBytes>(a.momentum1 + ef, state_lined);
-      if (a.optimizer == kAdam) {
+      if (m2_rows) {
         prefetch_row_of<3, kStateBytes>(a.momentum2 + en, state_lined);
         prefetch_row_of<2, kStateBytes>(a.momentum2 + ef, state_lined);
       }
     }
     p = q;
     const int64_t elem0 = elem_base + row * D;
-    if constexpr (A == Apply::kSgd) {  // update_row's in-place loop, on the registers
+    if constexpr (A == Apply::kSgd) {  // Sgd::apply, on the registers
       float* wr = w + elem0;
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) store16(wr + 16 * j, sub_scaled(load16(wr + 16 * j), lr, acc[j]));
-    } else if constexpr (A == Apply::kRowwise) {  // update_row's row-wise Adagrad
+    } else if constexpr (A == Apply::kRowwise) {  // RowwiseAdagrad, on the registers
       // The sum of squares through row_dot: the same dot in registers was
       // contracted differently by the compiler (1 ulp off in some rows).
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) store16(g + 16 * j, acc[j]);
       float* st = a.momentum1 + state_base + row;
-      *st += row_dot(g, g, D) / static_cast<float>(D);
-      const float step = lr / (std::sqrt(*st) + eps);
+      *st = RowwiseAdagrad::row_state(a.h, *st, row_dot(g, g, D) / static_cast<float>(D));
+      const float step = RowwiseAdagrad::row_coef(a.h, *st);
       float* wr = w + elem0;
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) store16(wr + 16 * j, sub_scaled(load16(wr + 16 * j), step, acc[j]));
@@ -273,7 +264,7 @@ template <typename W, typename I>
 void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t begin,
                  int64_t end, const GradRows<W>& grads) {
   const TableBatch& tb = a.eb.tb;
-  const Lookups& lk = a.eb.lk;
+  const HostLookups& lk = a.eb.lk;
   const I* off = static_cast<const I*>(lk.offsets);
   const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(W));
@@ -281,8 +272,10 @@ void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t
   const int64_t elem_base = tb.weights_offsets[t], state_base = a.row_offsets[t];
   W* w = static_cast<W*>(a.weights);
   const uint64_t* e = s.entries;
-  const bool elementwise_state = a.optimizer == kAdagrad || a.optimizer == kAdam;
-  const bool row_state = a.optimizer == kRowwiseAdagrad;
+  const StateLayout ls = state_layout(a.optimizer);
+  const bool m1_rows = ls.m1 == State::kElement, m2_rows = ls.m2 == State::kElement;
+  float* const row_state = ls.m1 == State::kRow ? a.momentum1
+                           : ls.m2 == State::kRow ? a.momentum2 : nullptr;
   float g_buf[256], wf_buf[256];
   std::unique_ptr<float[]> heap;
   float* g = g_buf;
@@ -296,16 +289,16 @@ void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t
     if (q + kPrefetchRows <= table_end) {
       const int64_t r = SortedLookups::row(e[q + kPrefetchRows - 1]), el = elem_base + r * D;
       prefetch_row(w + el, row_bytes);
-      if (elementwise_state) prefetch_row(a.momentum1 + el, D * 4);
-      if (row_state) prefetch_row(a.momentum1 + state_base + r, 4);
-      if (a.optimizer == kAdam) prefetch_row(a.momentum2 + el, D * 4);
+      if (m1_rows) prefetch_row(a.momentum1 + el, D * 4);
+      if (m2_rows) prefetch_row(a.momentum2 + el, D * 4);
+      if (row_state) prefetch_row(row_state + state_base + r, 4);
     }
     if (q + kPrefetchFarRows <= table_end) {
       const int64_t r = SortedLookups::row(e[q + kPrefetchFarRows - 1]), el = elem_base + r * D;
       prefetch_row<2>(w + el, row_bytes);
-      if (elementwise_state) prefetch_row<2>(a.momentum1 + el, D * 4);
-      if (row_state) prefetch_row<2>(a.momentum1 + state_base + r, 4);
-      if (a.optimizer == kAdam) prefetch_row<2>(a.momentum2 + el, D * 4);
+      if (m1_rows) prefetch_row<2>(a.momentum1 + el, D * 4);
+      if (m2_rows) prefetch_row<2>(a.momentum2 + el, D * 4);
+      if (row_state) prefetch_row<2>(row_state + state_base + r, 4);
     }
     // Gradient rows are one random row per lookup: fetched ahead too.
     for (int64_t k = p + kPrefetchGrads; k < std::min(q + kPrefetchGrads, table_end); ++k) {

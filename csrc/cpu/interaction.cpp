@@ -12,7 +12,7 @@
 namespace dlrm_ops {
 namespace {
 
-cpu::InteractionArgs prepare(const Tensor& dense, const Tensor& sparse, bool self_interaction,
+InteractionArgs prepare(const Tensor& dense, const Tensor& sparse, bool self_interaction,
                              int64_t order, Tensor& sparse_c) {
   check_cpu(dense, "dense");
   return check_interaction(dense, sparse, self_interaction, order, sparse_c);
@@ -20,8 +20,8 @@ cpu::InteractionArgs prepare(const Tensor& dense, const Tensor& sparse, bool sel
 
 Tensor dot_interaction(Tensor dense, Tensor sparse, bool self_interaction, int64_t order) {
   Tensor sparse_c;
-  cpu::InteractionArgs a = prepare(dense, sparse, self_interaction, order, sparse_c);
-  const int64_t P = cpu::interaction_pairs(a.T + 1, self_interaction);
+  InteractionArgs a = prepare(dense, sparse, self_interaction, order, sparse_c);
+  const int64_t P = interaction_pairs(a.T + 1, self_interaction);
   Tensor out = torch::stable::new_empty(dense, {a.B, a.D + P});
   cpu::interaction_forward_stub(a, out.mutable_data_ptr());
   return out;
@@ -31,7 +31,7 @@ std::tuple<Tensor, Tensor> dot_interaction_backward(Tensor grad_output, Tensor d
                                                     Tensor sparse, bool self_interaction,
                                                     int64_t order) {
   Tensor sparse_c;
-  cpu::InteractionArgs a = prepare(dense, sparse, self_interaction, order, sparse_c);
+  InteractionArgs a = prepare(dense, sparse, self_interaction, order, sparse_c);
   Tensor go = check_interaction_grad(grad_output, dense, a);
   Tensor grad_dense = torch::stable::new_empty(dense, dense.sizes());
   Tensor grad_sparse = torch::stable::new_empty(sparse, sparse.sizes());

@@ -141,9 +141,9 @@ inline int64_t bag_grain(const TableBatch& tb, int64_t N) {
 
 // Weight of lookup p (in flat bag `bag`) in its pooled sum.
 template <typename I>
-inline float lookup_scale(const Lookups& lk, const I* off, int64_t bag, int64_t p) {
+inline float lookup_scale(const HostLookups& lk, const I* off, int64_t bag, int64_t p) {
   if (lk.per_sample_weights) return lk.per_sample_weights[p];
-  if (lk.pooling == kMean) return 1.f / static_cast<float>(off[bag + 1] - off[bag]);
+  if (lk.pooling == kMean) return pooling_scale(kMean, off[bag + 1] - off[bag]);
   return 1.f;
 }
 

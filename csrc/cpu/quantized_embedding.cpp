@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "common.h"
-#include "cpu/lookups.h"
+#include "lookups.h"
 #include "cpu/quantized_embedding_kernel.h"
 #include "quantized_checks.h"
 
@@ -19,7 +19,7 @@ Tensor quantize_rowwise(Tensor weight, int64_t bits) {
   check_quantize_args(weight, bits);
   const int64_t R = weight.size(0), D = weight.size(1);
   Tensor w = torch::stable::contiguous(weight);
-  Tensor packed = torch::stable::new_empty(w, {R, cpu::packed_row_bytes(D, bits)}, ScalarType::Byte);
+  Tensor packed = torch::stable::new_empty(w, {R, packed_row_bytes(D, bits)}, ScalarType::Byte);
   cpu::quantize_stub(w.const_data_ptr(), w.scalar_type(), R, D, bits,
                      packed.mutable_data_ptr<uint8_t>());
   return packed;

@@ -369,8 +369,7 @@ int64_t qforward(const QuantizedBagArgs& a, void* out_ptr) {
     if constexpr (!std::is_same_v<O, float>) acc_buf.reset(new float[max_dim(tb)]);
     for_each_bag(tb, off, begin, end, [&](int64_t t, int64_t b, int64_t start, int64_t stop) {
       const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
-      const float scale_out =
-          a.lk.pooling == kMean && stop > start ? 1.f / static_cast<float>(stop - start) : 1.f;
+      const float scale_out = pooling_scale(a.lk.pooling, stop - start);
       O* out_row = out + b * total_D + tb.dim_offsets[t];
       float* acc;
       if constexpr (std::is_same_v<O, float>) acc = out_row; else acc = acc_buf.get();

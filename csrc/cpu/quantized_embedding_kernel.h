@@ -16,8 +16,6 @@
 
 namespace dlrm_ops::cpu {
 
-inline int64_t packed_row_bytes(int64_t D, int64_t bits) { return bits == 8 ? D + 8 : D / 2 + 4; }
-
 // weight [R, D] (dtype) -> packed [R, packed_row_bytes(D, bits)].
 using QuantizeFn = void (*)(const void* weight, ScalarType dtype, int64_t R, int64_t D,
                             int64_t bits, uint8_t* packed);
@@ -29,7 +27,7 @@ using DequantizeFn = void (*)(const uint8_t* packed, int64_t R, int64_t D, int64
 // out-of-range index position or -1.
 struct QuantizedBagArgs {
   TableBatch tb;
-  Lookups lk;
+  HostLookups lk;
   const uint8_t* packed;
   int64_t bits;
   ScalarType out_dtype;

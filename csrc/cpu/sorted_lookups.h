@@ -48,13 +48,13 @@ struct SortedLookups {
   // The bag of entry e of table t (lookups from `start`) and its weight in
   // the pooled sum.
   template <typename I>
-  std::pair<int64_t, float> bag_scale(uint64_t e, const Lookups& lk, const I* off, int64_t t,
+  std::pair<int64_t, float> bag_scale(uint64_t e, const HostLookups& lk, const I* off, int64_t t,
                                       int64_t B, int64_t start) const {
     const int64_t b = bag_of(e, start);
     if (lk.per_sample_weights) return {b, lk.per_sample_weights[start + low(e)]};
     if (lk.pooling == kMean) {
       const int64_t bag = t * B + b;
-      return {b, 1.f / static_cast<float>(off[bag + 1] - off[bag])};
+      return {b, pooling_scale(kMean, off[bag + 1] - off[bag])};
     }
     return {b, 1.f};
   }
@@ -121,7 +121,7 @@ inline uint64_t* sort_scratch(int64_t words, std::unique_ptr<uint64_t[]>& own) {
 // gets the bag of every position, copy (when not null) the indices. Returns
 // the first position whose index is out of range, or -1.
 template <typename I>
-int64_t sort_rows(const TableBatch& tb, const Lookups& lk, bool positions, uint64_t* entries,
+int64_t sort_rows(const TableBatch& tb, const HostLookups& lk, bool positions, uint64_t* entries,
                   uint64_t* tmp, int32_t* bag, I* copy = nullptr) {
   const I* idx = static_cast<const I*>(lk.indices);
   const I* off = static_cast<const I*>(lk.offsets);
@@ -159,7 +159,7 @@ int64_t sort_rows(const TableBatch& tb, const Lookups& lk, bool positions, uint6
 }
 
 template <typename I>
-SortedLookups sort_lookups(const TableBatch& tb, const Lookups& lk) {
+SortedLookups sort_lookups(const TableBatch& tb, const HostLookups& lk) {
   const I* off = static_cast<const I*>(lk.offsets);
   const int64_t N = static_cast<int64_t>(off[tb.T * tb.B]);
   SortedLookups s;
@@ -193,7 +193,7 @@ inline ForwardSorted& forward_sorted() {
 // A buffer for the sort of the N lookups lk of tables tb, held for the next
 // update, and one for a copy of their indices (sort_rows writes both).
 template <typename I>
-std::pair<uint64_t*, I*> keep_forward_sorted(const TableBatch& tb, const Lookups& lk, int64_t N) {
+std::pair<uint64_t*, I*> keep_forward_sorted(const TableBatch& tb, const HostLookups& lk, int64_t N) {
   ForwardSorted& f = forward_sorted();
   if (f.words < N) {
     f.entries.reset(new uint64_t[N]);
@@ -230,7 +230,7 @@ inline bool same_bytes(const void* x, const void* y, int64_t n) {
 // every bag (so the same offsets: they start at 0) make it exactly the sort
 // that sort_lookups would give these lookups, a position being its bag.
 template <typename I>
-const uint64_t* take_forward_sorted(const TableBatch& tb, const Lookups& lk, int64_t N) {
+const uint64_t* take_forward_sorted(const TableBatch& tb, const HostLookups& lk, int64_t N) {
   ForwardSorted& f = forward_sorted();
   const bool hit = f.n == N && lk.one_per_bag && f.T == tb.T && f.B == tb.B &&
                    std::equal(f.rows.begin(), f.rows.end(), tb.rows) &&
@@ -273,7 +273,7 @@ struct GradCopy {
 // [B, dim_offsets[T]]. Parallel over entries; the callee walks the runs
 // (for_each_run) with the table's values hoisted.
 template <typename I, typename W, typename F>
-void for_each_table_runs(const TableBatch& tb, const Lookups& lk, const SortedLookups& s,
+void for_each_table_runs(const TableBatch& tb, const HostLookups& lk, const SortedLookups& s,
                          const W* grad_out, int64_t grain, const F& f) {
   const I* off = static_cast<const I*>(lk.offsets);
   const int64_t T = tb.T, B = tb.B;

@@ -141,7 +141,7 @@ struct Runs {
   Tensor bag, scale, start, keys, counts, long_runs, scratch;
 };
 
-Runs sort_by_row(const Tensor& ref, const Lookups& lk, cudaStream_t stream) {
+Runs sort_by_row(const Tensor& ref, const DeviceLookups& lk, cudaStream_t stream) {
   const LookupView& v = lk.v;
   const int64_t N = v.N;
   Runs r;
@@ -408,34 +408,25 @@ __device__ __forceinline__ __half round_stochastic<__half>(float v, uint32_t u) 
       [](uint16_t b) { return __half2float(__ushort_as_half(b)); }));
 }
 
-// Every touched row gets its summed gradient and the rule of
-// csrc/cpu/embedding_bag_kernel.h, with the CPU's fp32 arithmetic.
-template <typename T>
+// Every touched row gets its summed gradient and Rule (csrc/optimizers.h),
+// with the CPU's fp32 arithmetic.
+template <typename T, typename Rule>
 struct UpdateOp {
   T* w;
   float* m1;
   float* m2;
-  const double* hparams;  // [lr, eps, beta1, beta2, weight_decay]
+  const double* hparams;  // HParam order
   const int64_t* step;    // before this update
-  int64_t optimizer;
   bool stochastic_rounding;
   // Set by begin() from the device-side hyper-parameters.
-  float lr, eps, wd, step_size, b1, b2;
+  Hyper h;
   uint64_t seed;
 
+  static constexpr bool kRowState = Rule::kM1 == State::kRow || Rule::kM2 == State::kRow;
+
   __device__ void begin() {
-    lr = static_cast<float>(hparams[0]);
-    eps = static_cast<float>(hparams[1]);
-    wd = static_cast<float>(hparams[4]);
     const int64_t t = *step + 1;
-    step_size = b1 = b2 = 0.f;
-    if (optimizer == kAdam) {
-      b1 = static_cast<float>(hparams[2]);
-      b2 = static_cast<float>(hparams[3]);
-      const double bc1 = 1.0 - pow(hparams[2], static_cast<double>(t));
-      const double bc2 = 1.0 - pow(hparams[3], static_cast<double>(t));
-      step_size = static_cast<float>(hparams[0] * sqrt(bc2) / bc1);
-    }
+    h = make_hyper(hparams, t);
     seed = rounding_seed(t);
   }
 
@@ -453,51 +444,36 @@ struct UpdateOp {
       grad(c0, g);
 #pragma unroll
       for (int k = 0; k < kCols; ++k) {
-        if (wd != 0.f) g[k] += wd * wf[k];
+        if (h.weight_decay != 0.f) g[k] += h.weight_decay * wf[k];
       }
     };
-    float row_step = 0.f;  // rowwise adagrad: lr / (sqrt(s) + eps)
+    float coef = 0.f;  // the row's coefficient, where the rule keeps a per-row state
     const bool one_window = ri.D <= kWindow;
-    if (optimizer == kRowwiseAdagrad) {
+    if constexpr (kRowState) {
       float sq = 0.f;
       for (int64_t w0 = 0; w0 < ri.D; w0 += kWindow) {
         window(w0 + lane);
 #pragma unroll
         for (int k = 0; k < kCols; ++k) sq += g[k] * g[k];
       }
-      float* s = m1 + ri.key;
-      const float s_new = *s + warp_sum(sq) / static_cast<float>(ri.D);
-      row_step = lr / (sqrtf(s_new) + eps);
+      float* s = (Rule::kM1 == State::kRow ? m1 : m2) + ri.key;
+      const float s_new = Rule::row_state(h, *s, warp_sum(sq) / static_cast<float>(ri.D));
+      coef = Rule::row_coef(h, s_new);
       __syncwarp();
       if (writer && lane == 0) *s = s_new;
     }
     for (int64_t w0 = 0; w0 < ri.D; w0 += kWindow) {
       const int64_t c0 = w0 + lane;
-      if (!(optimizer == kRowwiseAdagrad && one_window)) window(c0);
+      if (!(kRowState && one_window)) window(c0);
       if (!writer) continue;
 #pragma unroll
       for (int k = 0; k < kCols; ++k) {
         const int64_t c = c0 + k * kWarp;
         if (c >= ri.D) continue;
         const int64_t e = ri.elem0 + c;
-        float x = wf[k];
-        switch (optimizer) {
-          case kSGD: x -= lr * g[k]; break;
-          case kAdagrad: {
-            const float s = m1[e] + g[k] * g[k];
-            m1[e] = s;
-            x -= lr * g[k] / (sqrtf(s) + eps);
-            break;
-          }
-          case kRowwiseAdagrad: x -= row_step * g[k]; break;
-          default: {  // adam
-            const float m = m1[e] + (g[k] - m1[e]) * (1.f - b1);
-            const float s = m2[e] + (g[k] * g[k] - m2[e]) * (1.f - b2);
-            m1[e] = m;
-            m2[e] = s;
-            x -= step_size * (m / (sqrtf(s) + eps));
-          }
-        }
+        const float x = Rule::apply(h, coef, g[k], wf[k],
+                                    Rule::kM1 == State::kElement ? m1 + e : nullptr,
+                                    Rule::kM2 == State::kElement ? m2 + e : nullptr);
         w[e] = stochastic_rounding ? round_stochastic<T>(x, rounding_bits(seed, e)) : from_f32<T>(x);
       }
     }
@@ -506,7 +482,7 @@ struct UpdateOp {
 
 // rows_kernel, then long_rows_kernel for the rows it listed.
 template <typename T, typename Op>
-void launch_rows(const Lookups& lk, const Runs& runs, const Tensor& grad_output, const Op& op,
+void launch_rows(const DeviceLookups& lk, const Runs& runs, const Tensor& grad_output, const Op& op,
                  cudaStream_t stream) {
   const RunView rv = view(runs);
   const T* go = static_cast<const T*>(grad_output.const_data_ptr());
@@ -521,7 +497,7 @@ __global__ void increment_kernel(int64_t* step) { *step += 1; }
 
 // ---- ops -------------------------------------------------------------------
 
-Lookups prepare(const Tensor& weights, const Tensor& weights_offsets, const Tensor& dim_offsets,
+DeviceLookups prepare(const Tensor& weights, const Tensor& weights_offsets, const Tensor& dim_offsets,
                 const Tensor& rows, const Tensor& indices, const Tensor& offsets, int64_t pooling,
                 const std::optional<Tensor>& per_sample_weights, int64_t total_dim,
                 bool disjoint = false) {
@@ -534,11 +510,11 @@ Lookups prepare(const Tensor& weights, const Tensor& weights_offsets, const Tens
 }
 
 // prepare() for the backward ops, which also take grad_output [B, dim_offsets[-1]].
-Lookups prepare_grad(const Tensor& grad_output, const Tensor& weights,
+DeviceLookups prepare_grad(const Tensor& grad_output, const Tensor& weights,
                      const Tensor& weights_offsets, const Tensor& dim_offsets, const Tensor& rows,
                      const Tensor& indices, const Tensor& offsets, int64_t pooling,
                      const std::optional<Tensor>& per_sample_weights, bool disjoint = false) {
-  Lookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
+  DeviceLookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
                        per_sample_weights, -1, disjoint);
   check_grad_output(grad_output, weights, lk.v.B, lk.total_dim);
   return lk;
@@ -549,7 +525,7 @@ Tensor embedding_bag_forward(Tensor weights, Tensor weights_offsets, Tensor dim_
                              std::optional<Tensor> per_sample_weights, int64_t total_dim,
                              bool /*sparse*/) {
   DeviceGuard guard(weights.get_device());
-  const Lookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
+  const DeviceLookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
                              pooling, per_sample_weights, total_dim);
   Tensor out = torch::stable::new_empty(weights, {lk.v.B, total_dim});
   if (lk.v.B == 0 || total_dim == 0) return out;
@@ -568,7 +544,7 @@ Tensor embedding_bag_forward(Tensor weights, Tensor weights_offsets, Tensor dim_
 
 // Launches kernel<T, I> for the weight dtype and the index dtype.
 template <typename F>
-void dispatch(const Tensor& weights, const Lookups& lk, F&& f) {
+void dispatch(const Tensor& weights, const DeviceLookups& lk, F&& f) {
   dispatch_float(weights.scalar_type(), "weights", [&](auto w) {
     dispatch_index(lk.int64, [&](auto i) { f(w, i); });
   });
@@ -580,7 +556,7 @@ Tensor embedding_bag_backward_dense(Tensor grad_output, Tensor weights, Tensor w
                                     Tensor offsets, int64_t pooling,
                                     std::optional<Tensor> per_sample_weights) {
   DeviceGuard guard(weights.get_device());
-  const Lookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
+  const DeviceLookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
                                   indices, offsets, pooling, per_sample_weights, true);
   Tensor grad_weight = torch::stable::new_zeros(weights, weights.sizes());
   if (lk.v.N == 0) return grad_weight;
@@ -595,7 +571,7 @@ Tensor embedding_bag_backward_dense(Tensor grad_output, Tensor weights, Tensor w
 }
 
 // bag_of[l] for every lookup (the kernels below run one warp per lookup).
-Tensor bags_of(const Tensor& ref, const Lookups& lk, cudaStream_t stream) {
+Tensor bags_of(const Tensor& ref, const DeviceLookups& lk, cudaStream_t stream) {
   Tensor bag_of = torch::stable::new_empty(ref, {lk.v.N}, ScalarType::Int);
   dispatch_index(lk.int64, [&](auto i) {
     bag_of_kernel<decltype(i)><<<warp_blocks(lk.v.T * lk.v.B), kThreads, 0, stream>>>(
@@ -610,7 +586,7 @@ Tensor embedding_bag_backward_sparse(Tensor grad_output, Tensor weights, Tensor 
                                      Tensor offsets, int64_t pooling,
                                      std::optional<Tensor> per_sample_weights) {
   DeviceGuard guard(weights.get_device());
-  const Lookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
+  const DeviceLookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
                                   indices, offsets, pooling, per_sample_weights);
   const int64_t total_dim = lk.total_dim;
   Tensor values = torch::stable::new_empty(weights, {lk.total_values});
@@ -631,7 +607,7 @@ Tensor embedding_bag_per_sample_weights_grad(Tensor grad_output, Tensor weights,
                                              Tensor rows, Tensor indices, Tensor offsets,
                                              int64_t pooling) {
   DeviceGuard guard(weights.get_device());
-  const Lookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
+  const DeviceLookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
                                   indices, offsets, pooling, std::nullopt);
   const int64_t total_dim = lk.total_dim;
   Tensor grad = torch::stable::new_empty(weights, {lk.v.N}, ScalarType::Float);
@@ -653,7 +629,7 @@ void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
                            int64_t pooling, std::optional<Tensor> per_sample_weights,
                            Tensor hparams, int64_t optimizer, bool stochastic_rounding) {
   DeviceGuard guard(weights.get_device());
-  const Lookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
+  const DeviceLookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
                                   indices, offsets, pooling, per_sample_weights, true);
   check_optimizer_args(weights, momentum1, momentum2, step, hparams, optimizer, lk.total_rows);
   const cudaStream_t stream = stream_of(weights);
@@ -661,15 +637,16 @@ void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
     const Runs runs = sort_by_row(weights, lk, stream);
     dispatch_float(weights.scalar_type(), "weights", [&](auto w) {
       using T = decltype(w);
-      UpdateOp<T> op{};
-      op.w = static_cast<T*>(weights.mutable_data_ptr());
-      op.m1 = momentum1.numel() ? momentum1.mutable_data_ptr<float>() : nullptr;
-      op.m2 = momentum2.numel() ? momentum2.mutable_data_ptr<float>() : nullptr;
-      op.hparams = hparams.const_data_ptr<double>();
-      op.step = step.const_data_ptr<int64_t>();
-      op.optimizer = optimizer;
-      op.stochastic_rounding = stochastic_rounding;
-      launch_rows<T>(lk, runs, grad_output, op, stream);
+      with_rule(optimizer, [&](auto rule) {
+        UpdateOp<T, decltype(rule)> op{};
+        op.w = static_cast<T*>(weights.mutable_data_ptr());
+        op.m1 = momentum1.numel() ? momentum1.mutable_data_ptr<float>() : nullptr;
+        op.m2 = momentum2.numel() ? momentum2.mutable_data_ptr<float>() : nullptr;
+        op.hparams = hparams.const_data_ptr<double>();
+        op.step = step.const_data_ptr<int64_t>();
+        op.stochastic_rounding = stochastic_rounding;
+        launch_rows<T>(lk, runs, grad_output, op, stream);
+      });
     });
   }
   increment_kernel<<<1, 1, 0, stream>>>(step.mutable_data_ptr<int64_t>());

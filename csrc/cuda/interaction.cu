@@ -14,13 +14,12 @@
 namespace dlrm_ops::cuda {
 namespace {
 
-using cpu::InteractionArgs;
 using torch::stable::accelerator::DeviceGuard;
 
 constexpr int kThreads = 256;
 
 // Features (i, j) of pair p: tril lists i > j (i >= j with self), triu i < j
-// (i <= j), both row-major as in cpu::interaction_pairs.
+// (i <= j), both row-major as in interaction_pairs.
 __device__ __forceinline__ void pair_of(int p, int F, bool self, bool triu, int& i, int& j) {
   int row = 0;
   for (;; ++row) {
@@ -54,7 +53,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(InteractionArgs a, in
   __syncthreads();
   for (int p = threadIdx.x; p < P; p += blockDim.x) {
     int i, j;
-    pair_of(p, F, a.self_interaction, a.order == cpu::kTriu, i, j);
+    pair_of(p, F, a.self_interaction, a.order == kTriu, i, j);
     const float* xi = x + i * Dp;
     const float* xj = x + j * Dp;
     float acc = 0.f;
@@ -77,7 +76,7 @@ backward_kernel(InteractionArgs a, int P, const T* __restrict__ grad_out, T* __r
   const T* go = grad_out + b * (a.D + P);
   for (int p = threadIdx.x; p < P; p += blockDim.x) {
     int i, j;
-    pair_of(p, F, a.self_interaction, a.order == cpu::kTriu, i, j);
+    pair_of(p, F, a.self_interaction, a.order == kTriu, i, j);
     const float g = to_f32(go[D + p]);
     if (i == j) {
       G[i * F + i] = 2.f * g;
@@ -128,7 +127,7 @@ Tensor dot_interaction(Tensor dense, Tensor sparse, bool self_interaction, int64
   DeviceGuard guard(dense.get_device());
   Tensor sparse_c;
   const InteractionArgs a = prepare(dense, sparse, self_interaction, order, sparse_c);
-  const int P = static_cast<int>(cpu::interaction_pairs(a.T + 1, self_interaction));
+  const int P = static_cast<int>(interaction_pairs(a.T + 1, self_interaction));
   Tensor out = torch::stable::new_empty(dense, {a.B, a.D + P});
   if (a.B == 0) return out;
   const size_t smem = smem_bytes(a, false);
@@ -148,7 +147,7 @@ std::tuple<Tensor, Tensor> dot_interaction_backward(Tensor grad_output, Tensor d
   Tensor sparse_c;
   const InteractionArgs a = prepare(dense, sparse, self_interaction, order, sparse_c);
   const Tensor go = check_interaction_grad(grad_output, dense, a);
-  const int P = static_cast<int>(cpu::interaction_pairs(a.T + 1, self_interaction));
+  const int P = static_cast<int>(interaction_pairs(a.T + 1, self_interaction));
   Tensor grad_dense = torch::stable::new_empty(dense, dense.sizes());
   Tensor grad_sparse = torch::stable::new_empty(sparse, sparse.sizes());
   if (a.B == 0) return {grad_dense, grad_sparse};

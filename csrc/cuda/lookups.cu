@@ -2,7 +2,7 @@
 
 #include <torch/csrc/stable/ops.h>
 
-#include "cpu/lookups.h"
+#include "lookups.h"
 #include "cuda/utils.cuh"
 
 namespace dlrm_ops::cuda {
@@ -146,7 +146,7 @@ int64_t* pinned_header() {
 
 }  // namespace
 
-Lookups validate_lookups(const Tensor& ref, const char* ref_name, int64_t ref_size, int64_t bits,
+DeviceLookups validate_lookups(const Tensor& ref, const char* ref_name, int64_t ref_size, int64_t bits,
                          int64_t total_dim, bool disjoint, const Tensor& weights_offsets,
                          const Tensor& dim_offsets, const Tensor& rows, const Tensor& indices,
                          const Tensor& offsets, int64_t pooling,
@@ -158,7 +158,7 @@ Lookups validate_lookups(const Tensor& ref, const char* ref_name, int64_t ref_si
              s.N);
   DLRM_CHECK(s.T * s.B < (int64_t{1} << 31), "tables x batch size must be below 2^31 on CUDA, got ",
              s.T, " x ", s.B);
-  Lookups lk;
+  DeviceLookups lk;
   lk.int64 = indices.scalar_type() == ScalarType::Long;
   lk.meta = torch::stable::new_empty(rows, {kHeader + 2 * s.T});
   if (per_sample_weights.has_value()) lk.psw_f32 = per_sample_weights_f32(*per_sample_weights);

@@ -11,7 +11,7 @@
 
 namespace dlrm_ops::cuda {
 
-// Device pointers of validated lookups (as cpu::TableBatch and cpu::Lookups);
+// Device pointers of validated lookups (as TableBatch and HostLookups);
 // trivially copyable, so kernels take it by value.
 struct LookupView {
   int64_t T, B, N;
@@ -26,7 +26,7 @@ struct LookupView {
   const int64_t* value_offsets;  // [T] first element of table t's sparse-gradient values
 };
 
-struct Lookups {
+struct DeviceLookups {
   LookupView v;
   bool int64;            // dtype of indices and offsets
   int64_t total_rows;    // sum(rows)
@@ -47,15 +47,14 @@ __device__ __forceinline__ int64_t index_at(const LookupView& v, int64_t i) {
 }
 // Weight of lookup l of a bag of `len` lookups: per-sample weight, 1/len for mean.
 __device__ __forceinline__ float lookup_scale(const LookupView& v, int64_t l, int64_t len) {
-  if (v.per_sample_weights) return v.per_sample_weights[l];
-  return v.pooling == 1 ? 1.f / static_cast<float>(len) : 1.f;
+  return v.per_sample_weights ? v.per_sample_weights[l] : pooling_scale(v.pooling, len);
 }
 
 // `ref` is the weight buffer (`ref_size` elements, or packed bytes for
 // bits 8 and 4); every table must fit in it, and dim_offsets[-1] must be
 // total_dim unless that is -1; with `disjoint`, no two tables with rows may
 // share an element (cpu/lookups.h, check_tables_disjoint).
-Lookups validate_lookups(const Tensor& ref, const char* ref_name, int64_t ref_size, int64_t bits,
+DeviceLookups validate_lookups(const Tensor& ref, const char* ref_name, int64_t ref_size, int64_t bits,
                          int64_t total_dim, bool disjoint, const Tensor& weights_offsets,
                          const Tensor& dim_offsets, const Tensor& rows, const Tensor& indices,
                          const Tensor& offsets, int64_t pooling,

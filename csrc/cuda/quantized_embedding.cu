@@ -7,7 +7,6 @@
 
 #include <optional>
 
-#include "cpu/quantized_embedding_kernel.h"
 #include "cuda/lookups.cuh"
 #include "cuda/utils.cuh"
 #include "quantized_checks.h"
@@ -154,7 +153,7 @@ qforward_kernel(LookupView v, const uint8_t* __restrict__ packed, O* __restrict_
   const uint8_t* table = packed + v.weights_offsets[t];
   const int64_t stride = row_bytes(D, Bits);
   const int64_t lo = offset_at<I>(v, bag), hi = offset_at<I>(v, bag + 1);
-  const float scale_out = v.pooling == 1 && hi > lo ? 1.f / static_cast<float>(hi - lo) : 1.f;
+  const float scale_out = pooling_scale(v.pooling, hi - lo);
   O* o = out + b * out_stride + d0;
   for (int64_t c0 = lane; c0 < D; c0 += kCols * kWarp) {
     float acc[kCols] = {};
@@ -189,7 +188,7 @@ Tensor quantize_rowwise(Tensor weight, int64_t bits) {
   DeviceGuard guard(weight.get_device());
   const int64_t R = weight.size(0), D = weight.size(1);
   Tensor w = torch::stable::contiguous(weight);
-  Tensor packed = torch::stable::new_empty(w, {R, cpu::packed_row_bytes(D, bits)}, ScalarType::Byte);
+  Tensor packed = torch::stable::new_empty(w, {R, packed_row_bytes(D, bits)}, ScalarType::Byte);
   if (R == 0) return packed;
   dispatch_float(w.scalar_type(), "weight", [&](auto t) {
     using T = decltype(t);
@@ -230,7 +229,7 @@ Tensor quantized_embedding_bag_forward(Tensor packed, Tensor weights_offsets, Te
   check_cuda(packed, "packed");
   const ScalarType out_t = check_packed_tables(packed, bits, output_dtype);
   DeviceGuard guard(packed.get_device());
-  const Lookups lk = validate_lookups(packed, "packed", packed.numel(), bits, total_dim, false,
+  const DeviceLookups lk = validate_lookups(packed, "packed", packed.numel(), bits, total_dim, false,
                                       weights_offsets, dim_offsets, rows, indices, offsets,
                                       pooling, per_sample_weights);
   Tensor out = torch::stable::new_empty(packed, {lk.v.B, total_dim}, out_t);

@@ -5,22 +5,9 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .. import ops
+from .. import ops, optimizers
+from ..optimizers import HParam
 from ._memory import empty_table
-
-
-def check_hparams(optimizer: str, lr: float, eps: float = 0.0, weight_decay: float = 0.0,
-                  betas: Tuple[float, float] = (0.0, 0.0)) -> None:
-    """Raises ValueError for hyperparameters torch.optim would refuse, and for
-    NaN or infinite ones (the fused kernels check them again on the CPU)."""
-    checks = [("learning rate", lr, lr >= 0), ("weight_decay value", weight_decay, weight_decay >= 0)]
-    if optimizer != "sgd":
-        checks.append(("epsilon value", eps, eps >= 0))
-    if optimizer == "adam":
-        checks += [(f"beta parameter at index {i}", b, 0 <= b < 1) for i, b in enumerate(betas)]
-    for what, value, ok in checks:
-        if not (math.isfinite(value) and ok):
-            raise ValueError(f"Invalid {what}: {value}")
 
 
 class EmbeddingBagCollection(nn.Module):
@@ -33,11 +20,12 @@ class EmbeddingBagCollection(nn.Module):
     ``indices[offsets[t*B+b]:offsets[t*B+b+1]]``) and returns ``[B, sum(D)]``.
     Tables are initialised uniform in ``±sqrt(1/rows)`` as in facebookresearch/dlrm.
 
-    With ``optimizer`` set ("sgd", "adagrad", "rowwise_adagrad", "adam") the
-    optimizer runs inside the backward: ``loss.backward()`` updates the touched
+    With ``optimizer`` set (a name of ``dlrm_ops.optimizers.OPTIMIZERS``: "sgd",
+    "adagrad", "rowwise_adagrad", "adam", "rowwise_adam") the optimizer runs
+    inside the backward: ``loss.backward()`` updates the touched
     rows in place, ``weight.grad`` stays None and no optimizer step is needed.
     Duplicate rows in a batch are summed first; every rule is in
-    ``csrc/cpu/embedding_bag_kernel.h``. The fp32 state (``momentum1``,
+    ``csrc/optimizers.h``. The fp32 state (``momentum1``,
     ``momentum2``, ``step``) and ``hparams`` are buffers in the state_dict;
     ``lr`` may be changed between steps (not between a forward and its backward).
     ``stochastic_rounding`` rounds updated fp16/bf16 weights stochastically
@@ -96,33 +84,31 @@ class EmbeddingBagCollection(nn.Module):
         self.reset_parameters()
 
     def _init_optimizer(self, optimizer, lr, eps, weight_decay, betas, device):
-        if optimizer not in ops.OPTIMIZERS:
-            raise ValueError(f"optimizer must be None or one of {sorted(ops.OPTIMIZERS)}, "
+        if optimizer not in optimizers.OPTIMIZERS:
+            raise ValueError(f"optimizer must be None or one of {sorted(optimizers.OPTIMIZERS)}, "
                              f"got {optimizer!r}")
         if self.sparse:
             raise ValueError("sparse=True and a fused optimizer exclude each other: the fused "
                              "optimizer produces no weight gradient")
-        if eps is None:  # the defaults of torch.optim.Adagrad / Adam
-            eps = 1e-10 if optimizer == "adagrad" else 1e-8
-        check_hparams(optimizer, lr=lr, eps=eps, weight_decay=weight_decay, betas=betas)
+        spec = optimizers.spec(optimizer)
+        hparams = optimizers.hparams(optimizer, lr, eps, weight_decay, betas)
         n_elem, n_rows = self.weight.numel(), sum(self.num_embeddings)
-        n1 = {"sgd": 0, "adagrad": n_elem, "rowwise_adagrad": n_rows, "adam": n_elem}[optimizer]
-        self.register_buffer("momentum1", empty_table(n1, torch.float32, device).zero_())
-        self.register_buffer("momentum2", empty_table(n_elem if optimizer == "adam" else 0,
-                                                      torch.float32, device).zero_())
+        for which in (1, 2):
+            n = spec.state_numel(which, n_elem, n_rows)
+            self.register_buffer(f"momentum{which}",
+                                 empty_table(n, torch.float32, device).zero_())
         self.register_buffer("step", torch.zeros(1, dtype=torch.int64, device=device))
-        self.register_buffer("hparams", torch.tensor(
-            [lr, eps, betas[0], betas[1], weight_decay], dtype=torch.float64, device=device))
+        self.register_buffer("hparams", torch.tensor(hparams, dtype=torch.float64, device=device))
 
     @property
     def lr(self) -> float:
-        return float(self.hparams[0])
+        return float(self.hparams[HParam.LR])
 
     @lr.setter
     def lr(self, value: float) -> None:
-        check_hparams(self.optimizer, lr=value)
+        optimizers.hparams(self.optimizer, value)  # checks it
         with torch.no_grad():
-            self.hparams[0] = value
+            self.hparams[HParam.LR] = value
 
     @property
     def num_tables(self) -> int:

@@ -1,4 +1,6 @@
-#include "cpu/lookups.h"
+#include "lookups.h"
+
+#include "cpu/embedding_bag_kernel.h"
 
 #include <torch/csrc/stable/ops.h>
 
@@ -10,7 +12,7 @@
 namespace dlrm_ops {
 namespace {
 
-int64_t read_index(const cpu::Lookups& lk, const void* data, int64_t i) {
+int64_t read_index(const HostLookups& lk, const void* data, int64_t i) {
   return lk.int64 ? static_cast<const int64_t*>(data)[i]
                   : static_cast<int64_t>(static_cast<const int32_t*>(data)[i]);
 }
@@ -42,7 +44,7 @@ bool check_offsets(const I* off, int64_t T, int64_t B, int64_t N) {
 
 }  // namespace
 
-int64_t offset_at(const cpu::Lookups& lk, int64_t i) { return read_index(lk, lk.offsets, i); }
+int64_t offset_at(const HostLookups& lk, int64_t i) { return read_index(lk, lk.offsets, i); }
 
 LookupShape check_lookup_args(const Tensor& ref, const char* ref_name,
                               const Tensor& weights_offsets, const Tensor& dim_offsets,
@@ -75,11 +77,11 @@ LookupShape check_lookup_args(const Tensor& ref, const char* ref_name,
              "offsets must have T*B+1 entries for T = ", T, " tables, got ", offsets.numel());
   const int64_t B = (offsets.numel() - 1) / T;
   DLRM_CHECK(B < (int64_t{1} << 31), "batch size must be < 2^31, got ", B);
-  DLRM_CHECK(pooling == cpu::kSum || pooling == cpu::kMean,
+  DLRM_CHECK(pooling == kSum || pooling == kMean,
              "pooling must be 0 (sum) or 1 (mean), got ", pooling);
   if (per_sample_weights.has_value()) {
     const Tensor& psw = *per_sample_weights;
-    DLRM_CHECK(pooling == cpu::kSum, "per_sample_weights is only supported with sum pooling");
+    DLRM_CHECK(pooling == kSum, "per_sample_weights is only supported with sum pooling");
     check_same_device(psw, "per_sample_weights", ref, ref_name);
     check_dtype(psw, "per_sample_weights", {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
     check_dim(psw, "per_sample_weights", 1);
@@ -118,7 +120,7 @@ ValidatedLookups validate_lookups(const Tensor& ref, const char* ref_name,
   }
   ValidatedLookups v;
   v.N = shape.N;
-  v.lk = cpu::Lookups{indices.const_data_ptr(), offsets.const_data_ptr(),
+  v.lk = HostLookups{indices.const_data_ptr(), offsets.const_data_ptr(),
                       indices.scalar_type() == ScalarType::Long, nullptr, pooling};
   v.lk.one_per_bag = v.lk.int64 ? check_offsets(static_cast<const int64_t*>(v.lk.offsets), T, B, v.N)
                                  : check_offsets(static_cast<const int32_t*>(v.lk.offsets), T, B, v.N);
@@ -126,11 +128,11 @@ ValidatedLookups validate_lookups(const Tensor& ref, const char* ref_name,
     v.psw_f32 = per_sample_weights_f32(*per_sample_weights);
     v.lk.per_sample_weights = v.psw_f32.const_data_ptr<float>();
   }
-  v.tb = cpu::TableBatch{T, B, woff, doff, nrows};
+  v.tb = TableBatch{T, B, woff, doff, nrows};
   return v;
 }
 
-void check_tables_fit(const cpu::TableBatch& tb, int64_t size, int64_t bits, const char* name) {
+void check_tables_fit(const TableBatch& tb, int64_t size, int64_t bits, const char* name) {
   for (int64_t t = 0; t < tb.T; ++t) {
     const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
     DLRM_CHECK(bits != 4 || D % 2 == 0, "table ", t, " has dim ", D, "; 4-bit dims must be even");
@@ -143,7 +145,7 @@ void check_tables_fit(const cpu::TableBatch& tb, int64_t size, int64_t bits, con
   }
 }
 
-void check_tables_disjoint(const cpu::TableBatch& tb, const char* name) {
+void check_tables_disjoint(const TableBatch& tb, const char* name) {
   // Spans [start, end) of the tables that have rows, by start (tables fit).
   std::vector<std::array<int64_t, 3>> spans;
   for (int64_t t = 0; t < tb.T; ++t) {

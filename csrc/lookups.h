@@ -6,14 +6,12 @@
 #include <optional>
 
 #include "common.h"
-#include "cpu/embedding_bag_kernel.h"
-#include "cpu/quantized_embedding_kernel.h"
 
 namespace dlrm_ops {
 
 struct ValidatedLookups {
-  cpu::TableBatch tb;
-  cpu::Lookups lk;
+  TableBatch tb;
+  HostLookups lk;
   int64_t N;       // number of indices
   Tensor psw_f32;  // per_sample_weights as contiguous fp32, kept alive for lk
 };
@@ -42,22 +40,22 @@ ValidatedLookups validate_lookups(const Tensor& ref, const char* ref_name,
 
 // Elements (bits == 0) or packed bytes (bits 8 or 4) of one row of dim D.
 inline int64_t row_size(int64_t D, int64_t bits) {
-  return bits == 0 ? D : cpu::packed_row_bytes(D, bits);
+  return bits == 0 ? D : packed_row_bytes(D, bits);
 }
 
 // Each table's rows fit in a buffer of `size` units of row_size; 4-bit dims are even.
-void check_tables_fit(const cpu::TableBatch& tb, int64_t size, int64_t bits, const char* name);
+void check_tables_fit(const TableBatch& tb, int64_t size, int64_t bits, const char* name);
 
 // No two tables with rows share an element of the buffer (fitting tables of
 // elements): the dense gradient and the fused update write each table's rows
 // on their own, so shared rows would lose a table's part.
-void check_tables_disjoint(const cpu::TableBatch& tb, const char* name);
+void check_tables_disjoint(const TableBatch& tb, const char* name);
 
 // per_sample_weights as contiguous fp32 (the kernels' accumulation type).
 Tensor per_sample_weights_f32(const Tensor& psw);
 
 // offsets[i] of validated lookups, whatever their index dtype.
-int64_t offset_at(const cpu::Lookups& lk, int64_t i);
+int64_t offset_at(const HostLookups& lk, int64_t i);
 
 // Throws: "indices[pos] = v is out of range for table t with n rows (bag b of table t)".
 [[noreturn]] void throw_bad_index(const ValidatedLookups& v, int64_t pos);
