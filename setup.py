@@ -4,6 +4,7 @@ Environment: DEBUG=1 for a debug build, SANITIZE=1 for ASan/UBSan,
 MAX_JOBS=N to cap build parallelism, CUDA_ARCHS="80;90" for the GPU
 architectures of the CUDA kernels (built when torch has CUDA).
 """
+
 import os
 import shutil
 import subprocess
@@ -32,7 +33,13 @@ class CMakeBuild(build_ext):
         build_dir = ROOT / "build" / (build_type.lower() + ("-asan" if sanitize else ""))
         build_dir.mkdir(parents=True, exist_ok=True)
         cfg = [
-            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            "cmake",
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
+            "-G",
+            "Ninja",
             f"-DCMAKE_BUILD_TYPE={build_type}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={build_dir / 'lib'}",

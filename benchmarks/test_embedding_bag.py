@@ -6,6 +6,7 @@
 Every contender gets the same inputs, threads and allocator. The command
 `python -m dlrm_ops benchmark` prints the same comparison with GB/s and ratios.
 """
+
 import pytest
 import torch
 

@@ -3,11 +3,15 @@ lookups and the DLRM train step, each against its PyTorch counterpart.
 
     python -m pytest benchmarks --benchmark-only --benchmark-columns=median,ops
 """
-import pytest
-import torch
 
-from dlrm_ops.benchmark import (interaction_contenders, make_tbe_inputs, quantized_contenders,
-                                training_contenders)
+import pytest
+
+from dlrm_ops.benchmark import (
+    interaction_contenders,
+    make_tbe_inputs,
+    quantized_contenders,
+    training_contenders,
+)
 
 
 def run(benchmark, fns, impl, group):
@@ -31,7 +35,9 @@ def test_train_sgd(benchmark, kaggle_like, impl):
 @pytest.mark.parametrize("backward", [False, True])
 def test_interaction(benchmark, impl, backward):
     fns = interaction_contenders(2048, 26, 64, backward)
-    run(benchmark, fns, impl, f"dot interaction {'fwd+bwd' if backward else 'fwd'} B=2048 T=26 D=64")
+    run(
+        benchmark, fns, impl, f"dot interaction {'fwd+bwd' if backward else 'fwd'} B=2048 T=26 D=64"
+    )
 
 
 @pytest.mark.parametrize("impl", ["dlrm_ops int8", "torch int8 loop", "dlrm_ops fp32"])

@@ -11,7 +11,6 @@
 
 namespace dlrm_ops {
 
-
 inline void check_grad_output(const Tensor& grad_output, const Tensor& weights, int64_t B,
                               int64_t total_dim) {
   check_same_device(grad_output, "grad_output", weights, "weights");
@@ -46,8 +45,8 @@ inline std::string optimizer_names() {
 // state of the optimizer's layout (csrc/optimizers.h) for `total_rows` rows of
 // `weights`.
 inline void check_optimizer_args(const Tensor& weights, const Tensor& momentum1,
-                                 const Tensor& momentum2, const Tensor& step,
-                                 const Tensor& hparams, int64_t optimizer, int64_t total_rows) {
+                                 const Tensor& momentum2, const Tensor& step, const Tensor& hparams,
+                                 int64_t optimizer, int64_t total_rows) {
   DLRM_CHECK(optimizer >= kFirstOptimizer && optimizer <= kLastOptimizer,
              "optimizer must be one of ", optimizer_names(), ", got ", optimizer);
   check_same_device(hparams, "hparams", weights, "weights");

@@ -71,7 +71,7 @@ struct HostLookups {
   bool int64;                       // dtype of indices and offsets
   const float* per_sample_weights;  // [N] or nullptr
   int64_t pooling;
-  bool one_per_bag = false;         // every bag holds exactly one lookup
+  bool one_per_bag = false;  // every bag holds exactly one lookup
 };
 
 // The dot interaction's F = T + 1 features per sample: x0 = dense[b] ([D])

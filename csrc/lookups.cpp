@@ -28,8 +28,8 @@ bool check_offsets(const I* off, int64_t T, int64_t B, int64_t N) {
   const int scan = cpu::scan_offsets_stub(off, std::is_same_v<I, int64_t>, T * B + 1);
   const bool ordered = scan & cpu::kOrdered;
   for (int64_t i = 1; !ordered && i <= T * B; ++i) {
-    DLRM_CHECK(off[i] >= off[i - 1], "offsets must be non-decreasing, but offsets[", i, "] = ",
-               off[i], " < offsets[", i - 1, "] = ", off[i - 1], " (table ", (i - 1) / B,
+    DLRM_CHECK(off[i] >= off[i - 1], "offsets must be non-decreasing, but offsets[", i,
+               "] = ", off[i], " < offsets[", i - 1, "] = ", off[i - 1], " (table ", (i - 1) / B,
                ", bag ", (i - 1) % B, ")");
   }
   DLRM_CHECK(off[T * B] == N, "offsets[-1] must equal the number of indices (", N, "), got ",
@@ -61,8 +61,8 @@ LookupShape check_lookup_args(const Tensor& ref, const char* ref_name,
   DLRM_CHECK(T >= 1, "rows must list at least one table");
   DLRM_CHECK(weights_offsets.numel() == T, "weights_offsets must have one entry per table (", T,
              "), got ", weights_offsets.numel());
-  DLRM_CHECK(dim_offsets.numel() == T + 1, "dim_offsets must have T+1 = ", T + 1,
-             " entries, got ", dim_offsets.numel());
+  DLRM_CHECK(dim_offsets.numel() == T + 1, "dim_offsets must have T+1 = ", T + 1, " entries, got ",
+             dim_offsets.numel());
   check_same_device(indices, "indices", ref, ref_name);
   check_same_device(offsets, "offsets", ref, ref_name);
   check_dtype(indices, "indices", {ScalarType::Int, ScalarType::Long});
@@ -77,13 +77,14 @@ LookupShape check_lookup_args(const Tensor& ref, const char* ref_name,
              "offsets must have T*B+1 entries for T = ", T, " tables, got ", offsets.numel());
   const int64_t B = (offsets.numel() - 1) / T;
   DLRM_CHECK(B < (int64_t{1} << 31), "batch size must be < 2^31, got ", B);
-  DLRM_CHECK(pooling == kSum || pooling == kMean,
-             "pooling must be 0 (sum) or 1 (mean), got ", pooling);
+  DLRM_CHECK(pooling == kSum || pooling == kMean, "pooling must be 0 (sum) or 1 (mean), got ",
+             pooling);
   if (per_sample_weights.has_value()) {
     const Tensor& psw = *per_sample_weights;
     DLRM_CHECK(pooling == kSum, "per_sample_weights is only supported with sum pooling");
     check_same_device(psw, "per_sample_weights", ref, ref_name);
-    check_dtype(psw, "per_sample_weights", {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+    check_dtype(psw, "per_sample_weights",
+                {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
     check_dim(psw, "per_sample_weights", 1);
     DLRM_CHECK(psw.numel() == indices.numel(), "per_sample_weights must have one entry per index (",
                indices.numel(), "), got ", psw.numel());
@@ -98,8 +99,8 @@ Tensor per_sample_weights_f32(const Tensor& psw) {
 
 ValidatedLookups validate_lookups(const Tensor& ref, const char* ref_name,
                                   const Tensor& weights_offsets, const Tensor& dim_offsets,
-                                  const Tensor& rows, const Tensor& indices,
-                                  const Tensor& offsets, int64_t pooling,
+                                  const Tensor& rows, const Tensor& indices, const Tensor& offsets,
+                                  int64_t pooling,
                                   const std::optional<Tensor>& per_sample_weights) {
   check_cpu(ref, ref_name);
   const LookupShape shape = check_lookup_args(ref, ref_name, weights_offsets, dim_offsets, rows,
@@ -121,9 +122,10 @@ ValidatedLookups validate_lookups(const Tensor& ref, const char* ref_name,
   ValidatedLookups v;
   v.N = shape.N;
   v.lk = HostLookups{indices.const_data_ptr(), offsets.const_data_ptr(),
-                      indices.scalar_type() == ScalarType::Long, nullptr, pooling};
-  v.lk.one_per_bag = v.lk.int64 ? check_offsets(static_cast<const int64_t*>(v.lk.offsets), T, B, v.N)
-                                 : check_offsets(static_cast<const int32_t*>(v.lk.offsets), T, B, v.N);
+                     indices.scalar_type() == ScalarType::Long, nullptr, pooling};
+  v.lk.one_per_bag = v.lk.int64
+                         ? check_offsets(static_cast<const int64_t*>(v.lk.offsets), T, B, v.N)
+                         : check_offsets(static_cast<const int32_t*>(v.lk.offsets), T, B, v.N);
   if (per_sample_weights.has_value()) {
     v.psw_f32 = per_sample_weights_f32(*per_sample_weights);
     v.lk.per_sample_weights = v.psw_f32.const_data_ptr<float>();
@@ -166,7 +168,10 @@ void throw_bad_index(const ValidatedLookups& v, int64_t pos) {
   int64_t lo = 0, hi = tb.T * tb.B - 1;  // the last bag starting at or before pos
   while (lo < hi) {
     const int64_t mid = (lo + hi + 1) / 2;
-    if (offset_at(v.lk, mid) <= pos) lo = mid; else hi = mid - 1;
+    if (offset_at(v.lk, mid) <= pos)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   const int64_t t = lo / tb.B;
   DLRM_CHECK(false, "indices[", pos, "] = ", read_index(v.lk, v.lk.indices, pos),

@@ -34,9 +34,8 @@ LookupShape check_lookup_args(const Tensor& ref, const char* ref_name,
 // check_tables_fit; index ranges are checked by the kernels.
 ValidatedLookups validate_lookups(const Tensor& ref, const char* ref_name,
                                   const Tensor& weights_offsets, const Tensor& dim_offsets,
-                                  const Tensor& rows, const Tensor& indices,
-                                  const Tensor& offsets, int64_t pooling,
-                                  const std::optional<Tensor>& per_sample_weights);
+                                  const Tensor& rows, const Tensor& indices, const Tensor& offsets,
+                                  int64_t pooling, const std::optional<Tensor>& per_sample_weights);
 
 // Elements (bits == 0) or packed bytes (bits 8 or 4) of one row of dim D.
 inline int64_t row_size(int64_t D, int64_t bits) {

@@ -39,7 +39,9 @@ STABLE_TORCH_LIBRARY(dlrm_ops, m) {
       "int pooling) -> Tensor");
 
   // Pairwise dot interaction (csrc/cpu/interaction.cpp): order 0 tril, 1 triu.
-  m.def("dot_interaction(Tensor dense, Tensor sparse, bool self_interaction=False, int order=0) -> Tensor");
+  m.def(
+      "dot_interaction(Tensor dense, Tensor sparse, bool self_interaction=False, int order=0) -> "
+      "Tensor");
   m.def(
       "dot_interaction_backward(Tensor grad_output, Tensor dense, Tensor sparse, "
       "bool self_interaction, int order) -> (Tensor, Tensor)");

@@ -144,11 +144,16 @@ struct RowwiseAdam {
 template <typename F>
 inline decltype(auto) with_rule(int64_t optimizer, F&& f) {
   switch (optimizer) {
-    case kAdagrad: return f(Adagrad{});
-    case kRowwiseAdagrad: return f(RowwiseAdagrad{});
-    case kAdam: return f(Adam{});
-    case kRowwiseAdam: return f(RowwiseAdam{});
-    default: return f(Sgd{});
+    case kAdagrad:
+      return f(Adagrad{});
+    case kRowwiseAdagrad:
+      return f(RowwiseAdagrad{});
+    case kAdam:
+      return f(Adam{});
+    case kRowwiseAdam:
+      return f(RowwiseAdam{});
+    default:
+      return f(Sgd{});
   }
 }
 
@@ -160,7 +165,8 @@ struct StateLayout {
 };
 
 inline StateLayout state_layout(int64_t optimizer) {
-  return with_rule(optimizer, [](auto r) { return StateLayout{decltype(r)::kM1, decltype(r)::kM2}; });
+  return with_rule(optimizer,
+                   [](auto r) { return StateLayout{decltype(r)::kM1, decltype(r)::kM2}; });
 }
 
 // Elements of a state tensor of layout s for `numel` weights in `rows` rows.

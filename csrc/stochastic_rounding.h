@@ -52,7 +52,7 @@ template <typename HalfToFloat>
 DLRM_HOST_DEVICE static inline uint16_t fp16_round_stochastic(float v, uint16_t hb, float hf,
                                                               uint32_t u, HalfToFloat to_float) {
   if (hf == v || !(hf - hf == 0.f)) return hb;  // exact, or inf/NaN (hf - hf is NaN)
-  const bool away = (v > hf) == (hf >= 0.f);   // moving away from zero
+  const bool away = (v > hf) == (hf >= 0.f);    // moving away from zero
   const uint16_t ob = hf == 0.f ? static_cast<uint16_t>((v < 0 ? 0x8000 : 0) | 1)
                                 : static_cast<uint16_t>(away ? hb + 1 : hb - 1);
   const float p_other = (v - hf) / (to_float(ob) - hf);

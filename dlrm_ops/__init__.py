@@ -1,10 +1,8 @@
 """dlrm_ops: native CPU/CUDA kernels for DLRM-style recommendation models."""
-from . import ops, reference
-from . import nn
-from .nn import convert
-from .nn import quantize
-from .ops import (dequantize_rowwise, dot_interaction, quantize_rowwise,
-                  table_batched_embedding_bag)
+
+from . import nn, ops, reference
+from .nn import convert, quantize
+from .ops import dequantize_rowwise, dot_interaction, quantize_rowwise, table_batched_embedding_bag
 
 __version__ = "0.1.0"
 
@@ -21,5 +19,15 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["ops", "reference", "nn", "convert", "quantize", "table_batched_embedding_bag",
-           "dot_interaction", "quantize_rowwise", "dequantize_rowwise", "build_info"]
+__all__ = [
+    "ops",
+    "reference",
+    "nn",
+    "convert",
+    "quantize",
+    "table_batched_embedding_bag",
+    "dot_interaction",
+    "quantize_rowwise",
+    "dequantize_rowwise",
+    "build_info",
+]

@@ -1,4 +1,5 @@
 """Command line: ``python -m dlrm_ops {train,evaluate,benchmark,info}``."""
+
 import argparse
 import json
 import sys
@@ -33,8 +34,11 @@ def cmd_benchmark(args) -> int:
         if not torch.cuda.is_available():
             print("--device cuda: no CUDA GPU here", file=sys.stderr)
             return 2
-        print(f"{torch.cuda.get_device_name()}, {args.tables} tables x {args.rows} rows, Zipf "
-              "indices, fp32; dlrm_ops x = other's time / dlrm_ops' time", flush=True)
+        print(
+            f"{torch.cuda.get_device_name()}, {args.tables} tables x {args.rows} rows, Zipf "
+            "indices, fp32; dlrm_ops x = other's time / dlrm_ops' time",
+            flush=True,
+        )
         res = benchmark_cuda.run_all(args.ops, args.tables, args.rows, args.batch)
         benchmark.print_table(res)
         if args.json:
@@ -44,27 +48,57 @@ def cmd_benchmark(args) -> int:
     threads = args.threads or sorted({1, torch.get_num_threads()})
     dtype = getattr(torch, args.dtype)
     args.distinct_batches = args.distinct_batches or benchmark.DISTINCT_BATCHES
-    print(f"table-batched embedding bag, {args.tables} tables x {args.rows} rows, "
-          f"Zipf indices, {args.distinct_batches} distinct batches in turn, {dtype}; "
-          "dlrm_ops x = other's time / dlrm_ops' time", flush=True)
+    print(
+        f"table-batched embedding bag, {args.tables} tables x {args.rows} rows, "
+        f"Zipf indices, {args.distinct_batches} distinct batches in turn, {dtype}; "
+        "dlrm_ops x = other's time / dlrm_ops' time",
+        flush=True,
+    )
     res = []
     if "forward" in args.ops:
-        res += benchmark.run_embedding_bag(args.tables, args.rows, args.dims, args.batch,
-                                           args.lengths, threads, dtype, args.min_time,
-                                           args.distinct_batches)
+        res += benchmark.run_embedding_bag(
+            args.tables,
+            args.rows,
+            args.dims,
+            args.batch,
+            args.lengths,
+            threads,
+            dtype,
+            args.min_time,
+            args.distinct_batches,
+        )
     if "train" in args.ops:
-        res += benchmark.run_training(args.tables, args.rows, args.dims, args.batch, args.lengths,
-                                      threads, args.optimizers, args.dense, args.min_time,
-                                      args.distinct_batches)
+        res += benchmark.run_training(
+            args.tables,
+            args.rows,
+            args.dims,
+            args.batch,
+            args.lengths,
+            threads,
+            args.optimizers,
+            args.dense,
+            args.min_time,
+            args.distinct_batches,
+        )
     if "quantized" in args.ops:
-        res += benchmark.run_quantized(args.tables, args.rows, args.dims, args.batch, args.lengths,
-                                       threads, [8, 4], args.min_time, args.distinct_batches)
+        res += benchmark.run_quantized(
+            args.tables,
+            args.rows,
+            args.dims,
+            args.batch,
+            args.lengths,
+            threads,
+            [8, 4],
+            args.min_time,
+            args.distinct_batches,
+        )
         res += benchmark.run_quantize(args.quantize_rows, 128, threads, args.min_time)
     if "dlrm" in args.ops:
         res += benchmark.run_dlrm(args.dlrm_configs, args.rows, args.batch, threads, args.min_time)
     if "interaction" in args.ops:
-        res += benchmark.run_interaction(args.interaction_batches, args.tables, args.interaction_dims,
-                                         threads, args.min_time)
+        res += benchmark.run_interaction(
+            args.interaction_batches, args.tables, args.interaction_dims, threads, args.min_time
+        )
     benchmark.print_table(res)
     if args.json:
         with open(args.json, "w") as f:
@@ -77,36 +111,59 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="build information: version, torch, CPU ISA, CUDA")
     b = sub.add_parser("benchmark", help="kernels against PyTorch (and FBGEMM if installed)")
-    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="cuda: the CUDA kernels at fixed shapes (26 tables, B=2048; --rows, "
-                        "--ops, --batch apply)")
+    b.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="cuda: the CUDA kernels at fixed shapes (26 tables, B=2048; --rows, "
+        "--ops, --batch apply)",
+    )
     b.add_argument("--tables", type=int, default=26)
     b.add_argument("--rows", type=int, default=100_000, help="rows per table (Kaggle: 500000)")
     b.add_argument("--dims", type=_ints, default=[64, 128])
     b.add_argument("--batch", type=int, default=2048)
     b.add_argument("--lengths", type=_ints, default=[1, 20], help="indices per bag")
-    b.add_argument("--distinct-batches", type=_positive, default=None,
-                   help="index batches every contender cycles through, so rows come cold from "
-                        "memory as in training (default 16); 1 repeats one batch, whose rows "
-                        "stay cached")
+    b.add_argument(
+        "--distinct-batches",
+        type=_positive,
+        default=None,
+        help="index batches every contender cycles through, so rows come cold from "
+        "memory as in training (default 16); 1 repeats one batch, whose rows "
+        "stay cached",
+    )
     b.add_argument("--threads", type=_ints, default=None, help="default: 1 and all")
     b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     b.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
-    b.add_argument("--ops", type=lambda s: s.split(","), default=["forward", "train", "interaction", "quantized", "dlrm"],
-                   help="comma list of: forward (pooled lookup), train (fwd+bwd+fused update), "
-                        "interaction (dot interaction fwd and fwd+bwd), quantized (int8/int4 "
-                        "lookups and quantization), dlrm (model train step and inference; "
-                        "the GB/s column then holds M samples/s)")
+    b.add_argument(
+        "--ops",
+        type=lambda s: s.split(","),
+        default=["forward", "train", "interaction", "quantized", "dlrm"],
+        help="comma list of: forward (pooled lookup), train (fwd+bwd+fused update), "
+        "interaction (dot interaction fwd and fwd+bwd), quantized (int8/int4 "
+        "lookups and quantization), dlrm (model train step and inference; "
+        "the GB/s column then holds M samples/s)",
+    )
     b.add_argument("--dlrm-configs", type=lambda s: s.split(","), default=["kaggle", "mlperf"])
-    b.add_argument("--quantize-rows", type=int, default=1_000_000,
-                   help="rows of the D=128 table the quantization speed is measured on")
+    b.add_argument(
+        "--quantize-rows",
+        type=int,
+        default=1_000_000,
+        help="rows of the D=128 table the quantization speed is measured on",
+    )
     b.add_argument("--interaction-batches", type=_ints, default=[2048, 8192])
     b.add_argument("--interaction-dims", type=_ints, default=[16, 64, 128])
-    b.add_argument("--optimizers", type=lambda s: s.split(","), default=["sgd", "rowwise_adagrad"],
-                   help="for train: names of dlrm_ops.optimizers.OPTIMIZERS")
-    b.add_argument("--dense", action="store_true",
-                   help="train: also time dense gradients + SGD (a dense gradient of every "
-                        "table: 3.3 GB more at 26 x 500k x 64)")
+    b.add_argument(
+        "--optimizers",
+        type=lambda s: s.split(","),
+        default=["sgd", "rowwise_adagrad"],
+        help="for train: names of dlrm_ops.optimizers.OPTIMIZERS",
+    )
+    b.add_argument(
+        "--dense",
+        action="store_true",
+        help="train: also time dense gradients + SGD (a dense gradient of every "
+        "table: 3.3 GB more at 26 x 500k x 64)",
+    )
     b.add_argument("--json", help="also write the results here")
     from . import train
 

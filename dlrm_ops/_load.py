@@ -1,6 +1,7 @@
 """Loads the native op library (stable-ABI `_kernels.so`) into torch.ops.dlrm_ops.
 DLRM_OPS_LIBRARY names another build of it (scripts/test_sanitized.sh loads
 the sanitizer build so)."""
+
 import os
 from pathlib import Path
 

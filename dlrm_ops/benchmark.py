@@ -5,6 +5,7 @@ of each contender, effective GB/s (bytes of embedding rows gathered / time) and
 its ratio to dlrm_ops. The pytest-benchmark suites in benchmarks/ reuse the
 input builders here.
 """
+
 import ctypes
 import gc
 import itertools
@@ -24,8 +25,9 @@ from .nn import EmbeddingBagCollection
 from .nn._memory import empty_table
 
 
-def zipf_indices(rows: int, n: int, alpha: float = 1.05, seed: int = 0,
-                 draws: int = 1) -> np.ndarray:
+def zipf_indices(
+    rows: int, n: int, alpha: float = 1.05, seed: int = 0, draws: int = 1
+) -> np.ndarray:
     """[draws, n] indices in [0, rows) with Zipf(alpha) popularity; the hot
     rows are scattered over the table (a random permutation), as real
     categories are, and shared by the draws, as a table's batches share them."""
@@ -66,17 +68,27 @@ class TBEInputs:
     def per_table(self, idx: torch.Tensor) -> List[tuple]:
         """idx split by table, each part with its table's own offsets."""
         n = self.B * self.L
-        return [(idx[t * n:(t + 1) * n], self.offsets[t * self.B:(t + 1) * self.B + 1] - t * n)
-                for t in range(self.T)]
+        return [
+            (idx[t * n : (t + 1) * n], self.offsets[t * self.B : (t + 1) * self.B + 1] - t * n)
+            for t in range(self.T)
+        ]
 
     @property
     def gathered_bytes(self) -> int:
         return self.indices.numel() * self.ebc.embedding_dims[0] * self.ebc.weight.element_size()
 
 
-def make_tbe_inputs(T: int, rows: int, D: int, B: int, L: int, dtype=torch.float32,
-                    dist: str = "zipf", seed: int = 0,
-                    batches: int = DISTINCT_BATCHES) -> TBEInputs:
+def make_tbe_inputs(
+    T: int,
+    rows: int,
+    D: int,
+    B: int,
+    L: int,
+    dtype=torch.float32,
+    dist: str = "zipf",
+    seed: int = 0,
+    batches: int = DISTINCT_BATCHES,
+) -> TBEInputs:
     """T tables of `rows` x D; `batches` batches of B bags of exactly L
     indices per table."""
     if batches < 1:
@@ -84,12 +96,15 @@ def make_tbe_inputs(T: int, rows: int, D: int, B: int, L: int, dtype=torch.float
     ebc = EmbeddingBagCollection([rows] * T, D, dtype=dtype)
     n = B * L
     if dist == "zipf":  # [T, batches, n]
-        per_table = np.stack([zipf_indices(rows, n, seed=seed + t, draws=batches)
-                              for t in range(T)])
+        per_table = np.stack(
+            [zipf_indices(rows, n, seed=seed + t, draws=batches) for t in range(T)]
+        )
         idx = [per_table[:, k].reshape(-1) for k in range(batches)]
     else:
-        idx = [np.random.default_rng([seed, k] if k else seed).integers(0, rows, T * n)
-               for k in range(batches)]
+        idx = [
+            np.random.default_rng([seed, k] if k else seed).integers(0, rows, T * n)
+            for k in range(batches)
+        ]
     offsets = torch.arange(0, T * n + 1, L, dtype=torch.int64)
     return TBEInputs(ebc, [torch.from_numpy(i.astype(np.int64)) for i in idx], offsets, T, B, L)
 
@@ -108,8 +123,9 @@ def time_fn(fn: Callable[[], object], min_time: float = 0.3, min_reps: int = 5) 
     return statistics.median(times)
 
 
-def time_all(fns: Dict[str, Callable[[], object]], min_time: float = 0.3,
-             rounds: int = 5) -> Dict[str, float]:
+def time_all(
+    fns: Dict[str, Callable[[], object]], min_time: float = 0.3, rounds: int = 5
+) -> Dict[str, float]:
     """Median seconds per call of each contender, measured in interleaved
     rounds so that drifting machine load hits all of them alike."""
     samples: Dict[str, List[float]] = {k: [] for k in fns}
@@ -333,13 +349,20 @@ def _load_probe(name: str = "pool") -> Optional[Callable]:
         src, lib = os.path.join(d, "probe.c"), os.path.join(d, "probe.so")
         with open(src, "w") as f:
             f.write(_PROBE_SRC)
-        subprocess.run(["cc", "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", src, "-o",
-                        lib], check=True, capture_output=True)
+        subprocess.run(
+            ["cc", "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", src, "-o", lib],
+            check=True,
+            capture_output=True,
+        )
         fn = getattr(ctypes.CDLL(lib), name)
     except (OSError, subprocess.CalledProcessError):
         return None
-    types = {"p": ctypes.c_void_p, "i64": ctypes.c_int64, "int": ctypes.c_int,
-             "float": ctypes.c_float}
+    types = {
+        "p": ctypes.c_void_p,
+        "i64": ctypes.c_int64,
+        "int": ctypes.c_int,
+        "float": ctypes.c_float,
+    }
     fn.argtypes = [types[a] for a in _PROBE_ARGS[name]]
     fn.restype = None
     return fn
@@ -350,12 +373,15 @@ def _fbgemm_tbe(inp: TBEInputs):
     try:
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
         from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-            ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
+            ComputeDevice,
+            SplitTableBatchedEmbeddingBagsCodegen,
+        )
     except Exception:  # noqa: BLE001 - optional dependency, any import failure means absent
         return None
     rows, D = inp.ebc.num_embeddings[0], inp.ebc.embedding_dims[0]
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
-        [(rows, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * inp.T)
+        [(rows, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * inp.T
+    )
     return _fbgemm_on_huge_pages(tbe, inp.ebc.weight)
 
 
@@ -395,29 +421,60 @@ def embedding_bag_contenders(inp: TBEInputs, threads: int) -> Dict[str, Callable
     out = {}
     with torch.no_grad():
         out["dlrm_ops"] = inp.in_turn(lambda i: ebc(i, off))
-        out["torch loop"] = inp.in_turn(lambda per_table: torch.cat(
-            [F.embedding_bag(i, w, o, mode="sum", include_last_offset=True)
-             for w, (i, o) in zip(tables, per_table)], 1), lambda i: (inp.per_table(i),))
+        out["torch loop"] = inp.in_turn(
+            lambda per_table: torch.cat(
+                [
+                    F.embedding_bag(i, w, o, mode="sum", include_last_offset=True)
+                    for w, (i, o) in zip(tables, per_table)
+                ],
+                1,
+            ),
+            lambda i: (inp.per_table(i),),
+        )
         # One call over all tables stacked: bags in (table, batch) order, then
         # a transpose into [B, T*D].
-        out["torch stacked"] = inp.in_turn(lambda stacked_idx: F.embedding_bag(
-            stacked_idx, stacked_w, off, mode="sum", include_last_offset=True
-        ).view(T, B, D).transpose(0, 1).reshape(B, T * D), lambda i: (i + table_base,))
+        out["torch stacked"] = inp.in_turn(
+            lambda stacked_idx: (
+                F.embedding_bag(stacked_idx, stacked_w, off, mode="sum", include_last_offset=True)
+                .view(T, B, D)
+                .transpose(0, 1)
+                .reshape(B, T * D)
+            ),
+            lambda i: (i + table_base,),
+        )
     tbe = _fbgemm_tbe(inp)
     if tbe is not None and ebc.weight.dtype == torch.float32:
         out["fbgemm TBE"] = inp.in_turn(lambda i: tbe(i, off))
     probe = _load_probe() if ebc.weight.dtype == torch.float32 else None
     if probe is not None:
         res = torch.empty(B, T * D)
-        out["C gather probe"] = inp.in_turn(lambda i: probe(
-            stacked_w.data_ptr(), rows, D, T, B, i.data_ptr(), off.data_ptr(), res.data_ptr(),
-            threads))
+        out["C gather probe"] = inp.in_turn(
+            lambda i: probe(
+                stacked_w.data_ptr(),
+                rows,
+                D,
+                T,
+                B,
+                i.data_ptr(),
+                off.data_ptr(),
+                res.data_ptr(),
+                threads,
+            )
+        )
     return {k: torch.no_grad()(v) for k, v in out.items()}
 
 
-def run_embedding_bag(T: int, rows: int, dims: List[int], B: int, lengths: List[int],
-                      threads: List[int], dtype=torch.float32, min_time: float = 0.3,
-                      batches: int = DISTINCT_BATCHES) -> List[dict]:
+def run_embedding_bag(
+    T: int,
+    rows: int,
+    dims: List[int],
+    B: int,
+    lengths: List[int],
+    threads: List[int],
+    dtype=torch.float32,
+    min_time: float = 0.3,
+    batches: int = DISTINCT_BATCHES,
+) -> List[dict]:
     results = []
     for D in dims:
         for L in lengths:
@@ -430,10 +487,21 @@ def run_embedding_bag(T: int, rows: int, dims: List[int], B: int, lengths: List[
                 torch.testing.assert_close(ref, check, atol=1e-4, rtol=1e-4)
                 times = time_all(fns, min_time)
                 for k, t in times.items():
-                    results.append(dict(op="embedding_bag", T=T, rows=rows, D=D, B=B, L=L,
-                                        threads=th, impl=k, ms=t * 1e3,
-                                        gbs=inp.gathered_bytes / t / 1e9,
-                                        ours_speedup=t / times["dlrm_ops"]))
+                    results.append(
+                        dict(
+                            op="embedding_bag",
+                            T=T,
+                            rows=rows,
+                            D=D,
+                            B=B,
+                            L=L,
+                            threads=th,
+                            impl=k,
+                            ms=t * 1e3,
+                            gbs=inp.gathered_bytes / t / 1e9,
+                            ours_speedup=t / times["dlrm_ops"],
+                        )
+                    )
                 del fns, ref, check
                 gc.collect()
             del inp
@@ -446,39 +514,61 @@ def _fbgemm_training_tbe(inp: TBEInputs, optimizer: str, lr: float, eps: float):
         from fbgemm_gpu.split_embedding_configs import EmbOptimType as OptimType
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
         from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-            ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
+            ComputeDevice,
+            SplitTableBatchedEmbeddingBagsCodegen,
+        )
     except Exception:  # noqa: BLE001 - optional dependency
         return None
-    opt = {"sgd": OptimType.EXACT_SGD, "rowwise_adagrad": OptimType.EXACT_ROWWISE_ADAGRAD,
-           "adagrad": OptimType.EXACT_ADAGRAD}.get(optimizer)
+    opt = {
+        "sgd": OptimType.EXACT_SGD,
+        "rowwise_adagrad": OptimType.EXACT_ROWWISE_ADAGRAD,
+        "adagrad": OptimType.EXACT_ADAGRAD,
+    }.get(optimizer)
     if opt is None:
         return None
     rows, D = inp.ebc.num_embeddings[0], inp.ebc.embedding_dims[0]
-    return _fbgemm_on_huge_pages(SplitTableBatchedEmbeddingBagsCodegen(
-        [(rows, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * inp.T, optimizer=opt,
-        learning_rate=lr, eps=eps), inp.ebc.weight)
+    return _fbgemm_on_huge_pages(
+        SplitTableBatchedEmbeddingBagsCodegen(
+            [(rows, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * inp.T,
+            optimizer=opt,
+            learning_rate=lr,
+            eps=eps,
+        ),
+        inp.ebc.weight,
+    )
 
 
-def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
-                        dense: bool = False) -> Dict[str, Callable]:
+def training_contenders(
+    inp: TBEInputs, optimizer: str, lr: float = 0.01, dense: bool = False
+) -> Dict[str, Callable]:
     """Forward + backward + update of one batch, by every way available."""
     T, B, D = inp.T, inp.B, inp.ebc.embedding_dims[0]
     rows = inp.ebc.num_embeddings[0]
     off = inp.offsets
     grad = torch.randn(B, T * D, dtype=inp.ebc.weight.dtype)
-    fused = EmbeddingBagCollection([rows] * T, D, dtype=inp.ebc.weight.dtype,
-                                   optimizer=optimizer, lr=lr)
+    fused = EmbeddingBagCollection(
+        [rows] * T, D, dtype=inp.ebc.weight.dtype, optimizer=optimizer, lr=lr
+    )
     fused.weight = inp.ebc.weight  # every contender updates the same rows: one copy in memory
     out = {"dlrm_ops fused": inp.in_turn(lambda i: fused(i, off).backward(grad))}
     out["dlrm_ops fused"].module = fused  # its state, for tests/test_benchmark.py
 
-    torch_opt = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad,
-                 "adam": torch.optim.SparseAdam}.get(optimizer)
+    torch_opt = {
+        "sgd": torch.optim.SGD,
+        "adagrad": torch.optim.Adagrad,
+        "adam": torch.optim.SparseAdam,
+    }.get(optimizer)
     if torch_opt is not None:
-        tables = [torch.nn.EmbeddingBag.from_pretrained(inp.ebc.weight_of(t).detach(),
-                                                        freeze=False, mode="sum", sparse=True,
-                                                        include_last_offset=True)
-                  for t in range(T)]
+        tables = [
+            torch.nn.EmbeddingBag.from_pretrained(
+                inp.ebc.weight_of(t).detach(),
+                freeze=False,
+                mode="sum",
+                sparse=True,
+                include_last_offset=True,
+            )
+            for t in range(T)
+        ]
         opt = torch_opt([m.weight for m in tables], lr=lr)
         with torch.no_grad():  # Adagrad's sums onto huge pages, as our state is
             for w in opt.state:
@@ -490,8 +580,10 @@ def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
             opt.zero_grad()
             torch.cat([m(i, o) for m, (i, o) in zip(tables, per_table)], 1).backward(grad)
             opt.step()
+
         out[f"torch sparse+{torch_opt.__name__}"] = inp.in_turn(
-            torch_step, lambda i: (inp.per_table(i),))
+            torch_step, lambda i: (inp.per_table(i),)
+        )
     if optimizer == "sgd":  # one sparse gradient for all tables: faster than per table.
         # (Not for Adagrad: a second set of full-size sums would not fit at D=128.)
         stacked = torch.nn.Parameter(inp.ebc.weight.detach())  # our buffer
@@ -500,12 +592,12 @@ def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
 
         def stacked_step(stacked_idx):
             stacked_opt.zero_grad()
-            F.embedding_bag(stacked_idx, stacked, off, mode="sum", include_last_offset=True,
-                            sparse=True).view(T, B, D).transpose(0, 1).reshape(B, T * D) \
-                .backward(grad)
+            F.embedding_bag(
+                stacked_idx, stacked, off, mode="sum", include_last_offset=True, sparse=True
+            ).view(T, B, D).transpose(0, 1).reshape(B, T * D).backward(grad)
             stacked_opt.step()
-        out["torch stacked sparse+SGD"] = inp.in_turn(stacked_step,
-                                                      lambda i: (i + table_base,))
+
+        out["torch stacked sparse+SGD"] = inp.in_turn(stacked_step, lambda i: (i + table_base,))
     if dense and optimizer == "sgd":
         dense_ebc = inp.ebc
         dense_opt = torch.optim.SGD(dense_ebc.parameters(), lr=lr)
@@ -514,38 +606,81 @@ def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
             dense_opt.zero_grad()
             dense_ebc(i, off).backward(grad)
             dense_opt.step()
+
         out["dense grad+SGD"] = inp.in_turn(dense_step)
-    probe = _load_probe("sgd_step") \
-        if optimizer == "sgd" and inp.ebc.weight.dtype == torch.float32 and D <= 1024 else None
+    probe = (
+        _load_probe("sgd_step")
+        if optimizer == "sgd" and inp.ebc.weight.dtype == torch.float32 and D <= 1024
+        else None
+    )
     if probe is not None:  # on our buffer, as the torch contenders
         w = inp.ebc.weight.detach()
         res = torch.empty(B, T * D)
         keys = torch.empty(2, inp.indices.numel(), dtype=torch.int64)
-        out["C SGD step probe"] = inp.in_turn(lambda i: probe(
-            w.data_ptr(), rows, D, T, B, i.data_ptr(), off.data_ptr(), grad.data_ptr(),
-            res.data_ptr(), lr, keys[0].data_ptr(), keys[1].data_ptr(), torch.get_num_threads()))
+        out["C SGD step probe"] = inp.in_turn(
+            lambda i: probe(
+                w.data_ptr(),
+                rows,
+                D,
+                T,
+                B,
+                i.data_ptr(),
+                off.data_ptr(),
+                grad.data_ptr(),
+                res.data_ptr(),
+                lr,
+                keys[0].data_ptr(),
+                keys[1].data_ptr(),
+                torch.get_num_threads(),
+            )
+        )
     eps = float(fused.hparams[1])  # the fused module's default for this optimizer
     floors = {"sgd": "C SGD floor probe", "rowwise_adagrad": "C row-wise floor probe"}
-    floor = _load_probe("floor_step") \
-        if optimizer in floors and inp.ebc.weight.dtype == torch.float32 and inp.L == 1 \
-        and D % 8 == 0 and D <= 1024 else None
+    floor = (
+        _load_probe("floor_step")
+        if optimizer in floors
+        and inp.ebc.weight.dtype == torch.float32
+        and inp.L == 1
+        and D % 8 == 0
+        and D <= 1024
+        else None
+    )
     if floor is not None:  # each batch's lookups sorted by row up front: the floor's input
         w = inp.ebc.weight.detach()
         res = torch.empty(B, T * D)
         bags = torch.arange(B).expand(T, B)
-        state = None if optimizer == "sgd" else _huge_copy(fused.momentum1)  # on huge pages, as ours
+        state = (
+            None if optimizer == "sgd" else _huge_copy(fused.momentum1)
+        )  # on huge pages, as ours
         state_args = (0.0, None) if state is None else (eps, state.data_ptr())
 
         def by_row(i):
             return (torch.sort((i.view(T, B) << 32) | bags, dim=1).values.contiguous(),)
-        floor_step = inp.in_turn(lambda e: floor(
-            w.data_ptr(), rows, D, T, B, e.data_ptr(), grad.data_ptr(), res.data_ptr(), lr,
-            *state_args, torch.get_num_threads()), by_row)
+
+        floor_step = inp.in_turn(
+            lambda e: floor(
+                w.data_ptr(),
+                rows,
+                D,
+                T,
+                B,
+                e.data_ptr(),
+                grad.data_ptr(),
+                res.data_ptr(),
+                lr,
+                *state_args,
+                torch.get_num_threads(),
+            ),
+            by_row,
+        )
         floor_step.out = res  # its forward's output, for tests/test_benchmark.py
         floor_step.state = state
         out[floors[optimizer]] = floor_step
-    tbe = _fbgemm_training_tbe(inp, optimizer, lr, eps) \
-        if inp.ebc.weight.dtype == torch.float32 else None
+    tbe = (
+        _fbgemm_training_tbe(inp, optimizer, lr, eps)
+        if inp.ebc.weight.dtype == torch.float32
+        else None
+    )
     if tbe is not None:
         fbgemm_step = inp.in_turn(lambda i: tbe(i, off).backward(grad))
         fbgemm_step.tbe = tbe  # its own weights, for tests/test_benchmark.py
@@ -553,9 +688,18 @@ def training_contenders(inp: TBEInputs, optimizer: str, lr: float = 0.01,
     return out
 
 
-def run_training(T: int, rows: int, dims: List[int], B: int, lengths: List[int],
-                 threads: List[int], optimizers: List[str], dense: bool = False,
-                 min_time: float = 0.3, batches: int = DISTINCT_BATCHES) -> List[dict]:
+def run_training(
+    T: int,
+    rows: int,
+    dims: List[int],
+    B: int,
+    lengths: List[int],
+    threads: List[int],
+    optimizers: List[str],
+    dense: bool = False,
+    min_time: float = 0.3,
+    batches: int = DISTINCT_BATCHES,
+) -> List[dict]:
     results = []
     for D in dims:
         for L in lengths:
@@ -566,10 +710,21 @@ def run_training(T: int, rows: int, dims: List[int], B: int, lengths: List[int],
                     torch.set_num_threads(th)
                     times = time_all(fns, min_time)
                     for k, t in times.items():
-                        results.append(dict(op=f"train {optimizer}", T=T, rows=rows, D=D, B=B,
-                                            L=L, threads=th, impl=k, ms=t * 1e3,
-                                            gbs=inp.gathered_bytes / t / 1e9,
-                                            ours_speedup=t / times["dlrm_ops fused"]))
+                        results.append(
+                            dict(
+                                op=f"train {optimizer}",
+                                T=T,
+                                rows=rows,
+                                D=D,
+                                B=B,
+                                L=L,
+                                threads=th,
+                                impl=k,
+                                ms=t * 1e3,
+                                gbs=inp.gathered_bytes / t / 1e9,
+                                ours_speedup=t / times["dlrm_ops fused"],
+                            )
+                        )
                 del fns
                 gc.collect()
             del inp
@@ -586,18 +741,23 @@ def interaction_contenders(B: int, T: int, D: int, backward: bool) -> Dict[str, 
     sparse = torch.randn(B, T * D, requires_grad=backward)  # as an EmbeddingBagCollection gives
     grad = torch.randn(B, D + (T + 1) * T // 2)
     compiled = torch.compile(reference.dot_interaction)
-    impls = {"dlrm_ops": ops.dot_interaction, "torch eager": reference.dot_interaction,
-             "torch.compile": compiled}
+    impls = {
+        "dlrm_ops": ops.dot_interaction,
+        "torch eager": reference.dot_interaction,
+        "torch.compile": compiled,
+    }
 
     def make(f):
         if backward:  # gradients returned, not accumulated into .grad
             return lambda: torch.autograd.grad(f(dense, sparse), (dense, sparse), grad)
         return torch.no_grad()(lambda: f(dense, sparse))
+
     return {k: make(f) for k, f in impls.items()}
 
 
-def run_interaction(batches: List[int], T: int, dims: List[int], threads: List[int],
-                    min_time: float = 0.3) -> List[dict]:
+def run_interaction(
+    batches: List[int], T: int, dims: List[int], threads: List[int], min_time: float = 0.3
+) -> List[dict]:
     results = []
     for backward in (False, True):
         for B in batches:
@@ -608,10 +768,21 @@ def run_interaction(batches: List[int], T: int, dims: List[int], threads: List[i
                     torch.set_num_threads(th)
                     times = time_all(fns, min_time)
                     for k, t in times.items():
-                        results.append(dict(op="interaction " + ("fwd+bwd" if backward else "fwd"),
-                                            T=T, rows=0, D=D, B=B, L=0, threads=th, impl=k,
-                                            ms=t * 1e3, gbs=moved / t / 1e9,
-                                            ours_speedup=t / times["dlrm_ops"]))
+                        results.append(
+                            dict(
+                                op="interaction " + ("fwd+bwd" if backward else "fwd"),
+                                T=T,
+                                rows=0,
+                                D=D,
+                                B=B,
+                                L=0,
+                                threads=th,
+                                impl=k,
+                                ms=t * 1e3,
+                                gbs=moved / t / 1e9,
+                                ours_speedup=t / times["dlrm_ops"],
+                            )
+                        )
     return results
 
 
@@ -623,15 +794,25 @@ def quantized_contenders(inp: TBEInputs, bits: int) -> Dict[str, Callable]:
     ebc, T, B = inp.ebc, inp.T, inp.B
     q = QuantizedEmbeddingBagCollection.from_float(ebc, bits)
     off = inp.offsets
-    op = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if bits == 8
-          else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets)
+    op = (
+        torch.ops.quantized.embedding_bag_byte_rowwise_offsets
+        if bits == 8
+        else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets
+    )
     tables = [q.packed_of(t) for t in range(T)]
     probe = _load_probe("pool_int8") if bits == 8 else None
     fns = {
         f"dlrm_ops int{bits}": inp.in_turn(lambda i: q(i, off)),
-        f"torch int{bits} loop": inp.in_turn(lambda per_table: torch.cat(
-            [op(w, i, o, False, 0, False, None, None, True) for w, (i, o) in zip(tables, per_table)],
-            1), lambda i: (inp.per_table(i),)),
+        f"torch int{bits} loop": inp.in_turn(
+            lambda per_table: torch.cat(
+                [
+                    op(w, i, o, False, 0, False, None, None, True)
+                    for w, (i, o) in zip(tables, per_table)
+                ],
+                1,
+            ),
+            lambda i: (inp.per_table(i),),
+        ),
         "dlrm_ops fp32": inp.in_turn(lambda i: ebc(i, off)),
     }
     if probe is not None:  # all tables' packed rows stacked on huge pages, as ours hold them
@@ -639,15 +820,33 @@ def quantized_contenders(inp: TBEInputs, bits: int) -> Dict[str, Callable]:
         torch.cat(tables, out=stacked)
         rows, D = ebc.num_embeddings[0], ebc.embedding_dims[0]
         res = torch.empty(B, T * D)
-        fns["C gather probe"] = inp.in_turn(lambda i: probe(
-            stacked.data_ptr(), rows, D, T, B, i.data_ptr(), off.data_ptr(), res.data_ptr(),
-            torch.get_num_threads()))
+        fns["C gather probe"] = inp.in_turn(
+            lambda i: probe(
+                stacked.data_ptr(),
+                rows,
+                D,
+                T,
+                B,
+                i.data_ptr(),
+                off.data_ptr(),
+                res.data_ptr(),
+                torch.get_num_threads(),
+            )
+        )
     return {k: torch.no_grad()(f) for k, f in fns.items()}
 
 
-def run_quantized(T: int, rows: int, dims: List[int], B: int, lengths: List[int],
-                  threads: List[int], bits_list: List[int], min_time: float = 0.3,
-                  batches: int = DISTINCT_BATCHES) -> List[dict]:
+def run_quantized(
+    T: int,
+    rows: int,
+    dims: List[int],
+    B: int,
+    lengths: List[int],
+    threads: List[int],
+    bits_list: List[int],
+    min_time: float = 0.3,
+    batches: int = DISTINCT_BATCHES,
+) -> List[dict]:
     results = []
     for D in dims:
         for L in lengths:
@@ -661,9 +860,21 @@ def run_quantized(T: int, rows: int, dims: List[int], B: int, lengths: List[int]
                     ours = times[f"dlrm_ops int{bits}"]
                     for k, t in times.items():
                         gathered = inp.indices.numel() * (D * 4 if "fp32" in k else row_bytes)
-                        results.append(dict(op=f"quantized lookup int{bits}", T=T, rows=rows, D=D,
-                                            B=B, L=L, threads=th, impl=k, ms=t * 1e3,
-                                            gbs=gathered / t / 1e9, ours_speedup=t / ours))
+                        results.append(
+                            dict(
+                                op=f"quantized lookup int{bits}",
+                                T=T,
+                                rows=rows,
+                                D=D,
+                                B=B,
+                                L=L,
+                                threads=th,
+                                impl=k,
+                                ms=t * 1e3,
+                                gbs=gathered / t / 1e9,
+                                ours_speedup=t / ours,
+                            )
+                        )
                 del fns
                 gc.collect()
             del inp
@@ -678,17 +889,34 @@ def run_quantize(rows: int, D: int, threads: List[int], min_time: float = 0.3) -
     w = torch.randn(rows, D)
     results = []
     for bits in (8, 4):
-        prepack = (torch.ops.quantized.embedding_bag_byte_prepack if bits == 8
-                   else torch.ops.quantized.embedding_bag_4bit_prepack)
-        fns = {f"dlrm_ops int{bits}": lambda: ops.quantize_rowwise(w, bits),
-               f"torch prepack int{bits}": lambda: prepack(w)}
+        prepack = (
+            torch.ops.quantized.embedding_bag_byte_prepack
+            if bits == 8
+            else torch.ops.quantized.embedding_bag_4bit_prepack
+        )
+        fns = {
+            f"dlrm_ops int{bits}": lambda: ops.quantize_rowwise(w, bits),
+            f"torch prepack int{bits}": lambda: prepack(w),
+        }
         for th in threads:
             torch.set_num_threads(th)
             times = time_all(fns, min_time)
             for k, t in times.items():
-                results.append(dict(op=f"quantize int{bits}", T=1, rows=rows, D=D, B=0, L=0,
-                                    threads=th, impl=k, ms=t * 1e3, gbs=w.numel() * 4 / t / 1e9,
-                                    ours_speedup=t / times[f"dlrm_ops int{bits}"]))
+                results.append(
+                    dict(
+                        op=f"quantize int{bits}",
+                        T=1,
+                        rows=rows,
+                        D=D,
+                        B=0,
+                        L=0,
+                        threads=th,
+                        impl=k,
+                        ms=t * 1e3,
+                        gbs=w.numel() * 4 / t / 1e9,
+                        ours_speedup=t / times[f"dlrm_ops int{bits}"],
+                    )
+                )
     return results
 
 
@@ -698,15 +926,16 @@ DLRM_CONFIGS = {  # dim, bottom MLP, top MLP
 }
 
 
-def run_dlrm(configs: List[str], rows: int, B: int, threads: List[int], min_time: float = 0.3,
-             T: int = 26) -> List[dict]:
+def run_dlrm(
+    configs: List[str], rows: int, B: int, threads: List[int], min_time: float = 0.3, T: int = 26
+) -> List[dict]:
     """DLRM train step and inference, dlrm_ops against the pure-PyTorch
     reference, with the train step split into its parts (each part timed on
     its own, forward + backward)."""
+    from . import ops
     from .data import RandomData
     from .models import DLRM
     from .reference import ReferenceDLRM, dot_interaction
-    from . import ops
 
     results = []
     for name in configs:
@@ -716,8 +945,9 @@ def run_dlrm(configs: List[str], rows: int, B: int, threads: List[int], min_time
         ours = DLRM(tables, D, bot, top, embedding_optimizer="sgd", embedding_lr=0.01)
         ref = ReferenceDLRM(tables, D, bot, top).load_from(ours)
         # Fresh batches in turn, as in training: rows come cold from memory.
-        data = RandomData(tables, bot[0], B, 16, num_indices_per_lookup=1,
-                          fixed_indices_per_lookup=True)
+        data = RandomData(
+            tables, bot[0], B, 16, num_indices_per_lookup=1, fixed_indices_per_lookup=True
+        )
         batches = itertools.cycle([data.batch(i) for i in range(16)])
         b = data.batch(0)
         opt_o = torch.optim.SGD(ours.dense_parameters(), lr=0.01)
@@ -733,12 +963,14 @@ def run_dlrm(configs: List[str], rows: int, B: int, threads: List[int], min_time
                 loss_fn(model(nb.dense, nb.indices, nb.offsets), nb.labels).backward()
                 for o in opts:
                     o.step()
+
             return step
 
         def infer(model):
             def run():
                 nb = next(batches)
                 return model(nb.dense, nb.indices, nb.offsets)
+
             return torch.no_grad()(run)
 
         dense_x = ours.bottom(b.dense).detach().requires_grad_()
@@ -750,7 +982,7 @@ def run_dlrm(configs: List[str], rows: int, B: int, threads: List[int], min_time
             emb_r.zero_grad()
             outs = []
             for t, m in enumerate(ref.tables):
-                outs.append(m(b.indices[t * B:(t + 1) * B], b.offsets[:B + 1]))
+                outs.append(m(b.indices[t * B : (t + 1) * B], b.offsets[: B + 1]))
             torch.cat(outs, 1).backward(g_ly)
             emb_r.step()
 
@@ -761,9 +993,14 @@ def run_dlrm(configs: List[str], rows: int, B: int, threads: List[int], min_time
         parts = {
             "train step": (train(ours, [opt_o]), train(ref, [opt_r, emb_r])),
             "inference": (infer(ours), infer(ref)),
-            "  embeddings+update": (lambda: ours.sparse(b.indices, b.offsets).backward(g_ly), emb_ref),
-            "  interaction": (lambda: ops.dot_interaction(dense_x, ly).sum().backward(),
-                              lambda: dot_interaction(dense_x, ly.view(B, T, D)).sum().backward()),
+            "  embeddings+update": (
+                lambda: ours.sparse(b.indices, b.offsets).backward(g_ly),
+                emb_ref,
+            ),
+            "  interaction": (
+                lambda: ops.dot_interaction(dense_x, ly).sum().backward(),
+                lambda: dot_interaction(dense_x, ly.view(B, T, D)).sum().backward(),
+            ),
             "  MLPs": (mlps, mlps),
             "  dense optimizer": (opt_o.step, opt_r.step),
         }
@@ -772,10 +1009,21 @@ def run_dlrm(configs: List[str], rows: int, B: int, threads: List[int], min_time
             for part, (f_ours, f_ref) in parts.items():
                 times = time_all({"dlrm_ops": f_ours, "reference": f_ref}, min_time)
                 for k, t in times.items():
-                    results.append(dict(op=f"DLRM {name} (B={B}, {T} tables x {rows} rows)", T=T,
-                                        rows=rows, D=D, B=B, L=1, threads=th, impl=f"{k} {part}",
-                                        ms=t * 1e3, gbs=B / t / 1e6,
-                                        ours_speedup=t / times["dlrm_ops"]))
+                    results.append(
+                        dict(
+                            op=f"DLRM {name} (B={B}, {T} tables x {rows} rows)",
+                            T=T,
+                            rows=rows,
+                            D=D,
+                            B=B,
+                            L=1,
+                            threads=th,
+                            impl=f"{k} {part}",
+                            ms=t * 1e3,
+                            gbs=B / t / 1e6,
+                            ours_speedup=t / times["dlrm_ops"],
+                        )
+                    )
         del ours, ref, parts
         gc.collect()
     return results
@@ -794,6 +1042,9 @@ def print_table(results: List[dict]) -> None:
         cells = []
         for c, w in zip(cols, widths):
             v = r[c]
-            cells.append((f"{v:.3f}" if c == "ms" else f"{v:.2f}" if isinstance(v, float)
-                          else str(v)).rjust(w))
+            cells.append(
+                (f"{v:.3f}" if c == "ms" else f"{v:.2f}" if isinstance(v, float) else str(v)).rjust(
+                    w
+                )
+            )
         print("  ".join(cells))

@@ -2,6 +2,7 @@
 same GPU, in one process. Times are medians of CUDA-event-timed calls,
 measured in interleaved rounds; ``ours_speedup`` is the other side's time over
 ours. Run by ``python -m dlrm_ops benchmark --device cuda``."""
+
 import gc
 import statistics
 from typing import Callable, Dict, List
@@ -14,8 +15,9 @@ from .benchmark import DLRM_CONFIGS, make_tbe_inputs
 from .nn import EmbeddingBagCollection, QuantizedEmbeddingBagCollection
 
 
-def cuda_time_all(fns: Dict[str, Callable[[], object]], reps: int = 20,
-                  rounds: int = 5) -> Dict[str, float]:
+def cuda_time_all(
+    fns: Dict[str, Callable[[], object]], reps: int = 20, rounds: int = 5
+) -> Dict[str, float]:
     """Median seconds per call of each contender (CUDA events around each call)."""
     for f in fns.values():  # warm-up: allocator, cuBLAS handles, compilation
         f()
@@ -35,15 +37,18 @@ def cuda_time_all(fns: Dict[str, Callable[[], object]], reps: int = 20,
 
 
 def _rows(op, times, ours, **shape):
-    return [dict(op=op, threads=0, impl=k, ms=t * 1e3, ours_speedup=t / times[ours],
-                 **shape) for k, t in times.items()]
+    return [
+        dict(op=op, threads=0, impl=k, ms=t * 1e3, ours_speedup=t / times[ours], **shape)
+        for k, t in times.items()
+    ]
 
 
 def _shifted_indices(rows: int, idx, off, T, B):
     """Indices into all tables stacked as one (for a single
     nn.functional.embedding_bag call; computed once, outside the timing)."""
-    shift = torch.repeat_interleave(torch.arange(T, device=idx.device) * rows,
-                                    (off[B::B] - off[:-1:B]))
+    shift = torch.repeat_interleave(
+        torch.arange(T, device=idx.device) * rows, (off[B::B] - off[:-1:B])
+    )
     return idx + shift
 
 
@@ -62,9 +67,12 @@ def run_embedding_bag(T, rows, dims, B, lengths, train: bool) -> List[dict]:
                 w = ebc.weight.detach()
                 fns = {
                     "dlrm_ops": torch.no_grad()(lambda: ebc(idx, off)),
-                    "torch embedding_bag (1 call)": lambda: F.embedding_bag(
-                        shifted, w, off, mode="sum", include_last_offset=True)
-                    .view(T, B, D).transpose(0, 1).reshape(B, T * D),
+                    "torch embedding_bag (1 call)": lambda: (
+                        F.embedding_bag(shifted, w, off, mode="sum", include_last_offset=True)
+                        .view(T, B, D)
+                        .transpose(0, 1)
+                        .reshape(B, T * D)
+                    ),
                 }
                 op = "forward, no grad (CUDA)"
             else:
@@ -75,14 +83,16 @@ def run_embedding_bag(T, rows, dims, B, lengths, train: bool) -> List[dict]:
 
                 def torch_step(sparse):
                     opt.zero_grad()
-                    F.embedding_bag(shifted, w_t, off, mode="sum", include_last_offset=True,
-                                    sparse=sparse).view(T, B, D).transpose(0, 1).reshape(
-                                        B, T * D).backward(grad)
+                    F.embedding_bag(
+                        shifted, w_t, off, mode="sum", include_last_offset=True, sparse=sparse
+                    ).view(T, B, D).transpose(0, 1).reshape(B, T * D).backward(grad)
                     opt.step()
 
-                fns = {"dlrm_ops fused SGD": lambda: fused(idx, off).backward(grad),
-                       "torch sparse grad+SGD": lambda: torch_step(True),
-                       "torch dense grad+SGD": lambda: torch_step(False)}
+                fns = {
+                    "dlrm_ops fused SGD": lambda: fused(idx, off).backward(grad),
+                    "torch sparse grad+SGD": lambda: torch_step(True),
+                    "torch dense grad+SGD": lambda: torch_step(False),
+                }
                 op = "train SGD (CUDA)"
             times = cuda_time_all(fns)
             for r in _rows(op, times, next(iter(fns)), T=T, rows=rows, D=D, B=B, L=L):
@@ -110,9 +120,11 @@ def run_interaction(batches, T, dims) -> List[dict]:
                     g = torch.randn_like(f(dense, sparse))
                     return lambda: torch.autograd.grad(f(dense, sparse), (dense, sparse), g)
 
-                fns = {"dlrm_ops": run(ops.dot_interaction),
-                       "torch eager (bmm+gather)": run(reference.dot_interaction),
-                       "torch.compile": run(compiled)}
+                fns = {
+                    "dlrm_ops": run(ops.dot_interaction),
+                    "torch eager (bmm+gather)": run(reference.dot_interaction),
+                    "torch.compile": run(compiled),
+                }
                 times = cuda_time_all(fns)
                 op = "interaction fwd+bwd (CUDA)" if backward else "interaction forward (CUDA)"
                 moved = (B * (T + 1) * D + B * (D + (T + 1) * T // 2)) * 4 * (3 if backward else 1)
@@ -143,23 +155,33 @@ def run_quantized(T, rows, dims, B, lengths) -> List[dict]:
                 out = torch.zeros(T * B, D, device=dev).index_add_(0, bag, v)
                 return out.view(T, B, D).transpose(0, 1).reshape(B, T * D)
 
-            fns = {"dlrm_ops int8": lambda: q(idx, off),
-                   "torch int8 gather+dequant": torch_int8,
-                   "dlrm_ops fp32": torch.no_grad()(lambda: ebc(idx, off)),
-                   "torch fp32 embedding_bag": lambda: F.embedding_bag(
-                       shifted, w, off, mode="sum", include_last_offset=True)}
+            fns = {
+                "dlrm_ops int8": lambda: q(idx, off),
+                "torch int8 gather+dequant": torch_int8,
+                "dlrm_ops fp32": torch.no_grad()(lambda: ebc(idx, off)),
+                "torch fp32 embedding_bag": lambda: F.embedding_bag(
+                    shifted, w, off, mode="sum", include_last_offset=True
+                ),
+            }
             times = cuda_time_all(fns)
-            for r in _rows("int8 lookup (CUDA)", times, "dlrm_ops int8", T=T, rows=rows, D=D,
-                           B=B, L=L):
+            for r in _rows(
+                "int8 lookup (CUDA)", times, "dlrm_ops int8", T=T, rows=rows, D=D, B=B, L=L
+            ):
                 r["gbs"] = idx.numel() * (D + 8) / (r["ms"] / 1e3) / 1e9
                 res.append(r)
             del fns, inp, ebc, q, packed
             gc.collect()
             torch.cuda.empty_cache()
     w = torch.randn(1_000_000, 128, device=dev)
-    times = cuda_time_all({"dlrm_ops": lambda: ops.quantize_rowwise(w, 8),
-                           "torch ops (reference)": lambda: reference.quantize_rowwise(w, 8)})
-    for r in _rows("quantize int8 (CUDA)", times, "dlrm_ops", T=1, rows=w.shape[0], D=128, B=0, L=0):
+    times = cuda_time_all(
+        {
+            "dlrm_ops": lambda: ops.quantize_rowwise(w, 8),
+            "torch ops (reference)": lambda: reference.quantize_rowwise(w, 8),
+        }
+    )
+    for r in _rows(
+        "quantize int8 (CUDA)", times, "dlrm_ops", T=1, rows=w.shape[0], D=128, B=0, L=0
+    ):
         r["gbs"] = w.numel() * 4 / (r["ms"] / 1e3) / 1e9
         res.append(r)
     return res
@@ -181,12 +203,15 @@ def run_dlrm(configs, rows, B, T=26) -> List[dict]:
         ours = DLRM(tables, D, bot, top, embedding_optimizer="sgd", embedding_lr=0.01)
         ref = ReferenceDLRM(tables, D, bot, top).load_from(ours).to(dev)
         ours = ours.to(dev)
-        b = RandomData(tables, bot[0], B, 1, num_indices_per_lookup=1,
-                       fixed_indices_per_lookup=True).batch(0)
+        b = RandomData(
+            tables, bot[0], B, 1, num_indices_per_lookup=1, fixed_indices_per_lookup=True
+        ).batch(0)
         x, idx, off, y = (t.to(dev) for t in (b.dense, b.indices, b.offsets, b.labels))
         opt_o = torch.optim.SGD(ours.dense_parameters(), lr=0.01)
-        opts_r = [torch.optim.SGD(ref.dense_parameters(), lr=0.01),
-                  torch.optim.SGD(ref.embedding_parameters(), lr=0.01)]
+        opts_r = [
+            torch.optim.SGD(ref.dense_parameters(), lr=0.01),
+            torch.optim.SGD(ref.embedding_parameters(), lr=0.01),
+        ]
 
         def train(model, opts):
             def step():
@@ -195,15 +220,28 @@ def run_dlrm(configs, rows, B, T=26) -> List[dict]:
                 loss_fn(model(x, idx, off), y).backward()
                 for o in opts:
                     o.step()
+
             return step
 
-        parts = {"train step": (train(ours, [opt_o]), train(ref, opts_r)),
-                 "inference": (torch.no_grad()(lambda: ours(x, idx, off)),
-                               torch.no_grad()(lambda: ref(x, idx, off)))}
+        parts = {
+            "train step": (train(ours, [opt_o]), train(ref, opts_r)),
+            "inference": (
+                torch.no_grad()(lambda: ours(x, idx, off)),
+                torch.no_grad()(lambda: ref(x, idx, off)),
+            ),
+        }
         for part, (f_ours, f_ref) in parts.items():
             times = cuda_time_all({f"dlrm_ops {part}": f_ours, f"reference {part}": f_ref})
-            for r in _rows(f"DLRM {name} (CUDA, B={B}, {T} tables x {rows} rows)", times,
-                           f"dlrm_ops {part}", T=T, rows=rows, D=D, B=B, L=1):
+            for r in _rows(
+                f"DLRM {name} (CUDA, B={B}, {T} tables x {rows} rows)",
+                times,
+                f"dlrm_ops {part}",
+                T=T,
+                rows=rows,
+                D=D,
+                B=B,
+                L=1,
+            ):
                 r["gbs"] = B / (r["ms"] / 1e3) / 1e6
                 res.append(r)
         del ours, ref, parts

@@ -1,6 +1,7 @@
 """Training checkpoints: plain types and tensors only (loaded with
 ``torch.load(weights_only=True)``, so a crafted file cannot run code), a
 SHA-256 of every stored value verified on load, and atomic writes."""
+
 import hashlib
 import os
 import pickle
@@ -66,8 +67,7 @@ def save(path: str, model_state: dict, optimizer_state: dict, step: int, args: d
     """Written to a temporary file and renamed: a crash never leaves half a
     checkpoint, and the next save removes what a killed one left."""
     remove_stale_temporaries(path)
-    payload = {"model": model_state, "optimizer": optimizer_state, "step": int(step),
-               "args": args}
+    payload = {"model": model_state, "optimizer": optimizer_state, "step": int(step), "args": args}
     payload["sha256"] = checksum(payload)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
@@ -90,17 +90,20 @@ def load(path: str) -> Dict[str, Any]:
         if refused:
             raise CheckpointError(
                 f"{path} holds objects other than tensors and plain types, and is not loaded "
-                f"(only dlrm_ops checkpoints are): {refused[0]}") from None
+                f"(only dlrm_ops checkpoints are): {refused[0]}"
+            ) from None
         raise CheckpointError(f"{path} is not a readable checkpoint") from None
     except Exception as e:  # a truncated or corrupted archive
         raise CheckpointError(f"{path} is not a readable checkpoint: {e}") from None
     if not isinstance(payload, dict):
-        raise CheckpointError(f"{path} is not a dlrm_ops checkpoint (it holds a "
-                              f"{type(payload).__name__}, not a dict)")
+        raise CheckpointError(
+            f"{path} is not a dlrm_ops checkpoint (it holds a {type(payload).__name__}, not a dict)"
+        )
     missing = [k for k in KEYS + ("sha256",) if k not in payload]
     if missing:
-        raise CheckpointError(f"{path} is not a dlrm_ops checkpoint: it lacks "
-                              f"{', '.join(repr(k) for k in missing)}")
+        raise CheckpointError(
+            f"{path} is not a dlrm_ops checkpoint: it lacks {', '.join(repr(k) for k in missing)}"
+        )
     if checksum(payload) != payload["sha256"]:
         raise CheckpointError(f"{path} is corrupted: its contents do not match their checksum")
     return payload

@@ -1,5 +1,6 @@
 """The public functional API over the native ops, with their autograd and fake
 (meta) kernels. Schemas live in csrc/ops.cpp; kernels in csrc/cpu, csrc/cuda."""
+
 import contextlib
 import enum
 import threading
@@ -15,12 +16,14 @@ _ops = torch.ops.dlrm_ops
 
 class Pooling(enum.IntEnum):
     """csrc/kernel_common.h's Pooling."""
+
     SUM = 0
     MEAN = 1
 
 
 class InteractionOrder(enum.IntEnum):
     """csrc/kernel_common.h's InteractionOrder."""
+
     TRIL = 0
     TRIU = 1
 
@@ -92,6 +95,7 @@ def _autograd_function(op, setup, backward):
             return Fn.apply(*inputs)
         with _below_autograd():
             return op(*inputs)
+
     return call
 
 
@@ -122,8 +126,17 @@ def table_batched_embedding_bag(
     if total_dim is None:
         total_dim = int(dim_offsets[-1])
     return _embedding_bag(
-        weights, weights_offsets, dim_offsets, rows, indices, offsets, _pooling(mode),
-        per_sample_weights, total_dim, sparse)
+        weights,
+        weights_offsets,
+        dim_offsets,
+        rows,
+        indices,
+        offsets,
+        _pooling(mode),
+        per_sample_weights,
+        total_dim,
+        sparse,
+    )
 
 
 def table_batched_embedding_bag_with_optimizer(
@@ -156,9 +169,22 @@ def table_batched_embedding_bag_with_optimizer(
     if total_dim is None:
         total_dim = int(dim_offsets[-1])
     return _embedding_bag_with_optimizer(
-        weights, weights_offsets, dim_offsets, rows, indices, offsets, _pooling(mode),
-        per_sample_weights, total_dim, momentum1, momentum2, step, hparams, OPTIMIZERS[optimizer],
-        stochastic_rounding)
+        weights,
+        weights_offsets,
+        dim_offsets,
+        rows,
+        indices,
+        offsets,
+        _pooling(mode),
+        per_sample_weights,
+        total_dim,
+        momentum1,
+        momentum2,
+        step,
+        hparams,
+        OPTIMIZERS[optimizer],
+        stochastic_rounding,
+    )
 
 
 _LOOKUP_ARGS = ("weights_offsets", "dim_offsets", "rows", "indices", "offsets")
@@ -170,42 +196,98 @@ def _same_device(ref_name, ref, names, tensors):
     without it such a call would return uninitialised memory."""
     for name, t in zip(names, tensors):
         if isinstance(t, torch.Tensor) and t.device != ref.device:
-            raise RuntimeError(f"{name} must be on the same device as {ref_name} "
-                               f"({ref.device}), got {t.device}")
+            raise RuntimeError(
+                f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}"
+            )
 
 
 def _fake_lookups(ref_name, ref, lookups, per_sample_weights=None):
-    _same_device(ref_name, ref, _LOOKUP_ARGS + ("per_sample_weights",),
-                 tuple(lookups) + (per_sample_weights,))
+    _same_device(
+        ref_name,
+        ref,
+        _LOOKUP_ARGS + ("per_sample_weights",),
+        tuple(lookups) + (per_sample_weights,),
+    )
     rows, offsets = lookups[2], lookups[4]
     torch._check(rows.numel() >= 1, lambda: "rows must list at least one table")
     return (offsets.numel() - 1) // rows.numel()
 
 
 @torch.library.register_fake("dlrm_ops::embedding_bag_forward")
-def _(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
-      per_sample_weights, total_dim, sparse=False):
-    B = _fake_lookups("weights", weights, (weights_offsets, dim_offsets, rows, indices, offsets),
-                      per_sample_weights)
+def _(
+    weights,
+    weights_offsets,
+    dim_offsets,
+    rows,
+    indices,
+    offsets,
+    pooling,
+    per_sample_weights,
+    total_dim,
+    sparse=False,
+):
+    B = _fake_lookups(
+        "weights",
+        weights,
+        (weights_offsets, dim_offsets, rows, indices, offsets),
+        per_sample_weights,
+    )
     return weights.new_empty((B, total_dim))
 
 
 @torch.library.register_fake("dlrm_ops::embedding_bag_forward_with_optimizer")
-def _(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
-      per_sample_weights, total_dim, *state):
-    B = _fake_lookups("weights", weights, (weights_offsets, dim_offsets, rows, indices, offsets),
-                      per_sample_weights)
+def _(
+    weights,
+    weights_offsets,
+    dim_offsets,
+    rows,
+    indices,
+    offsets,
+    pooling,
+    per_sample_weights,
+    total_dim,
+    *state,
+):
+    B = _fake_lookups(
+        "weights",
+        weights,
+        (weights_offsets, dim_offsets, rows, indices, offsets),
+        per_sample_weights,
+    )
     _same_device("weights", weights, ("momentum1", "momentum2", "step", "hparams"), state[:4])
     return weights.new_empty((B, total_dim))
 
 
 @torch.library.register_fake("dlrm_ops::embedding_bag_update_")
-def _(grad_output, weights, momentum1, momentum2, step, weights_offsets, dim_offsets, rows,
-      indices, offsets, pooling, per_sample_weights, hparams, optimizer, stochastic_rounding):
-    _fake_lookups("weights", weights, (weights_offsets, dim_offsets, rows, indices, offsets),
-                  per_sample_weights)
-    _same_device("weights", weights, ("grad_output", "momentum1", "momentum2", "step", "hparams"),
-                 (grad_output, momentum1, momentum2, step, hparams))
+def _(
+    grad_output,
+    weights,
+    momentum1,
+    momentum2,
+    step,
+    weights_offsets,
+    dim_offsets,
+    rows,
+    indices,
+    offsets,
+    pooling,
+    per_sample_weights,
+    hparams,
+    optimizer,
+    stochastic_rounding,
+):
+    _fake_lookups(
+        "weights",
+        weights,
+        (weights_offsets, dim_offsets, rows, indices, offsets),
+        per_sample_weights,
+    )
+    _same_device(
+        "weights",
+        weights,
+        ("grad_output", "momentum1", "momentum2", "step", "hparams"),
+        (grad_output, momentum1, momentum2, step, hparams),
+    )
     return None
 
 
@@ -215,18 +297,44 @@ def _fake_grad(grad_output, weights, lookups, per_sample_weights=None):
 
 
 @torch.library.register_fake("dlrm_ops::embedding_bag_backward_dense")
-def _(grad_output, weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
-      per_sample_weights):
-    _fake_grad(grad_output, weights, (weights_offsets, dim_offsets, rows, indices, offsets),
-               per_sample_weights)
+def _(
+    grad_output,
+    weights,
+    weights_offsets,
+    dim_offsets,
+    rows,
+    indices,
+    offsets,
+    pooling,
+    per_sample_weights,
+):
+    _fake_grad(
+        grad_output,
+        weights,
+        (weights_offsets, dim_offsets, rows, indices, offsets),
+        per_sample_weights,
+    )
     return torch.empty_like(weights)
 
 
 @torch.library.register_fake("dlrm_ops::embedding_bag_backward_sparse")
-def _(grad_output, weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
-      per_sample_weights):
-    _fake_grad(grad_output, weights, (weights_offsets, dim_offsets, rows, indices, offsets),
-               per_sample_weights)
+def _(
+    grad_output,
+    weights,
+    weights_offsets,
+    dim_offsets,
+    rows,
+    indices,
+    offsets,
+    pooling,
+    per_sample_weights,
+):
+    _fake_grad(
+        grad_output,
+        weights,
+        (weights_offsets, dim_offsets, rows, indices, offsets),
+        per_sample_weights,
+    )
     n = torch.library.get_ctx().new_dynamic_size()
     return weights.new_empty((n,))
 
@@ -241,32 +349,47 @@ def _sparse_weight_grad(values, weights, weights_offsets, dim_offsets, rows, ind
     """Sparse COO gradient of `weights` from one gradient row per lookup."""
     T = rows.numel()
     B = (offsets.numel() - 1) // T
-    counts = (offsets[B::B] - offsets[:-1:B]).long() if B > 0 else \
-        torch.zeros(T, dtype=torch.long, device=offsets.device)
-    dims = (dim_offsets[1:] - dim_offsets[:-1])
+    counts = (
+        (offsets[B::B] - offsets[:-1:B]).long()
+        if B > 0
+        else torch.zeros(T, dtype=torch.long, device=offsets.device)
+    )
+    dims = dim_offsets[1:] - dim_offsets[:-1]
     n = indices.numel()
     if weights.dim() == 2:  # all tables share D: one COO row per lookup
         D = weights.shape[1]
         row_base = torch.repeat_interleave(weights_offsets // D, counts, output_size=n)
         coo = (indices.long() + row_base).unsqueeze(0)
-        return torch.sparse_coo_tensor(coo, values.view(n, D), weights.shape,
-                                       check_invariants=False)
+        return torch.sparse_coo_tensor(
+            coo, values.view(n, D), weights.shape, check_invariants=False
+        )
     # Mixed dims over a flat buffer: one COO entry per element.
     d_per = torch.repeat_interleave(dims, counts, output_size=n)
     start = torch.repeat_interleave(weights_offsets, counts, output_size=n) + indices.long() * d_per
     first = torch.cumsum(d_per, 0) - d_per
     total = values.numel()
     elem = torch.repeat_interleave(start - first, d_per, output_size=total) + torch.arange(
-        total, device=values.device)
-    return torch.sparse_coo_tensor(elem.unsqueeze(0), values, weights.shape,
-                                   check_invariants=False)
+        total, device=values.device
+    )
+    return torch.sparse_coo_tensor(elem.unsqueeze(0), values, weights.shape, check_invariants=False)
 
 
 def _embedding_bag_setup(ctx, inputs, output):
-    (weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
-     per_sample_weights, total_dim, sparse) = inputs
-    ctx.save_for_backward(weights, weights_offsets, dim_offsets, rows, indices, offsets,
-                          per_sample_weights)
+    (
+        weights,
+        weights_offsets,
+        dim_offsets,
+        rows,
+        indices,
+        offsets,
+        pooling,
+        per_sample_weights,
+        total_dim,
+        sparse,
+    ) = inputs
+    ctx.save_for_backward(
+        weights, weights_offsets, dim_offsets, rows, indices, offsets, per_sample_weights
+    )
     ctx.pooling = pooling
     ctx.sparse = sparse
 
@@ -279,8 +402,7 @@ def _embedding_bag_backward(ctx, grad):
     if ctx.needs_input_grad[_EB["weights"]]:
         if ctx.sparse:
             values = _ops.embedding_bag_backward_sparse(grad, weights, *meta, psw)
-            grad_weights = _sparse_weight_grad(values, weights, woff, doff, rows, indices,
-                                               offsets)
+            grad_weights = _sparse_weight_grad(values, weights, woff, doff, rows, indices, offsets)
         else:
             grad_weights = _ops.embedding_bag_backward_dense(grad, weights, *meta, psw)
     if psw is not None and ctx.needs_input_grad[_EB["per_sample_weights"]]:
@@ -288,18 +410,35 @@ def _embedding_bag_backward(ctx, grad):
     return _EB.grads(weights=grad_weights, per_sample_weights=grad_psw)
 
 
-torch.library.register_autograd("dlrm_ops::embedding_bag_forward", _embedding_bag_backward,
-                                setup_context=_embedding_bag_setup)
-_embedding_bag = _autograd_function(_ops.embedding_bag_forward.default, _embedding_bag_setup,
-                                    _embedding_bag_backward)
+torch.library.register_autograd(
+    "dlrm_ops::embedding_bag_forward", _embedding_bag_backward, setup_context=_embedding_bag_setup
+)
+_embedding_bag = _autograd_function(
+    _ops.embedding_bag_forward.default, _embedding_bag_setup, _embedding_bag_backward
+)
 
 
 _update_lock = threading.Lock()
 
 
 def _with_optimizer_setup(ctx, inputs, output):
-    (weights, woff, doff, rows, indices, offsets, pooling, psw, total_dim, m1, m2, step, hparams,
-     optimizer, stochastic_rounding) = inputs
+    (
+        weights,
+        woff,
+        doff,
+        rows,
+        indices,
+        offsets,
+        pooling,
+        psw,
+        total_dim,
+        m1,
+        m2,
+        step,
+        hparams,
+        optimizer,
+        stochastic_rounding,
+    ) = inputs
     # The weights' values at the forward are read back only for the gradient of
     # per_sample_weights: only then are they saved, so that an update of them
     # in between (another fused backward) fails the unpacking, as an in-place
@@ -307,8 +446,19 @@ def _with_optimizer_setup(ctx, inputs, output):
     ctx.reads_weights = psw is not None and ctx.needs_input_grad[_EB_OPT["per_sample_weights"]]
     if not ctx.reads_weights:
         ctx.weights = weights
-    ctx.save_for_backward(weights if ctx.reads_weights else None, woff, doff, rows, indices,
-                          offsets, psw, m1, m2, step, hparams)
+    ctx.save_for_backward(
+        weights if ctx.reads_weights else None,
+        woff,
+        doff,
+        rows,
+        indices,
+        offsets,
+        psw,
+        m1,
+        m2,
+        step,
+        hparams,
+    )
     ctx.pooling = pooling
     ctx.optimizer = optimizer
     ctx.stochastic_rounding = stochastic_rounding
@@ -326,22 +476,33 @@ def _with_optimizer_backward(ctx, grad):
     # One fused update at a time: backward passes from several Python threads
     # would otherwise lose each other's updates of the rows they share.
     with contextlib.nullcontext() if torch.compiler.is_compiling() else _update_lock:
-        _ops.embedding_bag_update_(grad, weights, m1, m2, step, *meta, psw, hparams,
-                                   ctx.optimizer, ctx.stochastic_rounding)
+        _ops.embedding_bag_update_(
+            grad, weights, m1, m2, step, *meta, psw, hparams, ctx.optimizer, ctx.stochastic_rounding
+        )
     # In place: autograd's checks of saved tensors must see the change.
     torch.autograd.graph.increment_version(weights)
     return _EB_OPT.grads(per_sample_weights=grad_psw)
 
 
-torch.library.register_autograd("dlrm_ops::embedding_bag_forward_with_optimizer",
-                                _with_optimizer_backward, setup_context=_with_optimizer_setup)
+torch.library.register_autograd(
+    "dlrm_ops::embedding_bag_forward_with_optimizer",
+    _with_optimizer_backward,
+    setup_context=_with_optimizer_setup,
+)
 _embedding_bag_with_optimizer = _autograd_function(
-    _ops.embedding_bag_forward_with_optimizer.default, _with_optimizer_setup,
-    _with_optimizer_backward)
+    _ops.embedding_bag_forward_with_optimizer.default,
+    _with_optimizer_setup,
+    _with_optimizer_backward,
+)
 
 
-def dot_interaction(dense: torch.Tensor, sparse: torch.Tensor, *, self_interaction: bool = False,
-                    order: str = "tril") -> torch.Tensor:
+def dot_interaction(
+    dense: torch.Tensor,
+    sparse: torch.Tensor,
+    *,
+    self_interaction: bool = False,
+    order: str = "tril",
+) -> torch.Tensor:
     """DLRM's pairwise dot interaction in one native op.
 
     Features are ``[dense, sparse_1, ..., sparse_T]`` (``dense [B, D]``,
@@ -383,15 +544,18 @@ def _interaction_setup(ctx, inputs, output):
 
 def _interaction_backward(ctx, grad):
     dense, sparse = ctx.saved_tensors
-    grad_dense, grad_sparse = _ops.dot_interaction_backward(grad, dense, sparse,
-                                                            ctx.self_interaction, ctx.order)
+    grad_dense, grad_sparse = _ops.dot_interaction_backward(
+        grad, dense, sparse, ctx.self_interaction, ctx.order
+    )
     return _DOT.grads(dense=grad_dense, sparse=grad_sparse)
 
 
-torch.library.register_autograd("dlrm_ops::dot_interaction", _interaction_backward,
-                                setup_context=_interaction_setup)
-_dot_interaction = _autograd_function(_ops.dot_interaction.default, _interaction_setup,
-                                      _interaction_backward)
+torch.library.register_autograd(
+    "dlrm_ops::dot_interaction", _interaction_backward, setup_context=_interaction_setup
+)
+_dot_interaction = _autograd_function(
+    _ops.dot_interaction.default, _interaction_setup, _interaction_backward
+)
 
 
 def quantize_rowwise(weight: torch.Tensor, bits: int = 8) -> torch.Tensor:
@@ -403,8 +567,9 @@ def quantize_rowwise(weight: torch.Tensor, bits: int = 8) -> torch.Tensor:
     return _ops.quantize_rowwise(weight, bits)
 
 
-def dequantize_rowwise(packed: torch.Tensor, bits: int = 8,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_rowwise(
+    packed: torch.Tensor, bits: int = 8, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Inverse of ``quantize_rowwise``: ``scale * q + bias`` per row."""
     return _ops.dequantize_rowwise(packed, bits, dtype)
 
@@ -429,8 +594,18 @@ def quantized_table_batched_embedding_bag(
     if total_dim is None:
         total_dim = int(dim_offsets[-1])
     return _ops.quantized_embedding_bag_forward(
-        packed, weights_offsets, dim_offsets, rows, indices, offsets, _pooling(mode),
-        per_sample_weights, total_dim, bits, output_dtype)
+        packed,
+        weights_offsets,
+        dim_offsets,
+        rows,
+        indices,
+        offsets,
+        _pooling(mode),
+        per_sample_weights,
+        total_dim,
+        bits,
+        output_dtype,
+    )
 
 
 def _packed_row_bytes(D, bits):
@@ -439,8 +614,9 @@ def _packed_row_bytes(D, bits):
 
 @torch.library.register_fake("dlrm_ops::quantize_rowwise")
 def _(weight, bits):
-    return weight.new_empty((weight.shape[0], _packed_row_bytes(weight.shape[1], bits)),
-                            dtype=torch.uint8)
+    return weight.new_empty(
+        (weight.shape[0], _packed_row_bytes(weight.shape[1], bits)), dtype=torch.uint8
+    )
 
 
 @torch.library.register_fake("dlrm_ops::dequantize_rowwise")
@@ -450,8 +626,20 @@ def _(packed, bits, dtype=None):
 
 
 @torch.library.register_fake("dlrm_ops::quantized_embedding_bag_forward")
-def _(packed, weights_offsets, dim_offsets, rows, indices, offsets, pooling, per_sample_weights,
-      total_dim, bits, output_dtype=None):
-    B = _fake_lookups("packed", packed, (weights_offsets, dim_offsets, rows, indices, offsets),
-                      per_sample_weights)
+def _(
+    packed,
+    weights_offsets,
+    dim_offsets,
+    rows,
+    indices,
+    offsets,
+    pooling,
+    per_sample_weights,
+    total_dim,
+    bits,
+    output_dtype=None,
+):
+    B = _fake_lookups(
+        "packed", packed, (weights_offsets, dim_offsets, rows, indices, offsets), per_sample_weights
+    )
     return packed.new_empty((B, total_dim), dtype=output_dtype or torch.float32)

@@ -3,6 +3,7 @@ entry each, mirroring csrc/optimizers.h (its id, where its two fp32 state
 tensors live, the hyperparameters it reads, the default eps, and the
 torch.optim class the command line gives the dense parameters alongside).
 tests/test_structure.py checks this table against the C++ one."""
+
 import enum
 import math
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import torch
 
 class HParam(enum.IntEnum):
     """Positions in the float64 ``hparams`` tensor (csrc/kernel_common.h)."""
+
     LR = 0
     EPS = 1
     BETA1 = 2
@@ -22,9 +24,10 @@ class HParam(enum.IntEnum):
 
 class State(enum.IntEnum):
     """Where a state tensor lives (csrc/optimizers.h)."""
+
     NONE = 0
     ELEMENT = 1  # the weights' layout
-    ROW = 2      # one value per table row, tables in order
+    ROW = 2  # one value per table row, tables in order
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class OptimizerSpec:
     momentum1: State
     momentum2: State
     hparams: Tuple[HParam, ...]  # those it reads (and checks)
-    eps: float = 1e-8            # default, as the matching torch.optim class
+    eps: float = 1e-8  # default, as the matching torch.optim class
     dense: type = torch.optim.SGD
 
     def state_numel(self, which: int, numel: int, rows: int) -> int:
@@ -44,16 +47,36 @@ class OptimizerSpec:
 
 
 _ADAM_HPARAMS = (HParam.LR, HParam.EPS, HParam.BETA1, HParam.BETA2, HParam.WEIGHT_DECAY)
-OPTIMIZERS: Dict[str, OptimizerSpec] = {s.name: s for s in (
-    OptimizerSpec("sgd", 1, State.NONE, State.NONE, (HParam.LR, HParam.WEIGHT_DECAY)),
-    OptimizerSpec("adagrad", 2, State.ELEMENT, State.NONE,
-                  (HParam.LR, HParam.EPS, HParam.WEIGHT_DECAY), 1e-10, torch.optim.Adagrad),
-    OptimizerSpec("rowwise_adagrad", 3, State.ROW, State.NONE,
-                  (HParam.LR, HParam.EPS, HParam.WEIGHT_DECAY), 1e-8, torch.optim.Adagrad),
-    OptimizerSpec("adam", 4, State.ELEMENT, State.ELEMENT, _ADAM_HPARAMS, 1e-8, torch.optim.Adam),
-    OptimizerSpec("rowwise_adam", 5, State.ELEMENT, State.ROW, _ADAM_HPARAMS, 1e-8,
-                  torch.optim.Adam),
-)}
+OPTIMIZERS: Dict[str, OptimizerSpec] = {
+    s.name: s
+    for s in (
+        OptimizerSpec("sgd", 1, State.NONE, State.NONE, (HParam.LR, HParam.WEIGHT_DECAY)),
+        OptimizerSpec(
+            "adagrad",
+            2,
+            State.ELEMENT,
+            State.NONE,
+            (HParam.LR, HParam.EPS, HParam.WEIGHT_DECAY),
+            1e-10,
+            torch.optim.Adagrad,
+        ),
+        OptimizerSpec(
+            "rowwise_adagrad",
+            3,
+            State.ROW,
+            State.NONE,
+            (HParam.LR, HParam.EPS, HParam.WEIGHT_DECAY),
+            1e-8,
+            torch.optim.Adagrad,
+        ),
+        OptimizerSpec(
+            "adam", 4, State.ELEMENT, State.ELEMENT, _ADAM_HPARAMS, 1e-8, torch.optim.Adam
+        ),
+        OptimizerSpec(
+            "rowwise_adam", 5, State.ELEMENT, State.ROW, _ADAM_HPARAMS, 1e-8, torch.optim.Adam
+        ),
+    )
+}
 
 
 def spec(name: str) -> OptimizerSpec:
@@ -71,14 +94,24 @@ _CHECKS = {
 }
 
 
-def hparams(name: str, lr: float, eps: Optional[float] = None, weight_decay: float = 0.0,
-            betas: Tuple[float, float] = (0.9, 0.999)) -> Tuple[float, ...]:
+def hparams(
+    name: str,
+    lr: float,
+    eps: Optional[float] = None,
+    weight_decay: float = 0.0,
+    betas: Tuple[float, float] = (0.9, 0.999),
+) -> Tuple[float, ...]:
     """The ``hparams`` values of optimizer ``name`` (eps defaulting as its
     torch.optim class), in HParam order; ValueError for those torch.optim would
     refuse, and for NaN or infinite ones (the CPU kernels check them again)."""
     s = spec(name)
-    values = {HParam.LR: lr, HParam.EPS: s.eps if eps is None else eps,
-              HParam.BETA1: betas[0], HParam.BETA2: betas[1], HParam.WEIGHT_DECAY: weight_decay}
+    values = {
+        HParam.LR: lr,
+        HParam.EPS: s.eps if eps is None else eps,
+        HParam.BETA1: betas[0],
+        HParam.BETA2: betas[1],
+        HParam.WEIGHT_DECAY: weight_decay,
+    }
     for p in s.hparams:
         what, ok = _CHECKS[p]
         if not (math.isfinite(values[p]) and ok(values[p])):

@@ -4,6 +4,7 @@ Written for clarity with plain tensor ops and autograd, never calling the native
 library: the tests check kernels against these, and they are the fallback where
 a kernel does not exist.
 """
+
 from typing import Optional, Sequence
 
 import torch
@@ -14,8 +15,9 @@ from . import optimizers
 def bag_ids(offsets: torch.Tensor, num_indices: int) -> torch.Tensor:
     """Bag number of every index, from offsets with the final end offset."""
     lengths = (offsets[1:] - offsets[:-1]).long()
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths,
-                                   output_size=num_indices)
+    return torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=num_indices
+    )
 
 
 def table_batched_embedding_bag(
@@ -34,7 +36,7 @@ def table_batched_embedding_bag(
     for t, w in enumerate(tables):
         lo, hi = int(offsets[t * B]), int(offsets[(t + 1) * B])
         idx = indices[lo:hi].long()
-        bag_off = offsets[t * B:(t + 1) * B + 1] - lo
+        bag_off = offsets[t * B : (t + 1) * B + 1] - lo
         rows = w.float().index_select(0, idx)
         if per_sample_weights is not None:
             rows = rows * per_sample_weights[lo:hi].float().unsqueeze(1)
@@ -70,12 +72,15 @@ def sparse_optimizer_step(
     wr = w[rows].float()
     vals = vals + weight_decay * wr
     shapes = {optimizers.State.ELEMENT: w.shape, optimizers.State.ROW: w.shape[:1]}
-    m1, m2 = (state.setdefault(f"momentum{i}", torch.zeros(shapes[layout], dtype=torch.float32))
-              if layout != optimizers.State.NONE else None
-              for i, layout in ((1, spec.momentum1), (2, spec.momentum2)))
+    m1, m2 = (
+        state.setdefault(f"momentum{i}", torch.zeros(shapes[layout], dtype=torch.float32))
+        if layout != optimizers.State.NONE
+        else None
+        for i, layout in ((1, spec.momentum1), (2, spec.momentum2))
+    )
     state["step"] = step = state.get("step", 0) + 1
     b1, b2 = betas
-    adam_step = lr * (1 - b2 ** step) ** 0.5 / (1 - b1 ** step)
+    adam_step = lr * (1 - b2**step) ** 0.5 / (1 - b1**step)
     if optimizer == "sgd":
         new = wr - lr * vals
     elif optimizer == "adagrad":
@@ -105,8 +110,9 @@ def pair_indices(F: int, self_interaction: bool, order: str, device=None):
     raise ValueError(f"order must be 'tril' or 'triu', got {order!r}")
 
 
-def dot_interaction(dense: torch.Tensor, sparse: torch.Tensor, self_interaction: bool = False,
-                    order: str = "tril") -> torch.Tensor:
+def dot_interaction(
+    dense: torch.Tensor, sparse: torch.Tensor, self_interaction: bool = False, order: str = "tril"
+) -> torch.Tensor:
     """[dense, pairwise dots of (dense, sparse_1..sparse_T)] with torch.bmm and
     a gather, as the DLRM reference implementations do (fp32 accumulation)."""
     B, D = dense.shape
@@ -141,8 +147,9 @@ def quantize_rowwise(weight: torch.Tensor, bits: int = 8) -> torch.Tensor:
     return torch.cat([packed, sb], 1)
 
 
-def dequantize_rowwise(packed: torch.Tensor, bits: int = 8,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_rowwise(
+    packed: torch.Tensor, bits: int = 8, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Inverse of quantize_rowwise: scale * q + bias per row."""
     if bits == 8:
         q = packed[:, :-8].float()
@@ -160,8 +167,15 @@ class ReferenceDLRM(torch.nn.Module):
     same MLPs. Same forward convention as ``dlrm_ops.models.DLRM``; the tests
     compare against it and the benchmarks race it."""
 
-    def __init__(self, num_embeddings, embedding_dim, bottom_mlp, top_mlp, interaction="dot",
-                 self_interaction=False):
+    def __init__(
+        self,
+        num_embeddings,
+        embedding_dim,
+        bottom_mlp,
+        top_mlp,
+        interaction="dot",
+        self_interaction=False,
+    ):
         super().__init__()
         from .nn.mlp import mlp
 
@@ -169,8 +183,11 @@ class ReferenceDLRM(torch.nn.Module):
         self.interaction, self.self_interaction = interaction, self_interaction
         self.bottom = mlp(bottom_mlp, final_relu=True)
         self.tables = torch.nn.ModuleList(
-            torch.nn.EmbeddingBag(n, embedding_dim, mode="sum", sparse=True,
-                                  include_last_offset=True) for n in num_embeddings)
+            torch.nn.EmbeddingBag(
+                n, embedding_dim, mode="sum", sparse=True, include_last_offset=True
+            )
+            for n in num_embeddings
+        )
         F = T + 1
         pairs = F * (F + 1) // 2 if self_interaction else F * (F - 1) // 2
         width = embedding_dim + pairs if interaction == "dot" else embedding_dim * F
@@ -199,7 +216,7 @@ class ReferenceDLRM(torch.nn.Module):
         ly = []
         for t, m in enumerate(self.tables):
             lo, hi = int(offsets[t * B]), int(offsets[(t + 1) * B])
-            ly.append(m(indices[lo:hi], offsets[t * B:(t + 1) * B + 1] - lo))
+            ly.append(m(indices[lo:hi], offsets[t * B : (t + 1) * B + 1] - lo))
         if self.interaction == "dot":
             z = dot_interaction(x, torch.stack(ly, 1), self.self_interaction, "tril")
         else:

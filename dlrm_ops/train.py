@@ -1,8 +1,8 @@
 """``python -m dlrm_ops train`` / ``evaluate``: DLRM training and evaluation
 with facebookresearch/dlrm's command-line flags."""
+
 import argparse
 import copy
-import math
 import os
 import time
 from typing import List, Optional
@@ -30,22 +30,34 @@ def _dashed(s: str) -> List[int]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     a = p.add_argument_group("model (facebookresearch/dlrm flags)")
     a.add_argument("--arch-sparse-feature-size", type=int, default=16)
-    a.add_argument("--arch-embedding-size", type=_dashed, default=None,
-                   help="rows per table, dash-separated (default: 26 tables of 10..20k rows; "
-                        "from the data for --data-generation dataset)")
+    a.add_argument(
+        "--arch-embedding-size",
+        type=_dashed,
+        default=None,
+        help="rows per table, dash-separated (default: 26 tables of 10..20k rows; "
+        "from the data for --data-generation dataset)",
+    )
     a.add_argument("--arch-mlp-bot", type=_dashed, default=_dashed("13-512-256-64-16"))
     a.add_argument("--arch-mlp-top", type=_dashed, default=_dashed("512-256-1"))
     a.add_argument("--arch-interaction-op", choices=["dot", "cat"], default="dot")
     a.add_argument("--arch-interaction-itself", action="store_true")
-    a.add_argument("--max-ind-range", type=int, default=-1, help="hashing trick: rows per table cap")
+    a.add_argument(
+        "--max-ind-range", type=int, default=-1, help="hashing trick: rows per table cap"
+    )
     a.add_argument("--qr-flag", action="store_true", help="quotient-remainder embeddings")
     a.add_argument("--qr-collisions", type=int, default=4)
     a.add_argument("--qr-operation", choices=["mult", "add", "concat"], default="mult")
     d = p.add_argument_group("data")
-    d.add_argument("--data-generation", choices=["random", "synthetic", "dataset"], default="synthetic")
+    d.add_argument(
+        "--data-generation", choices=["random", "synthetic", "dataset"], default="synthetic"
+    )
     d.add_argument("--data-set", choices=["kaggle", "terabyte"], default="kaggle")
-    d.add_argument("--raw-data-file", nargs="*", default=None,
-                   help="raw TSV: Kaggle's train.txt, or Terabyte's day_0 .. day_23")
+    d.add_argument(
+        "--raw-data-file",
+        nargs="*",
+        default=None,
+        help="raw TSV: Kaggle's train.txt, or Terabyte's day_0 .. day_23",
+    )
     d.add_argument("--processed-data-file", default=None, help="folder of preprocessed arrays")
     d.add_argument("--skip-malformed", action="store_true", help="count and skip bad raw lines")
     d.add_argument("--num-indices-per-lookup", type=int, default=10)
@@ -57,9 +69,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--num-test-batches", type=int, default=40)
     t.add_argument("--nepochs", type=int, default=1)
     t.add_argument("--learning-rate", type=float, default=0.1)
-    t.add_argument("--optimizer", choices=sorted(optimizers.OPTIMIZERS), default="sgd",
-                   help="embeddings use it fused into the backward; MLPs use torch's SGD, "
-                        "Adagrad or Adam")
+    t.add_argument(
+        "--optimizer",
+        choices=sorted(optimizers.OPTIMIZERS),
+        default="sgd",
+        help="embeddings use it fused into the backward; MLPs use torch's SGD, Adagrad or Adam",
+    )
     t.add_argument("--loss-function", choices=["bce"], default="bce")
     t.add_argument("--print-freq", type=int, default=1000)
     t.add_argument("--test-freq", type=int, default=5000)
@@ -67,11 +82,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--save-model", default=None)
     t.add_argument("--load-model", default=None)
     t.add_argument("--inference-only", action="store_true")
-    t.add_argument("--quantize-emb-with-bit", type=int, choices=[8, 4], default=None,
-                   help="also evaluate with embedding tables quantized to this many bits")
+    t.add_argument(
+        "--quantize-emb-with-bit",
+        type=int,
+        choices=[8, 4],
+        default=None,
+        help="also evaluate with embedding tables quantized to this many bits",
+    )
     t.add_argument("--plot", default=None, help="write a loss/AUC plot to this PNG")
-    t.add_argument("--compare-reference", type=int, default=30,
-                   help="train steps timed against the pure-PyTorch reference DLRM (0: skip)")
+    t.add_argument(
+        "--compare-reference",
+        type=int,
+        default=30,
+        help="train steps timed against the pure-PyTorch reference DLRM (0: skip)",
+    )
     t.add_argument("--no-progress", action="store_true")
 
 
@@ -82,14 +106,19 @@ def build_data(args):
         processed = args.processed_data_file
         if processed is None:
             if not args.raw_data_file:
-                raise SystemExit("--data-generation dataset needs --raw-data-file or "
-                                 "--processed-data-file")
+                raise SystemExit(
+                    "--data-generation dataset needs --raw-data-file or --processed-data-file"
+                )
             processed = args.raw_data_file[0] + ".processed"
         if not os.path.exists(os.path.join(processed, "meta.json")) or args.raw_data_file:
             if args.raw_data_file:
-                meta = preprocess_criteo(args.raw_data_file, processed, args.data_set,
-                                         args.max_ind_range if args.max_ind_range > 0 else None,
-                                         args.skip_malformed)
+                meta = preprocess_criteo(
+                    args.raw_data_file,
+                    processed,
+                    args.data_set,
+                    args.max_ind_range if args.max_ind_range > 0 else None,
+                    args.skip_malformed,
+                )
                 if meta["skipped"]:
                     print(f"skipped {meta['skipped']} malformed lines")
         nb = args.num_batches or None
@@ -98,28 +127,54 @@ def build_data(args):
         return train, test, train.table_sizes, None
     tables = args.arch_embedding_size or DEFAULT_TABLES
     if args.data_generation == "random":
-        train = RandomData(tables, args.arch_mlp_bot[0], B, args.num_batches,
-                           args.num_indices_per_lookup, args.num_indices_per_lookup_fixed,
-                           args.seed)
-        test = [RandomData(tables, args.arch_mlp_bot[0], TB, args.num_test_batches,
-                           args.num_indices_per_lookup, args.num_indices_per_lookup_fixed,
-                           args.seed + 1).batch(i) for i in range(args.num_test_batches)]
+        train = RandomData(
+            tables,
+            args.arch_mlp_bot[0],
+            B,
+            args.num_batches,
+            args.num_indices_per_lookup,
+            args.num_indices_per_lookup_fixed,
+            args.seed,
+        )
+        test = [
+            RandomData(
+                tables,
+                args.arch_mlp_bot[0],
+                TB,
+                args.num_test_batches,
+                args.num_indices_per_lookup,
+                args.num_indices_per_lookup_fixed,
+                args.seed + 1,
+            ).batch(i)
+            for i in range(args.num_test_batches)
+        ]
         return train, test, tables, None
     data = SyntheticData(tables, args.arch_mlp_bot[0], B, args.num_batches, seed=args.seed)
-    test_data = SyntheticData(tables, args.arch_mlp_bot[0], TB, args.num_test_batches,
-                              seed=args.seed)
-    return (data, test_data.test_batches(args.num_test_batches), tables,
-            test_data.ceiling_auc(args.num_test_batches))
+    test_data = SyntheticData(
+        tables, args.arch_mlp_bot[0], TB, args.num_test_batches, seed=args.seed
+    )
+    return (
+        data,
+        test_data.test_batches(args.num_test_batches),
+        tables,
+        test_data.ceiling_auc(args.num_test_batches),
+    )
 
 
 def build_model(args, tables) -> DLRM:
-    return DLRM(tables, args.arch_sparse_feature_size, args.arch_mlp_bot, args.arch_mlp_top,
-                interaction=args.arch_interaction_op,
-                self_interaction=args.arch_interaction_itself,
-                embedding_optimizer=args.optimizer, embedding_lr=args.learning_rate,
-                max_ind_range=args.max_ind_range if args.max_ind_range > 0 else None,
-                qr_collisions=args.qr_collisions if args.qr_flag else 0,
-                qr_operation=args.qr_operation)
+    return DLRM(
+        tables,
+        args.arch_sparse_feature_size,
+        args.arch_mlp_bot,
+        args.arch_mlp_top,
+        interaction=args.arch_interaction_op,
+        self_interaction=args.arch_interaction_itself,
+        embedding_optimizer=args.optimizer,
+        embedding_lr=args.learning_rate,
+        max_ind_range=args.max_ind_range if args.max_ind_range > 0 else None,
+        qr_collisions=args.qr_collisions if args.qr_flag else 0,
+        qr_operation=args.qr_operation,
+    )
 
 
 def dense_optimizer(args, params):
@@ -139,13 +194,20 @@ def evaluate(model, batches) -> dict:
     y = torch.cat(labels).double()
     logloss = float(F.binary_cross_entropy(p, y))
     acc = float(((p > 0.5).double() == y).double().mean())
-    auc = float(roc_auc_score(y.numpy(), p.numpy())) if 0 < float(y.sum()) < len(y) else float("nan")
+    auc = (
+        float(roc_auc_score(y.numpy(), p.numpy())) if 0 < float(y.sum()) < len(y) else float("nan")
+    )
     return {"logloss": logloss, "accuracy": acc, "auc": auc, "samples": len(y)}
 
 
 def save_checkpoint(path: str, model, optimizer, step: int, args) -> None:
-    checkpoint.save(path, model.state_dict(), optimizer.state_dict(), step,
-                    {k: v for k, v in vars(args).items() if k != "func"})
+    checkpoint.save(
+        path,
+        model.state_dict(),
+        optimizer.state_dict(),
+        step,
+        {k: v for k, v in vars(args).items() if k != "func"},
+    )
 
 
 def compare_with_reference(args, model, tables, data, steps: int) -> Optional[dict]:
@@ -153,16 +215,27 @@ def compare_with_reference(args, model, tables, data, steps: int) -> Optional[di
     on the same batches (the reference starts from a copy of our weights)."""
     if args.qr_flag or args.max_ind_range > 0:
         return None
-    batches = [data.batch(i) for i in range(steps)] if hasattr(data, "batch") else \
-        [b for _, b in zip(range(steps), data)]
+    batches = (
+        [data.batch(i) for i in range(steps)]
+        if hasattr(data, "batch")
+        else [b for _, b in zip(range(steps), data)]
+    )
     ours = copy.deepcopy(model)
-    ref = reference.ReferenceDLRM(tables, args.arch_sparse_feature_size, args.arch_mlp_bot,
-                                  args.arch_mlp_top, args.arch_interaction_op,
-                                  args.arch_interaction_itself).load_from(ours)
+    ref = reference.ReferenceDLRM(
+        tables,
+        args.arch_sparse_feature_size,
+        args.arch_mlp_bot,
+        args.arch_mlp_top,
+        args.arch_interaction_op,
+        args.arch_interaction_itself,
+    ).load_from(ours)
     opt_ours = dense_optimizer(args, ours.dense_parameters())
     opt_ref = dense_optimizer(args, ref.dense_parameters())
-    emb_opt = {torch.optim.SGD: torch.optim.SGD, torch.optim.Adagrad: torch.optim.Adagrad,
-               torch.optim.Adam: torch.optim.SparseAdam}[optimizers.spec(args.optimizer).dense]
+    emb_opt = {
+        torch.optim.SGD: torch.optim.SGD,
+        torch.optim.Adagrad: torch.optim.Adagrad,
+        torch.optim.Adam: torch.optim.SparseAdam,
+    }[optimizers.spec(args.optimizer).dense]
     emb_ref = emb_opt(ref.embedding_parameters(), lr=args.learning_rate)
 
     def step_ours(b):
@@ -229,9 +302,11 @@ def run(args) -> int:
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         print(f"loaded {args.load_model} (trained {step} batches)")
-    print(f"DLRM: {len(tables)} tables ({sum(tables):,} rows, dim {args.arch_sparse_feature_size}), "
-          f"bottom {args.arch_mlp_bot}, top {args.arch_mlp_top}, {args.arch_interaction_op} "
-          f"interaction, {args.optimizer}, lr {args.learning_rate}, data {args.data_generation}")
+    print(
+        f"DLRM: {len(tables)} tables ({sum(tables):,} rows, dim {args.arch_sparse_feature_size}), "
+        f"bottom {args.arch_mlp_bot}, top {args.arch_mlp_top}, {args.arch_interaction_op} "
+        f"interaction, {args.optimizer}, lr {args.learning_rate}, data {args.data_generation}"
+    )
 
     losses, evals = [], []
     seconds = 0.0
@@ -244,7 +319,9 @@ def run(args) -> int:
             for b in train:
                 t0 = time.perf_counter()
                 opt.zero_grad()
-                loss = F.binary_cross_entropy_with_logits(model(b.dense, b.indices, b.offsets), b.labels)
+                loss = F.binary_cross_entropy_with_logits(
+                    model(b.dense, b.indices, b.offsets), b.labels
+                )
                 loss.backward()
                 opt.step()
                 seconds += time.perf_counter() - t0
@@ -261,8 +338,10 @@ def run(args) -> int:
                 if args.test_freq > 0 and step % args.test_freq == 0:
                     e = evaluate(model, test)
                     evals.append((step, e))
-                    bar.write(f"  test: logloss {e['logloss']:.5f}  accuracy {e['accuracy']:.4f}  "
-                              f"AUC {e['auc']:.4f}")
+                    bar.write(
+                        f"  test: logloss {e['logloss']:.5f}  accuracy {e['accuracy']:.4f}  "
+                        f"AUC {e['auc']:.4f}"
+                    )
         bar.close()
         if args.save_model:
             save_checkpoint(args.save_model, model, opt, step, args)
@@ -270,8 +349,10 @@ def run(args) -> int:
     final = evaluate(model, test)
     if not evals or evals[-1][0] != step:
         evals.append((step, final))
-    line = (f"test ({final['samples']} samples): logloss {final['logloss']:.5f}  "
-            f"accuracy {final['accuracy']:.4f}  AUC {final['auc']:.4f}")
+    line = (
+        f"test ({final['samples']} samples): logloss {final['logloss']:.5f}  "
+        f"accuracy {final['accuracy']:.4f}  AUC {final['auc']:.4f}"
+    )
     if ceiling is not None:
         line += f"  (planted-model ceiling AUC {ceiling:.4f})"
     print(line)
@@ -279,19 +360,25 @@ def run(args) -> int:
         q = copy.deepcopy(model)
         report = quantize(q, bits=args.quantize_emb_with_bit)
         qe = evaluate(q, test)
-        print(f"{report}\n  int{args.quantize_emb_with_bit} embeddings: logloss {qe['logloss']:.5f}"
-              f"  accuracy {qe['accuracy']:.4f}  AUC {qe['auc']:.4f}")
+        print(
+            f"{report}\n  int{args.quantize_emb_with_bit} embeddings: logloss {qe['logloss']:.5f}"
+            f"  accuracy {qe['accuracy']:.4f}  AUC {qe['auc']:.4f}"
+        )
     speed = None
     if not args.inference_only and args.compare_reference > 0:
         speed = compare_with_reference(args, model, tables, train, args.compare_reference)
         if speed:
-            print(f"train step speed: dlrm_ops {speed['dlrm_ops']:,.0f} samples/s, pure-PyTorch "
-                  f"reference {speed['reference']:,.0f} samples/s "
-                  f"({speed['dlrm_ops'] / speed['reference']:.2f}x)")
+            print(
+                f"train step speed: dlrm_ops {speed['dlrm_ops']:,.0f} samples/s, pure-PyTorch "
+                f"reference {speed['reference']:,.0f} samples/s "
+                f"({speed['dlrm_ops'] / speed['reference']:.2f}x)"
+            )
     if args.plot:
         plot(args.plot, losses, evals)
         print(f"plot written to {args.plot}")
-    summary = f"summary: batches {step}, test AUC {final['auc']:.4f}, logloss {final['logloss']:.5f}"
+    summary = (
+        f"summary: batches {step}, test AUC {final['auc']:.4f}, logloss {final['logloss']:.5f}"
+    )
     if samples:
         summary += f", {samples / seconds:,.0f} train samples/s"
     if speed:

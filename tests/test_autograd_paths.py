@@ -1,12 +1,13 @@
 """The public functions' fast autograd path (a plain autograd.Function) and
 the autograd registered on the ops (direct op calls, torch.compile) give the
 same results."""
+
 import torch
 
 import dlrm_ops
 from dlrm_ops.nn import EmbeddingBagCollection
 
-from conftest import make_bags
+from utils import make_bags
 
 
 def test_embedding_bag_paths_agree():
@@ -37,8 +38,22 @@ def test_fused_optimizer_paths_agree():
         m = EmbeddingBagCollection([30, 12], 8, optimizer="adagrad", lr=0.1)
         if direct:
             out = torch.ops.dlrm_ops.embedding_bag_forward_with_optimizer(
-                m.weight, m.weights_offsets, m.dim_offsets, m.rows, idx, off, 0, None, 16,
-                m.momentum1, m.momentum2, m.step, m.hparams, 2, False)
+                m.weight,
+                m.weights_offsets,
+                m.dim_offsets,
+                m.rows,
+                idx,
+                off,
+                0,
+                None,
+                16,
+                m.momentum1,
+                m.momentum2,
+                m.step,
+                m.hparams,
+                2,
+                False,
+            )
         else:
             out = m(idx, off)
         out.backward(grad)
@@ -54,8 +69,11 @@ def test_interaction_paths_agree():
     grads = []
     for direct in (False, True):
         d, s = dense.clone().requires_grad_(), sparse.clone().requires_grad_()
-        out = torch.ops.dlrm_ops.dot_interaction(d, s, True, 1) if direct else \
-            dlrm_ops.dot_interaction(d, s, self_interaction=True, order="triu")
+        out = (
+            torch.ops.dlrm_ops.dot_interaction(d, s, True, 1)
+            if direct
+            else dlrm_ops.dot_interaction(d, s, self_interaction=True, order="triu")
+        )
         out.pow(2).sum().backward()
         grads.append((out, d.grad, s.grad))
     for a, b in zip(*grads):

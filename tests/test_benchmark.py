@@ -1,12 +1,21 @@
 """The benchmark's contenders compute what they claim: each returns the same
 pooled result as dlrm_ops (a fast wrong contender would make a ratio lie)."""
+
 import numpy as np
 import pytest
 import torch
 
-from conftest import anon_huge_kib, thp_available
-from dlrm_ops.benchmark import _fbgemm_training_tbe, _load_probe, embedding_bag_contenders, \
-    make_tbe_inputs, quantized_contenders, training_contenders, zipf_indices
+from dlrm_ops.benchmark import (
+    _fbgemm_training_tbe,
+    _load_probe,
+    embedding_bag_contenders,
+    make_tbe_inputs,
+    quantized_contenders,
+    training_contenders,
+    zipf_indices,
+)
+
+from utils import anon_huge_kib, thp_available
 
 
 def test_forward_contenders_agree():
@@ -58,6 +67,7 @@ def test_c_probe_pools(bits):
     ebc = inp.ebc
     if bits == 8:
         from dlrm_ops.nn import QuantizedEmbeddingBagCollection
+
         q = QuantizedEmbeddingBagCollection.from_float(ebc, 8)
         w = torch.cat([q.packed_of(t) for t in range(3)])
         expect = q(inp.indices, inp.offsets)
@@ -67,13 +77,23 @@ def test_c_probe_pools(bits):
         expect = ebc(inp.indices, inp.offsets).detach()
         probe = _load_probe("pool")
     out = torch.empty(8, 3 * 32)
-    probe(w.data_ptr(), 500, 32, 3, 8, inp.indices.data_ptr(), inp.offsets.data_ptr(),
-          out.data_ptr(), 1)
+    probe(
+        w.data_ptr(),
+        500,
+        32,
+        3,
+        8,
+        inp.indices.data_ptr(),
+        inp.offsets.data_ptr(),
+        out.data_ptr(),
+        1,
+    )
     torch.testing.assert_close(out, expect, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("optimizer,L", [("sgd", 4), ("sgd", 1), ("rowwise_adagrad", 4),
-                                         ("adagrad", 4)])
+@pytest.mark.parametrize(
+    "optimizer,L", [("sgd", 4), ("sgd", 1), ("rowwise_adagrad", 4), ("adagrad", 4)]
+)
 def test_training_contenders_update_alike(optimizer, L):
     """One step of every training contender from the same weights makes the
     same weights (ours and torch's share one buffer, FBGEMM has its own)."""
@@ -91,12 +111,14 @@ def test_training_contenders_update_alike(optimizer, L):
         torch.testing.assert_close(weight, expect, atol=1e-6, rtol=1e-5, msg=name)
     if tbe is not None:
         tbe()
-        torch.testing.assert_close(tbe.tbe.weights_host.view_as(expect), expect, atol=1e-6,
-                                   rtol=1e-5, msg="fbgemm TBE")
+        torch.testing.assert_close(
+            tbe.tbe.weights_host.view_as(expect), expect, atol=1e-6, rtol=1e-5, msg="fbgemm TBE"
+        )
 
 
-@pytest.mark.parametrize("optimizer, name", [("sgd", "C SGD floor probe"),
-                                             ("rowwise_adagrad", "C row-wise floor probe")])
+@pytest.mark.parametrize(
+    "optimizer, name", [("sgd", "C SGD floor probe"), ("rowwise_adagrad", "C row-wise floor probe")]
+)
 def test_c_floor_probes_step_one_lookup_per_bag(optimizer, name):
     """The floor probes take each batch's lookups sorted up front and make
     our step's weights (and row-wise state) and forward output; only at one

@@ -1,5 +1,5 @@
 """The DLRM model against the pure-PyTorch reference, data and the command."""
-import os
+
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from dlrm_ops import reference
-from dlrm_ops.data import (CriteoDataset, MalformedLineError, RandomData, SyntheticData,
-                           preprocess_criteo)
+from dlrm_ops.data import (
+    CriteoDataset,
+    MalformedLineError,
+    RandomData,
+    SyntheticData,
+    preprocess_criteo,
+)
 from dlrm_ops.models import DLRM
 
 TABLES = [30, 7, 50, 12]
@@ -20,21 +25,36 @@ CRITEO_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "crite
 
 def model_pair(optimizer="sgd", interaction="dot", self_interaction=False, lr=0.1):
     torch.manual_seed(0)
-    ours = DLRM(TABLES, 8, [13, 16, 8], [16, 1], interaction=interaction,
-                self_interaction=self_interaction, embedding_optimizer=optimizer, embedding_lr=lr)
-    ref = reference.ReferenceDLRM(TABLES, 8, [13, 16, 8], [16, 1], interaction,
-                                  self_interaction).load_from(ours)
+    ours = DLRM(
+        TABLES,
+        8,
+        [13, 16, 8],
+        [16, 1],
+        interaction=interaction,
+        self_interaction=self_interaction,
+        embedding_optimizer=optimizer,
+        embedding_lr=lr,
+    )
+    ref = reference.ReferenceDLRM(
+        TABLES, 8, [13, 16, 8], [16, 1], interaction, self_interaction
+    ).load_from(ours)
     return ours, ref
 
 
-@pytest.mark.parametrize("interaction, self_interaction", [("dot", False), ("dot", True), ("cat", False)])
+@pytest.mark.parametrize(
+    "interaction, self_interaction", [("dot", False), ("dot", True), ("cat", False)]
+)
 def test_forward_equals_reference(interaction, self_interaction):
     ours, ref = model_pair(interaction=interaction, self_interaction=self_interaction)
     b = RandomData(TABLES, 13, 9, 1, num_indices_per_lookup=4).batch(0)
-    torch.testing.assert_close(ours(b.dense, b.indices, b.offsets), ref(b.dense, b.indices, b.offsets))
+    torch.testing.assert_close(
+        ours(b.dense, b.indices, b.offsets), ref(b.dense, b.indices, b.offsets)
+    )
 
 
-@pytest.mark.parametrize("optimizer, torch_opt", [("sgd", torch.optim.SGD), ("adagrad", torch.optim.Adagrad)])
+@pytest.mark.parametrize(
+    "optimizer, torch_opt", [("sgd", torch.optim.SGD), ("adagrad", torch.optim.Adagrad)]
+)
 def test_training_steps_equal_reference(optimizer, torch_opt):
     ours, ref = model_pair(optimizer)
     data = RandomData(TABLES, 13, 16, 5, num_indices_per_lookup=3, seed=1)
@@ -46,7 +66,9 @@ def test_training_steps_equal_reference(optimizer, torch_opt):
         for model, opts in ((ours, [opt_ours]), (ref, [opt_ref, opt_emb])):
             for o in opts:
                 o.zero_grad()
-            loss = F.binary_cross_entropy_with_logits(model(b.dense, b.indices, b.offsets), b.labels)
+            loss = F.binary_cross_entropy_with_logits(
+                model(b.dense, b.indices, b.offsets), b.labels
+            )
             loss.backward()
             for o in opts:
                 o.step()
@@ -63,12 +85,20 @@ def test_training_on_synthetic_data_learns():
     test = SyntheticData([50, 200, 1000, 30], 13, batch_size=1024, seed=3).test_batches(4)
     ceiling = SyntheticData([50, 200, 1000, 30], 13, batch_size=1024, seed=3).ceiling_auc(4)
     torch.manual_seed(0)
-    model = DLRM([50, 200, 1000, 30], 8, [13, 32, 8], [32, 1], embedding_optimizer="adagrad",
-                 embedding_lr=0.1)
+    model = DLRM(
+        [50, 200, 1000, 30],
+        8,
+        [13, 32, 8],
+        [32, 1],
+        embedding_optimizer="adagrad",
+        embedding_lr=0.1,
+    )
     opt = torch.optim.Adagrad(model.dense_parameters(), lr=0.1)
     for b in data:
         opt.zero_grad()
-        F.binary_cross_entropy_with_logits(model(b.dense, b.indices, b.offsets), b.labels).backward()
+        F.binary_cross_entropy_with_logits(
+            model(b.dense, b.indices, b.offsets), b.labels
+        ).backward()
         opt.step()
     from dlrm_ops.train import evaluate
 
@@ -99,11 +129,13 @@ def test_hashing_trick_and_qr_embeddings():
         out = q(b.dense, b.indices, b.offsets)
         assert out.shape == (6,)
         # the first feature's pooled vector is the combination of its two tables
-        T, B = 2, 6
+        B = 6
         off = b.offsets
-        idx0 = b.indices[:int(off[B])]
+        idx0 = b.indices[: int(off[B])]
         e = q.embeddings
-        bag = lambda w, i: torch.stack([w[i[int(off[k]):int(off[k + 1])]].sum(0) for k in range(B)])  # noqa: E731
+        bag = lambda w, i: torch.stack(
+            [w[i[int(off[k]) : int(off[k + 1])]].sum(0) for k in range(B)]
+        )  # noqa: E731
         qv, rv = bag(e.weight_of(0), idx0 // 4), bag(e.weight_of(1), idx0 % 4)
         expect = qv * rv if op == "mult" else qv + rv if op == "add" else torch.cat([qv, rv], 1)
         torch.testing.assert_close(q.sparse(b.indices, b.offsets)[:, :8], expect)
@@ -117,6 +149,7 @@ def test_bad_architecture():
 
 
 # ------------------------------------------------------------------- Criteo
+
 
 def write_tsv(path, lines):
     path.write_text("".join(line + "\n" for line in lines))
@@ -139,7 +172,11 @@ def test_parser_fields(tmp_path):
     ds = CriteoDataset(tmp_path / "p", "train", batch_size=2)
     b = next(iter(ds))
     assert b.labels.tolist() == [1.0, 0.0]
-    assert b.dense[0, :3].tolist() == [0.0, 0.0, pytest.approx(np.log(4.0))]  # empty, negative, log(x+1)
+    assert b.dense[0, :3].tolist() == [
+        0.0,
+        0.0,
+        pytest.approx(np.log(4.0)),
+    ]  # empty, negative, log(x+1)
     sparse = b.indices.view(26, 2)  # table-major
     assert sparse[0, 0] == 0  # empty category
     assert sparse[1, 0] == int("ffffffffffffffffffff", 16) % 1000  # huge hex value
@@ -152,18 +189,22 @@ def test_parser_dictionaries(tmp_path):
     assert meta["table_sizes"] == [4] * 26  # 3 values + the empty one
 
 
-@pytest.mark.parametrize("bad, msg", [
-    (row()[:-9], "expected 40 tab-separated fields, got 39"),
-    (row(ints=["x"] + ["1"] * 12), "I1 must be an integer, got 'x'"),
-    (row(label="2"), "label must be 0 or 1, got '2'"),
-    (row(cats=["zz"] + ["1"] * 25), "C1 must be hexadecimal, got 'zz'"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        (row()[:-9], "expected 40 tab-separated fields, got 39"),
+        (row(ints=["x"] + ["1"] * 12), "I1 must be an integer, got 'x'"),
+        (row(label="2"), "label must be 0 or 1, got '2'"),
+        (row(cats=["zz"] + ["1"] * 25), "C1 must be hexadecimal, got 'zz'"),
+    ],
+)
 def test_malformed_lines(tmp_path, bad, msg):
     write_tsv(tmp_path / "train.txt", [row()] * 3 + [bad] + [row()] * 3)
     with pytest.raises(MalformedLineError, match=rf"train.txt:4: {msg}"):
         preprocess_criteo([tmp_path / "train.txt"], tmp_path / "p", "kaggle", max_ind_range=10)
-    meta = preprocess_criteo([tmp_path / "train.txt"], tmp_path / "q", "kaggle", max_ind_range=10,
-                             skip_malformed=True)
+    meta = preprocess_criteo(
+        [tmp_path / "train.txt"], tmp_path / "q", "kaggle", max_ind_range=10, skip_malformed=True
+    )
     assert meta["skipped"] == 1 and sum(meta["days"].values()) == 6
 
 
@@ -194,20 +235,56 @@ def test_criteo_sample(tmp_path):
 
 # ------------------------------------------------------------------ command
 
+
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "dlrm_ops", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "dlrm_ops", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def test_train_command_checkpoint_and_evaluate(tmp_path):
     ckpt, png = tmp_path / "m.pt", tmp_path / "plot.png"
-    common = ["--arch-embedding-size", "20-30-40", "--arch-mlp-bot", "13-8-4",
-              "--arch-sparse-feature-size", "4", "--arch-mlp-top", "8-1", "--mini-batch-size", "32",
-              "--num-test-batches", "2", "--test-mini-batch-size", "64", "--no-progress",
-              "--seed", "7"]
-    res = run_cli("train", *common, "--num-batches", "40", "--print-freq", "20", "--test-freq", "20",
-                  "--save-model", str(ckpt), "--plot", str(png), "--quantize-emb-with-bit", "4",
-                  "--compare-reference", "5")
+    common = [
+        "--arch-embedding-size",
+        "20-30-40",
+        "--arch-mlp-bot",
+        "13-8-4",
+        "--arch-sparse-feature-size",
+        "4",
+        "--arch-mlp-top",
+        "8-1",
+        "--mini-batch-size",
+        "32",
+        "--num-test-batches",
+        "2",
+        "--test-mini-batch-size",
+        "64",
+        "--no-progress",
+        "--seed",
+        "7",
+    ]
+    res = run_cli(
+        "train",
+        *common,
+        "--num-batches",
+        "40",
+        "--print-freq",
+        "20",
+        "--test-freq",
+        "20",
+        "--save-model",
+        str(ckpt),
+        "--plot",
+        str(png),
+        "--quantize-emb-with-bit",
+        "4",
+        "--compare-reference",
+        "5",
+    )
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert "batch 20: train loss" in out and "planted-model ceiling AUC" in out
@@ -223,9 +300,27 @@ def test_train_command_checkpoint_and_evaluate(tmp_path):
 
 @pytest.mark.skipif(not CRITEO_SAMPLE.exists(), reason="shared Criteo sample not present")
 def test_train_command_on_criteo_sample(tmp_path):
-    res = run_cli("train", "--data-generation", "dataset", "--raw-data-file", str(CRITEO_SAMPLE),
-                  "--processed-data-file", str(tmp_path / "p"), "--max-ind-range", "1000",
-                  "--mini-batch-size", "16", "--test-mini-batch-size", "8", "--num-batches", "0",
-                  "--num-test-batches", "2", "--no-progress", "--compare-reference", "0")
+    res = run_cli(
+        "train",
+        "--data-generation",
+        "dataset",
+        "--raw-data-file",
+        str(CRITEO_SAMPLE),
+        "--processed-data-file",
+        str(tmp_path / "p"),
+        "--max-ind-range",
+        "1000",
+        "--mini-batch-size",
+        "16",
+        "--test-mini-batch-size",
+        "8",
+        "--num-batches",
+        "0",
+        "--num-test-batches",
+        "2",
+        "--no-progress",
+        "--compare-reference",
+        "0",
+    )
     assert res.returncode == 0, res.stderr
     assert "summary: batches 10" in res.stdout

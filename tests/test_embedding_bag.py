@@ -1,4 +1,5 @@
 """Table-batched embedding bag against the pure-PyTorch reference and torch."""
+
 import os
 import subprocess
 import sys
@@ -6,15 +7,23 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dlrm_ops
 from dlrm_ops import reference
 from dlrm_ops.nn import EmbeddingBagCollection
 from dlrm_ops.nn._memory import on_huge_pages
 
-from conftest import TOL, anon_huge_kib, first_bags, huge_kib_in, make_bags, \
-    offsets_dropping_at, thp_available
+from utils import (
+    TOL,
+    anon_huge_kib,
+    first_bags,
+    huge_kib_in,
+    make_bags,
+    offsets_dropping_at,
+    thp_available,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 INDEX_DTYPES = [torch.int32, torch.int64]
@@ -54,9 +63,14 @@ def test_forward_matches_torch_embedding_bag(dtype, mode):
     B = 9
     for t in range(3):
         lo, hi = int(offsets[t * B]), int(offsets[(t + 1) * B])
-        ref = F.embedding_bag(indices[lo:hi], ebc.weight_of(t), offsets[t * B:(t + 1) * B + 1] - lo,
-                              mode=mode, include_last_offset=True)
-        torch.testing.assert_close(out[:, 16 * t:16 * (t + 1)], ref, **TOL[dtype])
+        ref = F.embedding_bag(
+            indices[lo:hi],
+            ebc.weight_of(t),
+            offsets[t * B : (t + 1) * B + 1] - lo,
+            mode=mode,
+            include_last_offset=True,
+        )
+        torch.testing.assert_close(out[:, 16 * t : 16 * (t + 1)], ref, **TOL[dtype])
 
 
 def test_empty_bags_and_empty_batch():
@@ -72,7 +86,7 @@ def test_single_index_bags_copy_rows_exactly():
     ebc = EmbeddingBagCollection([1000] * 3, 64)
     idx = torch.randint(0, 1000, (3 * 100,))
     out = ebc(idx, torch.arange(0, 301))
-    expect = torch.cat([ebc.weight_of(t)[idx[t * 100:(t + 1) * 100]] for t in range(3)], 1)
+    expect = torch.cat([ebc.weight_of(t)[idx[t * 100 : (t + 1) * 100]] for t in range(3)], 1)
     assert torch.equal(out, expect)
 
 
@@ -99,9 +113,15 @@ def test_streamed_output_has_the_bits_of_a_cached_one(mode, weighted, index_dtyp
 
 
 @settings(max_examples=40, deadline=None)
-@given(T=st.integers(1, 5), B=st.integers(0, 20), max_len=st.integers(0, 8),
-       D=st.lists(st.integers(1, 70), min_size=1, max_size=5), seed=st.integers(0, 2**16),
-       mode=st.sampled_from(["sum", "mean"]), i32=st.booleans())
+@given(
+    T=st.integers(1, 5),
+    B=st.integers(0, 20),
+    max_len=st.integers(0, 8),
+    D=st.lists(st.integers(1, 70), min_size=1, max_size=5),
+    seed=st.integers(0, 2**16),
+    mode=st.sampled_from(["sum", "mean"]),
+    i32=st.booleans(),
+)
 def test_random_shapes(T, B, max_len, D, seed, mode, i32):
     dims = (D * T)[:T]
     g = torch.Generator().manual_seed(seed)
@@ -127,8 +147,10 @@ def test_dense_gradients_match_reference(dtype, mode, weighted, dims):
 
     w_ref = ebc.weight.detach().clone().requires_grad_()
     psw_ref = psw.detach().clone().requires_grad_() if weighted else None
-    tables = [w_ref.view(-1)[ebc._woff[t]:ebc._woff[t] + n * d].view(n, d)
-              for t, (n, d) in enumerate(zip(rows, ebc.embedding_dims))]
+    tables = [
+        w_ref.view(-1)[ebc._woff[t] : ebc._woff[t] + n * d].view(n, d)
+        for t, (n, d) in enumerate(zip(rows, ebc.embedding_dims))
+    ]
     reference.table_batched_embedding_bag(tables, indices, offsets, mode, psw_ref).backward(grad)
     torch.testing.assert_close(ebc.weight.grad, w_ref.grad, **TOL[dtype])
     if weighted:
@@ -148,15 +170,16 @@ def test_dense_gradient_of_a_batch_beyond_the_cached_sort_scratch(weighted):
         per_table = n // 2 if big else 200
         lengths = torch.full((2 * B,), per_table // B)
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-        indices = torch.cat([torch.randint(0, r, (per_table // B * B,), generator=g)
-                             for r in rows])
+        indices = torch.cat([torch.randint(0, r, (per_table // B * B,), generator=g) for r in rows])
         psw = torch.rand(indices.numel(), generator=g) if weighted else None
         grad = torch.randn(B, 8, generator=g)
         ebc.weight.grad = None
         ebc(indices, offsets, psw).backward(grad)
         w_ref = ebc.weight.detach().clone().requires_grad_()
-        tables = [w_ref.view(-1)[ebc._woff[t]:ebc._woff[t] + r * 4].view(r, 4)
-                  for t, r in enumerate(rows)]
+        tables = [
+            w_ref.view(-1)[ebc._woff[t] : ebc._woff[t] + r * 4].view(r, 4)
+            for t, r in enumerate(rows)
+        ]
         reference.table_batched_embedding_bag(tables, indices, offsets, "sum", psw).backward(grad)
         torch.testing.assert_close(ebc.weight.grad, w_ref.grad, atol=1e-3, rtol=1e-4)
 
@@ -171,8 +194,14 @@ def test_gradcheck_per_sample_weights_and_weights():
 
     def f(w, psw):
         return dlrm_ops.table_batched_embedding_bag(
-            w, ebc.weights_offsets, ebc.dim_offsets, ebc.rows, indices, offsets,
-            per_sample_weights=psw)
+            w,
+            ebc.weights_offsets,
+            ebc.dim_offsets,
+            ebc.rows,
+            indices,
+            offsets,
+            per_sample_weights=psw,
+        )
 
     # fp32 kernels: finite differences with a large step and matching tolerance.
     assert torch.autograd.gradcheck(f, (w, psw), eps=1e-2, atol=1e-2, rtol=1e-2)
@@ -233,7 +262,9 @@ def test_chunks_taken_by_other_threads_cover_every_lookup():
     # threads done early take from the others: 7 threads on this machine's
     # cores make them take many. Every bag and every run exactly once.
     rows = [3000, 40, 900]
-    indices, offsets = make_bags(rows, B=3000, max_len=12, generator=torch.Generator().manual_seed(1))
+    indices, offsets = make_bags(
+        rows, B=3000, max_len=12, generator=torch.Generator().manual_seed(1)
+    )
     grad = torch.randn(3000, 3 * 16, generator=torch.Generator().manual_seed(2))
     results = []
     threads = torch.get_num_threads()
@@ -246,7 +277,8 @@ def test_chunks_taken_by_other_threads_cover_every_lookup():
             tables = [t.detach().clone() for t in tables_of(ebc)]
             out = ebc(indices, offsets)
             torch.testing.assert_close(
-                out, reference.table_batched_embedding_bag(tables, indices, offsets))
+                out, reference.table_batched_embedding_bag(tables, indices, offsets)
+            )
             out.backward(grad)
             results.append(ebc.weight.detach().clone())
     finally:
@@ -271,15 +303,19 @@ def test_inputs_are_not_modified():
 
 # ---------------------------------------------------------------- bad input
 
+
 def _call(ebc, indices, offsets, psw=None):
     return ebc(indices, offsets, psw)
 
 
-@pytest.mark.parametrize("bad, pos, msg", [
-    (7, 3, r"indices\[3\] = 7 is out of range for table 0 with 5 rows \(bag 1 of table 0\)"),
-    (-1, 5, r"indices\[5\] = -1 is out of range for table 1 with 6 rows"),
-    (6, 6, r"indices\[6\] = 6 is out of range for table 1 with 6 rows \(bag 1 of table 1\)"),
-])
+@pytest.mark.parametrize(
+    "bad, pos, msg",
+    [
+        (7, 3, r"indices\[3\] = 7 is out of range for table 0 with 5 rows \(bag 1 of table 0\)"),
+        (-1, 5, r"indices\[5\] = -1 is out of range for table 1 with 6 rows"),
+        (6, 6, r"indices\[6\] = 6 is out of range for table 1 with 6 rows \(bag 1 of table 1\)"),
+    ],
+)
 @pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
 def test_out_of_range_index_names_table_and_position(bad, pos, msg, index_dtype):
     ebc = EmbeddingBagCollection([5, 6], 4)
@@ -294,17 +330,31 @@ def test_out_of_range_index_in_dense_backward():
     ebc = EmbeddingBagCollection([5], 4)
     with pytest.raises(RuntimeError, match=r"indices\[1\] = 9 is out of range"):
         torch.ops.dlrm_ops.embedding_bag_backward_dense(
-            torch.ones(2, 4), ebc.weight.detach(), ebc.weights_offsets, ebc.dim_offsets, ebc.rows,
-            torch.tensor([0, 9, 2]), torch.tensor([0, 2, 3]), 0, None)
+            torch.ones(2, 4),
+            ebc.weight.detach(),
+            ebc.weights_offsets,
+            ebc.dim_offsets,
+            ebc.rows,
+            torch.tensor([0, 9, 2]),
+            torch.tensor([0, 2, 3]),
+            0,
+            None,
+        )
 
 
-@pytest.mark.parametrize("offsets, msg", [
-    ([1, 2, 4], r"offsets\[0\] must be 0, got 1"),
-    ([0, 3, 2, 4, 4], r"offsets must be non-decreasing, but offsets\[2\] = 2 < offsets\[1\] = 3 "
-                      r"\(table 0, bag 1\)"),
-    ([0, 1, 2, 3, 3], r"offsets\[-1\] must equal the number of indices \(4\), got 3"),
-    ([0, 1, 4, 4], r"offsets must have T\*B\+1 entries for T = 2 tables, got 4"),
-])
+@pytest.mark.parametrize(
+    "offsets, msg",
+    [
+        ([1, 2, 4], r"offsets\[0\] must be 0, got 1"),
+        (
+            [0, 3, 2, 4, 4],
+            r"offsets must be non-decreasing, but offsets\[2\] = 2 < offsets\[1\] = 3 "
+            r"\(table 0, bag 1\)",
+        ),
+        ([0, 1, 2, 3, 3], r"offsets\[-1\] must equal the number of indices \(4\), got 3"),
+        ([0, 1, 4, 4], r"offsets must have T\*B\+1 entries for T = 2 tables, got 4"),
+    ],
+)
 def test_bad_offsets(offsets, msg):
     ebc = EmbeddingBagCollection([5, 5], 4)
     with pytest.raises(RuntimeError, match=msg):
@@ -313,35 +363,60 @@ def test_bad_offsets(offsets, msg):
 
 # Drops before, at and after the vectorised check's block edges (8 and 16
 # lanes) and, in 40000 bags, its threads' chunks (16384 offsets or more each).
-@pytest.mark.parametrize("pos,bags", [(1, 100), (7, 100), (8, 100), (15, 100), (16, 100),
-                                      (17, 100), (64, 100), (99, 100), (16384, 40000),
-                                      (16385, 40000), (20001, 40000), (39999, 40000)])
+@pytest.mark.parametrize(
+    "pos,bags",
+    [
+        (1, 100),
+        (7, 100),
+        (8, 100),
+        (15, 100),
+        (16, 100),
+        (17, 100),
+        (64, 100),
+        (99, 100),
+        (16384, 40000),
+        (16385, 40000),
+        (20001, 40000),
+        (39999, 40000),
+    ],
+)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_offsets_dropping_anywhere_are_named(pos, bags, index_dtype):
     ebc = EmbeddingBagCollection([5], 4)
     indices, offsets = offsets_dropping_at(pos, index_dtype, bags)
-    with pytest.raises(RuntimeError, match=rf"offsets must be non-decreasing, but offsets\[{pos}\] "
-                                           rf"= {pos - 2} < offsets\[{pos - 1}\] = {pos - 1}"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"offsets must be non-decreasing, but offsets\[{pos}\] "
+        rf"= {pos - 2} < offsets\[{pos - 1}\] = {pos - 1}",
+    ):
         ebc(indices, offsets)
 
 
 def test_bad_dtypes_and_shapes():
     ebc = EmbeddingBagCollection([5, 5], 4)
     idx, off = torch.tensor([0, 1]), torch.tensor([0, 1, 1, 2, 2])
-    with pytest.raises(RuntimeError, match=r"indices must have dtype in \{int32, int64\}, got float32"):
+    with pytest.raises(
+        RuntimeError, match=r"indices must have dtype in \{int32, int64\}, got float32"
+    ):
         ebc(idx.float(), off)
-    with pytest.raises(RuntimeError, match=r"offsets must have the dtype of indices \(int64\), got int32"):
+    with pytest.raises(
+        RuntimeError, match=r"offsets must have the dtype of indices \(int64\), got int32"
+    ):
         ebc(idx, off.int())
     with pytest.raises(RuntimeError, match=r"indices must be 1-D, got 2-D"):
         ebc(idx.view(1, 2), off)
-    with pytest.raises(RuntimeError, match=r"per_sample_weights must have one entry per index \(2\), got 3"):
+    with pytest.raises(
+        RuntimeError, match=r"per_sample_weights must have one entry per index \(2\), got 3"
+    ):
         ebc(idx, off, torch.ones(3))
     with pytest.raises(RuntimeError, match=r"per_sample_weights must have dtype"):
         ebc(idx, off, torch.ones(2, dtype=torch.int64))
     with pytest.raises(RuntimeError, match=r"indices must be contiguous"):
         ebc(torch.tensor([0, 9, 1, 9])[::2], off)
     mean = EmbeddingBagCollection([5, 5], 4, mode="mean")
-    with pytest.raises(RuntimeError, match=r"per_sample_weights is only supported with sum pooling"):
+    with pytest.raises(
+        RuntimeError, match=r"per_sample_weights is only supported with sum pooling"
+    ):
         mean(idx, off, torch.ones(2))
     with pytest.raises(ValueError, match=r"mode must be one of"):
         EmbeddingBagCollection([5], 4, mode="max")
@@ -353,9 +428,14 @@ def test_bad_table_metadata():
     ebc = EmbeddingBagCollection([5, 5], 4)
     idx, off = torch.tensor([0, 1]), torch.tensor([0, 1, 1, 2, 2])
     f = dlrm_ops.table_batched_embedding_bag
-    with pytest.raises(RuntimeError, match=r"weights_offsets must have one entry per table \(2\), got 3"):
+    with pytest.raises(
+        RuntimeError, match=r"weights_offsets must have one entry per table \(2\), got 3"
+    ):
         f(ebc.weight, torch.zeros(3, dtype=torch.int64), ebc.dim_offsets, ebc.rows, idx, off)
-    with pytest.raises(RuntimeError, match=r"table 1 \(9 rows of dim 4 at element 20\) does not fit in weights of 40 elements"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"table 1 \(9 rows of dim 4 at element 20\) does not fit in weights of 40 elements",
+    ):
         f(ebc.weight, ebc.weights_offsets, ebc.dim_offsets, torch.tensor([5, 9]), idx, off)
     with pytest.raises(RuntimeError, match=r"total_dim must equal dim_offsets\[-1\] = 8, got 7"):
         f(ebc.weight, ebc.weights_offsets, ebc.dim_offsets, ebc.rows, idx, off, total_dim=7)
@@ -364,6 +444,7 @@ def test_bad_table_metadata():
 
 
 # ----------------------------------------------------------- module contract
+
 
 def test_collection_state_dict_round_trip(tmp_path):
     a = EmbeddingBagCollection([10, 20], [4, 8])
@@ -395,12 +476,16 @@ def test_embedding_bag_drop_in(mode, include_last_offset):
     _compare_drop_in(ours, ref, torch.randint(0, 30, (4, 5)))
     if mode == "sum":
         _compare_drop_in(ours, ref, inp, offsets, per_sample_weights=torch.rand(10))
-        _compare_drop_in(ours, ref, torch.randint(0, 30, (4, 5)), per_sample_weights=torch.rand(4, 5))
+        _compare_drop_in(
+            ours, ref, torch.randint(0, 30, (4, 5)), per_sample_weights=torch.rand(4, 5)
+        )
 
 
 def test_convert_swaps_modules_and_keeps_weights():
-    model = torch.nn.Sequential(torch.nn.EmbeddingBag(20, 4, mode="sum"),
-                                torch.nn.ModuleDict({"e": torch.nn.EmbeddingBag(10, 3)}))
+    model = torch.nn.Sequential(
+        torch.nn.EmbeddingBag(20, 4, mode="sum"),
+        torch.nn.ModuleDict({"e": torch.nn.EmbeddingBag(10, 3)}),
+    )
     w0 = model[0].weight
     x = torch.randint(0, 10, (6, 2))
     expect = (model[0](x), model[1]["e"](x))
@@ -411,9 +496,15 @@ def test_convert_swaps_modules_and_keeps_weights():
     torch.testing.assert_close(model[1]["e"](x), expect[1])
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(max_norm=1.0), "max_norm"), (dict(mode="max"), "mode='max'"),
-    (dict(padding_idx=0), "padding_idx"), (dict(scale_grad_by_freq=True), "scale_grad_by_freq")])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(max_norm=1.0), "max_norm"),
+        (dict(mode="max"), "mode='max'"),
+        (dict(padding_idx=0), "padding_idx"),
+        (dict(scale_grad_by_freq=True), "scale_grad_by_freq"),
+    ],
+)
 def test_convert_refuses_unsupported_options(kwargs, name):
     model = torch.nn.Sequential(torch.nn.EmbeddingBag(20, 4, **kwargs))
     with pytest.raises(NotImplementedError, match=rf"cannot convert 0: .*{name}"):
@@ -421,23 +512,6 @@ def test_convert_refuses_unsupported_options(kwargs, name):
 
 
 # ------------------------------------------------------ opcheck and compile
-
-def test_opcheck_all_embedding_bag_ops():
-    rows = [12, 9]
-    ebc = EmbeddingBagCollection(rows, [4, 8])
-    indices, offsets = make_bags(rows, B=5, max_len=4)
-    psw = torch.rand(indices.numel(), requires_grad=True)
-    w = ebc.weight.detach().clone().requires_grad_()
-    meta = (ebc.weights_offsets, ebc.dim_offsets, ebc.rows, indices, offsets)
-    grad = torch.randn(5, 12)
-    ops = torch.ops.dlrm_ops
-    torch.library.opcheck(ops.embedding_bag_forward, (w, *meta, 0, psw, 12, False))
-    torch.library.opcheck(ops.embedding_bag_forward, (w, *meta, 1, None, 12, False))
-    torch.library.opcheck(ops.embedding_bag_backward_dense, (grad, w.detach(), *meta, 0, psw.detach()))
-    torch.library.opcheck(ops.embedding_bag_per_sample_weights_grad, (grad, w.detach(), *meta, 0))
-    torch.library.opcheck(ops.embedding_bag_backward_sparse, (grad, w.detach(), *meta, 0, None),
-                          test_utils=("test_schema", "test_autograd_registration",
-                                      "test_faketensor"))
 
 
 def test_collection_under_torch_compile_fullgraph():
@@ -467,56 +541,6 @@ def test_collection_under_torch_compile_fullgraph():
         model.zero_grad()
 
 
-@pytest.mark.parametrize("capability", ["default", "avx2"])
-def test_every_cpu_path_agrees(capability):
-    """The portable and AVX2 builds of the kernels give the AVX-512 results."""
-    code = (
-        "import torch, dlrm_ops\n"
-        "from dlrm_ops import reference\n"
-        "from conftest import make_bags\n"
-        "print(dlrm_ops.build_info()['cpu_capability'])\n"
-        "for dt in (torch.float32, torch.float16, torch.bfloat16):\n"
-        "    e = dlrm_ops.nn.EmbeddingBagCollection([50, 70], [16, 7], dtype=dt)\n"
-        "    i, o = make_bags([50, 70], 9, 5)\n"
-        "    out = e(i, o); out.float().sum().backward()\n"
-        "    ref = reference.table_batched_embedding_bag([e.weight_of(0), e.weight_of(1)], i, o)\n"
-        "    torch.testing.assert_close(out, ref, atol=5e-2, rtol=2e-2)\n"
-        "for D in (5, 32):\n"  # both Gram kernels of the interaction
-        "    d = torch.randn(3, D, requires_grad=True); s = torch.randn(3, 4, D, requires_grad=True)\n"
-        "    d2 = d.detach().clone().requires_grad_(); s2 = s.detach().clone().requires_grad_()\n"
-        "    out = dlrm_ops.dot_interaction(d, s); g = torch.randn_like(out); out.backward(g)\n"
-        "    ref = reference.dot_interaction(d2, s2); ref.backward(g)\n"
-        "    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)\n"
-        "    torch.testing.assert_close((d.grad, s.grad), (d2.grad, s2.grad), atol=1e-4, rtol=1e-4)\n"
-        # outputs written past the caches, fp32 and int8 tables
-        "rows, dims, B = [30, 40, 50], [8, 8, 512], 4096\n"
-        "e = dlrm_ops.nn.EmbeddingBagCollection(rows, dims)\n"
-        "q = dlrm_ops.nn.QuantizedEmbeddingBagCollection.from_float(e, 8)\n"
-        "i, o = make_bags(rows, B, 3)\n"
-        "with torch.no_grad():\n"
-        "    for m, ts in ((e, [e.weight_of(t) for t in range(3)]),\n"
-        "                  (q, [q.dequantized_weight_of(t) for t in range(3)])):\n"
-        "        ref = reference.table_batched_embedding_bag(ts, i, o)\n"
-        "        torch.testing.assert_close(m(i, o), ref, atol=1e-5, rtol=1e-5)\n"
-        # the offsets' order check of each build
-        "from conftest import offsets_dropping_at\n"
-        "for dt in (torch.int32, torch.int64):\n"
-        "    for pos in (1, 8, 16, 17, 99):\n"
-        "        try:\n"
-        "            e(*offsets_dropping_at(pos, dt, bags=300))\n"
-        "        except RuntimeError as err:\n"
-        "            assert f'offsets[{pos}] = {pos - 2} < offsets[{pos - 1}]' in str(err), err\n"
-        "        else:\n"
-        "            raise AssertionError(f'offsets dropping at {pos} passed')\n"
-        "    e(*offsets_dropping_at(1, dt, bags=300)[:1], torch.arange(301, dtype=dt))\n"
-    )
-    env = dict(os.environ, DLRM_OPS_CPU_CAPABILITY=capability)
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         cwd=os.path.dirname(__file__))
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.split()[0] == capability
-
-
 @pytest.mark.skipif(not thp_available(), reason="needs Linux with transparent huge pages")
 def test_large_tables_are_backed_by_huge_pages():
     before = anon_huge_kib()
@@ -539,19 +563,30 @@ def test_reused_memory_comes_back_on_huge_pages():
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
 
-@pytest.mark.skipif(not (thp_available() and os.path.exists(TCMALLOC)),
-                    reason="needs transparent huge pages and tcmalloc")
-@pytest.mark.skipif("LD_PRELOAD" in os.environ,
-                    reason="sets its own allocator (scripts/test_sanitized.sh preloads ASan)")
+@pytest.mark.skipif(
+    not (thp_available() and os.path.exists(TCMALLOC)),
+    reason="needs transparent huge pages and tcmalloc",
+)
+@pytest.mark.skipif(
+    "LD_PRELOAD" in os.environ,
+    reason="sets its own allocator (scripts/test_sanitized.sh preloads ASan)",
+)
 def test_table_on_huge_pages_after_a_freed_tensor_under_tcmalloc():
     """The benchmark's case: under tcmalloc a table built after a big tensor
     was freed reuses that tensor's 4 KiB pages unless they are dropped."""
-    code = ("import torch; from conftest import huge_kib_in; "
-            "from dlrm_ops.nn import EmbeddingBagCollection as E; "
-            "t = torch.empty(160 << 20, dtype=torch.uint8).fill_(1); del t; "
-            "e = E([600_000], 64); print(huge_kib_in(e.weight))")
+    code = (
+        "import torch; from utils import huge_kib_in; "
+        "from dlrm_ops.nn import EmbeddingBagCollection as E; "
+        "t = torch.empty(160 << 20, dtype=torch.uint8).fill_(1); del t; "
+        "e = E([600_000], 64); print(huge_kib_in(e.weight))"
+    )
     env = dict(os.environ, LD_PRELOAD=TCMALLOC)
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         cwd=os.path.dirname(__file__))
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(__file__),
+    )
     assert res.returncode == 0, res.stderr
     assert int(res.stdout.split()[-1]) >= 100 * 1024  # of 146 MiB

@@ -1,5 +1,6 @@
 """The optimizer fused into the embedding backward against torch.optim and the
 reference, with repeated indices over several steps."""
+
 import os
 import subprocess
 import sys
@@ -10,18 +11,17 @@ import torch
 
 import dlrm_ops
 from dlrm_ops import reference
-from dlrm_ops.optimizers import OPTIMIZERS
 from dlrm_ops.nn import EmbeddingBagCollection
+from dlrm_ops.optimizers import OPTIMIZERS
 
-from conftest import TOL, make_bags
+from utils import TOL, make_bags
 
 ROWS = [40, 7, 25]
 
 
 def fused(optimizer, dims=8, dtype=torch.float32, mode="sum", **kw):
     torch.manual_seed(0)
-    return EmbeddingBagCollection(ROWS, dims, mode=mode, dtype=dtype, optimizer=optimizer,
-                                  **kw)
+    return EmbeddingBagCollection(ROWS, dims, mode=mode, dtype=dtype, optimizer=optimizer, **kw)
 
 
 def torch_tables(ebc):
@@ -36,12 +36,17 @@ def torch_tables(ebc):
 
 
 def run_torch(tables, indices, offsets, psw, grad):
-    T, B = len(tables), (offsets.numel() - 1) // len(tables)
+    B = (offsets.numel() - 1) // len(tables)
     outs = []
     for t, m in enumerate(tables):
         lo, hi = int(offsets[t * B]), int(offsets[(t + 1) * B])
-        outs.append(m(indices[lo:hi], offsets[t * B:(t + 1) * B + 1] - lo,
-                      per_sample_weights=None if psw is None else psw[lo:hi]))
+        outs.append(
+            m(
+                indices[lo:hi],
+                offsets[t * B : (t + 1) * B + 1] - lo,
+                per_sample_weights=None if psw is None else psw[lo:hi],
+            )
+        )
     torch.cat(outs, 1).backward(grad)
 
 
@@ -58,11 +63,14 @@ def batches(steps=4, B=12, max_len=6, index_dtype=torch.int64, total_dim=8 * len
         yield indices, offsets, grad
 
 
-@pytest.mark.parametrize("optimizer, torch_opt", [
-    ("sgd", lambda p: torch.optim.SGD(p, lr=0.1)),
-    ("adagrad", lambda p: torch.optim.Adagrad(p, lr=0.1)),
-    ("adam", lambda p: torch.optim.SparseAdam(p, lr=0.1)),
-])
+@pytest.mark.parametrize(
+    "optimizer, torch_opt",
+    [
+        ("sgd", lambda p: torch.optim.SGD(p, lr=0.1)),
+        ("adagrad", lambda p: torch.optim.Adagrad(p, lr=0.1)),
+        ("adam", lambda p: torch.optim.SparseAdam(p, lr=0.1)),
+    ],
+)
 @pytest.mark.parametrize("mode, weighted", [("sum", False), ("sum", True), ("mean", False)])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("dims", DIMS)
@@ -100,9 +108,13 @@ def _radix_bags(rows, B, g):
         hot[:3] = torch.tensor([0, n - 1, n // 2])  # first and last rows, a top-digit edge
         # Rows equal in their low digits (12-bit rows: 6-bit digits; 24-bit
         # rows: 8-bit digits): only the later digit passes part them.
-        hot[3:9] = torch.tensor([7, 7 + (1 << 6), 7 + (1 << 8), 7 + (1 << 12), 7 + (1 << 16),
-                                 7 + (1 << 22)]) % n
-        cnt = int(lengths[t * B:(t + 1) * B].sum())
+        hot[3:9] = (
+            torch.tensor(
+                [7, 7 + (1 << 6), 7 + (1 << 8), 7 + (1 << 12), 7 + (1 << 16), 7 + (1 << 22)]
+            )
+            % n
+        )
+        cnt = int(lengths[t * B : (t + 1) * B].sum())
         idx.append(hot[torch.randint(0, 40, (cnt,), generator=g)])
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
     return torch.cat(idx), offsets
@@ -132,8 +144,10 @@ def test_radix_sorted_walk_matches_torch(mode, weighted):
         run_torch(tables, indices, offsets, psw, grad)
         if step == 0:
             for t, m in enumerate(tables):
-                torch.testing.assert_close(dense.weight.grad.view(-1)[ebc._woff[t]:][:rows[t] * D]
-                                           .view(rows[t], D), m.weight.grad.to_dense())
+                torch.testing.assert_close(
+                    dense.weight.grad.view(-1)[ebc._woff[t] :][: rows[t] * D].view(rows[t], D),
+                    m.weight.grad.to_dense(),
+                )
         opt.step()
     for t, m in enumerate(tables):
         torch.testing.assert_close(ebc.weight_of(t), m.weight.detach(), atol=1e-5, rtol=1e-5)
@@ -153,10 +167,10 @@ def test_duplicates_sum_in_lookup_order(B):
         acc = {}
         for b in range(B):
             for p in range(off[t * B + b], off[t * B + b + 1]):
-                x = g[b, t * D:(t + 1) * D]
+                x = g[b, t * D : (t + 1) * D]
                 r = int(idx[p])
                 acc[r] = x.copy() if r not in acc else acc[r] + x
-        got = ebc.weight.grad.view(-1)[ebc._woff[t]:][:n * D].view(n, D)
+        got = ebc.weight.grad.view(-1)[ebc._woff[t] :][: n * D].view(n, D)
         rows_hit = sorted(acc)
         assert torch.equal(got[rows_hit], torch.from_numpy(np.stack([acc[r] for r in rows_hit])))
 
@@ -180,8 +194,12 @@ def test_long_bags_match_torch(mode, weighted, threads, dtype):
     g = torch.Generator().manual_seed(7)
     lengths = torch.cat([torch.full((B,), 24), torch.randint(0, 3, (B,), generator=g)])
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-    indices = torch.cat([torch.randint(0, 60, (24 * B,), generator=g),
-                         torch.randint(0, rows[1], (int(lengths[B:].sum()),), generator=g)])
+    indices = torch.cat(
+        [
+            torch.randint(0, 60, (24 * B,), generator=g),
+            torch.randint(0, rows[1], (int(lengths[B:].sum()),), generator=g),
+        ]
+    )
     psw = torch.rand(indices.numel(), generator=g) if weighted else None
     grad = torch.randn(B, D * len(rows), generator=g).to(dtype)
     old = torch.get_num_threads()
@@ -194,8 +212,11 @@ def test_long_bags_match_torch(mode, weighted, threads, dtype):
     run_torch(tables, indices, offsets, psw, grad.float())
     tol = TOL[dtype]
     for t, m in enumerate(tables):
-        torch.testing.assert_close(dense.weight.grad.view(-1)[ebc._woff[t]:][:rows[t] * D]
-                                   .view(rows[t], D).float(), m.weight.grad.to_dense(), **tol)
+        torch.testing.assert_close(
+            dense.weight.grad.view(-1)[ebc._woff[t] :][: rows[t] * D].view(rows[t], D).float(),
+            m.weight.grad.to_dense(),
+            **tol,
+        )
     opt.step()
     for t, m in enumerate(tables):
         torch.testing.assert_close(ebc.weight_of(t).float(), m.weight.detach(), **tol)
@@ -211,8 +232,9 @@ def _reference_run(optimizer, ebc, data, weight_decay=0.0, lr=0.1, eps=1e-8):
             m.weight.grad = None
         run_torch(tables, indices, offsets, psw, grad)
         for m, st in zip(tables, states):
-            reference.sparse_optimizer_step(optimizer, m.weight, m.weight.grad, st, lr=lr,
-                                            eps=eps, weight_decay=weight_decay)
+            reference.sparse_optimizer_step(
+                optimizer, m.weight, m.weight.grad, st, lr=lr, eps=eps, weight_decay=weight_decay
+            )
     return tables, states
 
 
@@ -261,8 +283,9 @@ def test_half_precision_weights(optimizer, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_stochastic_rounding_is_unbiased_and_reproducible(dtype):
     def train():
-        ebc = EmbeddingBagCollection([1], 64, dtype=dtype, optimizer="sgd", lr=1e-4,
-                                     stochastic_rounding=True)
+        ebc = EmbeddingBagCollection(
+            [1], 64, dtype=dtype, optimizer="sgd", lr=1e-4, stochastic_rounding=True
+        )
         with torch.no_grad():
             ebc.weight.fill_(1.0)
         idx, off = torch.zeros(1, dtype=torch.int64), torch.tensor([0, 1])
@@ -280,7 +303,7 @@ def test_stochastic_rounding_is_unbiased_and_reproducible(dtype):
 _REGISTER_PATH_RUN = """
 import itertools, sys, torch, dlrm_ops
 from dlrm_ops.nn import EmbeddingBagCollection
-from conftest import make_bags
+from utils import make_bags
 out = []
 # fp32 SGD and row-wise Adagrad without weight decay update in registers
 for optimizer, wd, dtype, (mode, weighted) in itertools.product(
@@ -301,8 +324,10 @@ torch.save(torch.cat(out), sys.argv[1])
 """
 
 
-@pytest.mark.skipif(dlrm_ops.build_info().get("cpu_capability") != "avx512",
-                    reason="compares the AVX-512 build's register path with the AVX2 build")
+@pytest.mark.skipif(
+    dlrm_ops.build_info().get("cpu_capability") != "avx512",
+    reason="compares the AVX-512 build's register path with the AVX2 build",
+)
 def test_register_path_gives_the_bits_of_the_any_dim_path(tmp_path):
     # D = 128 is one block of 8 vectors under AVX-512, summed and updated in
     # registers; the AVX2 build (4 vectors at most) takes the any-D path.
@@ -310,8 +335,13 @@ def test_register_path_gives_the_bits_of_the_any_dim_path(tmp_path):
     for capability in ("avx512", "avx2"):
         path = tmp_path / f"{capability}.pt"
         env = dict(os.environ, DLRM_OPS_CPU_CAPABILITY=capability)
-        res = subprocess.run([sys.executable, "-c", _REGISTER_PATH_RUN, str(path)], env=env,
-                             capture_output=True, text=True, cwd=os.path.dirname(__file__))
+        res = subprocess.run(
+            [sys.executable, "-c", _REGISTER_PATH_RUN, str(path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(__file__),
+        )
         assert res.returncode == 0, res.stderr
         results.append(torch.load(path))
     assert torch.equal(results[0], results[1])
@@ -367,15 +397,31 @@ def test_bad_arguments():
         EmbeddingBagCollection([5], 4, optimizer="sgd", sparse=True)
     ebc = EmbeddingBagCollection([5], 4, optimizer="adagrad")
     w0 = ebc.weight.detach().clone()
-    args = (torch.ones(1, 4), ebc.weight.detach(), ebc.momentum1, ebc.momentum2, ebc.step,
-            ebc.weights_offsets, ebc.dim_offsets, ebc.rows, torch.tensor([0, 7]),
-            torch.tensor([0, 2]), 0, None, ebc.hparams, 2, False)
+    args = (
+        torch.ones(1, 4),
+        ebc.weight.detach(),
+        ebc.momentum1,
+        ebc.momentum2,
+        ebc.step,
+        ebc.weights_offsets,
+        ebc.dim_offsets,
+        ebc.rows,
+        torch.tensor([0, 7]),
+        torch.tensor([0, 2]),
+        0,
+        None,
+        ebc.hparams,
+        2,
+        False,
+    )
     with pytest.raises(RuntimeError, match=r"indices\[1\] = 7 is out of range for table 0"):
         torch.ops.dlrm_ops.embedding_bag_update_(*args)
     assert torch.equal(ebc.weight, w0) and int(ebc.step) == 0  # nothing written
     bad_state = list(args)
     bad_state[2] = torch.zeros(3)
-    with pytest.raises(RuntimeError, match=r"momentum1 must have 20 elements for this optimizer, got 3"):
+    with pytest.raises(
+        RuntimeError, match=r"momentum1 must have 20 elements for this optimizer, got 3"
+    ):
         torch.ops.dlrm_ops.embedding_bag_update_(*bad_state)
 
 
@@ -386,13 +432,27 @@ def test_opcheck():
     meta = (ebc.weights_offsets, ebc.dim_offsets, ebc.rows, indices, offsets)
     state = (ebc.momentum1, ebc.momentum2, ebc.step, ebc.hparams)
     w = ebc.weight.detach().clone().requires_grad_()
-    torch.library.opcheck(torch.ops.dlrm_ops.embedding_bag_forward_with_optimizer,
-                          (w, *meta, 0, psw, 24, *state, 3, False),
-                          test_utils=("test_schema", "test_faketensor",
-                                      "test_aot_dispatch_static"))
-    torch.library.opcheck(torch.ops.dlrm_ops.embedding_bag_update_,
-                          (grad, ebc.weight.detach().clone(), ebc.momentum1.clone(),
-                           ebc.momentum2, ebc.step.clone(), *meta, 0, psw, ebc.hparams, 3, False))
+    torch.library.opcheck(
+        torch.ops.dlrm_ops.embedding_bag_forward_with_optimizer,
+        (w, *meta, 0, psw, 24, *state, 3, False),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+    )
+    torch.library.opcheck(
+        torch.ops.dlrm_ops.embedding_bag_update_,
+        (
+            grad,
+            ebc.weight.detach().clone(),
+            ebc.momentum1.clone(),
+            ebc.momentum2,
+            ebc.step.clone(),
+            *meta,
+            0,
+            psw,
+            ebc.hparams,
+            3,
+            False,
+        ),
+    )
 
 
 def test_training_step_under_torch_compile():
@@ -424,15 +484,19 @@ ROW_ORDER_ROWS, ROW_ORDER_D, ROW_ORDER_B = 270_000, 32, 64
 def one_per_bag(seed, index_dtype):
     g = torch.Generator().manual_seed(seed)
     hot = torch.randint(0, ROW_ORDER_ROWS, (8,), generator=g)  # duplicates, as Zipf makes
-    idx = torch.where(torch.rand(2 * ROW_ORDER_B, generator=g) < 0.3,
-                      hot[torch.randint(0, 8, (2 * ROW_ORDER_B,), generator=g)],
-                      torch.randint(0, ROW_ORDER_ROWS, (2 * ROW_ORDER_B,), generator=g))
+    idx = torch.where(
+        torch.rand(2 * ROW_ORDER_B, generator=g) < 0.3,
+        hot[torch.randint(0, 8, (2 * ROW_ORDER_B,), generator=g)],
+        torch.randint(0, ROW_ORDER_ROWS, (2 * ROW_ORDER_B,), generator=g),
+    )
     return idx.to(index_dtype), torch.arange(2 * ROW_ORDER_B + 1).to(index_dtype)
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
-@pytest.mark.parametrize("optimizer,mode,weighted", [
-    ("sgd", "sum", False), ("rowwise_adagrad", "sum", True), ("adam", "mean", False)])
+@pytest.mark.parametrize(
+    "optimizer,mode,weighted",
+    [("sgd", "sum", False), ("rowwise_adagrad", "sum", True), ("adam", "mean", False)],
+)
 def test_row_order_training_forward(optimizer, mode, weighted, index_dtype):
     """On tables big enough for the row-order forward: its output is the plain
     forward's, and the update that takes its sort makes the weights and state
@@ -440,10 +504,8 @@ def test_row_order_training_forward(optimizer, mode, weighted, index_dtype):
     other indices)."""
     torch.manual_seed(0)
     dims = [ROW_ORDER_D] * 2
-    a = EmbeddingBagCollection([ROW_ORDER_ROWS] * 2, dims, optimizer=optimizer, lr=0.1,
-                               mode=mode)
-    b = EmbeddingBagCollection([ROW_ORDER_ROWS] * 2, dims, optimizer=optimizer, lr=0.1,
-                               mode=mode)
+    a = EmbeddingBagCollection([ROW_ORDER_ROWS] * 2, dims, optimizer=optimizer, lr=0.1, mode=mode)
+    b = EmbeddingBagCollection([ROW_ORDER_ROWS] * 2, dims, optimizer=optimizer, lr=0.1, mode=mode)
     b.load_state_dict(a.state_dict())
     plain = EmbeddingBagCollection([ROW_ORDER_ROWS] * 2, dims, mode=mode)
     plain.weight = a.weight
@@ -482,9 +544,22 @@ def test_held_sort_refused_for_changed_indices():
 
     def update(m):
         torch.ops.dlrm_ops.embedding_bag_update_(
-            grad, m.weight.detach(), m.momentum1, m.momentum2, m.step, m.weights_offsets,
-            m.dim_offsets, m.rows, idx, off, 0, None, m.hparams,
-            dlrm_ops.ops.OPTIMIZERS["sgd"], False)
+            grad,
+            m.weight.detach(),
+            m.momentum1,
+            m.momentum2,
+            m.step,
+            m.weights_offsets,
+            m.dim_offsets,
+            m.rows,
+            idx,
+            off,
+            0,
+            None,
+            m.hparams,
+            dlrm_ops.ops.OPTIMIZERS["sgd"],
+            False,
+        )
 
     with torch.no_grad():
         a(idx, off)  # holds its sort
@@ -509,9 +584,22 @@ def test_held_sort_refused_for_other_bags(optimizer):
 
     def update(m):
         torch.ops.dlrm_ops.embedding_bag_update_(
-            grad, m.weight.detach(), m.momentum1, m.momentum2, m.step, m.weights_offsets,
-            m.dim_offsets, m.rows, idx, pairs, 0, None, m.hparams,
-            dlrm_ops.ops.OPTIMIZERS[optimizer], False)
+            grad,
+            m.weight.detach(),
+            m.momentum1,
+            m.momentum2,
+            m.step,
+            m.weights_offsets,
+            m.dim_offsets,
+            m.rows,
+            idx,
+            pairs,
+            0,
+            None,
+            m.hparams,
+            dlrm_ops.ops.OPTIMIZERS[optimizer],
+            False,
+        )
 
     w0 = a.weight.detach().clone()
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """Regressions of inputs that once crashed the process or gave a silent wrong
 answer. Calls that once crashed run in a child process: a signal fails the
 test instead of the run."""
+
 import json
 import os
 import pickle
@@ -12,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-import dlrm_ops
 from dlrm_ops import checkpoint, ops
 from dlrm_ops.data import criteo
 from dlrm_ops.nn import EmbeddingBag, EmbeddingBagCollection
@@ -25,13 +25,19 @@ def L(*a):
 def run_isolated(code: str) -> subprocess.CompletedProcess:
     """Runs `code` (with torch, ops and L imported) in a child process."""
     prelude = "import torch\nfrom dlrm_ops import ops\nL = lambda *a: torch.tensor(a)\n"
-    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def raises_in_child(code: str, match: str) -> None:
-    r = run_isolated(f"try:\n{textwrap.indent(textwrap.dedent(code), '    ')}\n"
-                     f"except RuntimeError as e:\n    print('RAISED', e)\n")
+    r = run_isolated(
+        f"try:\n{textwrap.indent(textwrap.dedent(code), '    ')}\n"
+        f"except RuntimeError as e:\n    print('RAISED', e)\n"
+    )
     assert r.returncode == 0, f"child died (rc {r.returncode}): {r.stderr[-2000:]}"
     assert "RAISED" in r.stdout and match in r.stdout, r.stdout + r.stderr
 
@@ -39,23 +45,44 @@ def raises_in_child(code: str, match: str) -> None:
 # ---------------------------------------------------------------- overflow
 
 
-@pytest.mark.parametrize("call,match", [
-    ("ops.table_batched_embedding_bag(torch.zeros(257), L(2**63-2**40), L(0,257), L(2**32-1), "
-     "L(0), L(0,1))", "does not fit in weights of 257 elements"),
-    ("ops.table_batched_embedding_bag(torch.zeros(64), L(0,0,0,0,0), "
-     "L(0,2**62,-2**63,-2**62,0,8), L(0,0,0,0,1), L(0), L(0,0,0,0,0,1))", "must have dim >= 1"),
-    ("ops.quantized_table_batched_embedding_bag(torch.zeros(265, dtype=torch.uint8), "
-     "L(2**63-2**40), L(0,257), L(2**32-1), L(0), L(0,1), bits=8)",
-     "does not fit in packed of 265 bytes"),
-    ("ops.table_batched_embedding_bag(torch.zeros(80), L(2**63-50), L(0,8), L(10), L(0), L(0,1))",
-     "does not fit in weights of 80 elements"),
-    ("ops.quantized_table_batched_embedding_bag(torch.zeros(64, dtype=torch.uint8), L(0), "
-     "L(0,2**63-4), L(1), L(0), L(0,1), bits=8)", "does not fit in packed"),
-    ("ops.dot_interaction(torch.zeros(0, 1), torch.zeros(0, 1, 1).expand(0, 2**40, 1))",
-     "too many features"),
-    ("ops.dot_interaction(torch.zeros(0, 1), torch.zeros(0, 1, 1).expand(0, 2**62 - 1, 1))",
-     "too many features"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (
+            "ops.table_batched_embedding_bag(torch.zeros(257), L(2**63-2**40), L(0,257), "
+            "L(2**32-1), L(0), L(0,1))",
+            "does not fit in weights of 257 elements",
+        ),
+        (
+            "ops.table_batched_embedding_bag(torch.zeros(64), L(0,0,0,0,0), "
+            "L(0,2**62,-2**63,-2**62,0,8), L(0,0,0,0,1), L(0), L(0,0,0,0,0,1))",
+            "must have dim >= 1",
+        ),
+        (
+            "ops.quantized_table_batched_embedding_bag(torch.zeros(265, dtype=torch.uint8), "
+            "L(2**63-2**40), L(0,257), L(2**32-1), L(0), L(0,1), bits=8)",
+            "does not fit in packed of 265 bytes",
+        ),
+        (
+            "ops.table_batched_embedding_bag(torch.zeros(80), L(2**63-50), L(0,8), L(10), L(0), "
+            "L(0,1))",
+            "does not fit in weights of 80 elements",
+        ),
+        (
+            "ops.quantized_table_batched_embedding_bag(torch.zeros(64, dtype=torch.uint8), L(0), "
+            "L(0,2**63-4), L(1), L(0), L(0,1), bits=8)",
+            "does not fit in packed",
+        ),
+        (
+            "ops.dot_interaction(torch.zeros(0, 1), torch.zeros(0, 1, 1).expand(0, 2**40, 1))",
+            "too many features",
+        ),
+        (
+            "ops.dot_interaction(torch.zeros(0, 1), torch.zeros(0, 1, 1).expand(0, 2**62 - 1, 1))",
+            "too many features",
+        ),
+    ],
+)
 def test_metadata_overflow_raises(call, match):
     raises_in_child(call, match)
 
@@ -65,14 +92,27 @@ def test_metadata_overflow_raises(call, match):
 
 @pytest.mark.parametrize("where", ["indices", "offsets", "per_sample_weights", "weights_offsets"])
 def test_meta_tensor_mixed_with_cpu_raises(where):
-    args = dict(weights=torch.randn(40), weights_offsets=L(0), dim_offsets=L(0, 4), rows=L(10),
-                indices=L(1, 2), offsets=L(0, 2), per_sample_weights=torch.rand(2))
+    args = dict(
+        weights=torch.randn(40),
+        weights_offsets=L(0),
+        dim_offsets=L(0, 4),
+        rows=L(10),
+        indices=L(1, 2),
+        offsets=L(0, 2),
+        per_sample_weights=torch.rand(2),
+    )
     args[where] = args[where].to("meta")
     with pytest.raises(RuntimeError, match=f"{where} must be on the same device as weights"):
         ops.table_batched_embedding_bag(
-            args["weights"], args["weights_offsets"], args["dim_offsets"], args["rows"],
-            args["indices"], args["offsets"], per_sample_weights=args["per_sample_weights"],
-            total_dim=4)
+            args["weights"],
+            args["weights_offsets"],
+            args["dim_offsets"],
+            args["rows"],
+            args["indices"],
+            args["offsets"],
+            per_sample_weights=args["per_sample_weights"],
+            total_dim=4,
+        )
 
 
 def test_meta_tensor_mixed_in_interaction_and_quantized_raises():
@@ -80,8 +120,9 @@ def test_meta_tensor_mixed_in_interaction_and_quantized_raises():
         ops.dot_interaction(torch.zeros(2, 4), torch.zeros(2, 3, 4, device="meta"))
     packed = ops.quantize_rowwise(torch.randn(10, 4))
     with pytest.raises(RuntimeError, match="indices must be on the same device as packed"):
-        ops.quantized_table_batched_embedding_bag(packed.view(-1), L(0), L(0, 4), L(10),
-                                                  L(1).to("meta"), L(0, 1), total_dim=4)
+        ops.quantized_table_batched_embedding_bag(
+            packed.view(-1), L(0), L(0, 4), L(10), L(1).to("meta"), L(0, 1), total_dim=4
+        )
     # All on meta is fine: shapes only.
     out = ops.dot_interaction(torch.zeros(2, 4, device="meta"), torch.zeros(2, 3, 4, device="meta"))
     assert out.shape == (2, 4 + 6) and out.device.type == "meta"
@@ -102,16 +143,31 @@ def test_tables_sharing_rows():
     before = w.detach().clone()
     with pytest.raises(RuntimeError, match="share elements"):
         ops.table_batched_embedding_bag_with_optimizer(
-            w.detach(), *meta, optimizer="sgd", momentum1=torch.zeros(0),
-            momentum2=torch.zeros(0), step=L(0), hparams=torch.tensor([0.1, 0, 0, 0, 0.]).double())
+            w.detach(),
+            *meta,
+            optimizer="sgd",
+            momentum1=torch.zeros(0),
+            momentum2=torch.zeros(0),
+            step=L(0),
+            hparams=torch.tensor([0.1, 0, 0, 0, 0.0]).double(),
+        )
     assert torch.equal(w.detach(), before)
     # Partial overlap too, and tables of zero rows may sit anywhere.
     with pytest.raises(RuntimeError, match="share elements"):
         torch.ops.dlrm_ops.embedding_bag_backward_dense(
-            torch.ones(1, 8), w.detach(), L(0, 36), L(0, 4, 8), L(10, 1), L(1, 0), L(0, 1, 2), 0,
-            None)
+            torch.ones(1, 8),
+            w.detach(),
+            L(0, 36),
+            L(0, 4, 8),
+            L(10, 1),
+            L(1, 0),
+            L(0, 1, 2),
+            0,
+            None,
+        )
     g = torch.ops.dlrm_ops.embedding_bag_backward_dense(
-        torch.ones(1, 8), w.detach(), L(0, 0), L(0, 4, 8), L(10, 0), L(1), L(0, 1, 1), 0, None)
+        torch.ones(1, 8), w.detach(), L(0, 0), L(0, 4, 8), L(10, 0), L(1), L(0, 1, 1), 0, None
+    )
     assert g.sum() == 4
 
 
@@ -160,15 +216,18 @@ def test_drop_in_2d_per_sample_weights_shape():
             bag(inp, per_sample_weights=bad)
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(optimizer="sgd", lr=-1.0), "learning rate"),
-    (dict(optimizer="sgd", lr=float("nan")), "learning rate"),
-    (dict(optimizer="adagrad", eps=-1e-8), "epsilon"),
-    (dict(optimizer="adam", betas=(1.0, 0.999)), "beta parameter at index 0"),
-    (dict(optimizer="adam", betas=(0.9, -0.1)), "beta parameter at index 1"),
-    (dict(optimizer="rowwise_adagrad", weight_decay=-1.0), "weight_decay"),
-    (dict(optimizer="adagrad", lr=float("inf")), "learning rate"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(optimizer="sgd", lr=-1.0), "learning rate"),
+        (dict(optimizer="sgd", lr=float("nan")), "learning rate"),
+        (dict(optimizer="adagrad", eps=-1e-8), "epsilon"),
+        (dict(optimizer="adam", betas=(1.0, 0.999)), "beta parameter at index 0"),
+        (dict(optimizer="adam", betas=(0.9, -0.1)), "beta parameter at index 1"),
+        (dict(optimizer="rowwise_adagrad", weight_decay=-1.0), "weight_decay"),
+        (dict(optimizer="adagrad", lr=float("inf")), "learning rate"),
+    ],
+)
 def test_bad_hyperparameters_raise(kw, match):
     with pytest.raises(ValueError, match=match):
         EmbeddingBagCollection([10], 4, **kw)
@@ -189,13 +248,16 @@ def test_bad_hyperparameters_raise_in_the_op_and_setter():
 
 def test_backward_sparse_and_psw_grad_check_indices():
     g, w = torch.randn(1, 4), torch.randn(10, 4)
-    for op in (torch.ops.dlrm_ops.embedding_bag_backward_sparse,
-               torch.ops.dlrm_ops.embedding_bag_per_sample_weights_grad):
+    for op in (
+        torch.ops.dlrm_ops.embedding_bag_backward_sparse,
+        torch.ops.dlrm_ops.embedding_bag_per_sample_weights_grad,
+    ):
         for bad in (10**9, -1, 10):
             args = (g, w, L(0), L(0, 4), L(10), L(bad), L(0, 1), 0)
             with pytest.raises(RuntimeError, match=f"indices\\[0\\] = {bad} is out of range"):
-                op(*args, None) if op is torch.ops.dlrm_ops.embedding_bag_backward_sparse \
-                    else op(*args)
+                op(*args, None) if op is torch.ops.dlrm_ops.embedding_bag_backward_sparse else op(
+                    *args
+                )
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -275,16 +337,30 @@ def test_evaluate_refuses_a_crafted_checkpoint(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump(Boom(), f)
-    r = subprocess.run([sys.executable, "-m", "dlrm_ops", "evaluate", "--load-model", str(path),
-                        "--num-test-batches", "1"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dlrm_ops",
+            "evaluate",
+            "--load-model",
+            str(path),
+            "--num-test-batches",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode != 0 and "--load-model" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "pwned").exists()
 
 
 def test_save_removes_stale_temporaries(tmp_path):
     path = tmp_path / "m.pt"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     stale = tmp_path / f"m.pt.tmp.{dead}"
     stale.write_bytes(b"x" * 100)
     live = tmp_path / f"m.pt.tmp.{os.getppid()}"  # a running process's save is left alone
@@ -388,8 +464,10 @@ def test_fused_updates_run_one_at_a_time(monkeypatch):
 
     monkeypatch.setattr(ops, "_ops", Spy())
     e = EmbeddingBagCollection([10], 4, optimizer="adagrad", lr=0.1)
-    threads = [threading.Thread(target=lambda: [e(L(1), L(0, 1)).sum().backward()
-                                                for _ in range(5)]) for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: [e(L(1), L(0, 1)).sum().backward() for _ in range(5)])
+        for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:

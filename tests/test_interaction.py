@@ -1,13 +1,15 @@
 """Pairwise dot interaction against the bmm+gather reference."""
+
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dlrm_ops
 from dlrm_ops import reference
 from dlrm_ops.nn import DotInteraction, EmbeddingBagCollection
 
-from conftest import TOL, make_bags
+from utils import TOL, make_bags
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SETTINGS = [(s, o) for s in (False, True) for o in ("tril", "triu")]
@@ -21,7 +23,7 @@ def inputs(B, T, D, dtype=torch.float32, flat=False, seed=0):
 
 
 def tol(dtype, D):  # fp16/bf16 outputs round sums of D products
-    return dict(atol=TOL[dtype]["atol"] * max(1, D ** 0.5), rtol=TOL[dtype]["rtol"])
+    return dict(atol=TOL[dtype]["atol"] * max(1, D**0.5), rtol=TOL[dtype]["rtol"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -41,7 +43,8 @@ def test_orders_are_dlrm_and_torchrec_conventions():
     # tril: (1,0) (2,0) (2,1) -> 2, 0, 0 ; with self: (0,0) (1,0) (1,1) (2,0) (2,1) (2,2)
     assert dlrm_ops.dot_interaction(dense, sparse).tolist() == [[1, 0, 2, 0, 0]]
     assert dlrm_ops.dot_interaction(dense, sparse, self_interaction=True).tolist() == [
-        [1, 0, 1, 2, 4, 0, 0, 9]]
+        [1, 0, 1, 2, 4, 0, 0, 9]
+    ]
     # triu: (0,1) (0,2) (1,2)
     sparse2 = torch.tensor([[[2.0, 0.0], [1.0, 3.0]]])
     assert dlrm_ops.dot_interaction(dense, sparse2, order="triu").tolist() == [[1, 0, 2, 1, 2]]
@@ -49,8 +52,15 @@ def test_orders_are_dlrm_and_torchrec_conventions():
 
 
 @settings(max_examples=40, deadline=None)
-@given(B=st.integers(0, 9), T=st.integers(1, 40), D=st.integers(1, 70), self_i=st.booleans(),
-       order=st.sampled_from(["tril", "triu"]), flat=st.booleans(), seed=st.integers(0, 999))
+@given(
+    B=st.integers(0, 9),
+    T=st.integers(1, 40),
+    D=st.integers(1, 70),
+    self_i=st.booleans(),
+    order=st.sampled_from(["tril", "triu"]),
+    flat=st.booleans(),
+    seed=st.integers(0, 999),
+)
 def test_random_shapes(B, T, D, self_i, order, flat, seed):
     dense, sparse = inputs(B, T, D, flat=flat, seed=seed)
     out = dlrm_ops.dot_interaction(dense, sparse, self_interaction=self_i, order=order)
@@ -61,7 +71,9 @@ def test_random_shapes(B, T, D, self_i, order, flat, seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("self_interaction, order", SETTINGS)
 @pytest.mark.parametrize("flat", [False, True])
-@pytest.mark.parametrize("T, D", [(9, 24), (26, 32), (5, 64)])  # D % 16 == 0: fp32 rows used in place
+@pytest.mark.parametrize(
+    "T, D", [(9, 24), (26, 32), (5, 64)]
+)  # D % 16 == 0: fp32 rows used in place
 def test_gradients_match_reference(dtype, self_interaction, order, flat, T, D):
     B = 6
     dense, sparse = inputs(B, T, D, dtype, flat)
@@ -98,13 +110,14 @@ def test_reads_collection_output_in_place_and_strided_sparse():
         out = dlrm_ops.dot_interaction(dense, strided)
         torch.testing.assert_close(out, reference.dot_interaction(dense, strided))
         g = torch.randn_like(out)
-        got, = torch.autograd.grad(out, strided, g)
-        expect, = torch.autograd.grad(reference.dot_interaction(dense, strided), strided, g)
+        (got,) = torch.autograd.grad(out, strided, g)
+        (expect,) = torch.autograd.grad(reference.dot_interaction(dense, strided), strided, g)
         torch.testing.assert_close(got, expect)
     dense = torch.randn(5, 8)
     both = torch.randn(5, 4, 8).transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous
-    torch.testing.assert_close(dlrm_ops.dot_interaction(dense, both),
-                               reference.dot_interaction(dense, both))
+    torch.testing.assert_close(
+        dlrm_ops.dot_interaction(dense, both), reference.dot_interaction(dense, both)
+    )
 
 
 def test_inputs_not_modified():
@@ -114,20 +127,61 @@ def test_inputs_not_modified():
     assert torch.equal(dense.detach(), d0) and torch.equal(sparse.detach(), s0)
 
 
-@pytest.mark.parametrize("dense, sparse, kwargs, exc, msg", [
-    (torch.randn(2, 4), torch.randn(2, 3, 5), {}, RuntimeError,
-     r"sparse must have the dim of dense \(4\) in its last axis, got 5"),
-    (torch.randn(2, 4), torch.randn(3, 3, 4), {}, RuntimeError,
-     r"sparse must have the batch size of dense \(2\), got 3"),
-    (torch.randn(2, 4), torch.randn(2, 10), {}, RuntimeError,
-     r"sparse has 10 columns, not a multiple of the dense dim D = 4"),
-    (torch.randn(2, 4, 1), torch.randn(2, 8), {}, RuntimeError, r"dense must be 2-D, got 3-D"),
-    (torch.randn(2, 4), torch.randn(8), {}, RuntimeError, r"sparse must be \[B, T, D\] or \[B, T\*D\], got 1-D"),
-    (torch.randn(2, 4), torch.randn(2, 8).double(), {}, RuntimeError,
-     r"sparse must have the dtype of dense \(float32\), got float64"),
-    (torch.randn(2, 4), torch.randn(2, 0, 4), {}, RuntimeError, r"sparse must hold at least one feature"),
-    (torch.randn(2, 4), torch.randn(2, 8), dict(order="diag"), ValueError, r"order must be one of"),
-])
+@pytest.mark.parametrize(
+    "dense, sparse, kwargs, exc, msg",
+    [
+        (
+            torch.randn(2, 4),
+            torch.randn(2, 3, 5),
+            {},
+            RuntimeError,
+            r"sparse must have the dim of dense \(4\) in its last axis, got 5",
+        ),
+        (
+            torch.randn(2, 4),
+            torch.randn(3, 3, 4),
+            {},
+            RuntimeError,
+            r"sparse must have the batch size of dense \(2\), got 3",
+        ),
+        (
+            torch.randn(2, 4),
+            torch.randn(2, 10),
+            {},
+            RuntimeError,
+            r"sparse has 10 columns, not a multiple of the dense dim D = 4",
+        ),
+        (torch.randn(2, 4, 1), torch.randn(2, 8), {}, RuntimeError, r"dense must be 2-D, got 3-D"),
+        (
+            torch.randn(2, 4),
+            torch.randn(8),
+            {},
+            RuntimeError,
+            r"sparse must be \[B, T, D\] or \[B, T\*D\], got 1-D",
+        ),
+        (
+            torch.randn(2, 4),
+            torch.randn(2, 8).double(),
+            {},
+            RuntimeError,
+            r"sparse must have the dtype of dense \(float32\), got float64",
+        ),
+        (
+            torch.randn(2, 4),
+            torch.randn(2, 0, 4),
+            {},
+            RuntimeError,
+            r"sparse must hold at least one feature",
+        ),
+        (
+            torch.randn(2, 4),
+            torch.randn(2, 8),
+            dict(order="diag"),
+            ValueError,
+            r"order must be one of",
+        ),
+    ],
+)
 def test_bad_input(dense, sparse, kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
         dlrm_ops.dot_interaction(dense, sparse, **kwargs)
@@ -144,11 +198,15 @@ def test_module():
 def test_opcheck():
     dense, sparse = inputs(4, 6, 8)
     for self_i, order in ((False, 0), (True, 1)):
-        torch.library.opcheck(torch.ops.dlrm_ops.dot_interaction,
-                              (dense.requires_grad_(), sparse.requires_grad_(), self_i, order))
+        torch.library.opcheck(
+            torch.ops.dlrm_ops.dot_interaction,
+            (dense.requires_grad_(), sparse.requires_grad_(), self_i, order),
+        )
         grad = torch.randn(4, DotInteraction.output_dim(6, 8, self_i))
-        torch.library.opcheck(torch.ops.dlrm_ops.dot_interaction_backward,
-                              (grad, dense.detach(), sparse.detach(), self_i, order))
+        torch.library.opcheck(
+            torch.ops.dlrm_ops.dot_interaction_backward,
+            (grad, dense.detach(), sparse.detach(), self_i, order),
+        )
 
 
 def test_torch_compile_fullgraph():
@@ -189,7 +247,10 @@ def check_split_samples(order, self_interaction, T, D):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     g = torch.randn_like(out)
     d, s = dense.clone().requires_grad_(), sparse.clone().requires_grad_()
-    got = torch.autograd.grad(dlrm_ops.dot_interaction(d, s, self_interaction=self_interaction,
-                                                       order=order), (d, s), g)
-    expect = torch.autograd.grad(reference.dot_interaction(d, s, self_interaction, order), (d, s), g)
+    got = torch.autograd.grad(
+        dlrm_ops.dot_interaction(d, s, self_interaction=self_interaction, order=order), (d, s), g
+    )
+    expect = torch.autograd.grad(
+        reference.dot_interaction(d, s, self_interaction, order), (d, s), g
+    )
     torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-4)

@@ -1,19 +1,24 @@
 """Row-wise int8/int4 quantization and the pooled lookup over packed rows."""
-import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dlrm_ops
 from dlrm_ops import reference
-from dlrm_ops.nn import (EmbeddingBagCollection, QuantizedEmbeddingBag,
-                         QuantizedEmbeddingBagCollection)
+from dlrm_ops.nn import (
+    EmbeddingBagCollection,
+    QuantizedEmbeddingBag,
+    QuantizedEmbeddingBagCollection,
+)
 
-from conftest import first_bags, make_bags
+from utils import first_bags, make_bags
 
-PREPACK = {8: torch.ops.quantized.embedding_bag_byte_prepack,
-           4: torch.ops.quantized.embedding_bag_4bit_prepack}
+PREPACK = {
+    8: torch.ops.quantized.embedding_bag_byte_prepack,
+    4: torch.ops.quantized.embedding_bag_4bit_prepack,
+}
 
 
 def weights(R, D, seed=0, scale=1.0):
@@ -38,22 +43,31 @@ def test_odd_dims_8bit(D):
 
 
 @settings(max_examples=30, deadline=None)
-@given(R=st.integers(1, 40), half_d=st.integers(1, 40), bits=st.sampled_from([8, 4]),
-       seed=st.integers(0, 10_000), scale=st.sampled_from([1e-4, 1.0, 1e3]))
+@given(
+    R=st.integers(1, 40),
+    half_d=st.integers(1, 40),
+    bits=st.sampled_from([8, 4]),
+    seed=st.integers(0, 10_000),
+    scale=st.sampled_from([1e-4, 1.0, 1e3]),
+)
 def test_random_prepack_and_round_trip(R, half_d, bits, seed, scale):
     w = weights(R, 2 * half_d, seed, scale)
     packed = dlrm_ops.quantize_rowwise(w, bits)
     assert torch.equal(packed, PREPACK[bits](w))
     deq = dlrm_ops.dequantize_rowwise(packed, bits)
     # the kernel may fuse scale * q + bias into one FMA
-    torch.testing.assert_close(deq, reference.dequantize_rowwise(packed, bits),
-                               atol=1e-6 * float(w.abs().max()), rtol=1e-6)
+    torch.testing.assert_close(
+        deq, reference.dequantize_rowwise(packed, bits), atol=1e-6 * float(w.abs().max()), rtol=1e-6
+    )
     # at most half a quantization step per element (fp16 scale/bias for 4-bit)
     step = (w.max(1).values - w.min(1).values) / (255 if bits == 8 else 15)
     # 4-bit stores scale and bias in fp16: relative rounding, plus its subnormal
     # spacing 2^-24 in absolute terms (bias, and scale times up to 15)
-    slack = (1e-6 * w.abs().max(1).values if bits == 8
-             else 2e-3 * (w.abs().max(1).values + step) + 16 * 2.0 ** -24)
+    slack = (
+        1e-6 * w.abs().max(1).values
+        if bits == 8
+        else 2e-3 * (w.abs().max(1).values + step) + 16 * 2.0**-24
+    )
     assert ((deq - w).abs() <= (step / 2 + slack)[:, None] + 1e-7).all()
 
 
@@ -74,7 +88,9 @@ def test_constant_rows_are_exact(bits):
     w[1] = 0.0
     w[2] = -3.0
     assert torch.equal(dlrm_ops.quantize_rowwise(w, bits), PREPACK[bits](w))
-    torch.testing.assert_close(dlrm_ops.dequantize_rowwise(dlrm_ops.quantize_rowwise(w, bits), bits), w)
+    torch.testing.assert_close(
+        dlrm_ops.dequantize_rowwise(dlrm_ops.quantize_rowwise(w, bits), bits), w
+    )
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -133,8 +149,11 @@ def test_lookup_matches_torch_quantized_ops(bits, mode):
     packed = PREPACK[bits](w)
     indices, offsets = make_bags([200], B=16, max_len=9)
     psw = torch.rand(indices.numel()) if mode == "sum" else None
-    op = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if bits == 8
-          else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets)
+    op = (
+        torch.ops.quantized.embedding_bag_byte_rowwise_offsets
+        if bits == 8
+        else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets
+    )
     ref = op(packed, indices, offsets, False, 0, False, psw, None, True)
     if mode == "mean":  # torch's quantized CPU ops ignore `mode` and always sum
         ref = ref / (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1)
@@ -159,24 +178,29 @@ def test_empty_bags_and_odd_dim_8bit():
     offsets = torch.zeros(3 * 4 + 1, dtype=torch.int64)
     assert torch.equal(q(torch.zeros(0, dtype=torch.int64), offsets), torch.zeros(4, 9))
     indices, offsets = make_bags(q.num_embeddings, B=6, max_len=3)
-    ref = reference.table_batched_embedding_bag([q.dequantized_weight_of(t) for t in range(3)],
-                                                indices, offsets)
+    ref = reference.table_batched_embedding_bag(
+        [q.dequantized_weight_of(t) for t in range(3)], indices, offsets
+    )
     torch.testing.assert_close(q(indices, offsets), ref)
 
 
 def test_quantized_close_to_fp32_collection():
     ebc, q = qcollection(8, 64)
     indices, offsets = make_bags(q.num_embeddings, B=20, max_len=5)
-    torch.testing.assert_close(q(indices, offsets), ebc(indices, offsets).detach(),
-                               atol=0.02, rtol=0.02)
+    torch.testing.assert_close(
+        q(indices, offsets), ebc(indices, offsets).detach(), atol=0.02, rtol=0.02
+    )
 
 
 def test_bad_input():
     ebc, q = qcollection(8, 4, rows=(5, 6))
     idx = torch.tensor([0, 1, 2, 3, 4, 0, 1, 9])
     off = torch.tensor([0, 3, 5, 6, 8])
-    with pytest.raises(RuntimeError, match=r"indices\[7\] = 9 is out of range for table 1 with 6 rows "
-                                           r"\(bag 1 of table 1\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"indices\[7\] = 9 is out of range for table 1 with 6 rows "
+        r"\(bag 1 of table 1\)",
+    ):
         q(idx, off)
     with pytest.raises(RuntimeError, match=r"offsets must be non-decreasing"):
         q(idx, torch.tensor([0, 3, 2, 6, 8]))
@@ -194,15 +218,21 @@ def test_bad_input():
 
 def test_quantize_model_reports_bytes_and_matches():
     torch.manual_seed(0)
-    model = torch.nn.ModuleDict({
-        "ebc": EmbeddingBagCollection([100, 200], 16),
-        "bag": torch.nn.EmbeddingBag(50, 8, mode="sum"),
-        "ours": dlrm_ops.nn.EmbeddingBag(60, 8, mode="mean"),
-        "lin": torch.nn.Linear(4, 4)})
+    model = torch.nn.ModuleDict(
+        {
+            "ebc": EmbeddingBagCollection([100, 200], 16),
+            "bag": torch.nn.EmbeddingBag(50, 8, mode="sum"),
+            "ours": dlrm_ops.nn.EmbeddingBag(60, 8, mode="mean"),
+            "lin": torch.nn.Linear(4, 4),
+        }
+    )
     indices, offsets = make_bags([100, 200], B=4, max_len=3)
     x = torch.randint(0, 50, (4, 3))
-    expect = (model["ebc"](indices, offsets).detach(), model["bag"](x).detach(),
-              model["ours"](x).detach())
+    expect = (
+        model["ebc"](indices, offsets).detach(),
+        model["bag"](x).detach(),
+        model["ours"](x).detach(),
+    )
     report = dlrm_ops.quantize(model, bits=8)
     assert sorted(report.modules) == ["bag", "ebc", "ours"]
     assert report.bytes_before == (300 * 16 + 50 * 8 + 60 * 8) * 4
@@ -230,9 +260,24 @@ def test_opcheck_and_compile():
     w = weights(10, 16)
     torch.library.opcheck(ops.quantize_rowwise, (w, 8))
     torch.library.opcheck(ops.quantize_rowwise, (w, 4))
-    torch.library.opcheck(ops.dequantize_rowwise, (dlrm_ops.quantize_rowwise(w, 4), 4, torch.bfloat16))
-    torch.library.opcheck(ops.quantized_embedding_bag_forward,
-                          (q.packed, q.weights_offsets, q.dim_offsets, q.rows, indices, offsets, 0,
-                           torch.rand(indices.numel()), 48, 8, None))
+    torch.library.opcheck(
+        ops.dequantize_rowwise, (dlrm_ops.quantize_rowwise(w, 4), 4, torch.bfloat16)
+    )
+    torch.library.opcheck(
+        ops.quantized_embedding_bag_forward,
+        (
+            q.packed,
+            q.weights_offsets,
+            q.dim_offsets,
+            q.rows,
+            indices,
+            offsets,
+            0,
+            torch.rand(indices.numel()),
+            48,
+            8,
+            None,
+        ),
+    )
     compiled = torch.compile(q, fullgraph=True)
     torch.testing.assert_close(compiled(indices, offsets), q(indices, offsets))

@@ -1,5 +1,6 @@
 """Python's mirrors of the kernels' enums and optimizer table agree with the
 C++ ones (csrc/kernel_common.h, csrc/optimizers.h)."""
+
 from dlrm_ops import _C, ops, optimizers
 
 
@@ -15,7 +16,10 @@ def test_optimizer_table_matches_the_kernels():
     assert sorted(cpp) == sorted(optimizers.OPTIMIZERS)
     for name, spec in optimizers.OPTIMIZERS.items():
         o = cpp[name]
-        assert (o["id"], o["momentum1"], o["momentum2"]) == (spec.id, spec.momentum1,
-                                                             spec.momentum2), name
+        assert (o["id"], o["momentum1"], o["momentum2"]) == (
+            spec.id,
+            spec.momentum1,
+            spec.momentum2,
+        ), name
         assert o["hparams"] == sum(1 << p for p in spec.hparams), name
         assert ops.OPTIMIZERS[name] == spec.id

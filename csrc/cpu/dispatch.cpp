@@ -36,9 +36,12 @@ Capability capability() {
 
 const char* capability_name(Capability c) {
   switch (c) {
-    case Capability::AVX2: return "avx2";
-    case Capability::AVX512: return "avx512";
-    default: return "default";
+    case Capability::AVX2:
+      return "avx2";
+    case Capability::AVX512:
+      return "avx512";
+    default:
+      return "default";
   }
 }
 

@@ -42,6 +42,6 @@ struct Registrar {
 
 #define DLRM_CONCAT_(a, b) a##b
 #define DLRM_CONCAT(a, b) DLRM_CONCAT_(a, b)
-#define REGISTER_CPU_KERNEL(stub, fn)                                            \
+#define REGISTER_CPU_KERNEL(stub, fn)                                           \
   static ::dlrm_ops::cpu::Registrar DLRM_CONCAT(registrar_##stub##_, __LINE__)( \
       stub, ::dlrm_ops::cpu::Capability::CPU_CAPABILITY, fn)

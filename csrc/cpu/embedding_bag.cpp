@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "common.h"
-#include "embedding_bag_checks.h"
 #include "cpu/embedding_bag_kernel.h"
+#include "embedding_bag_checks.h"
 #include "lookups.h"
 
 namespace dlrm_ops {
@@ -36,7 +36,8 @@ Prepared prepare(const Tensor& weights, const Tensor& weights_offsets, const Ten
 }
 
 void check_grad_output(const Tensor& grad_output, const Tensor& weights, const Prepared& p) {
-  dlrm_ops::check_grad_output(grad_output, weights, p.args.tb.B, p.args.tb.dim_offsets[p.args.tb.T]);
+  dlrm_ops::check_grad_output(grad_output, weights, p.args.tb.B,
+                              p.args.tb.dim_offsets[p.args.tb.T]);
 }
 
 // The forward op on the kernels of Stub: embedding_bag_forward on the plain
@@ -49,8 +50,8 @@ Tensor pooled(Tensor weights, Tensor weights_offsets, Tensor dim_offsets, Tensor
   Prepared p = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
                        per_sample_weights);
   const auto& tb = p.args.tb;
-  DLRM_CHECK(total_dim == tb.dim_offsets[tb.T], "total_dim must equal dim_offsets[-1] = ",
-             tb.dim_offsets[tb.T], ", got ", total_dim);
+  DLRM_CHECK(total_dim == tb.dim_offsets[tb.T],
+             "total_dim must equal dim_offsets[-1] = ", tb.dim_offsets[tb.T], ", got ", total_dim);
   // The training forward's backward is the fused update: refuse shared rows now.
   if (&Stub == &cpu::embedding_bag_train_forward_stub) check_tables_disjoint(tb, "weights");
   Tensor out = torch::stable::new_empty(weights, {tb.B, tb.dim_offsets[tb.T]});
@@ -60,9 +61,8 @@ Tensor pooled(Tensor weights, Tensor weights_offsets, Tensor dim_offsets, Tensor
 }
 
 Tensor embedding_bag_backward_dense(Tensor grad_output, Tensor weights, Tensor weights_offsets,
-                                    Tensor dim_offsets, Tensor rows, Tensor indices,
-                                    Tensor offsets, int64_t pooling,
-                                    std::optional<Tensor> per_sample_weights) {
+                                    Tensor dim_offsets, Tensor rows, Tensor indices, Tensor offsets,
+                                    int64_t pooling, std::optional<Tensor> per_sample_weights) {
   Prepared p = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
                        per_sample_weights);
   check_grad_output(grad_output, weights, p);
@@ -87,10 +87,11 @@ Tensor embedding_bag_backward_sparse(Tensor grad_output, Tensor weights, Tensor 
   for (int64_t t = 0; t < tb.T; ++t) {
     value_offsets[t] = total;
     int64_t n;
-    DLRM_CHECK(!__builtin_mul_overflow(offset_at(p.v.lk, (t + 1) * tb.B) - offset_at(p.v.lk, t * tb.B),
-                                       tb.dim_offsets[t + 1] - tb.dim_offsets[t], &n) &&
-                   !__builtin_add_overflow(total, n, &total),
-               "the sparse gradient of weights has more than 2^63 values");
+    DLRM_CHECK(
+        !__builtin_mul_overflow(offset_at(p.v.lk, (t + 1) * tb.B) - offset_at(p.v.lk, t * tb.B),
+                                tb.dim_offsets[t + 1] - tb.dim_offsets[t], &n) &&
+            !__builtin_add_overflow(total, n, &total),
+        "the sparse gradient of weights has more than 2^63 values");
   }
   Tensor values = torch::stable::new_empty(weights, {total});
   const int64_t bad = cpu::embedding_bag_backward_sparse_stub(
@@ -103,8 +104,8 @@ Tensor embedding_bag_per_sample_weights_grad(Tensor grad_output, Tensor weights,
                                              Tensor weights_offsets, Tensor dim_offsets,
                                              Tensor rows, Tensor indices, Tensor offsets,
                                              int64_t pooling) {
-  Prepared p = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
-                       std::nullopt);
+  Prepared p =
+      prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling, std::nullopt);
   check_grad_output(grad_output, weights, p);
   Tensor grad = torch::stable::new_empty(weights, {p.v.N}, ScalarType::Float);
   const int64_t bad = cpu::embedding_bag_psw_grad_stub(p.args, grad_output.const_data_ptr(),
@@ -113,11 +114,11 @@ Tensor embedding_bag_per_sample_weights_grad(Tensor grad_output, Tensor weights,
   return grad;
 }
 
-void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
-                           Tensor momentum2, Tensor step, Tensor weights_offsets,
-                           Tensor dim_offsets, Tensor rows, Tensor indices, Tensor offsets,
-                           int64_t pooling, std::optional<Tensor> per_sample_weights,
-                           Tensor hparams, int64_t optimizer, bool stochastic_rounding) {
+void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1, Tensor momentum2,
+                           Tensor step, Tensor weights_offsets, Tensor dim_offsets, Tensor rows,
+                           Tensor indices, Tensor offsets, int64_t pooling,
+                           std::optional<Tensor> per_sample_weights, Tensor hparams,
+                           int64_t optimizer, bool stochastic_rounding) {
   Prepared p = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
                        per_sample_weights);
   check_grad_output(grad_output, weights, p);

@@ -64,8 +64,7 @@ inline void pool_block(const W* wt, int64_t D, uint64_t rows, const I* idx, cons
 // Columns [d0, D) when fewer than 16 remain.
 template <bool Weighted, typename W, typename I>
 inline void pool_tail(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* psw,
-                      int64_t start, int64_t stop, int64_t d0, float scale, W* out,
-                      int64_t& bad) {
+                      int64_t start, int64_t stop, int64_t d0, float scale, W* out, int64_t& bad) {
   float acc[16] = {};
   const int64_t n = D - d0;
   for (int64_t p = start; p < stop; ++p) {
@@ -77,9 +76,8 @@ inline void pool_tail(const W* wt, int64_t D, uint64_t rows, const I* idx, const
 }
 
 template <bool Weighted, typename W, typename I>
-void pool_bag(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* psw,
-              int64_t start, int64_t stop, int64_t table_end, float scale, W* out, bool stream,
-              int64_t& bad) {
+void pool_bag(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* psw, int64_t start,
+              int64_t stop, int64_t table_end, float scale, W* out, bool stream, int64_t& bad) {
   const int64_t d0 = for_each_column_block(D, [&](auto nv, int64_t c0) {
     pool_block<decltype(nv)::value, Weighted>(wt, D, rows, idx, psw, start, stop, table_end, c0,
                                               scale, out, stream, bad);
@@ -93,9 +91,9 @@ void pool_bag(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* 
 // column loop is unrolled (one lookup per bag on 26 cached tables of 100 x 64,
 // B=2048: 0.83 -> 0.53 ms against per-bag reloads of the table's values).
 template <bool Weighted, typename W, typename I>
-void pool_bags(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* psw,
-               const I* off, int64_t b0, int64_t b1, int64_t table_end, bool mean, W* out,
-               int64_t stride, bool stream, int64_t& bad_out) {
+void pool_bags(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* psw, const I* off,
+               int64_t b0, int64_t b1, int64_t table_end, bool mean, W* out, int64_t stride,
+               bool stream, int64_t& bad_out) {
   int64_t bad = bad_out;
   auto scale_of = [&](int64_t start, int64_t stop) {
     return pooling_scale(mean ? kMean : kSum, stop - start);
@@ -105,9 +103,9 @@ void pool_bags(const W* wt, int64_t D, uint64_t rows, const I* idx, const float*
     const bool lined = rows_on_lines(wt, 16 * NV * sizeof(W));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = off[b], stop = off[b + 1];
-      pool_block<NV, Weighted, W, I, true>(wt, 16 * NV, rows, idx, psw, start, stop, table_end,
-                                           0, scale_of(start, stop), out + b * stride, stream,
-                                           bad, lined);
+      pool_block<NV, Weighted, W, I, true>(wt, 16 * NV, rows, idx, psw, start, stop, table_end, 0,
+                                           scale_of(start, stop), out + b * stride, stream, bad,
+                                           lined);
     }
   });
   if (!unrolled) {
@@ -254,26 +252,29 @@ int64_t backward_dense(const EmbeddingBagArgs& a, const void* grad_out_ptr, void
   const int64_t D_max = max_dim(tb);
   SortedLookups s = sort_lookups<I>(tb, a.lk);
   const int64_t grain = 16384 / D_max + 1;
-  for_each_table_runs<I>(tb, a.lk, s, go, grain, [&](int64_t t, int64_t begin, int64_t end,
-                                                     const GradRows<W>& grads) {
-    const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
-    const int64_t start = off[t * tb.B];
-    W* gw_t = gw + tb.weights_offsets[t];
-    float acc_buf[256];
-    std::unique_ptr<float[]> big;
-    float* acc = acc_buf;
-    if (D > 256) {
-      big.reset(new float[D]);
-      acc = big.get();
-    }
-    for_each_run(s.entries, begin, end, [&](int64_t row, int64_t p, int64_t q) {
-      for (int64_t k = p; k < q; ++k) {
-        const auto [b, sc] = s.bag_scale(s.entries[k], a.lk, off, t, tb.B, start);
-        if (k == p) row_set(acc, grads[b], sc, D); else row_axpy(acc, grads[b], sc, D);
-      }
-      row_store(gw_t + row * D, acc, D);
-    });
-  });
+  for_each_table_runs<I>(
+      tb, a.lk, s, go, grain, [&](int64_t t, int64_t begin, int64_t end, const GradRows<W>& grads) {
+        const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
+        const int64_t start = off[t * tb.B];
+        W* gw_t = gw + tb.weights_offsets[t];
+        float acc_buf[256];
+        std::unique_ptr<float[]> big;
+        float* acc = acc_buf;
+        if (D > 256) {
+          big.reset(new float[D]);
+          acc = big.get();
+        }
+        for_each_run(s.entries, begin, end, [&](int64_t row, int64_t p, int64_t q) {
+          for (int64_t k = p; k < q; ++k) {
+            const auto [b, sc] = s.bag_scale(s.entries[k], a.lk, off, t, tb.B, start);
+            if (k == p)
+              row_set(acc, grads[b], sc, D);
+            else
+              row_axpy(acc, grads[b], sc, D);
+          }
+          row_store(gw_t + row * D, acc, D);
+        });
+      });
   return s.first_bad;
 }
 
@@ -365,18 +366,18 @@ int scan_offsets_entry(const void* off, bool int64, int64_t n) {
                : scan_offsets(static_cast<const int32_t*>(off), n);
 }
 
-#define DLRM_TYPED_ENTRY(name, ret, params, args)                                  \
-  ret name##_entry params {                                                        \
-    return dispatch_float(a.dtype, [&](auto* w) {                                  \
-      using W = std::remove_pointer_t<decltype(w)>;                                \
-      return a.lk.int64 ? name<W, int64_t> args : name<W, int32_t> args;           \
-    });                                                                            \
+#define DLRM_TYPED_ENTRY(name, ret, params, args)                        \
+  ret name##_entry params {                                              \
+    return dispatch_float(a.dtype, [&](auto* w) {                        \
+      using W = std::remove_pointer_t<decltype(w)>;                      \
+      return a.lk.int64 ? name<W, int64_t> args : name<W, int32_t> args; \
+    });                                                                  \
   }
 
 DLRM_TYPED_ENTRY(forward, int64_t, (const EmbeddingBagArgs& a, void* out), (a, out))
 DLRM_TYPED_ENTRY(train_forward, int64_t, (const EmbeddingBagArgs& a, void* out), (a, out))
-DLRM_TYPED_ENTRY(backward_dense, int64_t,
-                 (const EmbeddingBagArgs& a, const void* go, void* gw), (a, go, gw))
+DLRM_TYPED_ENTRY(backward_dense, int64_t, (const EmbeddingBagArgs& a, const void* go, void* gw),
+                 (a, go, gw))
 DLRM_TYPED_ENTRY(backward_sparse, int64_t,
                  (const EmbeddingBagArgs& a, const void* go, const int64_t* vo, void* v),
                  (a, go, vo, v))

@@ -34,11 +34,11 @@ using BackwardDenseFn = int64_t (*)(const EmbeddingBagArgs&, const void* grad_ou
 // value_offsets[t] of values (the values of a sparse COO gradient). Returns
 // the position of the first index out of range for its table, or -1.
 using BackwardSparseFn = int64_t (*)(const EmbeddingBagArgs&, const void* grad_out,
-                                  const int64_t* value_offsets, void* values);
+                                     const int64_t* value_offsets, void* values);
 // d loss / d per_sample_weights[i] = <grad_out[bag(i)], weights[row(i)]>;
 // returns as BackwardSparseFn.
 using PerSampleWeightsGradFn = int64_t (*)(const EmbeddingBagArgs&, const void* grad_out,
-                                        float* grad_psw);
+                                           float* grad_psw);
 
 // The optimizer fused into the backward: every touched row gets its summed
 // gradient and the rule of `optimizer` (csrc/optimizers.h), in place.
@@ -51,8 +51,8 @@ struct UpdateArgs {
   const int64_t* row_offsets;  // [T] first state row of table t
   int64_t optimizer;
   Hyper h;
-  int64_t step;               // after this update's increment (rounding seed)
-  bool stochastic_rounding;   // fp16/bf16 weights
+  int64_t step;              // after this update's increment (rounding seed)
+  bool stochastic_rounding;  // fp16/bf16 weights
 };
 // Returns the first out-of-range index position, or -1 (then nothing was written).
 using UpdateFn = int64_t (*)(const UpdateArgs&);

@@ -33,7 +33,9 @@ constexpr int64_t kPrefetchGrads = 12;
 template <typename W>
 W round_stochastic(float v, uint32_t u);
 template <>
-float round_stochastic<float>(float v, uint32_t) { return v; }
+float round_stochastic<float>(float v, uint32_t) {
+  return v;
+}
 template <>
 bf16 round_stochastic<bf16>(float v, uint32_t u) {
   uint16_t bits;
@@ -75,8 +77,8 @@ bool in_place(const UpdateArgs& a, Optimizer optimizer) {
 // D values), wf scratch for the fp32 weights.
 template <typename Rule, typename W>
 __attribute__((always_inline)) inline void apply_rule(const UpdateArgs& a, W* w, float* g,
-                                                       float* wf, int64_t D, int64_t elem0,
-                                                       int64_t state_row) {
+                                                      float* wf, int64_t D, int64_t elem0,
+                                                      int64_t state_row) {
   const Hyper& h = a.h;
   for (int64_t d = 0; d < D; ++d) wf[d] = to_float(w[d]);
   if (h.weight_decay != 0.f) {
@@ -105,8 +107,8 @@ __attribute__((always_inline)) inline void apply_rule(const UpdateArgs& a, W* w,
 // wf scratch for the fp32 weights.
 template <typename W>
 __attribute__((always_inline)) inline void update_row(const UpdateArgs& a, W* w, float* g,
-                                                       float* wf, int64_t D, int64_t elem0,
-                                                       int64_t state_row) {
+                                                      float* wf, int64_t D, int64_t elem0,
+                                                      int64_t state_row) {
   if constexpr (std::is_same_v<W, float>) {
     if (in_place<W>(a, kSGD)) {
       const float lr = a.h.lr;
@@ -114,9 +116,8 @@ __attribute__((always_inline)) inline void update_row(const UpdateArgs& a, W* w,
       return;
     }
   }
-  with_rule(a.optimizer, [&](auto rule) {
-    apply_rule<decltype(rule)>(a, w, g, wf, D, elem0, state_row);
-  });
+  with_rule(a.optimizer,
+            [&](auto rule) { apply_rule<decltype(rule)>(a, w, g, wf, D, elem0, state_row); });
 }
 
 // How the register path applies a run's summed gradient: fp32 SGD or
@@ -148,8 +149,9 @@ void register_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64
   // the weights', a per-row entry as one line.
   const StateLayout ls = state_layout(a.optimizer);
   const bool m1_rows = ls.m1 == State::kElement, m2_rows = ls.m2 == State::kElement;
-  float* const row_state = ls.m1 == State::kRow ? a.momentum1
-                           : ls.m2 == State::kRow ? a.momentum2 : nullptr;
+  float* const row_state = ls.m1 == State::kRow   ? a.momentum1
+                           : ls.m2 == State::kRow ? a.momentum2
+                                                  : nullptr;
   // Rows of compile-time size: `lined` when every row starts a line (prefetch_row_of).
   const bool lined = rows_on_lines(w + elem_base, kRowBytes);
   const bool state_lined = m1_rows && rows_on_lines(a.momentum1 + elem_base, kStateBytes);
@@ -183,14 +185,18 @@ void register_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64
         prefetch_row_of<3, kRowBytes>(grads[SortedLookups::low(ahead)], grads_lined);
         const W* x = grads[SortedLookups::low(e[q])];
 #pragma GCC unroll 8
-        for (int j = 0; j < NV; ++j) acc[j] = q == p ? load16(x + 16 * j) : acc[j] + load16(x + 16 * j);
+        for (int j = 0; j < NV; ++j)
+          acc[j] = q == p ? load16(x + 16 * j) : acc[j] + load16(x + 16 * j);
       } else {
         prefetch_row_of<3, kRowBytes>(grads[s.bag_of(ahead, start)], grads_lined);
         const auto [b, sc] = s.bag_scale(e[q], lk, off, t, B, start);
         const W* x = grads[b];
 #pragma GCC unroll 8
         for (int j = 0; j < NV; ++j) {
-          if (q == p) acc[j] = sc * load16(x + 16 * j); else acc[j] += sc * load16(x + 16 * j);
+          if (q == p)
+            acc[j] = sc * load16(x + 16 * j);
+          else
+            acc[j] += sc * load16(x + 16 * j);
         }
       }
     }
@@ -220,7 +226,8 @@ void register_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64
     if constexpr (A == Apply::kSgd) {  // Sgd::apply, on the registers
       float* wr = w + elem0;
 #pragma GCC unroll 8
-      for (int j = 0; j < NV; ++j) store16(wr + 16 * j, sub_scaled(load16(wr + 16 * j), lr, acc[j]));
+      for (int j = 0; j < NV; ++j)
+        store16(wr + 16 * j, sub_scaled(load16(wr + 16 * j), lr, acc[j]));
     } else if constexpr (A == Apply::kRowwise) {  // RowwiseAdagrad, on the registers
       // The sum of squares through row_dot: the same dot in registers was
       // contracted differently by the compiler (1 ulp off in some rows).
@@ -231,7 +238,8 @@ void register_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64
       const float step = RowwiseAdagrad::row_coef(a.h, *st);
       float* wr = w + elem0;
 #pragma GCC unroll 8
-      for (int j = 0; j < NV; ++j) store16(wr + 16 * j, sub_scaled(load16(wr + 16 * j), step, acc[j]));
+      for (int j = 0; j < NV; ++j)
+        store16(wr + 16 * j, sub_scaled(load16(wr + 16 * j), step, acc[j]));
     } else {
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) store16(g + 16 * j, acc[j]);
@@ -261,8 +269,8 @@ void register_update(const UpdateArgs& a, const SortedLookups& s, int64_t t, int
 // Updates the runs [begin, end) of table t's sorted entries, any D: each
 // run's gradient summed through a stack buffer.
 template <typename W, typename I>
-void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t begin,
-                 int64_t end, const GradRows<W>& grads) {
+void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t begin, int64_t end,
+                 const GradRows<W>& grads) {
   const TableBatch& tb = a.eb.tb;
   const HostLookups& lk = a.eb.lk;
   const I* off = static_cast<const I*>(lk.offsets);
@@ -274,8 +282,9 @@ void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t
   const uint64_t* e = s.entries;
   const StateLayout ls = state_layout(a.optimizer);
   const bool m1_rows = ls.m1 == State::kElement, m2_rows = ls.m2 == State::kElement;
-  float* const row_state = ls.m1 == State::kRow ? a.momentum1
-                           : ls.m2 == State::kRow ? a.momentum2 : nullptr;
+  float* const row_state = ls.m1 == State::kRow   ? a.momentum1
+                           : ls.m2 == State::kRow ? a.momentum2
+                                                  : nullptr;
   float g_buf[256], wf_buf[256];
   std::unique_ptr<float[]> heap;
   float* g = g_buf;
@@ -306,7 +315,10 @@ void update_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t
     }
     for (int64_t k = p; k < q; ++k) {
       const auto [b, sc] = s.bag_scale(e[k], lk, off, t, B, start);
-      if (k == p) row_set(g, grads[b], sc, D); else row_axpy(g, grads[b], sc, D);
+      if (k == p)
+        row_set(g, grads[b], sc, D);
+      else
+        row_axpy(g, grads[b], sc, D);
     }
     const int64_t elem0 = elem_base + row * D;
     update_row(a, w + elem0, g, wf, D, elem0, state_base + row);
@@ -329,12 +341,12 @@ int64_t update(const UpdateArgs& a) {
   const int64_t grain = 16384 / max_dim(tb) + 1;
   for_each_table_runs<I>(tb, a.eb.lk, s, static_cast<const W*>(a.grad_out), grain,
                          [&](int64_t t, int64_t begin, int64_t end, const GradRows<W>& grads) {
-    const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
-    const bool unrolled = with_one_block(D, [&](auto nv) {
-      register_update<decltype(nv)::value, W, I>(a, s, t, begin, end, grads);
-    });
-    if (!unrolled) update_runs<W, I>(a, s, t, begin, end, grads);
-  });
+                           const int64_t D = tb.dim_offsets[t + 1] - tb.dim_offsets[t];
+                           const bool unrolled = with_one_block(D, [&](auto nv) {
+                             register_update<decltype(nv)::value, W, I>(a, s, t, begin, end, grads);
+                           });
+                           if (!unrolled) update_runs<W, I>(a, s, t, begin, end, grads);
+                         });
   return -1;
 }
 

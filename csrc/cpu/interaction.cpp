@@ -13,7 +13,7 @@ namespace dlrm_ops {
 namespace {
 
 InteractionArgs prepare(const Tensor& dense, const Tensor& sparse, bool self_interaction,
-                             int64_t order, Tensor& sparse_c) {
+                        int64_t order, Tensor& sparse_c) {
   check_cpu(dense, "dense");
   return check_interaction(dense, sparse, self_interaction, order, sparse_c);
 }
@@ -27,9 +27,8 @@ Tensor dot_interaction(Tensor dense, Tensor sparse, bool self_interaction, int64
   return out;
 }
 
-std::tuple<Tensor, Tensor> dot_interaction_backward(Tensor grad_output, Tensor dense,
-                                                    Tensor sparse, bool self_interaction,
-                                                    int64_t order) {
+std::tuple<Tensor, Tensor> dot_interaction_backward(Tensor grad_output, Tensor dense, Tensor sparse,
+                                                    bool self_interaction, int64_t order) {
   Tensor sparse_c;
   InteractionArgs a = prepare(dense, sparse, self_interaction, order, sparse_c);
   Tensor go = check_interaction_grad(grad_output, dense, a);

@@ -37,8 +37,8 @@ struct Scratch {
   // X [Fp, Dp] (rows past F zero), XT [Dp, Fp], Z (or S) [F4, Fp]
   float *X, *XT, *Z;
   std::unique_ptr<const float*[]> rows;  // row f of the features (X or the fp32 input)
-  Scratch(int64_t F_, int64_t D) : F(F_), F4(round_up(F_, kRows)), Fp(round_up(F_, 16)),
-                                   Dp(round_up(D, 16)) {
+  Scratch(int64_t F_, int64_t D)
+      : F(F_), F4(round_up(F_, kRows)), Fp(round_up(F_, 16)), Dp(round_up(D, 16)) {
     const int64_t n = Fp * Dp + Dp * Fp + F4 * Fp + 16;  // + 16: whole-vector reads of Z's last row
     buf.reset(new float[n]());
     X = buf.get();
@@ -112,10 +112,18 @@ inline void micro_gemm(const ARow& arow, const BRow& brow, int64_t K, const CRow
 template <typename... Args>
 inline void micro_gemm_nv(int64_t nv, Args&&... args) {
   switch (nv) {
-    case 1: micro_gemm<1>(args...); break;
-    case 2: micro_gemm<2>(args...); break;
-    case 3: micro_gemm<3>(args...); break;
-    default: micro_gemm<4>(args...); break;
+    case 1:
+      micro_gemm<1>(args...);
+      break;
+    case 2:
+      micro_gemm<2>(args...);
+      break;
+    case 3:
+      micro_gemm<3>(args...);
+      break;
+    default:
+      micro_gemm<4>(args...);
+      break;
   }
 }
 
@@ -186,7 +194,8 @@ void transpose(Scratch& s) {
 template <int M>
 inline void reduce_round(vf16* v, vi16 lo, vi16 hi) {
 #pragma GCC unroll 8
-  for (int k = 0; k < M; ++k) v[k] = __builtin_shuffle(v[k], v[k + M], lo) + __builtin_shuffle(v[k], v[k + M], hi);
+  for (int k = 0; k < M; ++k)
+    v[k] = __builtin_shuffle(v[k], v[k + M], lo) + __builtin_shuffle(v[k], v[k + M], hi);
 }
 
 // Lane k of the result is the sum of acc[k]'s lanes. Inlined, so the sixteen
@@ -270,9 +279,14 @@ void gram(Scratch& s, int64_t order) {
       for (int64_t j0 = jb; j0 < je; j0 += 4) {
         const bool diag = j0 == i0;
         switch (s.Dp) {
-          case 64: diag ? dot_block<true, 4>(s, i0, j0) : dot_block<false, 4>(s, i0, j0); break;
-          case 128: diag ? dot_block<true, 8>(s, i0, j0) : dot_block<false, 8>(s, i0, j0); break;
-          default: diag ? dot_block<true, 0>(s, i0, j0) : dot_block<false, 0>(s, i0, j0);
+          case 64:
+            diag ? dot_block<true, 4>(s, i0, j0) : dot_block<false, 4>(s, i0, j0);
+            break;
+          case 128:
+            diag ? dot_block<true, 8>(s, i0, j0) : dot_block<false, 8>(s, i0, j0);
+            break;
+          default:
+            diag ? dot_block<true, 0>(s, i0, j0) : dot_block<false, 0>(s, i0, j0);
         }
       }
     }
@@ -287,8 +301,9 @@ void gram(Scratch& s, int64_t order) {
       const int64_t nv = (std::min<int64_t>(jend - j0, 16 * kVectors) + 15) / 16;
       // Z[i][j] = <X[i], X[j]> = sum_d X[i][d] XT[d][j]
       micro_gemm_nv(
-          nv, [&](int r) { return s.rows[i0 + r]; }, [&](int64_t d) { return s.XT + d * s.Fp + j0; },
-          s.Dp, [&](int r) { return s.Z + (i0 + r) * s.Fp + j0; });
+          nv, [&](int r) { return s.rows[i0 + r]; },
+          [&](int64_t d) { return s.XT + d * s.Fp + j0; }, s.Dp,
+          [&](int r) { return s.Z + (i0 + r) * s.Fp + j0; });
     }
   }
 }
@@ -329,7 +344,8 @@ void forward(const InteractionArgs& a, void* out_ptr) {
                           if (p + round_up(n, 16) > P) {
                             row_store(pairs + p, z, n);
                           } else {
-                            for (int64_t k = 0; k < n; k += 16) store16(pairs + p + k, load16(z + k));
+                            for (int64_t k = 0; k < n; k += 16)
+                              store16(pairs + p + k, load16(z + k));
                           }
                         });
     }
@@ -386,7 +402,8 @@ void backward(const InteractionArgs& a, const void* grad_out_ptr, void* grad_den
         }
       }
       const T* gdense = go + b * width;
-      for (int64_t d = 0; d < a.D; ++d) gd[b * a.D + d] = from_float<T>(to_float(gdense[d]) + dX[d]);
+      for (int64_t d = 0; d < a.D; ++d)
+        gd[b * a.D + d] = from_float<T>(to_float(gdense[d]) + dX[d]);
       if (!in_place) {
         for (int64_t t = 0; t < a.T; ++t) row_store(gsb + t * a.D, dX.get() + (t + 1) * s.Dp, a.D);
       }
@@ -398,7 +415,8 @@ void forward_entry(const InteractionArgs& a, void* out) {
   dispatch_float(a.dtype, [&](auto* p) { forward<std::remove_pointer_t<decltype(p)>>(a, out); });
 }
 void backward_entry(const InteractionArgs& a, const void* go, void* gd, void* gs) {
-  dispatch_float(a.dtype, [&](auto* p) { backward<std::remove_pointer_t<decltype(p)>>(a, go, gd, gs); });
+  dispatch_float(a.dtype,
+                 [&](auto* p) { backward<std::remove_pointer_t<decltype(p)>>(a, go, gd, gs); });
 }
 
 }  // namespace

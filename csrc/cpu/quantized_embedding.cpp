@@ -7,8 +7,8 @@
 #include <vector>
 
 #include "common.h"
-#include "lookups.h"
 #include "cpu/quantized_embedding_kernel.h"
+#include "lookups.h"
 #include "quantized_checks.h"
 
 namespace dlrm_ops {
@@ -37,17 +37,16 @@ Tensor dequantize_rowwise(Tensor packed, int64_t bits, std::optional<ScalarType>
 }
 
 Tensor quantized_embedding_bag_forward(Tensor packed, Tensor weights_offsets, Tensor dim_offsets,
-                                       Tensor rows, Tensor indices, Tensor offsets,
-                                       int64_t pooling, std::optional<Tensor> per_sample_weights,
-                                       int64_t total_dim, int64_t bits,
-                                       std::optional<ScalarType> output_dtype) {
+                                       Tensor rows, Tensor indices, Tensor offsets, int64_t pooling,
+                                       std::optional<Tensor> per_sample_weights, int64_t total_dim,
+                                       int64_t bits, std::optional<ScalarType> output_dtype) {
   check_cpu(packed, "packed");
   const ScalarType out_t = check_packed_tables(packed, bits, output_dtype);
   ValidatedLookups v = validate_lookups(packed, "packed", weights_offsets, dim_offsets, rows,
                                         indices, offsets, pooling, per_sample_weights);
   const auto& tb = v.tb;
-  DLRM_CHECK(tb.dim_offsets[tb.T] == total_dim, "total_dim must equal dim_offsets[-1] = ",
-             tb.dim_offsets[tb.T], ", got ", total_dim);
+  DLRM_CHECK(tb.dim_offsets[tb.T] == total_dim,
+             "total_dim must equal dim_offsets[-1] = ", tb.dim_offsets[tb.T], ", got ", total_dim);
   check_tables_fit(tb, packed.numel(), bits, "packed");
   cpu::QuantizedBagArgs args{tb, v.lk, packed.const_data_ptr<uint8_t>(), bits, out_t};
   Tensor out = torch::stable::new_empty(packed, {tb.B, total_dim}, out_t);

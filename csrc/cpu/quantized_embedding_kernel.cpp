@@ -168,7 +168,8 @@ void quantize_row8(const T* x, int64_t D, uint8_t* out) {
   }
 #endif
   for (; d < D; ++d) {
-    out[d] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint((to_float(x[d]) - mn) * inv)));
+    out[d] =
+        static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint((to_float(x[d]) - mn) * inv)));
   }
   std::memcpy(out + D, &scale, 4);
   std::memcpy(out + D + 4, &mn, 4);
@@ -213,7 +214,8 @@ void quantize_row4(const T* x, int64_t D, uint8_t* out) {
   for (int32_t q[16]; d + 16 <= D; d += 16) {
     round16(x + d, mn, inv, q);
     for (int k = 0; k < 16; ++k) q[k] = std::clamp(q[k], 0, 15);
-    for (int k = 0; k < 8; ++k) out[d / 2 + k] = static_cast<uint8_t>(q[2 * k] | (q[2 * k + 1] << 4));
+    for (int k = 0; k < 8; ++k)
+      out[d / 2 + k] = static_cast<uint8_t>(q[2 * k] | (q[2 * k + 1] << 4));
   }
 #endif
   for (; d < D; d += 2) {
@@ -233,8 +235,10 @@ void quantize(const void* weight, int64_t R, int64_t D, int64_t bits, uint8_t* p
   const int64_t stride = packed_row_bytes(D, bits);
   torch::stable::parallel_for(0, R, std::max<int64_t>(1, 16384 / D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      if (bits == 8) quantize_row8(w + r * D, D, packed + r * stride);
-      else quantize_row4(w + r * D, D, packed + r * stride);
+      if (bits == 8)
+        quantize_row8(w + r * D, D, packed + r * stride);
+      else
+        quantize_row4(w + r * D, D, packed + r * stride);
     }
   });
 }
@@ -256,7 +260,10 @@ void dequantize(const uint8_t* packed, int64_t R, int64_t D, int64_t bits, void*
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* row = packed + r * stride;
       float scale, bias;
-      if (bits == 8) scale_bias<8>(row, D, scale, bias); else scale_bias<4>(row, D, scale, bias);
+      if (bits == 8)
+        scale_bias<8>(row, D, scale, bias);
+      else
+        scale_bias<4>(row, D, scale, bias);
       for (int64_t d = 0; d < D; ++d) {
         out[r * D + d] = from_float<T>(scale * static_cast<float>(q_at(row, d, bits)) + bias);
       }
@@ -293,13 +300,14 @@ inline WeightedRow weighted_row(const uint8_t* table, int64_t D, int64_t stride,
 template <int64_t Bits, int NV, typename I>
 inline void qpool_block(const uint8_t* table, int64_t D, int64_t stride, uint64_t rows,
                         const I* idx, const float* psw, int64_t start, int64_t stop,
-                        int64_t table_end, int64_t d0, float scale_out, float* out,
-                        bool stream, int64_t& bad) {
+                        int64_t table_end, int64_t d0, float scale_out, float* out, bool stream,
+                        int64_t& bad) {
   vf16 acc[NV] = {};
   float bias_sum = 0.f;
   for (int64_t p = start; p < stop; ++p) {
     if (d0 == 0 && p + kPrefetchQuantizedLookups < table_end) {
-      const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[p + kPrefetchQuantizedLookups]));
+      const uint64_t r =
+          static_cast<uint64_t>(static_cast<int64_t>(idx[p + kPrefetchQuantizedLookups]));
       if (r < rows) prefetch_row<2>(table + r * stride, stride);
     }
     const uint64_t r = checked_row(idx, p, rows, d0 == 0, bad);
@@ -322,9 +330,9 @@ inline void qpool_block(const uint8_t* table, int64_t D, int64_t stride, uint64_
 }
 
 template <int64_t Bits, typename I>
-inline void qpool_tail(const uint8_t* table, int64_t D, int64_t stride, uint64_t rows,
-                       const I* idx, const float* psw, int64_t start, int64_t stop, int64_t d0,
-                       float scale_out, float* out, int64_t& bad) {
+inline void qpool_tail(const uint8_t* table, int64_t D, int64_t stride, uint64_t rows, const I* idx,
+                       const float* psw, int64_t start, int64_t stop, int64_t d0, float scale_out,
+                       float* out, int64_t& bad) {
   float acc[16] = {};
   float bias_sum = 0.f;
   const int64_t n = D - d0;
@@ -333,7 +341,8 @@ inline void qpool_tail(const uint8_t* table, int64_t D, int64_t stride, uint64_t
     if (r == kBadRow) continue;
     const WeightedRow w = weighted_row<Bits>(table, D, stride, r, psw, p);
     bias_sum += w.bias;
-    for (int64_t k = 0; k < n; ++k) acc[k] += w.scale * static_cast<float>(q_at(w.row, d0 + k, Bits));
+    for (int64_t k = 0; k < n; ++k)
+      acc[k] += w.scale * static_cast<float>(q_at(w.row, d0 + k, Bits));
   }
   for (int64_t k = 0; k < n; ++k) out[d0 + k] = (acc[k] + bias_sum) * scale_out;
 }
@@ -344,8 +353,8 @@ void qpool_bag(const uint8_t* table, int64_t D, uint64_t rows, const I* idx, con
                bool stream, int64_t& bad) {
   const int64_t stride = packed_row_bytes(D, Bits);
   const int64_t d0 = for_each_column_block(D, [&](auto nv, int64_t c0) {
-    qpool_block<Bits, decltype(nv)::value>(table, D, stride, rows, idx, psw, start, stop,
-                                           table_end, c0, scale_out, out, stream, bad);
+    qpool_block<Bits, decltype(nv)::value>(table, D, stride, rows, idx, psw, start, stop, table_end,
+                                           c0, scale_out, out, stream, bad);
   });
   if (d0 < D) {
     qpool_tail<Bits>(table, D, stride, rows, idx, psw, start, stop, d0, scale_out, out, bad);
@@ -372,7 +381,10 @@ int64_t qforward(const QuantizedBagArgs& a, void* out_ptr) {
       const float scale_out = pooling_scale(a.lk.pooling, stop - start);
       O* out_row = out + b * total_D + tb.dim_offsets[t];
       float* acc;
-      if constexpr (std::is_same_v<O, float>) acc = out_row; else acc = acc_buf.get();
+      if constexpr (std::is_same_v<O, float>)
+        acc = out_row;
+      else
+        acc = acc_buf.get();
       const uint8_t* table = a.packed + tb.weights_offsets[t];
       const int64_t table_end = off[(t + 1) * tb.B];
       const uint64_t rows = static_cast<uint64_t>(tb.rows[t]);

@@ -20,8 +20,8 @@ namespace dlrm_ops::cpu {
 using QuantizeFn = void (*)(const void* weight, ScalarType dtype, int64_t R, int64_t D,
                             int64_t bits, uint8_t* packed);
 // packed -> out [R, D] (dtype).
-using DequantizeFn = void (*)(const uint8_t* packed, int64_t R, int64_t D, int64_t bits,
-                              void* out, ScalarType dtype);
+using DequantizeFn = void (*)(const uint8_t* packed, int64_t R, int64_t D, int64_t bits, void* out,
+                              ScalarType dtype);
 // Pooled lookup over packed tables: TableBatch.weights_offsets are byte
 // offsets into `packed`; output [B, total_D] in out_dtype. Returns the first
 // out-of-range index position or -1.

@@ -193,7 +193,8 @@ inline ForwardSorted& forward_sorted() {
 // A buffer for the sort of the N lookups lk of tables tb, held for the next
 // update, and one for a copy of their indices (sort_rows writes both).
 template <typename I>
-std::pair<uint64_t*, I*> keep_forward_sorted(const TableBatch& tb, const HostLookups& lk, int64_t N) {
+std::pair<uint64_t*, I*> keep_forward_sorted(const TableBatch& tb, const HostLookups& lk,
+                                             int64_t N) {
   ForwardSorted& f = forward_sorted();
   if (f.words < N) {
     f.entries.reset(new uint64_t[N]);
@@ -284,7 +285,10 @@ void for_each_table_runs(const TableBatch& tb, const HostLookups& lk, const Sort
     int64_t lo = 0, hi = T - 1;
     while (lo < hi) {
       const int64_t mid = (lo + hi + 1) / 2;
-      if (static_cast<int64_t>(off[mid * B]) <= p) lo = mid; else hi = mid - 1;
+      if (static_cast<int64_t>(off[mid * B]) <= p)
+        lo = mid;
+      else
+        hi = mid - 1;
     }
     return lo;
   };

@@ -40,9 +40,13 @@ inline float to_float(bf16 v) {
 template <typename T>
 inline T from_float(float v);
 template <>
-inline float from_float<float>(float v) { return v; }
+inline float from_float<float>(float v) {
+  return v;
+}
 template <>
-inline fp16 from_float<fp16>(float v) { return static_cast<fp16>(v); }
+inline fp16 from_float<fp16>(float v) {
+  return static_cast<fp16>(v);
+}
 template <>
 inline bf16 from_float<bf16>(float v) {
   // Round to nearest even, as c10::BFloat16; NaN stays a quiet NaN.
@@ -122,9 +126,12 @@ template <typename F>
 inline auto dispatch_float(torch::headeronly::ScalarType t, F&& f) {
   using torch::headeronly::ScalarType;
   switch (t) {
-    case ScalarType::Half: return f(static_cast<fp16*>(nullptr));
-    case ScalarType::BFloat16: return f(static_cast<bf16*>(nullptr));
-    default: return f(static_cast<float*>(nullptr));
+    case ScalarType::Half:
+      return f(static_cast<fp16*>(nullptr));
+    case ScalarType::BFloat16:
+      return f(static_cast<bf16*>(nullptr));
+    default:
+      return f(static_cast<float*>(nullptr));
   }
 }
 
@@ -171,16 +178,26 @@ inline vf16 splat(float s) {
   for (int k = 0; k < vf16::kParts; ++k) r.part[k] = vfn{} + s;
   return r;
 }
-inline vf16 operator+(vf16 a, vf16 b) { return per_part(a, b, [](vfn x, vfn y) { return x + y; }); }
-inline vf16 operator-(vf16 a, vf16 b) { return per_part(a, b, [](vfn x, vfn y) { return x - y; }); }
-inline vf16 operator*(vf16 a, vf16 b) { return per_part(a, b, [](vfn x, vfn y) { return x * y; }); }
+inline vf16 operator+(vf16 a, vf16 b) {
+  return per_part(a, b, [](vfn x, vfn y) { return x + y; });
+}
+inline vf16 operator-(vf16 a, vf16 b) {
+  return per_part(a, b, [](vfn x, vfn y) { return x - y; });
+}
+inline vf16 operator*(vf16 a, vf16 b) {
+  return per_part(a, b, [](vfn x, vfn y) { return x * y; });
+}
 inline vf16 operator+(vf16 a, float s) { return a + splat(s); }
 inline vf16 operator-(vf16 a, float s) { return a - splat(s); }
 inline vf16 operator*(vf16 a, float s) { return a * splat(s); }
 inline vf16 operator*(float s, vf16 a) { return splat(s) * a; }
 inline vf16& operator+=(vf16& a, vf16 b) { return a = a + b; }
-inline vf16 vmin(vf16 a, vf16 b) { return per_part(a, b, [](vfn x, vfn y) { return x < y ? x : y; }); }
-inline vf16 vmax(vf16 a, vf16 b) { return per_part(a, b, [](vfn x, vfn y) { return x > y ? x : y; }); }
+inline vf16 vmin(vf16 a, vf16 b) {
+  return per_part(a, b, [](vfn x, vfn y) { return x < y ? x : y; });
+}
+inline vf16 vmax(vf16 a, vf16 b) {
+  return per_part(a, b, [](vfn x, vfn y) { return x > y ? x : y; });
+}
 #endif
 
 inline vf16 load16(const float* p) {
@@ -290,8 +307,9 @@ inline void store16(fp16* p, vf16 v) {
                       _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #elif defined(__AVX2__)
   for (int k = 0; k < 2; ++k) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8 * k),
-                     _mm256_cvtps_ph((__m256)v.part[k], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm_storeu_si128(
+        reinterpret_cast<__m128i*>(p + 8 * k),
+        _mm256_cvtps_ph((__m256)v.part[k], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 #else
   for (int k = 0; k < 16; ++k) p[k] = static_cast<fp16>(v[k]);
@@ -342,8 +360,10 @@ constexpr int kMaxBlockVectors = 4;
 template <int N = kMaxBlockVectors, typename F>
 inline void with_vector_count(int64_t n, const F& f) {
   if constexpr (N >= 1) {
-    if (n == N) f(std::integral_constant<int, N>{});
-    else with_vector_count<N - 1>(n, f);
+    if (n == N)
+      f(std::integral_constant<int, N>{});
+    else
+      with_vector_count<N - 1>(n, f);
   }
 }
 

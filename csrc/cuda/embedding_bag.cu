@@ -8,11 +8,11 @@
 // than kLongRun times goes to a block whose warps sum slices of it, added in
 // a fixed order. Gradients and updates are deterministic: the same on every
 // run, and in the CPU's summation order for rows of at most kLongRun lookups.
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_run_length_encode.cuh>
 #include <cub/device/device_scan.cuh>
-#include <torch/csrc/stable/library.h>
-#include <torch/csrc/stable/ops.h>
 
 #include <optional>
 
@@ -46,12 +46,13 @@ template <typename I>
 __device__ __forceinline__ BagInfo bag_info(const LookupView& v, int64_t bag) {
   const int64_t t = bag / v.B;
   const int64_t d0 = v.dim_offsets[t];
-  return {t, bag % v.B, d0, v.dim_offsets[t + 1] - d0, offset_at<I>(v, bag), offset_at<I>(v, bag + 1)};
+  return {
+      t, bag % v.B, d0, v.dim_offsets[t + 1] - d0, offset_at<I>(v, bag), offset_at<I>(v, bag + 1)};
 }
 
 template <typename T, typename I>
 __global__ void __launch_bounds__(kThreads)
-forward_kernel(LookupView v, const T* __restrict__ w, T* __restrict__ out, int64_t out_stride) {
+    forward_kernel(LookupView v, const T* __restrict__ w, T* __restrict__ out, int64_t out_stride) {
   const int64_t bag = warp_id();
   if (bag >= v.T * v.B) return;
   const int lane = threadIdx.x % kWarp;
@@ -98,7 +99,8 @@ template <typename I>
 __global__ void bag_of_kernel(LookupView v, int32_t* bag_of) {
   const int64_t bag = warp_id();
   if (bag >= v.T * v.B) return;
-  for (int64_t l = offset_at<I>(v, bag) + threadIdx.x % kWarp; l < offset_at<I>(v, bag + 1); l += kWarp) {
+  for (int64_t l = offset_at<I>(v, bag) + threadIdx.x % kWarp; l < offset_at<I>(v, bag + 1);
+       l += kWarp) {
     bag_of[l] = static_cast<int32_t>(bag);
   }
 }
@@ -203,10 +205,12 @@ struct RunView {
   int32_t* long_runs;
 };
 RunView view(const Runs& r) {
-  return {r.bag.const_data_ptr<int32_t>(), r.scale.const_data_ptr<float>(),
+  return {r.bag.const_data_ptr<int32_t>(),
+          r.scale.const_data_ptr<float>(),
           r.start.const_data_ptr<int32_t>(),
           reinterpret_cast<const uint64_t*>(r.keys.const_data_ptr<int64_t>()) + 2 * r.bag.numel(),
-          r.counts.mutable_data_ptr<int32_t>(), r.long_runs.mutable_data_ptr<int32_t>()};
+          r.counts.mutable_data_ptr<int32_t>(),
+          r.long_runs.mutable_data_ptr<int32_t>()};
 }
 
 // A touched row: its dims, its row among all tables' rows (the row-wise
@@ -215,8 +219,8 @@ struct RowInfo {
   int64_t D, d0, key, elem0, lo, hi;
 };
 // The row `key` of table t, whose lookups are at sorted positions lo .. hi.
-__device__ __forceinline__ RowInfo row_info(const LookupView& v, int64_t t, int64_t key,
-                                            int64_t lo, int64_t hi) {
+__device__ __forceinline__ RowInfo row_info(const LookupView& v, int64_t t, int64_t key, int64_t lo,
+                                            int64_t hi) {
   const int64_t d0 = v.dim_offsets[t], D = v.dim_offsets[t + 1] - d0;
   return {D, d0, key, v.weights_offsets[t] + (key - v.row_offsets[t]) * D, lo, hi};
 }
@@ -274,7 +278,8 @@ constexpr int kBatch = 8;
 // only the device knows), so the batch's dependent metadata loads overlap.
 template <typename T, typename Op>
 __global__ void __launch_bounds__(kThreads)
-rows_kernel(LookupView v, RunView rv, const T* __restrict__ grad_out, int64_t go_stride, Op op) {
+    rows_kernel(LookupView v, RunView rv, const T* __restrict__ grad_out, int64_t go_stride,
+                Op op) {
   op.begin();
   const int lane = threadIdx.x % kWarp;
   const int64_t num_runs = rv.counts[0];
@@ -294,8 +299,8 @@ rows_kernel(LookupView v, RunView rv, const T* __restrict__ grad_out, int64_t go
         if (lane == 0) rv.long_runs[atomicAdd(rv.counts + 1, 1)] = static_cast<int32_t>(base + j);
         continue;
       }
-      const RowInfo ri = row_info(v, __shfl_sync(0xffffffffu, t, j),
-                                  __shfl_sync(0xffffffffu, key, j), lo_j, hi_j);
+      const RowInfo ri =
+          row_info(v, __shfl_sync(0xffffffffu, t, j), __shfl_sync(0xffffffffu, key, j), lo_j, hi_j);
       op(ri, true, [&](int64_t c0, float (&g)[kCols]) {
         row_grad<T>(v, rv, ri.lo, ri.hi, ri.d0, ri.D, grad_out, go_stride, c0, g);
       });
@@ -307,17 +312,17 @@ rows_kernel(LookupView v, RunView rv, const T* __restrict__ grad_out, int64_t go
 // lookups, the slices' sums are added in warp order (the same order on every
 // run), every warp computes the update and warp 0 writes it.
 template <typename T, typename Op>
-__global__ void __launch_bounds__(kLongWarps * kWarp)
-long_rows_kernel(LookupView v, RunView rv, const T* __restrict__ grad_out, int64_t go_stride,
-                 Op op) {
+__global__ void __launch_bounds__(kLongWarps* kWarp)
+    long_rows_kernel(LookupView v, RunView rv, const T* __restrict__ grad_out, int64_t go_stride,
+                     Op op) {
   __shared__ float part[kLongWarps][kWindow];
   op.begin();
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t num_long = rv.counts[1];
   for (int64_t i = blockIdx.x; i < num_long; i += gridDim.x) {
     const int64_t run = rv.long_runs[i], lo0 = rv.start[run];
-    const RowInfo ri = row_info(v, rv.bag[lo0] / v.B, static_cast<int64_t>(rv.key[run]), lo0,
-                                rv.start[run + 1]);
+    const RowInfo ri =
+        row_info(v, rv.bag[lo0] / v.B, static_cast<int64_t>(rv.key[run]), lo0, rv.start[run + 1]);
     const int64_t slice = ceil_div(ri.hi - ri.lo, int64_t{kLongWarps});
     const int64_t lo = min(ri.hi, ri.lo + warp * slice), hi = min(ri.hi, lo + slice);
     op(ri, warp == 0, [&](int64_t c0, float (&g)[kCols]) {
@@ -360,8 +365,8 @@ struct DenseGradOp {
 // One gradient row per lookup: table t's rows from element value_offsets[t].
 template <typename T, typename I>
 __global__ void __launch_bounds__(kThreads)
-sparse_grad_kernel(LookupView v, const int32_t* bag_of, const T* __restrict__ grad_out,
-                   int64_t go_stride, T* __restrict__ values) {
+    sparse_grad_kernel(LookupView v, const int32_t* bag_of, const T* __restrict__ grad_out,
+                       int64_t go_stride, T* __restrict__ values) {
   const int64_t l = warp_id();
   if (l >= v.N) return;
   const int64_t bag = bag_of[l];
@@ -369,13 +374,14 @@ sparse_grad_kernel(LookupView v, const int32_t* bag_of, const T* __restrict__ gr
   const float s = lookup_scale(v, l, g.hi - g.lo);
   const T* go = grad_out + g.b * go_stride + g.d0;
   T* out = values + v.value_offsets[g.t] + (l - offset_at<I>(v, g.t * v.B)) * g.D;
-  for (int64_t c = threadIdx.x % kWarp; c < g.D; c += kWarp) out[c] = from_f32<T>(s * to_f32(go[c]));
+  for (int64_t c = threadIdx.x % kWarp; c < g.D; c += kWarp)
+    out[c] = from_f32<T>(s * to_f32(go[c]));
 }
 
 template <typename T, typename I>
 __global__ void __launch_bounds__(kThreads)
-psw_grad_kernel(LookupView v, const int32_t* bag_of, const T* __restrict__ grad_out,
-                int64_t go_stride, const T* __restrict__ w, float* __restrict__ grad_psw) {
+    psw_grad_kernel(LookupView v, const int32_t* bag_of, const T* __restrict__ grad_out,
+                    int64_t go_stride, const T* __restrict__ w, float* __restrict__ grad_psw) {
   const int64_t l = warp_id();
   if (l >= v.N) return;
   const BagInfo g = bag_info<I>(v, bag_of[l]);
@@ -394,7 +400,9 @@ psw_grad_kernel(LookupView v, const int32_t* bag_of, const T* __restrict__ grad_
 template <typename W>
 __device__ __forceinline__ W round_stochastic(float v, uint32_t u);
 template <>
-__device__ __forceinline__ float round_stochastic<float>(float v, uint32_t) { return v; }
+__device__ __forceinline__ float round_stochastic<float>(float v, uint32_t) {
+  return v;
+}
 template <>
 __device__ __forceinline__ __nv_bfloat16 round_stochastic<__nv_bfloat16>(float v, uint32_t u) {
   uint16_t bits;
@@ -403,9 +411,9 @@ __device__ __forceinline__ __nv_bfloat16 round_stochastic<__nv_bfloat16>(float v
 template <>
 __device__ __forceinline__ __half round_stochastic<__half>(float v, uint32_t u) {
   const __half h = __float2half_rn(v);
-  return __ushort_as_half(fp16_round_stochastic(
-      v, __half_as_ushort(h), __half2float(h), u,
-      [](uint16_t b) { return __half2float(__ushort_as_half(b)); }));
+  return __ushort_as_half(
+      fp16_round_stochastic(v, __half_as_ushort(h), __half2float(h), u,
+                            [](uint16_t b) { return __half2float(__ushort_as_half(b)); }));
 }
 
 // Every touched row gets its summed gradient and Rule (csrc/optimizers.h),
@@ -471,10 +479,11 @@ struct UpdateOp {
         const int64_t c = c0 + k * kWarp;
         if (c >= ri.D) continue;
         const int64_t e = ri.elem0 + c;
-        const float x = Rule::apply(h, coef, g[k], wf[k],
-                                    Rule::kM1 == State::kElement ? m1 + e : nullptr,
-                                    Rule::kM2 == State::kElement ? m2 + e : nullptr);
-        w[e] = stochastic_rounding ? round_stochastic<T>(x, rounding_bits(seed, e)) : from_f32<T>(x);
+        const float x =
+            Rule::apply(h, coef, g[k], wf[k], Rule::kM1 == State::kElement ? m1 + e : nullptr,
+                        Rule::kM2 == State::kElement ? m2 + e : nullptr);
+        w[e] =
+            stochastic_rounding ? round_stochastic<T>(x, rounding_bits(seed, e)) : from_f32<T>(x);
       }
     }
   }
@@ -489,7 +498,8 @@ void launch_rows(const DeviceLookups& lk, const Runs& runs, const Tensor& grad_o
   const int64_t warps = std::min<int64_t>(ceil_div(lk.v.N, kBatch), 1 << 16);
   rows_kernel<T, Op><<<warp_blocks(warps), kThreads, 0, stream>>>(lk.v, rv, go, lk.total_dim, op);
   const int64_t blocks = std::min<int64_t>(lk.v.N / (kLongRun + 1) + 1, 256);
-  long_rows_kernel<T, Op><<<blocks, kLongWarps * kWarp, 0, stream>>>(lk.v, rv, go, lk.total_dim, op);
+  long_rows_kernel<T, Op>
+      <<<blocks, kLongWarps * kWarp, 0, stream>>>(lk.v, rv, go, lk.total_dim, op);
   DLRM_LAUNCH_CHECK();
 }
 
@@ -497,10 +507,11 @@ __global__ void increment_kernel(int64_t* step) { *step += 1; }
 
 // ---- ops -------------------------------------------------------------------
 
-DeviceLookups prepare(const Tensor& weights, const Tensor& weights_offsets, const Tensor& dim_offsets,
-                const Tensor& rows, const Tensor& indices, const Tensor& offsets, int64_t pooling,
-                const std::optional<Tensor>& per_sample_weights, int64_t total_dim,
-                bool disjoint = false) {
+DeviceLookups prepare(const Tensor& weights, const Tensor& weights_offsets,
+                      const Tensor& dim_offsets, const Tensor& rows, const Tensor& indices,
+                      const Tensor& offsets, int64_t pooling,
+                      const std::optional<Tensor>& per_sample_weights, int64_t total_dim,
+                      bool disjoint = false) {
   check_cuda(weights, "weights");
   check_dtype(weights, "weights", {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
   check_contiguous(weights, "weights");
@@ -511,11 +522,12 @@ DeviceLookups prepare(const Tensor& weights, const Tensor& weights_offsets, cons
 
 // prepare() for the backward ops, which also take grad_output [B, dim_offsets[-1]].
 DeviceLookups prepare_grad(const Tensor& grad_output, const Tensor& weights,
-                     const Tensor& weights_offsets, const Tensor& dim_offsets, const Tensor& rows,
-                     const Tensor& indices, const Tensor& offsets, int64_t pooling,
-                     const std::optional<Tensor>& per_sample_weights, bool disjoint = false) {
+                           const Tensor& weights_offsets, const Tensor& dim_offsets,
+                           const Tensor& rows, const Tensor& indices, const Tensor& offsets,
+                           int64_t pooling, const std::optional<Tensor>& per_sample_weights,
+                           bool disjoint = false) {
   DeviceLookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
-                       per_sample_weights, -1, disjoint);
+                             per_sample_weights, -1, disjoint);
   check_grad_output(grad_output, weights, lk.v.B, lk.total_dim);
   return lk;
 }
@@ -526,7 +538,7 @@ Tensor embedding_bag_forward(Tensor weights, Tensor weights_offsets, Tensor dim_
                              bool /*sparse*/) {
   DeviceGuard guard(weights.get_device());
   const DeviceLookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
-                             pooling, per_sample_weights, total_dim);
+                                   pooling, per_sample_weights, total_dim);
   Tensor out = torch::stable::new_empty(weights, {lk.v.B, total_dim});
   if (lk.v.B == 0 || total_dim == 0) return out;
   const cudaStream_t stream = stream_of(weights);
@@ -545,27 +557,25 @@ Tensor embedding_bag_forward(Tensor weights, Tensor weights_offsets, Tensor dim_
 // Launches kernel<T, I> for the weight dtype and the index dtype.
 template <typename F>
 void dispatch(const Tensor& weights, const DeviceLookups& lk, F&& f) {
-  dispatch_float(weights.scalar_type(), "weights", [&](auto w) {
-    dispatch_index(lk.int64, [&](auto i) { f(w, i); });
-  });
+  dispatch_float(weights.scalar_type(), "weights",
+                 [&](auto w) { dispatch_index(lk.int64, [&](auto i) { f(w, i); }); });
   DLRM_LAUNCH_CHECK();
 }
 
 Tensor embedding_bag_backward_dense(Tensor grad_output, Tensor weights, Tensor weights_offsets,
-                                    Tensor dim_offsets, Tensor rows, Tensor indices,
-                                    Tensor offsets, int64_t pooling,
-                                    std::optional<Tensor> per_sample_weights) {
+                                    Tensor dim_offsets, Tensor rows, Tensor indices, Tensor offsets,
+                                    int64_t pooling, std::optional<Tensor> per_sample_weights) {
   DeviceGuard guard(weights.get_device());
   const DeviceLookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
-                                  indices, offsets, pooling, per_sample_weights, true);
+                                        indices, offsets, pooling, per_sample_weights, true);
   Tensor grad_weight = torch::stable::new_zeros(weights, weights.sizes());
   if (lk.v.N == 0) return grad_weight;
   const cudaStream_t stream = stream_of(weights);
   const Runs runs = sort_by_row(weights, lk, stream);
   dispatch_float(weights.scalar_type(), "weights", [&](auto w) {
     using T = decltype(w);
-    launch_rows<T>(lk, runs, grad_output, DenseGradOp<T>{static_cast<T*>(grad_weight.mutable_data_ptr())},
-                   stream);
+    launch_rows<T>(lk, runs, grad_output,
+                   DenseGradOp<T>{static_cast<T*>(grad_weight.mutable_data_ptr())}, stream);
   });
   return grad_weight;
 }
@@ -587,7 +597,7 @@ Tensor embedding_bag_backward_sparse(Tensor grad_output, Tensor weights, Tensor 
                                      std::optional<Tensor> per_sample_weights) {
   DeviceGuard guard(weights.get_device());
   const DeviceLookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
-                                  indices, offsets, pooling, per_sample_weights);
+                                        indices, offsets, pooling, per_sample_weights);
   const int64_t total_dim = lk.total_dim;
   Tensor values = torch::stable::new_empty(weights, {lk.total_values});
   if (lk.v.N == 0) return values;
@@ -608,7 +618,7 @@ Tensor embedding_bag_per_sample_weights_grad(Tensor grad_output, Tensor weights,
                                              int64_t pooling) {
   DeviceGuard guard(weights.get_device());
   const DeviceLookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
-                                  indices, offsets, pooling, std::nullopt);
+                                        indices, offsets, pooling, std::nullopt);
   const int64_t total_dim = lk.total_dim;
   Tensor grad = torch::stable::new_empty(weights, {lk.v.N}, ScalarType::Float);
   if (lk.v.N == 0) return grad;
@@ -623,14 +633,14 @@ Tensor embedding_bag_per_sample_weights_grad(Tensor grad_output, Tensor weights,
   return grad;
 }
 
-void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
-                           Tensor momentum2, Tensor step, Tensor weights_offsets,
-                           Tensor dim_offsets, Tensor rows, Tensor indices, Tensor offsets,
-                           int64_t pooling, std::optional<Tensor> per_sample_weights,
-                           Tensor hparams, int64_t optimizer, bool stochastic_rounding) {
+void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1, Tensor momentum2,
+                           Tensor step, Tensor weights_offsets, Tensor dim_offsets, Tensor rows,
+                           Tensor indices, Tensor offsets, int64_t pooling,
+                           std::optional<Tensor> per_sample_weights, Tensor hparams,
+                           int64_t optimizer, bool stochastic_rounding) {
   DeviceGuard guard(weights.get_device());
   const DeviceLookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
-                                  indices, offsets, pooling, per_sample_weights, true);
+                                        indices, offsets, pooling, per_sample_weights, true);
   check_optimizer_args(weights, momentum1, momentum2, step, hparams, optimizer, lk.total_rows);
   const cudaStream_t stream = stream_of(weights);
   if (lk.v.N > 0) {

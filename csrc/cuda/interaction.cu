@@ -38,11 +38,13 @@ __device__ __forceinline__ void load_features(const InteractionArgs& a, int64_t 
   const T* dense = static_cast<const T*>(a.dense) + b * a.D;
   const T* sparse = static_cast<const T*>(a.sparse) + b * a.sparse_stride;
   for (int e = threadIdx.x; e < D; e += blockDim.x) x[e] = to_f32(dense[e]);
-  for (int e = threadIdx.x; e < a.T * D; e += blockDim.x) x[(e / D + 1) * Dp + e % D] = to_f32(sparse[e]);
+  for (int e = threadIdx.x; e < a.T * D; e += blockDim.x)
+    x[(e / D + 1) * Dp + e % D] = to_f32(sparse[e]);
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) forward_kernel(InteractionArgs a, int P, T* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(InteractionArgs a, int P, T* __restrict__ out) {
   extern __shared__ float x[];
   const int64_t b = blockIdx.x;
   const int D = static_cast<int>(a.D), Dp = D + 1, F = static_cast<int>(a.T) + 1;
@@ -64,8 +66,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(InteractionArgs a, in
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-backward_kernel(InteractionArgs a, int P, const T* __restrict__ grad_out, T* __restrict__ grad_dense,
-                T* __restrict__ grad_sparse) {
+    backward_kernel(InteractionArgs a, int P, const T* __restrict__ grad_out,
+                    T* __restrict__ grad_dense, T* __restrict__ grad_sparse) {
   extern __shared__ float x[];
   const int64_t b = blockIdx.x;
   const int D = static_cast<int>(a.D), Dp = D + 1, F = static_cast<int>(a.T) + 1;
@@ -102,8 +104,10 @@ InteractionArgs prepare(const Tensor& dense, const Tensor& sparse, bool self_int
                         int64_t order, Tensor& sparse_c) {
   check_cuda(dense, "dense");
   InteractionArgs a = check_interaction(dense, sparse, self_interaction, order, sparse_c);
-  DLRM_CHECK(a.T + 1 <= 1024 && a.D <= 4096, "the CUDA interaction supports up to 1023 sparse "
-             "features of dim up to 4096, got ", a.T, " of dim ", a.D);
+  DLRM_CHECK(a.T + 1 <= 1024 && a.D <= 4096,
+             "the CUDA interaction supports up to 1023 sparse "
+             "features of dim up to 4096, got ",
+             a.T, " of dim ", a.D);
   return a;
 }
 
@@ -134,15 +138,15 @@ Tensor dot_interaction(Tensor dense, Tensor sparse, bool self_interaction, int64
   dispatch_float(a.dtype, "dense", [&](auto t) {
     using T = decltype(t);
     set_smem(forward_kernel<T>, smem);
-    forward_kernel<T><<<a.B, kThreads, smem, stream_of(dense)>>>(a, P, static_cast<T*>(out.mutable_data_ptr()));
+    forward_kernel<T>
+        <<<a.B, kThreads, smem, stream_of(dense)>>>(a, P, static_cast<T*>(out.mutable_data_ptr()));
   });
   DLRM_LAUNCH_CHECK();
   return out;
 }
 
-std::tuple<Tensor, Tensor> dot_interaction_backward(Tensor grad_output, Tensor dense,
-                                                    Tensor sparse, bool self_interaction,
-                                                    int64_t order) {
+std::tuple<Tensor, Tensor> dot_interaction_backward(Tensor grad_output, Tensor dense, Tensor sparse,
+                                                    bool self_interaction, int64_t order) {
   DeviceGuard guard(dense.get_device());
   Tensor sparse_c;
   const InteractionArgs a = prepare(dense, sparse, self_interaction, order, sparse_c);
@@ -156,7 +160,8 @@ std::tuple<Tensor, Tensor> dot_interaction_backward(Tensor grad_output, Tensor d
     using T = decltype(t);
     set_smem(backward_kernel<T>, smem);
     backward_kernel<T><<<a.B, kThreads, smem, stream_of(dense)>>>(
-        a, P, static_cast<const T*>(go.const_data_ptr()), static_cast<T*>(grad_dense.mutable_data_ptr()),
+        a, P, static_cast<const T*>(go.const_data_ptr()),
+        static_cast<T*>(grad_dense.mutable_data_ptr()),
         static_cast<T*>(grad_sparse.mutable_data_ptr()));
   });
   DLRM_LAUNCH_CHECK();

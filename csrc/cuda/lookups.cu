@@ -2,8 +2,8 @@
 
 #include <torch/csrc/stable/ops.h>
 
-#include "lookups.h"
 #include "cuda/utils.cuh"
+#include "lookups.h"
 
 namespace dlrm_ops::cuda {
 namespace {
@@ -41,9 +41,9 @@ __global__ void inspect_kernel(LookupView v, int64_t ref_size, int64_t bits, int
   const int64_t TB = v.T * v.B;
   const int lane = threadIdx.x % kWarp;
   if (blockIdx.x == 0 && threadIdx.x < kWarp) {
-    bool bad = lane == 0 && (v.dim_offsets[0] != 0 ||
-                             (total_dim >= 0 && v.dim_offsets[v.T] != total_dim) ||
-                             (TB == 0 && (offset_at<I>(v, 0) != 0 || v.N != 0)));
+    bool bad = lane == 0 &&
+               (v.dim_offsets[0] != 0 || (total_dim >= 0 && v.dim_offsets[v.T] != total_dim) ||
+                (TB == 0 && (offset_at<I>(v, 0) != 0 || v.N != 0)));
     int64_t rows = 0, values = 0, max_dim = 0;  // over the tables before this chunk
     for (int64_t t0 = 0; t0 < v.T; t0 += kWarp) {
       const int64_t t = t0 + lane;
@@ -59,8 +59,8 @@ __global__ void inspect_kernel(LookupView v, int64_t ref_size, int64_t bits, int
           max_dim = max(max_dim, D);
           for (int64_t u = t + 1; disjoint && n > 0 && u < v.T; ++u) {
             int64_t s2, e2;
-            bad |= v.rows[u] > 0 && table_span(v, u, ref_size, bits, s2, e2) && start < e2 &&
-                   s2 < end;
+            bad |=
+                v.rows[u] > 0 && table_span(v, u, ref_size, bits, s2, e2) && start < e2 && s2 < end;
           }
         } else {
           bad = true;
@@ -82,7 +82,8 @@ __global__ void inspect_kernel(LookupView v, int64_t ref_size, int64_t bits, int
       rows += __shfl_sync(0xffffffffu, n_incl, kWarp - 1);
       values += __shfl_sync(0xffffffffu, vals_incl, kWarp - 1);
     }
-    for (int o = kWarp / 2; o > 0; o /= 2) max_dim = max(max_dim, __shfl_xor_sync(0xffffffffu, max_dim, o));
+    for (int o = kWarp / 2; o > 0; o /= 2)
+      max_dim = max(max_dim, __shfl_xor_sync(0xffffffffu, max_dim, o));
     if (__any_sync(0xffffffffu, bad) && lane == 0) meta[0] = 1;
     if (lane == 0) {
       meta[2] = rows;
@@ -107,7 +108,8 @@ __global__ void inspect_kernel(LookupView v, int64_t ref_size, int64_t bits, int
     }
     const int64_t idx = index_at<I>(v, i);
     if (idx < 0 || idx >= v.rows[t]) {
-      atomicMax(reinterpret_cast<unsigned long long*>(meta + 1), ~static_cast<unsigned long long>(i));
+      atomicMax(reinterpret_cast<unsigned long long*>(meta + 1),
+                ~static_cast<unsigned long long>(i));
     }
   }
 }
@@ -125,18 +127,18 @@ int64_t* pinned_header() {
 
 [[noreturn]] void throw_cpu_error(const Tensor& ref, const char* ref_name, int64_t ref_size,
                                   int64_t bits, int64_t total_dim, bool disjoint,
-                                  const Tensor& weights_offsets,
-                                  const Tensor& dim_offsets, const Tensor& rows,
-                                  const Tensor& indices, const Tensor& offsets, int64_t pooling,
-                                  int64_t bad_pos) {
+                                  const Tensor& weights_offsets, const Tensor& dim_offsets,
+                                  const Tensor& rows, const Tensor& indices, const Tensor& offsets,
+                                  int64_t pooling, int64_t bad_pos) {
   const torch::stable::Device cpu(torch::headeronly::DeviceType::CPU);
   auto host = [&](const Tensor& t) { return torch::stable::to(t, cpu); };
   const Tensor rows_c = host(rows), woff_c = host(weights_offsets), doff_c = host(dim_offsets);
   const Tensor idx_c = host(indices), off_c = host(offsets);
   ValidatedLookups v = dlrm_ops::validate_lookups(rows_c, "rows", woff_c, doff_c, rows_c, idx_c,
                                                   off_c, pooling, std::nullopt);
-  DLRM_CHECK(total_dim < 0 || v.tb.dim_offsets[v.tb.T] == total_dim, "total_dim must equal dim_offsets[-1] = ",
-             v.tb.dim_offsets[v.tb.T], ", got ", total_dim);
+  DLRM_CHECK(total_dim < 0 || v.tb.dim_offsets[v.tb.T] == total_dim,
+             "total_dim must equal dim_offsets[-1] = ", v.tb.dim_offsets[v.tb.T], ", got ",
+             total_dim);
   check_tables_fit(v.tb, ref_size, bits, ref_name);
   if (disjoint) check_tables_disjoint(v.tb, ref_name);
   if (bad_pos >= 0) throw_bad_index(v, bad_pos);
@@ -146,11 +148,11 @@ int64_t* pinned_header() {
 
 }  // namespace
 
-DeviceLookups validate_lookups(const Tensor& ref, const char* ref_name, int64_t ref_size, int64_t bits,
-                         int64_t total_dim, bool disjoint, const Tensor& weights_offsets,
-                         const Tensor& dim_offsets, const Tensor& rows, const Tensor& indices,
-                         const Tensor& offsets, int64_t pooling,
-                         const std::optional<Tensor>& per_sample_weights) {
+DeviceLookups validate_lookups(const Tensor& ref, const char* ref_name, int64_t ref_size,
+                               int64_t bits, int64_t total_dim, bool disjoint,
+                               const Tensor& weights_offsets, const Tensor& dim_offsets,
+                               const Tensor& rows, const Tensor& indices, const Tensor& offsets,
+                               int64_t pooling, const std::optional<Tensor>& per_sample_weights) {
   check_cuda(ref, ref_name);
   const LookupShape s = check_lookup_args(ref, ref_name, weights_offsets, dim_offsets, rows,
                                           indices, offsets, pooling, per_sample_weights);
@@ -163,26 +165,35 @@ DeviceLookups validate_lookups(const Tensor& ref, const char* ref_name, int64_t 
   lk.meta = torch::stable::new_empty(rows, {kHeader + 2 * s.T});
   if (per_sample_weights.has_value()) lk.psw_f32 = per_sample_weights_f32(*per_sample_weights);
   int64_t* meta = lk.meta.mutable_data_ptr<int64_t>();
-  lk.v = LookupView{s.T, s.B, s.N,
-                    weights_offsets.const_data_ptr<int64_t>(), dim_offsets.const_data_ptr<int64_t>(),
-                    rows.const_data_ptr<int64_t>(), indices.const_data_ptr(), offsets.const_data_ptr(),
-                    per_sample_weights ? lk.psw_f32.const_data_ptr<float>() : nullptr, pooling,
-                    meta + kHeader, meta + kHeader + s.T};
+  lk.v = LookupView{s.T,
+                    s.B,
+                    s.N,
+                    weights_offsets.const_data_ptr<int64_t>(),
+                    dim_offsets.const_data_ptr<int64_t>(),
+                    rows.const_data_ptr<int64_t>(),
+                    indices.const_data_ptr(),
+                    offsets.const_data_ptr(),
+                    per_sample_weights ? lk.psw_f32.const_data_ptr<float>() : nullptr,
+                    pooling,
+                    meta + kHeader,
+                    meta + kHeader + s.T};
   const cudaStream_t stream = stream_of(ref);
   DLRM_CUDA_CHECK(cudaMemsetAsync(meta, 0, 2 * sizeof(int64_t), stream));  // the error slots
   constexpr int kThreads = 256;
   const int64_t blocks = std::max<int64_t>(1, ceil_div(std::max(s.T * s.B, s.N), kThreads));
   dispatch_index(lk.int64, [&](auto i) {
-    inspect_kernel<decltype(i)><<<blocks, kThreads, 0, stream>>>(lk.v, ref_size, bits, total_dim,
-                                                                  disjoint, meta);
+    inspect_kernel<decltype(i)>
+        <<<blocks, kThreads, 0, stream>>>(lk.v, ref_size, bits, total_dim, disjoint, meta);
   });
   DLRM_LAUNCH_CHECK();
   int64_t* h = pinned_header();
-  DLRM_CUDA_CHECK(cudaMemcpyAsync(h, meta, kHeader * sizeof(int64_t), cudaMemcpyDeviceToHost, stream));
+  DLRM_CUDA_CHECK(
+      cudaMemcpyAsync(h, meta, kHeader * sizeof(int64_t), cudaMemcpyDeviceToHost, stream));
   DLRM_CUDA_CHECK(cudaStreamSynchronize(stream));
   if (h[0] != 0 || h[1] != 0) {
     throw_cpu_error(ref, ref_name, ref_size, bits, total_dim, disjoint, weights_offsets,
-                    dim_offsets, rows, indices, offsets, pooling, h[1] != 0 ? static_cast<int64_t>(~h[1]) : -1);
+                    dim_offsets, rows, indices, offsets, pooling,
+                    h[1] != 0 ? static_cast<int64_t>(~h[1]) : -1);
   }
   lk.total_rows = h[2];
   lk.total_values = h[3];

@@ -32,9 +32,9 @@ struct DeviceLookups {
   int64_t total_rows;    // sum(rows)
   int64_t total_values;  // sum over lookups of their table's dim
   int64_t max_dim;
-  int64_t total_dim;      // dim_offsets[-1]
-  Tensor meta;           // owns row_offsets, value_offsets
-  Tensor psw_f32;        // owns per_sample_weights
+  int64_t total_dim;  // dim_offsets[-1]
+  Tensor meta;        // owns row_offsets, value_offsets
+  Tensor psw_f32;     // owns per_sample_weights
 };
 
 template <typename I>
@@ -54,10 +54,10 @@ __device__ __forceinline__ float lookup_scale(const LookupView& v, int64_t l, in
 // bits 8 and 4); every table must fit in it, and dim_offsets[-1] must be
 // total_dim unless that is -1; with `disjoint`, no two tables with rows may
 // share an element (cpu/lookups.h, check_tables_disjoint).
-DeviceLookups validate_lookups(const Tensor& ref, const char* ref_name, int64_t ref_size, int64_t bits,
-                         int64_t total_dim, bool disjoint, const Tensor& weights_offsets,
-                         const Tensor& dim_offsets, const Tensor& rows, const Tensor& indices,
-                         const Tensor& offsets, int64_t pooling,
-                         const std::optional<Tensor>& per_sample_weights);
+DeviceLookups validate_lookups(const Tensor& ref, const char* ref_name, int64_t ref_size,
+                               int64_t bits, int64_t total_dim, bool disjoint,
+                               const Tensor& weights_offsets, const Tensor& dim_offsets,
+                               const Tensor& rows, const Tensor& indices, const Tensor& offsets,
+                               int64_t pooling, const std::optional<Tensor>& per_sample_weights);
 
 }  // namespace dlrm_ops::cuda

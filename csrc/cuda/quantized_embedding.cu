@@ -22,9 +22,13 @@ constexpr int kCols = 8;  // columns per lane in one window of 256
 __device__ __forceinline__ int64_t warp_id() {
   return (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
 }
-int64_t warp_blocks(int64_t warps) { return std::max<int64_t>(1, ceil_div(warps * kWarp, kThreads)); }
+int64_t warp_blocks(int64_t warps) {
+  return std::max<int64_t>(1, ceil_div(warps * kWarp, kThreads));
+}
 
-__device__ __forceinline__ int64_t row_bytes(int64_t D, int bits) { return bits == 8 ? D + 8 : D / 2 + 4; }
+__device__ __forceinline__ int64_t row_bytes(int64_t D, int bits) {
+  return bits == 8 ? D + 8 : D / 2 + 4;
+}
 
 // Rows start at any byte, so scale and bias are read and written bytewise.
 __device__ __forceinline__ float load_f32(const uint8_t* p) {
@@ -38,7 +42,8 @@ __device__ __forceinline__ float load_f16(const uint8_t* p) {
   return __half2float(h);
 }
 template <int Bits>
-__device__ __forceinline__ void scale_bias(const uint8_t* row, int64_t D, float& scale, float& bias) {
+__device__ __forceinline__ void scale_bias(const uint8_t* row, int64_t D, float& scale,
+                                           float& bias) {
   if (Bits == 8) {
     scale = load_f32(row + D);
     bias = load_f32(row + D + 4);
@@ -54,7 +59,7 @@ __device__ __forceinline__ float q_at(const uint8_t* row, int64_t d) {
 
 template <typename T, int Bits>
 __global__ void __launch_bounds__(kThreads)
-quantize_kernel(const T* __restrict__ w, int64_t R, int64_t D, uint8_t* __restrict__ packed) {
+    quantize_kernel(const T* __restrict__ w, int64_t R, int64_t D, uint8_t* __restrict__ packed) {
   const int64_t r = warp_id();
   if (r >= R) return;
   const int lane = threadIdx.x % kWarp;
@@ -93,7 +98,8 @@ quantize_kernel(const T* __restrict__ w, int64_t R, int64_t D, uint8_t* __restri
     const float scale = range / 255.0f;
     const float inv = 255.0f / __fadd_rn(range, 1e-8f);
     for (int64_t d = lane; d < D; d += kWarp) {
-      out[d] = static_cast<uint8_t>(static_cast<int32_t>(rintf(__fmul_rn(__fsub_rn(to_f32(x[d]), mn), inv))));
+      out[d] = static_cast<uint8_t>(
+          static_cast<int32_t>(rintf(__fmul_rn(__fsub_rn(to_f32(x[d]), mn), inv))));
     }
     if (lane == 0) {
       memcpy(out + D, &scale, 4);
@@ -128,7 +134,8 @@ quantize_kernel(const T* __restrict__ w, int64_t R, int64_t D, uint8_t* __restri
 
 template <typename T, int Bits>
 __global__ void __launch_bounds__(kThreads)
-dequantize_kernel(const uint8_t* __restrict__ packed, int64_t R, int64_t D, T* __restrict__ out) {
+    dequantize_kernel(const uint8_t* __restrict__ packed, int64_t R, int64_t D,
+                      T* __restrict__ out) {
   const int64_t r = warp_id();
   if (r >= R) return;
   const uint8_t* row = packed + r * row_bytes(D, Bits);
@@ -143,8 +150,8 @@ dequantize_kernel(const uint8_t* __restrict__ packed, int64_t R, int64_t D, T* _
 // as the CPU kernel computes it.
 template <typename O, typename I, int Bits>
 __global__ void __launch_bounds__(kThreads)
-qforward_kernel(LookupView v, const uint8_t* __restrict__ packed, O* __restrict__ out,
-                int64_t out_stride) {
+    qforward_kernel(LookupView v, const uint8_t* __restrict__ packed, O* __restrict__ out,
+                    int64_t out_stride) {
   const int64_t bag = warp_id();
   if (bag >= v.T * v.B) return;
   const int lane = threadIdx.x % kWarp;
@@ -179,7 +186,10 @@ qforward_kernel(LookupView v, const uint8_t* __restrict__ packed, O* __restrict_
 
 template <typename F>
 void dispatch_bits(int64_t bits, F&& f) {
-  if (bits == 8) f(std::integral_constant<int, 8>{}); else f(std::integral_constant<int, 4>{});
+  if (bits == 8)
+    f(std::integral_constant<int, 8>{});
+  else
+    f(std::integral_constant<int, 4>{});
 }
 
 Tensor quantize_rowwise(Tensor weight, int64_t bits) {
@@ -222,16 +232,15 @@ Tensor dequantize_rowwise(Tensor packed, int64_t bits, std::optional<ScalarType>
 }
 
 Tensor quantized_embedding_bag_forward(Tensor packed, Tensor weights_offsets, Tensor dim_offsets,
-                                       Tensor rows, Tensor indices, Tensor offsets,
-                                       int64_t pooling, std::optional<Tensor> per_sample_weights,
-                                       int64_t total_dim, int64_t bits,
-                                       std::optional<ScalarType> output_dtype) {
+                                       Tensor rows, Tensor indices, Tensor offsets, int64_t pooling,
+                                       std::optional<Tensor> per_sample_weights, int64_t total_dim,
+                                       int64_t bits, std::optional<ScalarType> output_dtype) {
   check_cuda(packed, "packed");
   const ScalarType out_t = check_packed_tables(packed, bits, output_dtype);
   DeviceGuard guard(packed.get_device());
-  const DeviceLookups lk = validate_lookups(packed, "packed", packed.numel(), bits, total_dim, false,
-                                      weights_offsets, dim_offsets, rows, indices, offsets,
-                                      pooling, per_sample_weights);
+  const DeviceLookups lk =
+      validate_lookups(packed, "packed", packed.numel(), bits, total_dim, false, weights_offsets,
+                       dim_offsets, rows, indices, offsets, pooling, per_sample_weights);
   Tensor out = torch::stable::new_empty(packed, {lk.v.B, total_dim}, out_t);
   if (lk.v.B == 0) return out;
   dispatch_float(out_t, "output_dtype", [&](auto o) {

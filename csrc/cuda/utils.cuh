@@ -12,10 +12,10 @@
 
 namespace dlrm_ops::cuda {
 
-#define DLRM_CUDA_CHECK(expr)                                                    \
-  do {                                                                           \
-    const cudaError_t err_ = (expr);                                             \
-    DLRM_CHECK(err_ == cudaSuccess, "CUDA error: ", cudaGetErrorString(err_));   \
+#define DLRM_CUDA_CHECK(expr)                                                  \
+  do {                                                                         \
+    const cudaError_t err_ = (expr);                                           \
+    DLRM_CHECK(err_ == cudaSuccess, "CUDA error: ", cudaGetErrorString(err_)); \
   } while (0)
 #define DLRM_LAUNCH_CHECK() DLRM_CUDA_CHECK(cudaGetLastError())
 
@@ -41,9 +41,13 @@ __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162flo
 template <typename T>
 __device__ __forceinline__ T from_f32(float v);
 template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+__device__ __forceinline__ float from_f32<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half from_f32<__half>(float v) {
+  return __float2half_rn(v);
+}
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
@@ -58,17 +62,27 @@ __device__ __forceinline__ float warp_sum(float v) {
 template <typename F>
 void dispatch_float(ScalarType t, const char* name, F&& f) {
   switch (t) {
-    case ScalarType::Float: f(float{}); break;
-    case ScalarType::Half: f(__half{}); break;
-    case ScalarType::BFloat16: f(__nv_bfloat16{}); break;
-    default: DLRM_CHECK(false, name, " must be float32, float16 or bfloat16, got ", dtype_name(t));
+    case ScalarType::Float:
+      f(float{});
+      break;
+    case ScalarType::Half:
+      f(__half{});
+      break;
+    case ScalarType::BFloat16:
+      f(__nv_bfloat16{});
+      break;
+    default:
+      DLRM_CHECK(false, name, " must be float32, float16 or bfloat16, got ", dtype_name(t));
   }
 }
 
 // Calls f(I{}) with I the index type (int32 or int64).
 template <typename F>
 void dispatch_index(bool int64, F&& f) {
-  if (int64) f(int64_t{}); else f(int32_t{});
+  if (int64)
+    f(int64_t{});
+  else
+    f(int32_t{});
 }
 
 }  // namespace dlrm_ops::cuda

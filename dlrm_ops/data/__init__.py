@@ -1,7 +1,15 @@
 """Data for DLRM training: built-in generators and the Criteo click logs."""
+
 from .batch import Batch, batch_from_arrays
 from .criteo import CriteoDataset, MalformedLineError, preprocess_criteo
 from .synthetic import RandomData, SyntheticData
 
-__all__ = ["Batch", "batch_from_arrays", "RandomData", "SyntheticData", "CriteoDataset",
-           "preprocess_criteo", "MalformedLineError"]
+__all__ = [
+    "Batch",
+    "batch_from_arrays",
+    "RandomData",
+    "SyntheticData",
+    "CriteoDataset",
+    "preprocess_criteo",
+    "MalformedLineError",
+]

@@ -13,6 +13,7 @@ arrays are complete is skipped on a rerun, so an interrupted run resumes,
 unless its raw file (name, size, modification time) or the options changed:
 ``meta.json`` records what every day was made from.
 """
+
 import json
 import math
 import os
@@ -32,26 +33,30 @@ class MalformedLineError(ValueError):
     pass
 
 
-def parse_line(line: str, where: str, max_ind_range: Optional[int],
-               vocab: Optional[List[Dict[str, int]]]):
+def parse_line(
+    line: str, where: str, max_ind_range: Optional[int], vocab: Optional[List[Dict[str, int]]]
+):
     """(label, dense[13] as log(x+1), sparse[26]) of one raw line."""
     fields = line.rstrip("\r\n").split("\t")
     if len(fields) != NUM_FIELDS:
-        raise MalformedLineError(f"{where}: expected {NUM_FIELDS} tab-separated fields, "
-                                 f"got {len(fields)}")
+        raise MalformedLineError(
+            f"{where}: expected {NUM_FIELDS} tab-separated fields, got {len(fields)}"
+        )
     if fields[0] not in ("0", "1"):
         raise MalformedLineError(f"{where}: label must be 0 or 1, got {fields[0]!r}")
     dense = np.zeros(NUM_DENSE, dtype=np.float32)
-    for j, f in enumerate(fields[1:1 + NUM_DENSE]):
+    for j, f in enumerate(fields[1 : 1 + NUM_DENSE]):
         if f:
             try:
                 v = int(f)
             except ValueError:
-                raise MalformedLineError(f"{where}: I{j + 1} must be an integer, got {f!r}") from None
+                raise MalformedLineError(
+                    f"{where}: I{j + 1} must be an integer, got {f!r}"
+                ) from None
             # math.log takes integers of any size (log1p overflows past 1e308).
-            dense[j] = 0.0 if v <= 0 else math.log1p(v) if v < 2 ** 53 else math.log(v)
+            dense[j] = 0.0 if v <= 0 else math.log1p(v) if v < 2**53 else math.log(v)
     sparse = np.zeros(NUM_SPARSE, dtype=np.int64)
-    for j, f in enumerate(fields[1 + NUM_DENSE:]):
+    for j, f in enumerate(fields[1 + NUM_DENSE :]):
         if not f:
             continue
         if vocab is not None:
@@ -68,7 +73,9 @@ def parse_line(line: str, where: str, max_ind_range: Optional[int],
 class _DayWriter:
     def __init__(self, out_dir: Path, day: int):
         self.prefix = out_dir / f"day_{day}"
-        self.files = {k: open(f"{self.prefix}.{k}.bin.tmp", "wb") for k in ("dense", "sparse", "labels")}
+        self.files = {
+            k: open(f"{self.prefix}.{k}.bin.tmp", "wb") for k in ("dense", "sparse", "labels")
+        }
         self.rows = 0
         self.buf = ([], [], [])
 
@@ -122,8 +129,13 @@ def _write_meta(out_dir: Path, meta: dict) -> None:
     os.replace(tmp, out_dir / "meta.json")
 
 
-def preprocess_criteo(raw_files: Sequence[str], out_dir: str, dataset: str = "kaggle",
-                      max_ind_range: Optional[int] = None, skip_malformed: bool = False) -> dict:
+def preprocess_criteo(
+    raw_files: Sequence[str],
+    out_dir: str,
+    dataset: str = "kaggle",
+    max_ind_range: Optional[int] = None,
+    skip_malformed: bool = False,
+) -> dict:
     """Preprocesses raw Criteo files into ``out_dir``; returns the metadata
     (rows per day, table sizes, lines skipped)."""
     if dataset not in DAYS:
@@ -142,8 +154,14 @@ def preprocess_criteo(raw_files: Sequence[str], out_dir: str, dataset: str = "ka
     if meta.get("source") != source:
         if meta:
             print(f"{out_dir} holds data processed from other files or options: processing again")
-        meta = {"dataset": dataset, "max_ind_range": max_ind_range, "source": source, "days": {},
-                "day_files": {}, "skipped": 0}
+        meta = {
+            "dataset": dataset,
+            "max_ind_range": max_ind_range,
+            "source": source,
+            "days": {},
+            "day_files": {},
+            "skipped": 0,
+        }
     vocab = None if max_ind_range else [dict() for _ in range(NUM_SPARSE)]
     if dataset == "kaggle":
         if len(files) != 1:
@@ -162,7 +180,11 @@ def preprocess_criteo(raw_files: Sequence[str], out_dir: str, dataset: str = "ka
         if path != current_file:
             if handle:
                 handle.close()
-            handle, current_file, lineno = open(path, "r", encoding="utf-8", errors="replace"), path, 0
+            handle, current_file, lineno = (
+                open(path, "r", encoding="utf-8", errors="replace"),
+                path,
+                0,
+            )
         writer = None if (done and vocab is None) else _DayWriter(out, day)
         for line in handle:
             lineno += 1
@@ -178,8 +200,9 @@ def preprocess_criteo(raw_files: Sequence[str], out_dir: str, dataset: str = "ka
         if writer is not None:
             meta["days"][str(day)] = writer.close()
             meta["day_files"][str(day)] = _fingerprint([path])
-            meta["table_sizes"] = ([max_ind_range] * NUM_SPARSE if vocab is None
-                                   else [len(v) + 1 for v in vocab])
+            meta["table_sizes"] = (
+                [max_ind_range] * NUM_SPARSE if vocab is None else [len(v) + 1 for v in vocab]
+            )
             _write_meta(out, meta)
     if handle:
         handle.close()
@@ -190,8 +213,13 @@ class CriteoDataset:
     """Batches of a preprocessed split ("train", "test" or "val") read through
     memory maps; the last partial batch is dropped."""
 
-    def __init__(self, processed_dir: str, split: str = "train", batch_size: int = 128,
-                 num_batches: Optional[int] = None):
+    def __init__(
+        self,
+        processed_dir: str,
+        split: str = "train",
+        batch_size: int = 128,
+        num_batches: Optional[int] = None,
+    ):
         self.dir = Path(processed_dir)
         meta = json.loads((self.dir / "meta.json").read_text())
         self.table_sizes = meta["table_sizes"]
@@ -211,15 +239,19 @@ class CriteoDataset:
         self.parts = [(self._open(d), lo, hi) for d, lo, hi in parts if hi > lo]
         self.batch_size = batch_size
         n = sum(hi - lo for _, lo, hi in self.parts)
-        self.num_batches = n // batch_size if num_batches is None else min(num_batches, n // batch_size)
+        self.num_batches = (
+            n // batch_size if num_batches is None else min(num_batches, n // batch_size)
+        )
 
     def _open(self, day: int):
         p = self.dir / f"day_{day}"
         labels = np.memmap(f"{p}.labels.bin", dtype=np.float32, mode="r")
         n = labels.shape[0]
-        return (np.memmap(f"{p}.dense.bin", dtype=np.float32, mode="r", shape=(n, NUM_DENSE)),
-                np.memmap(f"{p}.sparse.bin", dtype=np.int64, mode="r", shape=(n, NUM_SPARSE)),
-                labels)
+        return (
+            np.memmap(f"{p}.dense.bin", dtype=np.float32, mode="r", shape=(n, NUM_DENSE)),
+            np.memmap(f"{p}.sparse.bin", dtype=np.int64, mode="r", shape=(n, NUM_SPARSE)),
+            labels,
+        )
 
     def __len__(self) -> int:
         return self.num_batches
@@ -230,7 +262,11 @@ class CriteoDataset:
             for start in range(lo, hi, B):
                 end = min(start + B, hi)
                 chunk = (dense[start:end], sparse[start:end], labels[start:end])
-                buf = chunk if buf is None else tuple(np.concatenate([a, b]) for a, b in zip(buf, chunk))
+                buf = (
+                    chunk
+                    if buf is None
+                    else tuple(np.concatenate([a, b]) for a, b in zip(buf, chunk))
+                )
                 while len(buf[2]) >= B:
                     if made >= self.num_batches:
                         return

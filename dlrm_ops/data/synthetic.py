@@ -7,6 +7,7 @@ per table, log-normal dense features as in the Criteo logs (given to the model
 as log(x+1)), and labels drawn from a planted ground-truth model, so the best
 achievable AUC (that of the true click probabilities) is known.
 """
+
 from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -17,9 +18,16 @@ from .batch import Batch
 
 
 class RandomData:
-    def __init__(self, num_embeddings: Sequence[int], num_dense: int, batch_size: int,
-                 num_batches: int, num_indices_per_lookup: int = 10,
-                 fixed_indices_per_lookup: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        num_embeddings: Sequence[int],
+        num_dense: int,
+        batch_size: int,
+        num_batches: int,
+        num_indices_per_lookup: int = 10,
+        fixed_indices_per_lookup: bool = False,
+        seed: int = 0,
+    ):
         self.rows = list(num_embeddings)
         self.num_dense, self.batch_size, self.num_batches = num_dense, batch_size, num_batches
         self.L, self.fixed = num_indices_per_lookup, fixed_indices_per_lookup
@@ -28,14 +36,16 @@ class RandomData:
     def batch(self, i: int) -> Batch:
         rng = np.random.default_rng((self.seed, i))
         B, T = self.batch_size, len(self.rows)
-        lengths = (np.full(T * B, self.L) if self.fixed
-                   else rng.integers(1, self.L + 1, T * B))
+        lengths = np.full(T * B, self.L) if self.fixed else rng.integers(1, self.L + 1, T * B)
         per_table = lengths.reshape(T, B).sum(1)
         idx = np.concatenate([rng.integers(0, n, c) for n, c in zip(self.rows, per_table)])
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        return Batch(torch.from_numpy(rng.random((B, self.num_dense), dtype=np.float32)),
-                     torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(offsets),
-                     torch.from_numpy(rng.integers(0, 2, B).astype(np.float32)))
+        return Batch(
+            torch.from_numpy(rng.random((B, self.num_dense), dtype=np.float32)),
+            torch.from_numpy(idx.astype(np.int64)),
+            torch.from_numpy(offsets),
+            torch.from_numpy(rng.integers(0, 2, B).astype(np.float32)),
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         return (self.batch(i) for i in range(self.num_batches))
@@ -55,9 +65,18 @@ class SyntheticData:
     (seed, split, batch number), so runs repeat exactly.
     """
 
-    def __init__(self, num_embeddings: Sequence[int], num_dense: int = 13, batch_size: int = 256,
-                 num_batches: int = 1000, seed: int = 0, zipf_alpha: float = 1.2,
-                 rank: int = 4, num_pairs: Optional[int] = 8, signal: float = 1.0):
+    def __init__(
+        self,
+        num_embeddings: Sequence[int],
+        num_dense: int = 13,
+        batch_size: int = 256,
+        num_batches: int = 1000,
+        seed: int = 0,
+        zipf_alpha: float = 1.2,
+        rank: int = 4,
+        num_pairs: Optional[int] = 8,
+        signal: float = 1.0,
+    ):
         self.rows = [int(n) for n in num_embeddings]
         self.num_dense, self.batch_size, self.num_batches = num_dense, batch_size, num_batches
         self.seed, self.alpha = seed, zipf_alpha
@@ -70,7 +89,9 @@ class SyntheticData:
         self.v = [rng.normal(0, np.sqrt(signal / rank), (n, rank)) for n in self.rows]
         all_pairs = [(s, t) for s in range(T) for t in range(s + 1, T)]
         k = len(all_pairs) if num_pairs is None else min(num_pairs, len(all_pairs))
-        self.pairs = [all_pairs[j] for j in rng.choice(len(all_pairs), k, replace=False)] if k else []
+        self.pairs = (
+            [all_pairs[j] for j in rng.choice(len(all_pairs), k, replace=False)] if k else []
+        )
         self.bias = -1.0  # about a quarter of samples are clicks, as in Criteo
         self.dense_shift = float(self.dense_w @ np.log1p(np.exp(self.dense_mu)))
 
@@ -113,8 +134,11 @@ class SyntheticData:
         """AUC of the true click probabilities on the first n test batches:
         the best any model can reach there."""
         draws = [self._draw(1, i) for i in range(n_batches)]
-        return float(roc_auc_score(np.concatenate([d[2] for d in draws]),
-                                   np.concatenate([d[3] for d in draws])))
+        return float(
+            roc_auc_score(
+                np.concatenate([d[2] for d in draws]), np.concatenate([d[3] for d in draws])
+            )
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         return (self.batch(i) for i in range(self.num_batches))

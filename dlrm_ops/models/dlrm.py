@@ -1,4 +1,5 @@
 """DLRM (Naumov et al., 2019) on the dlrm_ops kernels."""
+
 import math
 from typing import Iterator, List, Optional, Sequence
 
@@ -26,10 +27,17 @@ class SparseArch(nn.Module):
     ``forward(indices, offsets) -> [B, T*D]`` with the collection's convention.
     """
 
-    def __init__(self, num_embeddings: Sequence[int], embedding_dim: int,
-                 optimizer: Optional[str] = "sgd", lr: float = 0.1,
-                 max_ind_range: Optional[int] = None, qr_collisions: int = 0,
-                 qr_operation: str = "mult", qr_threshold: int = 200):
+    def __init__(
+        self,
+        num_embeddings: Sequence[int],
+        embedding_dim: int,
+        optimizer: Optional[str] = "sgd",
+        lr: float = 0.1,
+        max_ind_range: Optional[int] = None,
+        qr_collisions: int = 0,
+        qr_operation: str = "mult",
+        qr_threshold: int = 200,
+    ):
         super().__init__()
         if qr_operation not in QR_OPERATIONS:
             raise ValueError(f"qr_operation must be one of {QR_OPERATIONS}, got {qr_operation!r}")
@@ -64,9 +72,11 @@ class SparseArch(nn.Module):
         starts = offsets[::B].tolist()
         parts, offs, base = [], [offsets[:1]], offsets[:1]
         for t in range(T):
-            idx = indices[starts[t]:starts[t + 1]]
-            bag_ends = offsets[t * B + 1:(t + 1) * B + 1] - starts[t]
-            for sub in ((idx // self.qr_collisions, idx % self.qr_collisions) if self.qr[t] else (idx,)):
+            idx = indices[starts[t] : starts[t + 1]]
+            bag_ends = offsets[t * B + 1 : (t + 1) * B + 1] - starts[t]
+            for sub in (
+                (idx // self.qr_collisions, idx % self.qr_collisions) if self.qr[t] else (idx,)
+            ):
                 parts.append(sub)
                 offs.append(bag_ends + base)
                 base = base + idx.numel()
@@ -74,14 +84,19 @@ class SparseArch(nn.Module):
         out, col = [], 0
         for t in range(T):
             if not self.qr[t]:
-                out.append(pooled[:, col:col + self.dim])
+                out.append(pooled[:, col : col + self.dim])
                 col += self.dim
                 continue
             d = self.dim // 2 if self.qr_operation == "concat" else self.dim
-            q, r = pooled[:, col:col + d], pooled[:, col + d:col + 2 * d]
+            q, r = pooled[:, col : col + d], pooled[:, col + d : col + 2 * d]
             col += 2 * d
-            out.append(q * r if self.qr_operation == "mult" else q + r if self.qr_operation == "add"
-                       else torch.cat([q, r], 1))
+            out.append(
+                q * r
+                if self.qr_operation == "mult"
+                else q + r
+                if self.qr_operation == "add"
+                else torch.cat([q, r], 1)
+            )
         return torch.cat(out, 1)
 
 
@@ -98,15 +113,25 @@ class DLRM(nn.Module):
     torch optimizer over ``dense_parameters()``; the tables update themselves.
     """
 
-    def __init__(self, num_embeddings: Sequence[int], embedding_dim: int,
-                 bottom_mlp: Sequence[int], top_mlp: Sequence[int], interaction: str = "dot",
-                 self_interaction: bool = False, embedding_optimizer: Optional[str] = "sgd",
-                 embedding_lr: float = 0.1, max_ind_range: Optional[int] = None,
-                 qr_collisions: int = 0, qr_operation: str = "mult"):
+    def __init__(
+        self,
+        num_embeddings: Sequence[int],
+        embedding_dim: int,
+        bottom_mlp: Sequence[int],
+        top_mlp: Sequence[int],
+        interaction: str = "dot",
+        self_interaction: bool = False,
+        embedding_optimizer: Optional[str] = "sgd",
+        embedding_lr: float = 0.1,
+        max_ind_range: Optional[int] = None,
+        qr_collisions: int = 0,
+        qr_operation: str = "mult",
+    ):
         super().__init__()
         if bottom_mlp[-1] != embedding_dim:
-            raise ValueError(f"bottom_mlp must end in embedding_dim = {embedding_dim}, "
-                             f"got {list(bottom_mlp)}")
+            raise ValueError(
+                f"bottom_mlp must end in embedding_dim = {embedding_dim}, got {list(bottom_mlp)}"
+            )
         if top_mlp[-1] != 1:
             raise ValueError(f"top_mlp must end in 1, got {list(top_mlp)}")
         if interaction not in ("dot", "cat"):
@@ -114,11 +139,21 @@ class DLRM(nn.Module):
         T = len(num_embeddings)
         self.interaction = interaction
         self.bottom = mlp(bottom_mlp, final_relu=True, fused=True)
-        self.sparse = SparseArch(num_embeddings, embedding_dim, embedding_optimizer, embedding_lr,
-                                 max_ind_range, qr_collisions, qr_operation)
+        self.sparse = SparseArch(
+            num_embeddings,
+            embedding_dim,
+            embedding_optimizer,
+            embedding_lr,
+            max_ind_range,
+            qr_collisions,
+            qr_operation,
+        )
         self.dot = DotInteraction(self_interaction, order="tril")
-        width = (DotInteraction.output_dim(T, embedding_dim, self_interaction)
-                 if interaction == "dot" else embedding_dim * (T + 1))
+        width = (
+            DotInteraction.output_dim(T, embedding_dim, self_interaction)
+            if interaction == "dot"
+            else embedding_dim * (T + 1)
+        )
         self.top = mlp([width] + list(top_mlp), final_relu=False, fused=True)
 
     @property
@@ -129,8 +164,9 @@ class DLRM(nn.Module):
         yield from self.bottom.parameters()
         yield from self.top.parameters()
 
-    def forward(self, dense: torch.Tensor, indices: torch.Tensor,
-                offsets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor
+    ) -> torch.Tensor:
         x = self.bottom(dense)
         ly = self.sparse(indices, offsets)
         z = self.dot(x, ly) if self.interaction == "dot" else torch.cat([x, ly], 1)

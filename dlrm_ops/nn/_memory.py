@@ -5,6 +5,7 @@ THP is in "madvise" mode (a common default) the buffer must ask for it before
 its pages are touched: memory the allocator hands back after an earlier
 tensor used it (tcmalloc and jemalloc keep freed spans) already has its
 4 KiB pages, so those are dropped first and come back huge on first touch."""
+
 import ctypes
 import sys
 

@@ -1,4 +1,5 @@
 """Embedding-bag modules over the table-batched native op."""
+
 import math
 from typing import Optional, Sequence, Tuple, Union
 
@@ -53,8 +54,11 @@ class EmbeddingBagCollection(nn.Module):
             raise ValueError("num_embeddings must list at least one table")
         if any(n < 0 for n in rows):
             raise ValueError(f"num_embeddings must be non-negative, got {rows}")
-        dims = [int(embedding_dim)] * len(rows) if isinstance(embedding_dim, int) else [
-            int(d) for d in embedding_dim]
+        dims = (
+            [int(embedding_dim)] * len(rows)
+            if isinstance(embedding_dim, int)
+            else [int(d) for d in embedding_dim]
+        )
         if len(dims) != len(rows):
             raise ValueError(f"embedding_dim lists {len(dims)} dims for {len(rows)} tables")
         if any(d < 1 for d in dims):
@@ -85,18 +89,21 @@ class EmbeddingBagCollection(nn.Module):
 
     def _init_optimizer(self, optimizer, lr, eps, weight_decay, betas, device):
         if optimizer not in optimizers.OPTIMIZERS:
-            raise ValueError(f"optimizer must be None or one of {sorted(optimizers.OPTIMIZERS)}, "
-                             f"got {optimizer!r}")
+            raise ValueError(
+                f"optimizer must be None or one of {sorted(optimizers.OPTIMIZERS)}, "
+                f"got {optimizer!r}"
+            )
         if self.sparse:
-            raise ValueError("sparse=True and a fused optimizer exclude each other: the fused "
-                             "optimizer produces no weight gradient")
+            raise ValueError(
+                "sparse=True and a fused optimizer exclude each other: the fused "
+                "optimizer produces no weight gradient"
+            )
         spec = optimizers.spec(optimizer)
         hparams = optimizers.hparams(optimizer, lr, eps, weight_decay, betas)
         n_elem, n_rows = self.weight.numel(), sum(self.num_embeddings)
         for which in (1, 2):
             n = spec.state_numel(which, n_elem, n_rows)
-            self.register_buffer(f"momentum{which}",
-                                 empty_table(n, torch.float32, device).zero_())
+            self.register_buffer(f"momentum{which}", empty_table(n, torch.float32, device).zero_())
         self.register_buffer("step", torch.zeros(1, dtype=torch.int64, device=device))
         self.register_buffer("hparams", torch.tensor(hparams, dtype=torch.float64, device=device))
 
@@ -117,7 +124,7 @@ class EmbeddingBagCollection(nn.Module):
     def weight_of(self, t: int) -> torch.Tensor:
         """View of table t, ``[rows_t, D_t]``."""
         n, d = self.num_embeddings[t], self.embedding_dims[t]
-        return self.weight.view(-1)[self._woff[t]:self._woff[t] + n * d].view(n, d)
+        return self.weight.view(-1)[self._woff[t] : self._woff[t] + n * d].view(n, d)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -125,26 +132,47 @@ class EmbeddingBagCollection(nn.Module):
             bound = math.sqrt(1.0 / max(n, 1))
             self.weight_of(t).uniform_(-bound, bound)
 
-    def forward(self, indices: torch.Tensor, offsets: torch.Tensor,
-                per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        indices: torch.Tensor,
+        offsets: torch.Tensor,
+        per_sample_weights: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         # Tensors read from the module's dicts, as its __getattr__ would: the
         # 8 calls of that took 9.5 us a step (0.3 us so).
         b = self._buffers
         tables = (self._parameters["weight"], b["weights_offsets"], b["dim_offsets"], b["rows"])
         if self.optimizer is not None:
             return ops.table_batched_embedding_bag_with_optimizer(
-                *tables, indices, offsets, optimizer=self.optimizer, momentum1=b["momentum1"],
-                momentum2=b["momentum2"], step=b["step"], hparams=b["hparams"], mode=self.mode,
-                per_sample_weights=per_sample_weights, total_dim=self.total_dim,
-                stochastic_rounding=self.stochastic_rounding)
+                *tables,
+                indices,
+                offsets,
+                optimizer=self.optimizer,
+                momentum1=b["momentum1"],
+                momentum2=b["momentum2"],
+                step=b["step"],
+                hparams=b["hparams"],
+                mode=self.mode,
+                per_sample_weights=per_sample_weights,
+                total_dim=self.total_dim,
+                stochastic_rounding=self.stochastic_rounding,
+            )
         return ops.table_batched_embedding_bag(
-            *tables, indices, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
-            sparse=self.sparse, total_dim=self.total_dim)
+            *tables,
+            indices,
+            offsets,
+            mode=self.mode,
+            per_sample_weights=per_sample_weights,
+            sparse=self.sparse,
+            total_dim=self.total_dim,
+        )
 
     def extra_repr(self) -> str:
-        return (f"tables={self.num_tables}, rows={self.num_embeddings}, "
-                f"dims={self.embedding_dims}, mode={self.mode!r}, sparse={self.sparse}, "
-                f"optimizer={self.optimizer!r}")
+        return (
+            f"tables={self.num_tables}, rows={self.num_embeddings}, "
+            f"dims={self.embedding_dims}, mode={self.mode!r}, sparse={self.sparse}, "
+            f"optimizer={self.optimizer!r}"
+        )
 
 
 _UNSUPPORTED = {
@@ -160,9 +188,12 @@ def _check_supported(module: nn.EmbeddingBag) -> None:
     if bad:
         raise NotImplementedError(
             f"dlrm_ops.nn.EmbeddingBag does not support {', '.join(bad)}; "
-            "keep torch.nn.EmbeddingBag for this module")
+            "keep torch.nn.EmbeddingBag for this module"
+        )
     if module.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise NotImplementedError(f"dlrm_ops.nn.EmbeddingBag does not support {module.weight.dtype}")
+        raise NotImplementedError(
+            f"dlrm_ops.nn.EmbeddingBag does not support {module.weight.dtype}"
+        )
 
 
 class EmbeddingBag(nn.EmbeddingBag):
@@ -180,35 +211,57 @@ class EmbeddingBag(nn.EmbeddingBag):
         _check_supported(self)
         kw = dict(dtype=torch.int64, device=self.weight.device)
         self.register_buffer("_weights_offsets", torch.zeros(1, **kw), persistent=False)
-        self.register_buffer("_dim_offsets", torch.tensor([0, self.embedding_dim], **kw),
-                             persistent=False)
+        self.register_buffer(
+            "_dim_offsets", torch.tensor([0, self.embedding_dim], **kw), persistent=False
+        )
         self.register_buffer("_rows", torch.tensor([self.num_embeddings], **kw), persistent=False)
 
-    def forward(self, input: torch.Tensor, offsets: Optional[torch.Tensor] = None,
-                per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        input: torch.Tensor,
+        offsets: Optional[torch.Tensor] = None,
+        per_sample_weights: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         input, offsets, per_sample_weights = bags_from_embedding_bag_args(
-            input, offsets, per_sample_weights, self.include_last_offset)
+            input, offsets, per_sample_weights, self.include_last_offset
+        )
         return ops.table_batched_embedding_bag(
-            self.weight, self._weights_offsets, self._dim_offsets, self._rows, input, offsets,
-            mode=self.mode, per_sample_weights=per_sample_weights, sparse=self.sparse,
-            total_dim=self.embedding_dim)
+            self.weight,
+            self._weights_offsets,
+            self._dim_offsets,
+            self._rows,
+            input,
+            offsets,
+            mode=self.mode,
+            per_sample_weights=per_sample_weights,
+            sparse=self.sparse,
+            total_dim=self.embedding_dim,
+        )
 
 
-def bags_from_embedding_bag_args(input: torch.Tensor, offsets: Optional[torch.Tensor],
-                                 per_sample_weights: Optional[torch.Tensor],
-                                 include_last_offset: bool):
+def bags_from_embedding_bag_args(
+    input: torch.Tensor,
+    offsets: Optional[torch.Tensor],
+    per_sample_weights: Optional[torch.Tensor],
+    include_last_offset: bool,
+):
     """torch.nn.EmbeddingBag's forward arguments (1-D input with offsets, or
     2-D input of fixed-size bags) as flat indices and B+1 offsets."""
     if input.dim() == 2:
         if offsets is not None:
             raise ValueError("offsets must be None when input is 2-D")
         B, L = input.shape
-        offsets = torch.arange(0, B * L + 1, L, dtype=input.dtype, device=input.device) \
-            if L > 0 else torch.zeros(B + 1, dtype=input.dtype, device=input.device)
+        offsets = (
+            torch.arange(0, B * L + 1, L, dtype=input.dtype, device=input.device)
+            if L > 0
+            else torch.zeros(B + 1, dtype=input.dtype, device=input.device)
+        )
         if per_sample_weights is not None:
             if per_sample_weights.shape != input.shape:
-                raise ValueError(f"per_sample_weights must have the shape of input "
-                                 f"{tuple(input.shape)}, got {tuple(per_sample_weights.shape)}")
+                raise ValueError(
+                    f"per_sample_weights must have the shape of input "
+                    f"{tuple(input.shape)}, got {tuple(per_sample_weights.shape)}"
+                )
             per_sample_weights = per_sample_weights.reshape(-1)
         input = input.reshape(-1)
     elif input.dim() == 1:
@@ -246,9 +299,16 @@ def _from_torch(m: nn.EmbeddingBag, name: str) -> EmbeddingBag:
         _check_supported(m)
     except NotImplementedError as e:
         raise NotImplementedError(f"cannot convert {name}: {e}") from None
-    new = EmbeddingBag(m.num_embeddings, m.embedding_dim, mode=m.mode, sparse=m.sparse,
-                       include_last_offset=m.include_last_offset, _weight=m.weight.data,
-                       device=m.weight.device, dtype=m.weight.dtype)
+    new = EmbeddingBag(
+        m.num_embeddings,
+        m.embedding_dim,
+        mode=m.mode,
+        sparse=m.sparse,
+        include_last_offset=m.include_last_offset,
+        _weight=m.weight.data,
+        device=m.weight.device,
+        dtype=m.weight.dtype,
+    )
     new.weight = m.weight
     new.train(m.training)
     return new

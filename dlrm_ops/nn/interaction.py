@@ -1,4 +1,5 @@
 """The DLRM feature interaction as a module."""
+
 import torch
 from torch import nn
 
@@ -22,8 +23,9 @@ class DotInteraction(nn.Module):
         return dim + (F * (F + 1) // 2 if self_interaction else F * (F - 1) // 2)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        return ops.dot_interaction(dense, sparse, self_interaction=self.self_interaction,
-                                   order=self.order)
+        return ops.dot_interaction(
+            dense, sparse, self_interaction=self.self_interaction, order=self.order
+        )
 
     def extra_repr(self) -> str:
         return f"self_interaction={self.self_interaction}, order={self.order!r}"

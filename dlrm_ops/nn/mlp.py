@@ -1,4 +1,5 @@
 """The DLRM multilayer perceptrons."""
+
 import math
 from typing import Sequence
 
@@ -42,8 +43,13 @@ class FusedMLP(nn.Sequential):
     10% slower at 256 (Python per layer)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _FUSED is None or torch.is_grad_enabled() or torch.compiler.is_compiling() or \
-                x.device.type != "cpu" or x.dim() != 2:
+        if (
+            _FUSED is None
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or x.device.type != "cpu"
+            or x.dim() != 2
+        ):
             return super().forward(x)
         layers = list(self)
         i = 0
@@ -51,8 +57,9 @@ class FusedMLP(nn.Sequential):
             lin = layers[i]
             relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
             if x.dtype == lin.weight.dtype == torch.float32:
-                x = _FUSED(x, _packed(lin.weight, x.shape[0]), lin.bias,
-                           "relu" if relu else "none", [], "")
+                x = _FUSED(
+                    x, _packed(lin.weight, x.shape[0]), lin.bias, "relu" if relu else "none", [], ""
+                )
             else:
                 x = lin(x)
                 if relu:
