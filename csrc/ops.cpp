@@ -1,6 +1,6 @@
 // Schemas of every dlrm_ops operator. Kernels register per device in
 // csrc/cpu/*.cpp and csrc/cuda/*.cu; autograd and fake (meta) kernels are
-// registered in Python (dlrm_ops/_meta.py, dlrm_ops/ops.py).
+// registered in Python (dlrm_ops/ops.py).
 #include <torch/csrc/stable/library.h>
 
 STABLE_TORCH_LIBRARY(dlrm_ops, m) {

@@ -69,11 +69,10 @@ _below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nul
 
 def _autograd_function(op, setup, backward):
     """The autograd registered for `op` (`setup`, `backward`) as a plain
-    torch.autograd.Function: torch.library's registered-autograd layers cost
-    42 us per call against 17 us so (CPU, one-element inputs). The Function
-    and calls without grad reach the kernel below the autograd keys, past
-    those layers' Python: a fused SGD step on 26 tables of 4 bags 157 -> 130
-    us, a forward without grad 26.5 -> 17.5 us (docs/architecture.md).
+    torch.autograd.Function, whose per-call cost is less than half of
+    torch.library's registered-autograd layers. The Function and calls
+    without grad reach the kernel below the autograd keys, past those layers'
+    Python (docs/performance.md, "Measurements behind the CPU design").
     torch.compile and direct op calls use the registered autograd."""
 
     class Fn(torch.autograd.Function):
@@ -208,8 +207,29 @@ def _fake_lookups(ref_name, ref, lookups, per_sample_weights=None):
         _LOOKUP_ARGS + ("per_sample_weights",),
         tuple(lookups) + (per_sample_weights,),
     )
-    rows, offsets = lookups[2], lookups[4]
+    rows, indices, offsets = lookups[2], lookups[3], lookups[4]
+    # The kernels' shape and dtype checks, so that traced graphs fail alike.
     torch._check(rows.numel() >= 1, lambda: "rows must list at least one table")
+    torch._check(
+        indices.dtype in (torch.int32, torch.int64),
+        lambda: f"indices must have dtype int32 or int64, got {indices.dtype}",
+    )
+    torch._check(
+        offsets.dtype == indices.dtype,
+        lambda: f"offsets must have the dtype of indices ({indices.dtype})",
+    )
+    torch._check(
+        indices.dim() == 1 and offsets.dim() == 1, lambda: "indices and offsets must be 1-D"
+    )
+    torch._check(
+        (offsets.numel() - 1) % rows.numel() == 0,
+        lambda: f"offsets must have T*B+1 entries for T = {rows.numel()} tables",
+    )
+    if per_sample_weights is not None:
+        torch._check(
+            per_sample_weights.numel() == indices.numel(),
+            lambda: "per_sample_weights must have one entry per index",
+        )
     return (offsets.numel() - 1) // rows.numel()
 
 
@@ -524,6 +544,9 @@ def _interaction_pairs(F, self_interaction):
 @torch.library.register_fake("dlrm_ops::dot_interaction")
 def _(dense, sparse, self_interaction=False, order=0):
     _same_device("dense", dense, ("sparse",), (sparse,))
+    torch._check(dense.dim() == 2, lambda: f"dense must be 2-D, got {dense.dim()}-D")
+    torch._check(sparse.dtype == dense.dtype, lambda: "sparse must have the dtype of dense")
+    torch._check(sparse.dim() in (2, 3), lambda: "sparse must be [B, T, D] or [B, T*D]")
     B, D = dense.shape
     T = sparse.shape[1] if sparse.dim() == 3 else sparse.shape[1] // D
     return dense.new_empty((B, D + _interaction_pairs(T + 1, self_interaction)))
@@ -614,6 +637,8 @@ def _packed_row_bytes(D, bits):
 
 @torch.library.register_fake("dlrm_ops::quantize_rowwise")
 def _(weight, bits):
+    torch._check(bits in (8, 4), lambda: f"bits must be 8 or 4, got {bits}")
+    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D, got {weight.dim()}-D")
     return weight.new_empty(
         (weight.shape[0], _packed_row_bytes(weight.shape[1], bits)), dtype=torch.uint8
     )
@@ -621,6 +646,8 @@ def _(weight, bits):
 
 @torch.library.register_fake("dlrm_ops::dequantize_rowwise")
 def _(packed, bits, dtype=None):
+    torch._check(bits in (8, 4), lambda: f"bits must be 8 or 4, got {bits}")
+    torch._check(packed.dtype == torch.uint8, lambda: "packed must have dtype uint8")
     D = packed.shape[1] - 8 if bits == 8 else (packed.shape[1] - 4) * 2
     return packed.new_empty((packed.shape[0], D), dtype=dtype or torch.float32)
 

@@ -88,8 +88,9 @@ void pool_bag(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* 
 // Pools bags [b0, b1) of one table (offsets `off` from its first bag) into
 // rows `stride` apart from `out`. Per-bag work is only the bag's own: the
 // table's values stay in registers and, when D is one block of vectors, the
-// column loop is unrolled (one lookup per bag on 26 cached tables of 100 x 64,
-// B=2048: 0.83 -> 0.53 ms against per-bag reloads of the table's values).
+// column loop is unrolled (per-bag reloads of them cost a third of a cached
+// forward)
+// (docs/performance.md, "Measurements behind the CPU design").
 template <bool Weighted, typename W, typename I>
 void pool_bags(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* psw, const I* off,
                int64_t b0, int64_t b1, int64_t table_end, bool mean, W* out, int64_t stride,
@@ -155,14 +156,10 @@ void gather_sorted(const W* wt, const uint64_t* e, const float* psw, int64_t b0,
 // The training forward gathers in row order (its sort then taken by the
 // update) when every table has one lookup per bag and D one block of
 // vectors, and the tables hold at least kRowOrderMinBytes: rows from memory,
-// where rows near each other come cheaper together. 26 x 500k Zipf tables,
-// B=2048, 16 batches in turn, in one process against the bag-order forward
-// and the update's own sort (paired, 6-10 rounds): D=64, 2 threads, forward
-// 0.90-0.94x the time, SGD step 0.92-0.95x, row-wise Adagrad 0.95x; 1
-// thread, SGD 0.93x; D=128, forward 0.93x, SGD 0.98x. Where it is off,
-// nothing changes (20 per bag: 0.98x; 26 x 1000 rows: 1.00x); turned on
-// there, it cost 1.13x (the sort moved into a forward that gathers in bag
-// order) and 1.04x (cached rows gain nothing from order).
+// where rows near each other come cheaper together. Elsewhere it costs: the
+// sort lands in a forward that must gather in bag order, and cached rows gain
+// nothing from order
+// (docs/performance.md, "Measurements behind the CPU design").
 constexpr int64_t kRowOrderMinBytes = int64_t{64} << 20;
 
 bool gathers_in_row_order(const EmbeddingBagArgs& a, int64_t elem_bytes) {

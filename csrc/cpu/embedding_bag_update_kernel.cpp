@@ -16,14 +16,10 @@ namespace dlrm_ops::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-// Prefetch distances, measured on 26 x 500k x 64 Zipf tables: weight and
-// state rows kPrefetchRows rows ahead into L1 and kPrefetchFarRows ahead into
-// L2 (the latter 6% faster at 20 lookups per bag, neutral at one), gradient
-// rows kPrefetchGrads lookups ahead. On the AVX-512 EPYC (one per bag, 2
-// threads, in one process against 16): gradients 12 ahead took SGD steps
-// 0.97-0.99x the time, row-wise Adagrad 0.97-0.99x, 8 and 10 as much; 20 per
-// bag and D=128 0.99-1.00x. Rows 6/48, 4/32, 12/96, 8/128 ahead, gradients
-// 24: 0.98-1.04x.
+// Prefetch distances of the walk: weight and state rows kPrefetchRows rows
+// ahead into L1 and kPrefetchFarRows ahead into L2, gradient rows
+// kPrefetchGrads lookups ahead; neighbouring distances were within noise
+// (docs/performance.md, "Measurements behind the CPU design").
 constexpr int64_t kPrefetchRows = 8;
 constexpr int64_t kPrefetchFarRows = 64;
 constexpr int64_t kPrefetchGrads = 12;
@@ -159,9 +155,7 @@ void register_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64
       rows_on_lines(grads.base, kRowBytes) && grads.stride * sizeof(W) % 64 == 0;
   float g[D], wf[D];
   // What the loop would have fetched ahead of `begin`, up front: a table's
-  // first runs came on demand, a few at a time. With gather_sorted's, on
-  // 26 x 500k x 64 Zipf tables, one lookup per bag, 2 threads, alternated in
-  // one process: SGD steps 0.96-0.98x the time, row-wise Adagrad 0.98x.
+  // first runs would otherwise come on demand, a few at a time.
   for (int64_t k = begin; k < std::min(begin + kPrefetchGrads, end); ++k) {
     const W* x = Plain ? grads[SortedLookups::low(e[k])] : grads[s.bag_of(e[k], start)];
     prefetch_row_of<3, kRowBytes>(x, grads_lined);

@@ -19,11 +19,9 @@
 namespace dlrm_ops::cpu::CPU_CAPABILITY {
 
 // Lookups ahead whose rows are prefetched by the pooled gathers: enough to
-// cover DRAM latency for random rows of large tables. Measured on 26 x 500k
-// Zipf tables with rows cold from memory (16 batches in turn), against 32:
-// fp32 rows 128 (0.91x at D=64 one per bag, 0.86x at 20 per bag, 0.92x at
-// D=128); 8- and 4-bit rows 32 (128: 0.94x at 20 per bag, 1.04-1.09x at one;
-// 32 was ~5% faster than 12 on them).
+// cover DRAM latency for random rows of large tables, tuned with rows cold
+// from memory
+// (docs/performance.md, "Measurements behind the CPU design").
 constexpr int64_t kPrefetchLookups = 128;
 constexpr int64_t kPrefetchQuantizedLookups = 32;
 
@@ -61,13 +59,9 @@ inline int64_t max_dim(const TableBatch& tb) {
 // Pooled outputs of at least kStreamOutputBytes (fp32, rows on 64-byte
 // lines) are written with non-temporal stores: too big to stay cached for
 // their consumer, cached stores would read every output line first and evict
-// the gathered rows. 26 x 500k x 64 Zipf tables, B=2048, one lookup per bag
-// (13.6 MB out), 2 threads, alternating processes: forward 1.26-1.45 ->
-// 0.82-1.04 ms, fused SGD step 3.8-4.0 -> 2.8-3.05 ms; forward + dot
-// interaction at D=128 5.7-6.0 -> 5.1-5.4 ms, at D=32 (6.8 MB) no change, at
-// D=16 (3.4 MB, read back from cache by the interaction) 0.88-0.94 ->
-// 1.00-1.05 ms streamed, hence the threshold. (In a slow phase of the
-// machine the forward still gained, the SGD step not: docs/performance.md.)
+// the gathered rows. Smaller outputs stay cached for the interaction that
+// reads them next, hence the threshold
+// (docs/performance.md, "Measurements behind the CPU design").
 constexpr int64_t kStreamOutputBytes = int64_t{8} << 20;
 
 // Whether the fp32 pooled output [B, dim_offsets[T]] of tb is streamed: big
@@ -86,11 +80,9 @@ inline bool on_line(const void* p) { return reinterpret_cast<uintptr_t>(p) % 64 
 // so it walks the lines its own earlier regions left in its caches; a thread
 // done with its share then takes chunks from the back of the others', so that
 // one held up by memory leaves the others less to wait for at the region's
-// end. Fused steps on 26 x 500k x 64 Zipf tables, 2 threads, one lookup per
-// bag, in one process against parallel_for's split (rounds of 40 steps
-// alternated): SGD 0.98-0.99x the time, row-wise Adagrad 0.93-0.97x; 20 per
-// bag 0.97-0.99x. Chunks all claimed from one shared front lose that affinity:
-// 1.14-1.16x the time of parallel_for's split in three runs of five.
+// end. Chunks all claimed from one shared front lose that affinity and were
+// slower
+// (docs/performance.md, "Measurements behind the CPU design").
 template <typename F>
 void parallel_balanced(int64_t n, int64_t grain, const F& f) {
   if (n <= 0) return;

@@ -96,9 +96,8 @@ inline uint64_t* radix_sort_rows(uint64_t* keys, uint64_t* tmp, int64_t n, int n
 
 // The sort's scratch (entries, radix buffer and bags: 2-2.5 words per lookup)
 // is kept per calling thread up to kCachedScratchBytes. Under glibc malloc a
-// fresh buffer of several MB is often mmapped and page-faulted on every call:
-// 26 x 500k x 64 at 20 per bag, SGD steps took 57.5-58.1 ms with 7.9k page
-// faults each in that mode, against 49.2-50.7 ms and none with the cache.
+// fresh buffer of several MB is often mmapped and page-faulted on every call
+// (docs/performance.md, "Measurements behind the CPU design").
 constexpr int64_t kCachedScratchBytes = int64_t{64} << 20;
 
 inline uint64_t* sort_scratch(int64_t words, std::unique_ptr<uint64_t[]>& own) {
@@ -141,7 +140,7 @@ int64_t sort_rows(const TableBatch& tb, const HostLookups& lk, bool positions, u
       };
       if (positions && !bag) {  // no bags wanted: the offsets stay unread
         for (int64_t p = start; p < start + n; ++p) put(p, static_cast<uint64_t>(p - start));
-      } else {  // bag by bag: one loop per bag was 0.87x a loop over lookups that tracks the bag
+      } else {  // bag by bag: faster than one loop over lookups that tracks the bag
         for (int64_t b = 0; b < B; ++b) {
           for (int64_t p = off[t * B + b]; p < off[t * B + b + 1]; ++p) {
             put(p, positions ? static_cast<uint64_t>(p - start) : static_cast<uint64_t>(b));
@@ -254,10 +253,8 @@ struct GradRows {
 // lookups per bag, the slice fits in kCopyMaxBytes, well inside L2, and its
 // chunk holds at least B of them. Each strided row sits on its own 4 KiB
 // page: gathered many times in row order, their TLB and cache misses cost
-// more than the copy. SGD steps on 26 x 500k x 64 Zipf tables, 3 runs each,
-// copy against none: 4 and 6 per bag 7.1-7.6 / 6.8-7.4 ms and 11.8-14.7 /
-// 10.2-12.2 ms; 8 per bag 18.1-18.3 / 19.0-21.5 ms, 16 per bag 36.3-38.4 /
-// 40.0-41.4 ms.
+// more than the copy from 8 lookups per bag on, not below
+// (docs/performance.md, "Measurements behind the CPU design").
 constexpr int64_t kCopyLookupsPerBag = 8;
 constexpr int64_t kCopyMaxBytes = 1 << 20;
 

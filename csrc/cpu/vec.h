@@ -105,9 +105,8 @@ inline void prefetch_row(const void* p, int64_t bytes) {
 // The lines of a row of Bytes bytes at p, Bytes known at compile time:
 // unrolled, no loop branch between a gather's rows. `lined`: p starts a line
 // and Bytes is whole lines; otherwise the row's last byte's line is added.
-// On the AVX2 EPYC (26 x 500k x 64 Zipf, 2 threads, paired in one process)
-// the forward at 20 lookups per bag took 0.77x the time of prefetch_row's
-// loop, the SGD step 0.84x (docs/performance.md, "Unrolled prefetches").
+// A loop per row, with a compare and branch per line, slows the gathers
+// (docs/performance.md, "Unrolled prefetches").
 template <int Locality, int64_t Bytes>
 inline void prefetch_row_of(const void* p, bool lined) {
   const char* c = static_cast<const char*>(p);
@@ -150,9 +149,8 @@ inline vf16 vmax(vf16 a, vf16 b) { return a > b ? a : b; }
 #else
 // Without AVX-512 GCC has no register mode for a 64-byte vector and keeps
 // one in memory: every += of a pooled sum became stack stores and reloads
-// (26 x 500k x 64 Zipf tables, 20 per bag, 2 threads on an AVX2 EPYC: 0.6x
-// torch's forward). So here it is a struct of the widest native vectors (two
-// ymm under AVX2, four xmm otherwise), each operator applied part by part.
+// (docs/performance.md, "An AVX2 machine"). So here it is a struct of the widest native vectors
+// (two ymm under AVX2, four xmm otherwise), each operator applied part by part.
 #if defined(__AVX__)
 typedef float vfn __attribute__((vector_size(32)));
 #else

@@ -138,8 +138,8 @@ class EmbeddingBagCollection(nn.Module):
         offsets: torch.Tensor,
         per_sample_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        # Tensors read from the module's dicts, as its __getattr__ would: the
-        # 8 calls of that took 9.5 us a step (0.3 us so).
+        # Tensors read from the module's dicts, as its __getattr__ would, at a
+        # thirtieth of its cost.
         b = self._buffers
         tables = (self._parameters["weight"], b["weights_offsets"], b["dim_offsets"], b["rows"])
         if self.optimizer is not None:
