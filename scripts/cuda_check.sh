@@ -2,8 +2,9 @@
 # On a CUDA machine: build with the CUDA kernels, run the test suite, then the
 # CUDA benchmarks. Logs go to $OUT (the device tool's folder) or /tmp.
 #   scripts/cuda_check.sh [all|tests|all-tests|bench]
-# all (default): CUDA tests and benchmarks; tests: CUDA tests; all-tests: the
-# CUDA tests and the CPU suite; bench: benchmarks only.
+# all (default): device tests and benchmarks; tests: the device tests
+# (tests/test_ops.py, every op on the CPU and CUDA); all-tests: the whole
+# suite; bench: benchmarks only.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp}"
@@ -15,11 +16,11 @@ CUDA_ARCHS="${CUDA_ARCHS:-90}" python3 -m pip install -q --no-build-isolation --
   >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
 status=0
 if [ "$what" != bench ]; then
-  python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log" | tail -40
+  python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_ops.py 2>&1 \
+    | tee "$out/test_cuda.log" | tail -40
   status=${PIPESTATUS[0]}
   if [ "$what" = all-tests ]; then
-    python3 -m pytest -q -n 8 -p no:cacheprovider tests --ignore=tests/test_cuda.py 2>&1 \
-      | tee "$out/test_cpu.log" | tail -5
+    python3 -m pytest -q -n 8 -p no:cacheprovider tests 2>&1 | tee "$out/test_all.log" | tail -5
   fi
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
