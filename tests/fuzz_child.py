@@ -250,11 +250,11 @@ def fuzz_fused_update(c, optimizer):
             rows,
             idx,
             off,
-            ops._pooling(c["mode"]),
-            psw,
-            hp,
-            1,
-            False,
+            pooling=ops.POOLING[c["mode"]],
+            per_sample_weights=psw,
+            hparams=hp,
+            optimizer=ops.OPTIMIZERS["sgd"],
+            stochastic_rounding=False,
         )
         torch.testing.assert_close(w, w0 - 0.1 * (wr.grad if wr.grad is not None else 0))
     assert torch.equal(w, w0) or (err is None and optimizer == "sgd")

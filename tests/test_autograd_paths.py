@@ -5,6 +5,7 @@ same results."""
 import torch
 
 import dlrm_ops
+from dlrm_ops import ops
 from dlrm_ops.nn import EmbeddingBagCollection
 
 from utils import make_bags
@@ -20,7 +21,9 @@ def test_embedding_bag_paths_agree():
         w = ebc.weight.detach().clone().requires_grad_()
         p = psw.detach().clone().requires_grad_()
         if direct:
-            out = torch.ops.dlrm_ops.embedding_bag_forward(w, *meta, 0, p, 12, False)
+            out = torch.ops.dlrm_ops.embedding_bag_forward(
+                w, *meta, pooling=ops.Pooling.SUM, per_sample_weights=p, total_dim=12
+            )
         else:
             out = dlrm_ops.table_batched_embedding_bag(w, *meta, per_sample_weights=p)
         out.pow(2).sum().backward()
@@ -44,15 +47,15 @@ def test_fused_optimizer_paths_agree():
                 m.rows,
                 idx,
                 off,
-                0,
-                None,
-                16,
-                m.momentum1,
-                m.momentum2,
-                m.step,
-                m.hparams,
-                2,
-                False,
+                pooling=ops.Pooling.SUM,
+                per_sample_weights=None,
+                total_dim=16,
+                momentum1=m.momentum1,
+                momentum2=m.momentum2,
+                step=m.step,
+                hparams=m.hparams,
+                optimizer=ops.OPTIMIZERS["adagrad"],
+                stochastic_rounding=False,
             )
         else:
             out = m(idx, off)
@@ -70,7 +73,9 @@ def test_interaction_paths_agree():
     for direct in (False, True):
         d, s = dense.clone().requires_grad_(), sparse.clone().requires_grad_()
         out = (
-            torch.ops.dlrm_ops.dot_interaction(d, s, True, 1)
+            torch.ops.dlrm_ops.dot_interaction(
+                d, s, self_interaction=True, order=ops.InteractionOrder.TRIU
+            )
             if direct
             else dlrm_ops.dot_interaction(d, s, self_interaction=True, order="triu")
         )

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dlrm_ops
-from dlrm_ops import reference
+from dlrm_ops import ops, reference
 from dlrm_ops.nn import EmbeddingBagCollection
 from dlrm_ops.nn._memory import on_huge_pages
 
@@ -337,8 +337,8 @@ def test_out_of_range_index_in_dense_backward():
             ebc.rows,
             torch.tensor([0, 9, 2]),
             torch.tensor([0, 2, 3]),
-            0,
-            None,
+            pooling=ops.Pooling.SUM,
+            per_sample_weights=None,
         )
 
 

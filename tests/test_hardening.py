@@ -162,11 +162,19 @@ def test_tables_sharing_rows():
             L(10, 1),
             L(1, 0),
             L(0, 1, 2),
-            0,
-            None,
+            pooling=ops.Pooling.SUM,
+            per_sample_weights=None,
         )
     g = torch.ops.dlrm_ops.embedding_bag_backward_dense(
-        torch.ones(1, 8), w.detach(), L(0, 0), L(0, 4, 8), L(10, 0), L(1), L(0, 1, 1), 0, None
+        torch.ones(1, 8),
+        w.detach(),
+        L(0, 0),
+        L(0, 4, 8),
+        L(10, 0),
+        L(1),
+        L(0, 1, 1),
+        pooling=ops.Pooling.SUM,
+        per_sample_weights=None,
     )
     assert g.sum() == 4
 
@@ -253,11 +261,12 @@ def test_backward_sparse_and_psw_grad_check_indices():
         torch.ops.dlrm_ops.embedding_bag_per_sample_weights_grad,
     ):
         for bad in (10**9, -1, 10):
-            args = (g, w, L(0), L(0, 4), L(10), L(bad), L(0, 1), 0)
+            args = (g, w, L(0), L(0, 4), L(10), L(bad), L(0, 1))
+            kwargs = dict(pooling=ops.Pooling.SUM)
+            if op is torch.ops.dlrm_ops.embedding_bag_backward_sparse:
+                kwargs["per_sample_weights"] = None
             with pytest.raises(RuntimeError, match=f"indices\\[0\\] = {bad} is out of range"):
-                op(*args, None) if op is torch.ops.dlrm_ops.embedding_bag_backward_sparse else op(
-                    *args
-                )
+                op(*args, **kwargs)
 
 
 @pytest.mark.parametrize("sparse", [False, True])

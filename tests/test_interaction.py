@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dlrm_ops
-from dlrm_ops import reference
+from dlrm_ops import ops, reference
 from dlrm_ops.nn import DotInteraction, EmbeddingBagCollection
 
 from utils import TOL, make_bags
@@ -197,7 +197,7 @@ def test_module():
 
 def test_opcheck():
     dense, sparse = inputs(4, 6, 8)
-    for self_i, order in ((False, 0), (True, 1)):
+    for self_i, order in ((False, ops.InteractionOrder.TRIL), (True, ops.InteractionOrder.TRIU)):
         torch.library.opcheck(
             torch.ops.dlrm_ops.dot_interaction,
             (dense.requires_grad_(), sparse.requires_grad_(), self_i, order),

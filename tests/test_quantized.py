@@ -272,11 +272,13 @@ def test_opcheck_and_compile():
             q.rows,
             indices,
             offsets,
-            0,
-            torch.rand(indices.numel()),
-            48,
-            8,
-            None,
+        ),
+        dict(
+            pooling=dlrm_ops.ops.Pooling.SUM,
+            per_sample_weights=torch.rand(indices.numel()),
+            total_dim=48,
+            bits=8,
+            output_dtype=None,
         ),
     )
     compiled = torch.compile(q, fullgraph=True)

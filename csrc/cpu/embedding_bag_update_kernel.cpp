@@ -75,7 +75,7 @@ template <typename Rule, typename W>
 __attribute__((always_inline)) inline void apply_rule(const UpdateArgs& a, W* w, float* g,
                                                       float* wf, int64_t D, int64_t elem0,
                                                       int64_t state_row) {
-  const Hyper& h = a.h;
+  const Hyper h = a.h;  // a copy: stores to the state cannot alias it, so the loops vectorise
   for (int64_t d = 0; d < D; ++d) wf[d] = to_float(w[d]);
   if (h.weight_decay != 0.f) {
     for (int64_t d = 0; d < D; ++d) g[d] += h.weight_decay * wf[d];
