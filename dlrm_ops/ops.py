@@ -311,13 +311,7 @@ def _(
     return None
 
 
-def _fake_grad(grad_output, weights, lookups, per_sample_weights=None):
-    _fake_lookups("weights", weights, lookups, per_sample_weights)
-    _same_device("weights", weights, ("grad_output",), (grad_output,))
-
-
-@torch.library.register_fake("dlrm_ops::embedding_bag_backward_dense")
-def _(
+def _fake_grad(
     grad_output,
     weights,
     weights_offsets,
@@ -326,42 +320,32 @@ def _(
     indices,
     offsets,
     pooling,
-    per_sample_weights,
+    per_sample_weights=None,
 ):
-    _fake_grad(
-        grad_output,
-        weights,
-        (weights_offsets, dim_offsets, rows, indices, offsets),
-        per_sample_weights,
-    )
+    """The checks of the backward ops' fake kernels (any mix of positional and
+    keyword arguments, as the call gave them)."""
+    lookups = (weights_offsets, dim_offsets, rows, indices, offsets)
+    _fake_lookups("weights", weights, lookups, per_sample_weights)
+    _same_device("weights", weights, ("grad_output",), (grad_output,))
+    return indices
+
+
+@torch.library.register_fake("dlrm_ops::embedding_bag_backward_dense")
+def _(grad_output, weights, *args, **kwargs):
+    _fake_grad(grad_output, weights, *args, **kwargs)
     return torch.empty_like(weights)
 
 
 @torch.library.register_fake("dlrm_ops::embedding_bag_backward_sparse")
-def _(
-    grad_output,
-    weights,
-    weights_offsets,
-    dim_offsets,
-    rows,
-    indices,
-    offsets,
-    pooling,
-    per_sample_weights,
-):
-    _fake_grad(
-        grad_output,
-        weights,
-        (weights_offsets, dim_offsets, rows, indices, offsets),
-        per_sample_weights,
-    )
+def _(grad_output, weights, *args, **kwargs):
+    _fake_grad(grad_output, weights, *args, **kwargs)
     n = torch.library.get_ctx().new_dynamic_size()
     return weights.new_empty((n,))
 
 
 @torch.library.register_fake("dlrm_ops::embedding_bag_per_sample_weights_grad")
-def _(grad_output, weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling):
-    _fake_grad(grad_output, weights, (weights_offsets, dim_offsets, rows, indices, offsets))
+def _(grad_output, weights, *args, **kwargs):
+    indices = _fake_grad(grad_output, weights, *args, **kwargs)
     return weights.new_empty(indices.shape, dtype=torch.float32)
 
 
