@@ -1,7 +1,7 @@
 """dlrm_ops: native CPU/CUDA kernels for DLRM-style recommendation models."""
 
 from . import nn, ops, reference
-from .nn import convert, quantize
+from .nn import apply_optimizer_in_backward, convert, quantize
 from .ops import dequantize_rowwise, dot_interaction, quantize_rowwise, table_batched_embedding_bag
 
 __version__ = "0.1.0"
@@ -24,6 +24,7 @@ __all__ = [
     "reference",
     "nn",
     "convert",
+    "apply_optimizer_in_backward",
     "quantize",
     "table_batched_embedding_bag",
     "dot_interaction",

@@ -1,6 +1,7 @@
 """torch.nn modules backed by dlrm_ops kernels."""
 
 from .embedding import EmbeddingBag, EmbeddingBagCollection, convert
+from .in_backward import apply_optimizer_in_backward
 from .interaction import DotInteraction
 from .mlp import FusedMLP
 from .quantized import (
@@ -16,6 +17,7 @@ __all__ = [
     "DotInteraction",
     "FusedMLP",
     "convert",
+    "apply_optimizer_in_backward",
     "QuantizedEmbeddingBagCollection",
     "QuantizedEmbeddingBag",
     "QuantizationReport",

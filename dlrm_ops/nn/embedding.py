@@ -9,9 +9,12 @@ from torch import nn
 from .. import ops, optimizers
 from ..optimizers import HParam
 from ._memory import empty_table
+from .in_backward import InBackward, fused_lookup
 
 
 class EmbeddingBagCollection(nn.Module):
+    in_backward: Optional[InBackward] = None  # set by apply_optimizer_in_backward
+
     """T embedding tables pooled in one native call.
 
     All tables live in one parameter ``weight`` (FBGEMM's table-batched layout):
@@ -142,6 +145,17 @@ class EmbeddingBagCollection(nn.Module):
         # thirtieth of its cost.
         b = self._buffers
         tables = (self._parameters["weight"], b["weights_offsets"], b["dim_offsets"], b["rows"])
+        if self.in_backward is not None and torch.is_grad_enabled():
+            return fused_lookup(
+                self.in_backward,
+                tables,
+                sum(self.num_embeddings),
+                indices,
+                offsets,
+                self.mode,
+                per_sample_weights,
+                self.total_dim,
+            )
         if self.optimizer is not None:
             return ops.table_batched_embedding_bag_with_optimizer(
                 *tables,
@@ -197,6 +211,8 @@ def _check_supported(module: nn.EmbeddingBag) -> None:
 
 
 class EmbeddingBag(nn.EmbeddingBag):
+    in_backward: Optional[InBackward] = None  # set by apply_optimizer_in_backward
+
     """Drop-in for ``torch.nn.EmbeddingBag`` running the native kernel.
 
     Same constructor, attributes, ``forward(input, offsets=None,
@@ -225,6 +241,18 @@ class EmbeddingBag(nn.EmbeddingBag):
         input, offsets, per_sample_weights = bags_from_embedding_bag_args(
             input, offsets, per_sample_weights, self.include_last_offset
         )
+        tables = (self.weight, self._weights_offsets, self._dim_offsets, self._rows)
+        if self.in_backward is not None and torch.is_grad_enabled():
+            return fused_lookup(
+                self.in_backward,
+                tables,
+                self.num_embeddings,
+                input,
+                offsets,
+                self.mode,
+                per_sample_weights,
+                self.embedding_dim,
+            )
         return ops.table_batched_embedding_bag(
             self.weight,
             self._weights_offsets,
