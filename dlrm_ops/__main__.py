@@ -100,6 +100,17 @@ def cmd_benchmark(args) -> int:
             args.interaction_batches, args.tables, args.interaction_dims, threads, args.min_time
         )
     benchmark.print_table(res)
+    if "dropin" in args.ops:
+        from . import benchmark_dropin
+
+        print(
+            "\nyour own model: a facebookresearch/dlrm-style DLRM (ModuleList of "
+            "nn.EmbeddingBag, bmm interaction, torch.optim.SGD), train step",
+            flush=True,
+        )
+        drop = benchmark_dropin.run(args.dropin_configs, threads)
+        benchmark_dropin.print_table(drop)
+        res += drop
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
@@ -117,6 +128,12 @@ def main(argv=None) -> int:
         choices=["cpu", "cuda"],
         help="cuda: the CUDA kernels at fixed shapes (26 tables, B=2048; --rows, "
         "--ops, --batch apply)",
+    )
+    b.add_argument(
+        "--dropin-configs",
+        type=lambda s: s.split(","),
+        default=["kaggle", "multi-hot"],
+        help="for --ops dropin: kaggle, multi-hot (dlrm_ops/benchmark_dropin.py)",
     )
     b.add_argument("--tables", type=int, default=26)
     b.add_argument("--rows", type=int, default=100_000, help="rows per table (Kaggle: 500000)")
@@ -137,11 +154,12 @@ def main(argv=None) -> int:
     b.add_argument(
         "--ops",
         type=lambda s: s.split(","),
-        default=["forward", "train", "interaction", "quantized", "dlrm"],
+        default=["forward", "train", "interaction", "quantized", "dlrm", "dropin"],
         help="comma list of: forward (pooled lookup), train (fwd+bwd+fused update), "
         "interaction (dot interaction fwd and fwd+bwd), quantized (int8/int4 "
         "lookups and quantization), dlrm (model train step and inference; "
-        "the GB/s column then holds M samples/s)",
+        "the GB/s column then holds M samples/s), dropin (a user's own "
+        "dlrm-style model stock, converted, and with the optimizer in the backward)",
     )
     b.add_argument("--dlrm-configs", type=lambda s: s.split(","), default=["kaggle", "mlperf"])
     b.add_argument(
