@@ -1,5 +1,6 @@
 """Table-batched embedding bag against the pure-PyTorch reference and torch."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -497,18 +498,77 @@ def test_convert_swaps_modules_and_keeps_weights():
 
 
 @pytest.mark.parametrize(
-    "kwargs, name",
+    "kwargs",
     [
-        (dict(max_norm=1.0), "max_norm"),
-        (dict(mode="max"), "mode='max'"),
-        (dict(padding_idx=0), "padding_idx"),
-        (dict(scale_grad_by_freq=True), "scale_grad_by_freq"),
+        dict(max_norm=1.0),
+        dict(mode="max"),
+        dict(padding_idx=0),
+        dict(scale_grad_by_freq=True),
+        dict(dtype=torch.float64),
     ],
 )
-def test_convert_refuses_unsupported_options(kwargs, name):
+def test_converted_options_the_kernels_lack_run_torch(kwargs):
+    """A converted model works wherever it did: these options run PyTorch's
+    own kernel, gradients included."""
+    torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.EmbeddingBag(20, 4, **kwargs))
-    with pytest.raises(NotImplementedError, match=rf"cannot convert 0: .*{name}"):
+    ref = copy.deepcopy(model)
+    dlrm_ops.convert(model)
+    assert type(model[0]) is dlrm_ops.nn.EmbeddingBag
+    x, off = torch.tensor([0, 3, 3, 7, 0]), torch.tensor([0, 2])
+    out, expect = model[0](x, off), ref[0](x, off)
+    torch.testing.assert_close(out, expect)
+    out.pow(2).sum().backward()
+    expect.pow(2).sum().backward()
+    torch.testing.assert_close(model[0].weight.grad, ref[0].weight.grad)
+
+
+def test_drop_in_raises_torchs_exception_types():
+    for mode in ("sum", "mean"):
+        ours, theirs = (
+            dlrm_ops.nn.EmbeddingBag(10, 4, mode=mode),
+            torch.nn.EmbeddingBag(10, 4, mode=mode),
+        )
+        x, off = torch.tensor([1, 2, 3]), torch.tensor([0, 2])
+        for psw in (torch.rand(2), torch.rand(3), torch.rand(3).double()):
+            try:
+                theirs(x, off, per_sample_weights=psw)
+            except Exception as e:  # noqa: BLE001 (the type is what is compared)
+                with pytest.raises(type(e)):
+                    ours(x, off, per_sample_weights=psw)
+            else:
+                ours(x, off, per_sample_weights=psw)
+
+
+def test_include_last_offset_ends_at_the_last_offset():
+    """torch's bags end at offsets[-1]: indices past it take no part."""
+    torch.manual_seed(0)
+    x, off, psw = torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2]), torch.rand(4)
+    for mode in ("mean", "sum"):  # torch divides a mean's last bag by the indices to the end
+        theirs = torch.nn.EmbeddingBag(10, 4, include_last_offset=True, mode=mode)
+        ours = dlrm_ops.convert(copy.deepcopy(torch.nn.Sequential(theirs)))[0]
+        torch.testing.assert_close(ours(x, off), theirs(x, off))
+    torch.testing.assert_close(ours(x, off, psw), theirs(x, off, psw))
+
+
+def test_convert_shares_a_module_registered_twice_and_refuses_subclasses():
+    bag = torch.nn.EmbeddingBag(10, 4)
+    model = torch.nn.Module()
+    model.a, model.b = bag, bag
+    model.inner = torch.nn.Sequential(bag)
+    dlrm_ops.convert(model)
+    assert type(model.a) is dlrm_ops.nn.EmbeddingBag
+    assert model.a is model.b is model.inner[0]
+
+    class Mine(torch.nn.EmbeddingBag):
+        pass
+
+    model = torch.nn.Sequential(torch.nn.EmbeddingBag(10, 4), Mine(10, 4))
+    with pytest.raises(
+        NotImplementedError, match=r"subclasses of torch.nn.EmbeddingBag: 1 \(Mine\)"
+    ):
         dlrm_ops.convert(model)
+    assert type(model[0]) is torch.nn.EmbeddingBag  # all or nothing
 
 
 # ------------------------------------------------------ opcheck and compile

@@ -220,7 +220,7 @@ def test_drop_in_2d_per_sample_weights_shape():
     bag = EmbeddingBag(10, 4, mode="sum")
     inp = torch.randint(0, 10, (2, 3))
     for bad in (torch.rand(3, 2), torch.rand(6)):
-        with pytest.raises(ValueError, match="per_sample_weights must have the shape of input"):
+        with pytest.raises(ValueError, match="must have the same shape as the input"):
             bag(inp, per_sample_weights=bad)
 
 

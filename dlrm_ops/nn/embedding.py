@@ -189,25 +189,21 @@ class EmbeddingBagCollection(nn.Module):
         )
 
 
-_UNSUPPORTED = {
+# Options the kernel does not implement: such modules run PyTorch's own kernel.
+_TORCH_ONLY = {
     "max_norm": lambda m: m.max_norm is not None,
     "scale_grad_by_freq": lambda m: m.scale_grad_by_freq,
     "padding_idx": lambda m: m.padding_idx is not None,
     "mode='max'": lambda m: m.mode == "max",
+    "float64 weights": lambda m: (
+        m.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+    ),
 }
 
 
-def _check_supported(module: nn.EmbeddingBag) -> None:
-    bad = [name for name, test in _UNSUPPORTED.items() if test(module)]
-    if bad:
-        raise NotImplementedError(
-            f"dlrm_ops.nn.EmbeddingBag does not support {', '.join(bad)}; "
-            "keep torch.nn.EmbeddingBag for this module"
-        )
-    if module.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise NotImplementedError(
-            f"dlrm_ops.nn.EmbeddingBag does not support {module.weight.dtype}"
-        )
+def torch_only_options(module: nn.EmbeddingBag):
+    """The options of an EmbeddingBag that only PyTorch's kernel honours."""
+    return [name for name, test in _TORCH_ONLY.items() if test(module)]
 
 
 class EmbeddingBag(nn.EmbeddingBag):
@@ -217,14 +213,14 @@ class EmbeddingBag(nn.EmbeddingBag):
 
     Same constructor, attributes, ``forward(input, offsets=None,
     per_sample_weights=None)`` (1-D input with offsets, or 2-D input of
-    fixed-size bags; ``include_last_offset``) and state_dict. Options the kernel
-    cannot honour (max_norm, scale_grad_by_freq, padding_idx, mode='max') raise
-    ``NotImplementedError`` at construction.
+    fixed-size bags; ``include_last_offset``), exceptions and state_dict. A
+    module with an option the kernel does not implement (max_norm,
+    scale_grad_by_freq, padding_idx, mode='max', float64 weights) runs
+    PyTorch's own kernel, so a converted model works wherever it did.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        _check_supported(self)
         kw = dict(dtype=torch.int64, device=self.weight.device)
         self.register_buffer("_weights_offsets", torch.zeros(1, **kw), persistent=False)
         self.register_buffer(
@@ -238,6 +234,24 @@ class EmbeddingBag(nn.EmbeddingBag):
         offsets: Optional[torch.Tensor] = None,
         per_sample_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        if torch_only_options(self) or self._torch_mean_quirk(input, offsets):
+            return super().forward(input, offsets, per_sample_weights)
+        if per_sample_weights is not None:  # torch's checks, in its order
+            if per_sample_weights.shape != input.shape:
+                raise ValueError(
+                    f"embedding_bag: If per_sample_weights ({per_sample_weights.shape}) is not "
+                    f"None, then it must have the same shape as the input ({input.shape})"
+                )
+            if self.mode != "sum":
+                raise NotImplementedError(
+                    "embedding_bag: per_sample_weights was not None. per_sample_weights is "
+                    f"only supported for mode='sum' (got mode='{self.mode}')"
+                )
+            if per_sample_weights.dtype != self.weight.dtype:
+                raise RuntimeError(
+                    f"per_sample_weights must have the dtype of the weight ({self.weight.dtype}), "
+                    f"got {per_sample_weights.dtype}"
+                )
         input, offsets, per_sample_weights = bags_from_embedding_bag_args(
             input, offsets, per_sample_weights, self.include_last_offset
         )
@@ -265,6 +279,22 @@ class EmbeddingBag(nn.EmbeddingBag):
             sparse=self.sparse,
             total_dim=self.embedding_dim,
         )
+
+
+def _torch_mean_quirk(self, input, offsets) -> bool:
+    """With include_last_offset and indices past offsets[-1], torch's mean
+    divides the last bag by the indices to the input's end: its kernel runs."""
+    return (
+        self.include_last_offset
+        and self.mode == "mean"
+        and offsets is not None
+        and input.dim() == 1
+        and offsets.numel() > 0
+        and int(offsets[-1]) < input.numel()
+    )
+
+
+EmbeddingBag._torch_mean_quirk = _torch_mean_quirk
 
 
 def bags_from_embedding_bag_args(
@@ -303,6 +333,12 @@ def bags_from_embedding_bag_args(
             input, offsets = input.long(), offsets.long()
         if not include_last_offset:
             offsets = torch.cat([offsets, offsets.new_full((1,), input.numel())])
+        elif offsets.numel() > 0 and int(offsets[-1]) < input.numel():
+            # torch's bags end at offsets[-1]: the indices after it take no part.
+            end = max(int(offsets[-1]), 0)
+            input = input[:end]
+            if per_sample_weights is not None:
+                per_sample_weights = per_sample_weights[:end]
     else:
         raise ValueError(f"input must be 1-D or 2-D, got {input.dim()}-D")
     return input.contiguous(), offsets.contiguous(), per_sample_weights
@@ -311,28 +347,51 @@ def bags_from_embedding_bag_args(
 def convert(model: nn.Module) -> nn.Module:
     """Replaces every ``torch.nn.EmbeddingBag`` in ``model`` (in place, and
     returns it) by ``dlrm_ops.nn.EmbeddingBag`` sharing the same weight
-    Parameter, so optimizers holding it keep working. Raises
-    ``NotImplementedError`` naming the module for options it cannot honour."""
+    Parameter, so optimizers holding it keep working. A module registered
+    under several names is converted once and shared as before. Subclasses of
+    ``nn.EmbeddingBag`` (their forward may differ) are refused, naming them,
+    before anything changes: conversion is all or nothing."""
     if type(model) is nn.EmbeddingBag:
-        return _from_torch(model, "<root>")
-    for name, child in list(model.named_modules()):
-        for attr, sub in list(child.named_children()):
-            if type(sub) is nn.EmbeddingBag:
-                setattr(child, attr, _from_torch(sub, f"{name}.{attr}" if name else attr))
+        return _from_torch(model)
+    places = [
+        (parent, attr, sub)
+        for parent in model.modules()
+        for attr, sub in parent._modules.items()  # every name, repeats included
+        if isinstance(sub, nn.EmbeddingBag) and not isinstance(sub, EmbeddingBag)
+    ]
+    subclasses = sorted(
+        {
+            f"{name} ({type(sub).__name__})"
+            for name, sub in model.named_modules(remove_duplicate=False)
+            if isinstance(sub, nn.EmbeddingBag)
+            and type(sub) is not nn.EmbeddingBag
+            and not isinstance(sub, EmbeddingBag)
+        }
+    )
+    if subclasses:
+        raise NotImplementedError(
+            f"cannot convert subclasses of torch.nn.EmbeddingBag: {', '.join(subclasses)}; "
+            "nothing was converted"
+        )
+    new = {}  # one conversion per module, wherever it is registered
+    for parent, attr, sub in places:
+        if id(sub) not in new:
+            new[id(sub)] = _from_torch(sub)
+        setattr(parent, attr, new[id(sub)])
     return model
 
 
-def _from_torch(m: nn.EmbeddingBag, name: str) -> EmbeddingBag:
-    try:
-        _check_supported(m)
-    except NotImplementedError as e:
-        raise NotImplementedError(f"cannot convert {name}: {e}") from None
+def _from_torch(m: nn.EmbeddingBag) -> EmbeddingBag:
     new = EmbeddingBag(
         m.num_embeddings,
         m.embedding_dim,
+        max_norm=m.max_norm,
+        norm_type=m.norm_type,
+        scale_grad_by_freq=m.scale_grad_by_freq,
         mode=m.mode,
         sparse=m.sparse,
         include_last_offset=m.include_last_offset,
+        padding_idx=m.padding_idx,
         _weight=m.weight.data,
         device=m.weight.device,
         dtype=m.weight.dtype,

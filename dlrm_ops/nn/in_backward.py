@@ -116,9 +116,11 @@ def apply_optimizer_in_backward(
     momentum), ``Adagrad`` (``rowwise_adagrad=True``: one accumulator per row),
     ``SparseAdam`` and ``Adam`` (lazy, as SparseAdam); none with weight decay.
     Those weights then get no ``.grad``: ``optimizer.step()`` and
-    ``zero_grad()`` leave them alone. Call it after ``dlrm_ops.convert(model)``
-    and after building the optimizer (and again after replacing it)."""
-    from .embedding import EmbeddingBag, EmbeddingBagCollection
+    ``zero_grad()`` leave them alone. Modules that run PyTorch's kernel (an
+    option the kernels lack, e.g. padding_idx) stay with the optimizer. Call
+    it after ``dlrm_ops.convert(model)`` and after building the optimizer (and
+    again after replacing it)."""
+    from .embedding import EmbeddingBag, EmbeddingBagCollection, torch_only_options
 
     groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     fused = []
@@ -133,6 +135,8 @@ def apply_optimizer_in_backward(
             )
         if not isinstance(m, (EmbeddingBag, EmbeddingBagCollection)):
             continue
+        if isinstance(m, EmbeddingBag) and torch_only_options(m):
+            continue  # PyTorch's kernel runs it; its sparse gradient goes to the optimizer
         if isinstance(m, EmbeddingBagCollection) and m.optimizer is not None:
             raise ValueError(f"{name}: the collection already has its own fused optimizer")
         group = groups[id(weight)]
