@@ -50,6 +50,7 @@ class EmbeddingBagCollection(nn.Module):
         weight_decay: float = 0.0,
         betas: Tuple[float, float] = (0.9, 0.999),
         stochastic_rounding: bool = False,
+        feature_names: Optional[Sequence[Sequence[str]]] = None,
     ):
         super().__init__()
         rows = [int(n) for n in num_embeddings]
@@ -71,6 +72,7 @@ class EmbeddingBagCollection(nn.Module):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         self.num_embeddings = rows
         self.embedding_dims = dims
+        self.feature_names = _check_feature_names(feature_names, len(rows))
         self.mode = mode
         self.sparse = sparse
         self.total_dim = sum(dims)
@@ -137,10 +139,13 @@ class EmbeddingBagCollection(nn.Module):
 
     def forward(
         self,
-        indices: torch.Tensor,
-        offsets: torch.Tensor,
+        indices,
+        offsets: Optional[torch.Tensor] = None,
         per_sample_weights: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+        keyed: bool = False,
+    ):
+        if offsets is None and hasattr(indices, "keys") and hasattr(indices, "values"):
+            return self._forward_kjt(indices, keyed)
         # Tensors read from the module's dicts, as its __getattr__ would, at a
         # thirtieth of its cost.
         b = self._buffers
@@ -181,12 +186,71 @@ class EmbeddingBagCollection(nn.Module):
             total_dim=self.total_dim,
         )
 
+    def _forward_kjt(self, kjt, keyed: bool):
+        """torchrec's KeyedJaggedTensor in (feature_names map its keys to tables;
+        features sharing a table are its bags one batch after another, so their
+        gradients meet in one update); out [B, sum of the features' dims] in
+        feature order, or a torchrec KeyedTensor with ``keyed``."""
+        if self.feature_names is None:
+            raise ValueError("a KeyedJaggedTensor needs the collection's feature_names")
+        B, keys = kjt.stride(), list(kjt.keys())
+        where = {k: i for i, k in enumerate(keys)}
+        missing = [f for names in self.feature_names for f in names if f not in where]
+        if missing:
+            raise ValueError(f"the KeyedJaggedTensor lacks features {missing} (has {keys})")
+        values, lengths = kjt.values(), kjt.lengths().view(len(keys), B)
+        weights = kjt.weights_or_none()
+        starts = [0] + torch.tensor(kjt.length_per_key()).cumsum(0).tolist()
+        slots = max(len(names) for names in self.feature_names)
+        idx, lens, psw = [], [], []
+        for names in self.feature_names:  # table-major, then slot, then bag
+            for j in range(slots):
+                if j < len(names):
+                    k = where[names[j]]
+                    idx.append(values[starts[k] : starts[k + 1]])
+                    lens.append(lengths[k])
+                    if weights is not None:
+                        psw.append(weights[starts[k] : starts[k + 1]])
+                else:  # a table with fewer features: empty bags
+                    lens.append(lengths.new_zeros(B))
+        indices = torch.cat(idx).long() if idx else values.new_zeros(0, dtype=torch.long)
+        offsets = torch.cat([lengths.new_zeros(1), torch.cat(lens).cumsum(0)]).long()
+        out = self.forward(indices, offsets, torch.cat(psw) if weights is not None else None)
+        pooled = out.view(slots, B, self.total_dim)  # bag j*B + b of a table: its slot j
+        parts, names_out, dims_out = [], [], []
+        for t, names in enumerate(self.feature_names):
+            d0, d1 = int(self.dim_offsets[t]), int(self.dim_offsets[t + 1])
+            for j, name in enumerate(names):
+                parts.append(pooled[j, :, d0:d1])
+                names_out.append(name)
+                dims_out.append(d1 - d0)
+        result = torch.cat(parts, 1)
+        if not keyed:
+            return result
+        from torchrec.sparse.jagged_tensor import KeyedTensor
+
+        return KeyedTensor(keys=names_out, length_per_key=dims_out, values=result)
+
     def extra_repr(self) -> str:
         return (
             f"tables={self.num_tables}, rows={self.num_embeddings}, "
             f"dims={self.embedding_dims}, mode={self.mode!r}, sparse={self.sparse}, "
             f"optimizer={self.optimizer!r}"
         )
+
+
+def _check_feature_names(feature_names, T):
+    """Per table, the names of the features it serves (torchrec's
+    EmbeddingBagConfig.feature_names), or None."""
+    if feature_names is None:
+        return None
+    names = [[str(f) for f in fs] for fs in feature_names]
+    if len(names) != T or any(not fs for fs in names):
+        raise ValueError(f"feature_names must list at least one feature for each of {T} tables")
+    flat = [f for fs in names for f in fs]
+    if len(set(flat)) != len(flat):
+        raise ValueError(f"feature_names has a feature twice: {flat}")
+    return names
 
 
 # Options the kernel does not implement: such modules run PyTorch's own kernel.
