@@ -43,7 +43,7 @@ class UserDLRM(nn.Module):
         self.emb_l = nn.ModuleList([nn.EmbeddingBag(n, D, mode="sum", sparse=True) for n in tables])
         self.bot_l = mlp(bottom)
         F = len(tables) + 1
-        self.top_l = mlp([D + F * (F - 1) // 2] + top[1:], sigmoid_last=True)
+        self.top_l = mlp([D + F * (F - 1) // 2] + top, sigmoid_last=True)
         ni = F
         self.li = torch.tensor([i for i in range(ni) for j in range(i)])
         self.lj = torch.tensor([j for i in range(ni) for j in range(i)])
