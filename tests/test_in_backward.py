@@ -153,13 +153,57 @@ def test_refused_optimizers(make, match):
         dlrm_ops.apply_optimizer_in_backward(make(list(model.parameters())), model)
 
 
-def test_unconverted_model_is_named():
+def test_unconverted_model_is_converted_and_other_models_refused():
     model = Model()
-    with pytest.raises(ValueError, match="emb.0 is a torch.nn.EmbeddingBag; call dlrm_ops.convert"):
-        dlrm_ops.apply_optimizer_in_backward(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    names = dlrm_ops.apply_optimizer_in_backward(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    assert names == ["emb.0", "emb.1", "emb.2"]
+    assert type(model.emb).__name__ == "EmbeddingBagList"
     with pytest.raises(ValueError, match="no dlrm_ops embedding module"):
         lin = torch.nn.Linear(2, 2)
         dlrm_ops.apply_optimizer_in_backward(torch.optim.SGD(lin.parameters(), lr=0.1), lin)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("sparse", [True, False])
+def test_one_call_for_a_list_of_tables(name, sparse):
+    """A converted ModuleList looks all its tables up in one call, forward,
+    gradients and fused update equal to the tables' own calls; the items keep
+    their Parameters and state_dict keys."""
+    torch.manual_seed(0)
+    stock = Model()
+    for e in stock.emb:
+        e.sparse = sparse
+    ours = copy.deepcopy(stock)
+    params = [e.weight for e in ours.emb]
+    dlrm_ops.convert(ours)
+    assert type(ours.emb).__name__ == "EmbeddingBagList"
+    assert [e.weight for e in ours.emb] == params and list(ours.state_dict()) == list(
+        stock.state_dict()
+    )
+    for idx, off in data(2):
+        out = ours.emb(off, idx)
+        expect = [e(i, o) for e, i, o in zip(stock.emb, idx, off)]
+        for a, b in zip(out, expect):
+            torch.testing.assert_close(a, b)
+        sum(o.pow(2).sum() for o in out).backward()
+        sum(o.pow(2).sum() for o in expect).backward()
+        for a, b in zip(ours.emb, stock.emb):
+            torch.testing.assert_close(a.weight.grad.to_dense(), b.weight.grad.to_dense())
+    if not sparse and name != "sgd":
+        return  # torch's Adagrad and SparseAdam need sparse gradients
+    opt_stock = OPTIMIZERS[name](list(stock.emb.parameters()))
+    opt_ours = OPTIMIZERS[name](list(ours.emb.parameters()))
+    dlrm_ops.apply_optimizer_in_backward(opt_ours, ours)
+    for idx, off in data(3, seed=5):
+        for model, opt in ((stock, opt_stock), (ours, opt_ours)):
+            opt.zero_grad()
+            if model is ours:
+                outs = model.emb(off, idx)
+            else:
+                outs = [e(i, o) for e, i, o in zip(model.emb, idx, off)]
+            sum(o.pow(2).sum() for o in outs).backward()
+            opt.step()
+        assert_same_tables(stock, ours)
 
 
 def test_dlrm_style_model_accelerated_in_three_lines():

@@ -9,6 +9,7 @@ from torch import nn
 from .. import ops, optimizers
 from ..optimizers import HParam
 from ._memory import empty_table
+from .embedding_list import EmbeddingBagList
 from .in_backward import InBackward, fused_lookup
 
 
@@ -414,7 +415,10 @@ def convert(model: nn.Module) -> nn.Module:
     Parameter, so optimizers holding it keep working. A module registered
     under several names is converted once and shared as before. Subclasses of
     ``nn.EmbeddingBag`` (their forward may differ) are refused, naming them,
-    before anything changes: conversion is all or nothing."""
+    before anything changes: conversion is all or nothing. An ``nn.ModuleList``
+    of tables of one dim, dtype and mode becomes an ``EmbeddingBagList``: the
+    same items on one buffer, which ``emb_l(offsets, indices)`` looks up in
+    one call."""
     if type(model) is nn.EmbeddingBag:
         return _from_torch(model)
     places = [
@@ -442,6 +446,11 @@ def convert(model: nn.Module) -> nn.Module:
         if id(sub) not in new:
             new[id(sub)] = _from_torch(sub)
         setattr(parent, attr, new[id(sub)])
+    # A ModuleList of such tables: one buffer, and one call for all of them.
+    for parent in list(model.modules()):
+        for attr, sub in list(parent._modules.items()):
+            if type(sub) is nn.ModuleList and EmbeddingBagList.batchable(list(sub)):
+                setattr(parent, attr, EmbeddingBagList(list(sub)))
     return model
 
 

@@ -117,22 +117,18 @@ def apply_optimizer_in_backward(
     ``SparseAdam`` and ``Adam`` (lazy, as SparseAdam); none with weight decay.
     Those weights then get no ``.grad``: ``optimizer.step()`` and
     ``zero_grad()`` leave them alone. Modules that run PyTorch's kernel (an
-    option the kernels lack, e.g. padding_idx) stay with the optimizer. Call
-    it after ``dlrm_ops.convert(model)`` and after building the optimizer (and
-    again after replacing it)."""
-    from .embedding import EmbeddingBag, EmbeddingBagCollection, torch_only_options
+    option the kernels lack, e.g. padding_idx) stay with the optimizer. It
+    converts the model first (``dlrm_ops.convert``, a no-op on a converted
+    one); call it after building the optimizer (and again after replacing it)."""
+    from .embedding import EmbeddingBag, EmbeddingBagCollection, convert, torch_only_options
 
+    convert(model)  # a no-op on a converted model
     groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     fused = []
     for name, m in model.named_modules():
         weight = getattr(m, "weight", None)
         if weight is None or id(weight) not in groups:
             continue
-        if isinstance(m, nn.EmbeddingBag) and not isinstance(m, EmbeddingBag):
-            raise ValueError(
-                f"apply_optimizer_in_backward: {name or 'model'} is a torch.nn.EmbeddingBag; "
-                "call dlrm_ops.convert(model) first"
-            )
         if not isinstance(m, (EmbeddingBag, EmbeddingBagCollection)):
             continue
         if isinstance(m, EmbeddingBag) and torch_only_options(m):
@@ -145,7 +141,7 @@ def apply_optimizer_in_backward(
     if not fused:
         raise ValueError(
             "apply_optimizer_in_backward: no dlrm_ops embedding module of the model has its "
-            "weight in the optimizer (convert the model first: dlrm_ops.convert(model))"
+            "weight in the optimizer"
         )
     return fused
 
