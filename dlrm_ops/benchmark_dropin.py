@@ -69,7 +69,7 @@ def accelerate(model: UserDLRM, optimizer: torch.optim.Optimizer):
 
     dlrm_ops.apply_optimizer_in_backward(optimizer, model)
     model.apply_emb = lambda lS_o, lS_i: model.emb_l(lS_o, lS_i)
-    model.interact_features = lambda x, ly: dlrm_ops.dot_interaction(x, torch.cat(ly, 1))
+    model.interact_features = lambda x, ly: dlrm_ops.dot_interaction(x, ly)
 
 
 def batches(tables, B, L, n, seed=0):

@@ -511,14 +511,32 @@ def dot_interaction(
 
     Features are ``[dense, sparse_1, ..., sparse_T]`` (``dense [B, D]``,
     ``sparse [B, T, D]`` or the ``[B, T*D]`` output of an
-    ``EmbeddingBagCollection``, read in place). Returns ``[B, D + P]``: ``dense``
-    followed by the P dot products of distinct feature pairs (and each feature
+    ``EmbeddingBagCollection``, read in place, or a list of T ``[B, D]``
+    tensors, read in place when they are an ``EmbeddingBagList``'s output).
+    Returns ``[B, D + P]``: ``dense`` followed by the P dot products of distinct feature pairs (and each feature
     with itself if ``self_interaction``), ordered as facebookresearch/dlrm
     (``order="tril"``: i > j, row-major) or torchrec (``"triu"``: i < j).
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {sorted(ORDERS)}, got {order!r}")
+    if isinstance(sparse, (list, tuple)):
+        sparse = _features(sparse)
     return _dot_interaction(dense, sparse, self_interaction, ORDERS[order])
+
+
+def _features(ly) -> torch.Tensor:
+    """A list of [B, D] features as one [B, T*D] tensor: the tensor they are
+    consecutive column blocks of (an EmbeddingBagList's output), read in
+    place, or else their concatenation."""
+    base = ly[0]._base if len(ly) else None
+    if base is not None and base.dim() == 2 and all(t._base is base for t in ly):
+        D = ly[0].shape[1]
+        if base.shape[1] == D * len(ly) and all(
+            t.shape == ly[0].shape and t.storage_offset() == base.storage_offset() + k * D
+            for k, t in enumerate(ly)
+        ):
+            return base
+    return torch.cat(ly, 1)
 
 
 def _interaction_pairs(F, self_interaction):

@@ -254,3 +254,18 @@ def check_split_samples(order, self_interaction, T, D):
         reference.dot_interaction(d, s, self_interaction, order), (d, s), g
     )
     torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-4)
+
+
+def test_list_of_features_read_in_place_or_concatenated():
+    dense = torch.randn(5, 8)
+    pooled = torch.randn(5, 3 * 8, requires_grad=True)
+    ly = list(pooled.split(8, dim=1))  # an EmbeddingBagList's output
+    assert dlrm_ops.ops._features(ly) is pooled
+    torch.testing.assert_close(
+        dlrm_ops.dot_interaction(dense, ly), dlrm_ops.dot_interaction(dense, pooled)
+    )
+    apart = [torch.randn(5, 8) for _ in range(3)]
+    torch.testing.assert_close(
+        dlrm_ops.dot_interaction(dense, apart), dlrm_ops.dot_interaction(dense, torch.cat(apart, 1))
+    )
+    assert dlrm_ops.ops._features(ly[::-1]) is not pooled  # out of order: a copy

@@ -118,6 +118,13 @@ class EmbeddingBagList(nn.ModuleList):
                 step=torch.zeros(1, dtype=torch.int64, device=dev),
             )
         m, step = self._state["m"], self._state["step"]
+        views = self._state.get("views")
+        if views is not None and all(
+            update.optimizer.state.get(w) is st and all(st.get(k) is v for k, v in kv)
+            for w, st, kv in views
+        ):
+            return m[0], m[1], step  # the optimizer still holds our views
+        views = []
         row0 = 0
         for k, item in enumerate(items):
             own = update.state(item.weight, item.num_embeddings)  # (m1, m2, step) of torch's
@@ -139,7 +146,10 @@ class EmbeddingBagList(nn.ModuleList):
                 if k == 0:
                     step.copy_(own[2])
                 update.optimizer.state[item.weight]["step"] = step
+            st = update.optimizer.state[item.weight]
+            views.append((item.weight, st, list(st.items())))
             row0 += item.num_embeddings
+        self._state["views"] = views
         return m[0], m[1], step
 
 
