@@ -68,7 +68,7 @@ def accelerate(model: UserDLRM, optimizer: torch.optim.Optimizer):
     import dlrm_ops
 
     dlrm_ops.apply_optimizer_in_backward(optimizer, model)
-    model.apply_emb = lambda lS_o, lS_i: model.emb_l(lS_o, lS_i)
+    model.apply_emb = lambda lS_o, lS_i, *_: model.emb_l(lS_o, lS_i)
     model.interact_features = lambda x, ly: dlrm_ops.dot_interaction(x, ly)
 
 

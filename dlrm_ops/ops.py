@@ -513,8 +513,9 @@ def dot_interaction(
     ``sparse [B, T, D]`` or the ``[B, T*D]`` output of an
     ``EmbeddingBagCollection``, read in place, or a list of T ``[B, D]``
     tensors, read in place when they are an ``EmbeddingBagList``'s output).
-    Returns ``[B, D + P]``: ``dense`` followed by the P dot products of distinct feature pairs (and each feature
-    with itself if ``self_interaction``), ordered as facebookresearch/dlrm
+    Returns ``[B, D + P]``: ``dense`` followed by the P dot products of
+    distinct feature pairs (and each feature with itself if
+    ``self_interaction``), ordered as facebookresearch/dlrm
     (``order="tril"``: i > j, row-major) or torchrec (``"triu"``: i < j).
     """
     if order not in ORDERS:
