@@ -125,6 +125,10 @@ def contenders(config: str, lr: float = 0.01) -> Dict[str, callable]:
 
     dlrm_ops.convert(converted)
     out["converted"] = (converted, torch.optim.SGD(converted.parameters(), lr=lr))
+    per_table = copy.deepcopy(stock)  # the in-backward update, the user's loop kept
+    opt_pt = torch.optim.SGD(per_table.parameters(), lr=lr)
+    dlrm_ops.apply_optimizer_in_backward(opt_pt, per_table)
+    out["+ optimizer in backward, per-table calls"] = (per_table, opt_pt)
     fused = copy.deepcopy(stock)
     opt = torch.optim.SGD(fused.parameters(), lr=lr)
     accelerate(fused, opt)

@@ -293,6 +293,18 @@ class EmbeddingBag(nn.EmbeddingBag):
         )
         self.register_buffer("_rows", torch.tensor([self.num_embeddings], **kw), persistent=False)
 
+    def _torch_mean_quirk(self, input, offsets) -> bool:
+        """With include_last_offset and indices past offsets[-1], torch's mean
+        divides the last bag by the indices to the input's end: its kernel runs."""
+        return (
+            self.include_last_offset
+            and self.mode == "mean"
+            and offsets is not None
+            and input.dim() == 1
+            and offsets.numel() > 0
+            and int(offsets[-1]) < input.numel()
+        )
+
     def forward(
         self,
         input: torch.Tensor,
@@ -344,22 +356,6 @@ class EmbeddingBag(nn.EmbeddingBag):
             sparse=self.sparse,
             total_dim=self.embedding_dim,
         )
-
-
-def _torch_mean_quirk(self, input, offsets) -> bool:
-    """With include_last_offset and indices past offsets[-1], torch's mean
-    divides the last bag by the indices to the input's end: its kernel runs."""
-    return (
-        self.include_last_offset
-        and self.mode == "mean"
-        and offsets is not None
-        and input.dim() == 1
-        and offsets.numel() > 0
-        and int(offsets[-1]) < input.numel()
-    )
-
-
-EmbeddingBag._torch_mean_quirk = _torch_mean_quirk
 
 
 def bags_from_embedding_bag_args(
