@@ -223,3 +223,23 @@ def test_dlrm_style_model_accelerated_in_three_lines():
         torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-5)
     for a, b in zip(stock.emb_l, ours.emb_l):
         torch.testing.assert_close(b.weight, a.weight, atol=1e-6, rtol=1e-5)
+
+
+def test_list_call_checks_its_arguments():
+    model = dlrm_ops.convert(Model())
+    idx, off = next(data(1))
+    with pytest.raises(ValueError, match=r"one tensor per table \(3\), got 2 and 3"):
+        model.emb(off[:2], idx)
+    off[1] = torch.tensor([0, 3, 7])  # another batch size
+    with pytest.raises(ValueError, match="must hold the batch size"):
+        model.emb(off, idx)
+
+
+def test_list_follows_its_items_through_to_and_half():
+    model = dlrm_ops.convert(Model())
+    model.half()
+    idx, off = next(data(1))
+    assert model.emb._flat.dtype == torch.float16
+    for a, e, i, o in zip(model.emb(off, idx), model.emb, idx, off):
+        torch.testing.assert_close(a, e(i, o))
+        assert e.weight.data_ptr() >= model.emb._flat.data_ptr()  # on the shared buffer

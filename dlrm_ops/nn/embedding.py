@@ -194,6 +194,8 @@ class EmbeddingBagCollection(nn.Module):
         feature order, or a torchrec KeyedTensor with ``keyed``."""
         if self.feature_names is None:
             raise ValueError("a KeyedJaggedTensor needs the collection's feature_names")
+        if getattr(kjt, "variable_stride_per_key", lambda: False)():
+            raise NotImplementedError("KeyedJaggedTensors with a batch size per feature")
         B, keys = kjt.stride(), list(kjt.keys())
         where = {k: i for i, k in enumerate(keys)}
         missing = [f for names in self.feature_names for f in names if f not in where]

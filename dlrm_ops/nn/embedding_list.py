@@ -31,13 +31,7 @@ class EmbeddingBagList(nn.ModuleList):
         for n in rows[:-1]:
             starts.append(starts[-1] + n * self.dim)
         w = first.weight
-        flat = empty_table((sum(rows) * self.dim,), w.dtype, w.device)
-        with torch.no_grad():
-            for m, s in zip(items, starts):
-                flat[s : s + m.weight.numel()].copy_(m.weight.view(-1))
-        for m, s, n in zip(items, starts, rows):
-            m.weight.data = flat[s : s + n * self.dim].view(n, self.dim)
-        self._flat = flat.requires_grad_()  # the tables' storage, as one leaf
+        self._pack(starts)
         kw = dict(dtype=torch.int64, device=w.device)
         self.register_buffer("_woff", torch.tensor(starts, **kw), persistent=False)
         self.register_buffer(
@@ -46,7 +40,26 @@ class EmbeddingBagList(nn.ModuleList):
             persistent=False,
         )
         self.register_buffer("_rows", torch.tensor(rows, **kw), persistent=False)
+
+    def _pack(self, starts) -> None:
+        """Moves the items' tables into one buffer (their Parameters keep
+        their identity) and drops the fused state built for the old one."""
+        w = self[0].weight
+        flat = empty_table((sum(m.weight.numel() for m in self),), w.dtype, w.device)
+        with torch.no_grad():
+            for m, s in zip(self, starts):
+                flat[s : s + m.weight.numel()].copy_(m.weight.view(-1))
+        for m, s in zip(self, starts):
+            m.weight.data = flat[s : s + m.weight.numel()].view(m.weight.shape)
+        self._flat = flat.requires_grad_()  # the tables' storage, as one leaf
         self._state = {}  # the fused optimizer's state, one buffer per tensor
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .half() and the like give every item a tensor of its own:
+        # pack them again, so that the one-call path reads what they hold.
+        super()._apply(fn, recurse)
+        self._pack(self._woff.tolist())
+        return self
 
     @staticmethod
     def batchable(items) -> bool:
@@ -65,6 +78,14 @@ class EmbeddingBagList(nn.ModuleList):
 
     def forward(self, offsets, indices, per_sample_weights=None) -> List[torch.Tensor]:
         items = list(self)
+        if len(offsets) != len(items) or len(indices) != len(items):
+            raise ValueError(
+                f"offsets and indices must list one tensor per table ({len(items)}), got "
+                f"{len(offsets)} and {len(indices)}"
+            )
+        sizes = {o.numel() for o in offsets}
+        if len(sizes) != 1:
+            raise ValueError(f"every table's offsets must hold the batch size, got {sorted(sizes)}")
         updates = {id(m.in_backward.group) if m.in_backward else None for m in items}
         if per_sample_weights is not None or len(updates) != 1:
             # Weighted bags, or tables under different optimizers: one call each.
