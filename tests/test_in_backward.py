@@ -243,3 +243,17 @@ def test_list_follows_its_items_through_to_and_half():
     for a, e, i, o in zip(model.emb(off, idx), model.emb, idx, off):
         torch.testing.assert_close(a, e(i, o))
         assert e.weight.data_ptr() >= model.emb._flat.data_ptr()  # on the shared buffer
+
+
+def test_list_update_moves_its_items_versions():
+    """The one-call fused update changes every item's table in place: a graph
+    that saved one of them must fail as after any in-place change."""
+    model = dlrm_ops.convert(Model())
+    dlrm_ops.apply_optimizer_in_backward(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    idx, off = next(data(1))
+    before = [e.weight._version for e in model.emb]
+    saved = model.emb[1].weight.pow(2).sum()  # pow saves the weight
+    sum(o.sum() for o in model.emb(off, idx)).backward()
+    assert all(e.weight._version > v for e, v in zip(model.emb, before))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()

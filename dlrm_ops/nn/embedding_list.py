@@ -114,6 +114,14 @@ class EmbeddingBagList(nn.ModuleList):
                 mode=self.mode,
                 total_dim=total,
             )
+            if out.grad_fn is not None and not torch.compiler.is_compiling():
+                # The update writes the items' tables through the shared
+                # buffer: their own version counters must move too, so that a
+                # graph that saved one of them fails as after any in-place change.
+                weights = [m.weight for m in items]
+                out.grad_fn.register_hook(
+                    lambda *_: torch.autograd.graph.increment_version(weights)
+                )
         elif torch.is_grad_enabled() and any(m.weight.requires_grad for m in items):
             out = _Lookup.apply(self, idx, off, *[m.weight for m in items])
         else:
