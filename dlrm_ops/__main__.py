@@ -118,7 +118,10 @@ def cmd_benchmark(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dlrm_ops")
+    from . import flags
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = flags.Parser(prog="python -m dlrm_ops")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="build information: version, torch, CPU ISA, CUDA")
     b = sub.add_parser("benchmark", help="kernels against PyTorch (and FBGEMM if installed)")
@@ -183,20 +186,46 @@ def main(argv=None) -> int:
         "table: 3.3 GB more at 26 x 500k x 64)",
     )
     b.add_argument("--json", help="also write the results here")
-    from . import train
-
-    tr = sub.add_parser("train", help="train a DLRM (default: built-in synthetic data)")
-    train.add_arguments(tr)
-    ev = sub.add_parser("evaluate", help="evaluate a saved DLRM (--load-model)")
-    train.add_arguments(ev)
+    fmt = argparse.RawDescriptionHelpFormatter
+    tr = sub.add_parser(
+        "train",
+        help="train a DLRM (default: built-in synthetic data)",
+        description="Train a DLRM. Takes facebookresearch/dlrm's dlrm_s_pytorch.py flags "
+        "(docs/command-line.md lists what each does here).",
+        formatter_class=fmt,
+    )
+    flags.add_train_arguments(tr)
+    ev = sub.add_parser(
+        "evaluate",
+        help="evaluate a checkpoint (the model is rebuilt from it alone)",
+        description="Evaluate a checkpoint on its test data (or the data given here).",
+        formatter_class=fmt,
+    )
+    flags.add_evaluate_arguments(ev)
     args = p.parse_args(argv)
-    if args.cmd == "evaluate":
-        if not args.load_model:
-            p.error("evaluate needs --load-model")
-        args.inference_only = True
-    if args.cmd in ("train", "evaluate"):
-        return train.run(args)
-    return {"info": cmd_info, "benchmark": cmd_benchmark}[args.cmd](args)
+    if args.cmd not in ("train", "evaluate"):
+        return {"info": cmd_info, "benchmark": cmd_benchmark}[args.cmd](args)
+    build = flags.add_train_arguments if args.cmd == "train" else flags.add_evaluate_arguments
+    given = flags.explicit_flags(build, argv[argv.index(args.cmd) + 1 :])
+    debug = args.debug
+    try:
+        from . import train
+
+        return train.run(args, given, args.cmd)
+    except flags.FlagError as e:
+        print(f"python -m dlrm_ops {args.cmd}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(
+            f"python -m dlrm_ops {args.cmd}: {type(e).__name__}: {e} (--debug shows where)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

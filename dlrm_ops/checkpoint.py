@@ -6,7 +6,7 @@ import hashlib
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -39,7 +39,7 @@ def _digest(obj: Any, h) -> None:
 
 def checksum(payload: Dict[str, Any]) -> str:
     h = hashlib.sha256()
-    _digest({k: payload[k] for k in KEYS}, h)
+    _digest({k: v for k, v in payload.items() if k != "sha256"}, h)
     return h.hexdigest()
 
 
@@ -63,11 +63,22 @@ def remove_stale_temporaries(path: str) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def save(path: str, model_state: dict, optimizer_state: dict, step: int, args: dict) -> None:
+def save(
+    path: str,
+    model_state: dict,
+    optimizer_state: dict,
+    step: int,
+    args: dict,
+    run: Optional[dict] = None,
+) -> None:
     """Written to a temporary file and renamed: a crash never leaves half a
-    checkpoint, and the next save removes what a killed one left."""
+    checkpoint, and the next save removes what a killed one left. ``run``
+    holds what resuming needs beyond the model and optimizer (positions,
+    schedule, RNG states)."""
     remove_stale_temporaries(path)
     payload = {"model": model_state, "optimizer": optimizer_state, "step": int(step), "args": args}
+    if run is not None:
+        payload["run"] = run
     payload["sha256"] = checksum(payload)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:

@@ -1,170 +1,197 @@
 """``python -m dlrm_ops train`` / ``evaluate``: DLRM training and evaluation
-with facebookresearch/dlrm's command-line flags."""
+with facebookresearch/dlrm's flags (``flags.py``), checkpoints that resume a
+run exactly, and a run that an interrupt stops cleanly."""
 
 import argparse
 import copy
+import json
+import math
 import os
+import signal
+import sys
 import time
-from typing import List, Optional
+import warnings
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from . import checkpoint, optimizers, reference
+from . import checkpoint, flags, metrics, optimizers, reference
 from .data import CriteoDataset, RandomData, SyntheticData, preprocess_criteo
 from .models import DLRM
+from .models.dlrm import mixed_dims
 from .nn import quantize
+from .schedule import LRPolicy
 
 # 26 tables from 10 to 20k rows: big enough to need the embeddings, small
 # enough that the built-in synthetic data trains in about two minutes.
 DEFAULT_TABLES = [int(round(10 ** (1 + 3.3 * i / 25))) for i in range(26)]
+GENERATED_TEST_BATCHES = 40
+INTERRUPTED = "dlrm_ops_interrupted.pt"
+# What fixes the model's shapes: taken from a checkpoint that is loaded.
+ARCH = (
+    "arch_sparse_feature_size",
+    "arch_mlp_bot",
+    "arch_mlp_top",
+    "arch_interaction_op",
+    "arch_interaction_itself",
+    "weighted_pooling",
+    "md_flag",
+    "md_threshold",
+    "md_temperature",
+    "md_round_dims",
+    "qr_flag",
+    "qr_threshold",
+    "qr_collisions",
+    "qr_operation",
+    "max_ind_range",
+    "optimizer",
+    "activation_function",
+)
 
 
-def _dashed(s: str) -> List[int]:
-    return [int(x) for x in s.split("-")]
+# How this command runs and what it writes: taken from a checkpoint only to
+# resume its run.
+RUN_SETTINGS = (
+    "resume",
+    "load_model",
+    "save_model",
+    "save_best",
+    "save_every",
+    "save_every_minutes",
+    "inference_only",
+    "threads",
+    "device",
+    "use_gpu",
+    "no_progress",
+    "debug",
+    "print_precision",
+    "print_wall_time",
+    "mlperf_logging",
+    "quantize_emb_with_bit",
+    "quantize_mlp_with_bit",
+    "plot",
+    "compare_reference",
+    "enable_profiling",
+)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    a = p.add_argument_group("model (facebookresearch/dlrm flags)")
-    a.add_argument("--arch-sparse-feature-size", type=int, default=16)
-    a.add_argument(
-        "--arch-embedding-size",
-        type=_dashed,
-        default=None,
-        help="rows per table, dash-separated (default: 26 tables of 10..20k rows; "
-        "from the data for --data-generation dataset)",
-    )
-    a.add_argument("--arch-mlp-bot", type=_dashed, default=_dashed("13-512-256-64-16"))
-    a.add_argument("--arch-mlp-top", type=_dashed, default=_dashed("512-256-1"))
-    a.add_argument("--arch-interaction-op", choices=["dot", "cat"], default="dot")
-    a.add_argument("--arch-interaction-itself", action="store_true")
-    a.add_argument(
-        "--max-ind-range", type=int, default=-1, help="hashing trick: rows per table cap"
-    )
-    a.add_argument("--qr-flag", action="store_true", help="quotient-remainder embeddings")
-    a.add_argument("--qr-collisions", type=int, default=4)
-    a.add_argument("--qr-operation", choices=["mult", "add", "concat"], default="mult")
-    d = p.add_argument_group("data")
-    d.add_argument(
-        "--data-generation", choices=["random", "synthetic", "dataset"], default="synthetic"
-    )
-    d.add_argument("--data-set", choices=["kaggle", "terabyte"], default="kaggle")
-    d.add_argument(
-        "--raw-data-file",
-        nargs="*",
-        default=None,
-        help="raw TSV: Kaggle's train.txt, or Terabyte's day_0 .. day_23",
-    )
-    d.add_argument("--processed-data-file", default=None, help="folder of preprocessed arrays")
-    d.add_argument("--skip-malformed", action="store_true", help="count and skip bad raw lines")
-    d.add_argument("--num-indices-per-lookup", type=int, default=10)
-    d.add_argument("--num-indices-per-lookup-fixed", action="store_true")
-    t = p.add_argument_group("training")
-    t.add_argument("--mini-batch-size", type=int, default=256)
-    t.add_argument("--test-mini-batch-size", type=int, default=1024)
-    t.add_argument("--num-batches", type=int, default=15000, help="per epoch; 0: the whole data")
-    t.add_argument("--num-test-batches", type=int, default=40)
-    t.add_argument("--nepochs", type=int, default=1)
-    t.add_argument("--learning-rate", type=float, default=0.1)
-    t.add_argument(
-        "--optimizer",
-        choices=sorted(optimizers.OPTIMIZERS),
-        default="sgd",
-        help="embeddings use it fused into the backward; MLPs use torch's SGD, Adagrad or Adam",
-    )
-    t.add_argument("--loss-function", choices=["bce"], default="bce")
-    t.add_argument("--print-freq", type=int, default=1000)
-    t.add_argument("--test-freq", type=int, default=5000)
-    t.add_argument("--seed", type=int, default=123)
-    t.add_argument("--save-model", default=None)
-    t.add_argument("--load-model", default=None)
-    t.add_argument("--inference-only", action="store_true")
-    t.add_argument(
-        "--quantize-emb-with-bit",
-        type=int,
-        choices=[8, 4],
-        default=None,
-        help="also evaluate with embedding tables quantized to this many bits",
-    )
-    t.add_argument("--plot", default=None, help="write a loss/AUC plot to this PNG")
-    t.add_argument(
-        "--compare-reference",
-        type=int,
-        default=30,
-        help="train steps timed against the pure-PyTorch reference DLRM (0: skip)",
-    )
-    t.add_argument("--no-progress", action="store_true")
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _shown(v) -> str:
+    return "-".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def train_defaults() -> dict:
+    p = flags.Parser()
+    flags.add_train_arguments(p)
+    return vars(p.parse_args([]))
+
+
+def config_from_checkpoint(ckpt: dict, args, given: set, resume: bool) -> argparse.Namespace:
+    """The checkpoint's configuration, with what the command line may change:
+    for --resume only how the run is watched and saved; otherwise (evaluate,
+    --inference-only, --load-model) everything but the architecture."""
+    saved = {**train_defaults(), **ckpt["args"]}
+    mine = vars(args)
+    for dest in sorted(given):
+        if dest not in saved or mine[dest] == saved[dest]:
+            continue
+        if dest in ARCH or (resume and dest not in flags.RESUME_MAY_CHANGE):
+            how = "--resume continues" if resume else "the model comes from"
+            raise flags.FlagError(
+                f"{_flag(dest)} {_shown(mine[dest])}: {how} the checkpoint, which has "
+                f"{_shown(saved[dest])}; leave the flag out"
+            )
+    out = dict(saved)
+    out.update({d: mine[d] for d in given if d in mine})
+    defaults = train_defaults()
+    for d in RUN_SETTINGS:  # how this command runs: a resumed run's own unless given
+        if d not in given and not (resume and d in saved):
+            out[d] = mine.get(d, defaults[d])
+    out["resume"], out["load_model"] = mine.get("resume"), mine.get("load_model")
+    for d, v in mine.items():  # evaluate's own settings
+        if d not in saved:
+            out[d] = v
+    return argparse.Namespace(**out)
 
 
 def build_data(args):
-    """(train iterable, test batches, table sizes, planted-ceiling AUC or None)."""
+    """(train, test or None, table sizes, planted-ceiling AUC or None)."""
     B, TB = args.mini_batch_size, args.test_mini_batch_size
     if args.data_generation == "dataset":
-        processed = args.processed_data_file
-        if processed is None:
-            if not args.raw_data_file:
-                raise SystemExit(
-                    "--data-generation dataset needs --raw-data-file or --processed-data-file"
-                )
-            processed = args.raw_data_file[0] + ".processed"
-        if not os.path.exists(os.path.join(processed, "meta.json")) or args.raw_data_file:
-            if args.raw_data_file:
-                meta = preprocess_criteo(
-                    args.raw_data_file,
-                    processed,
-                    args.data_set,
-                    args.max_ind_range if args.max_ind_range > 0 else None,
-                    args.skip_malformed,
-                )
-                if meta["skipped"]:
-                    print(f"skipped {meta['skipped']} malformed lines")
-        nb = args.num_batches or None
-        train = CriteoDataset(processed, "train", B, nb)
-        test = list(CriteoDataset(processed, "test", TB, args.num_test_batches))
-        return train, test, train.table_sizes, None
-    tables = args.arch_embedding_size or DEFAULT_TABLES
-    if args.data_generation == "random":
-        train = RandomData(
-            tables,
-            args.arch_mlp_bot[0],
+        processed = args.processed_data_file or args.raw_data_file[0] + ".processed"
+        if args.raw_data_file:
+            meta = preprocess_criteo(
+                args.raw_data_file,
+                processed,
+                args.data_set,
+                args.max_ind_range if args.max_ind_range > 0 else None,
+                args.skip_malformed,
+            )
+            if meta["skipped"]:
+                print(f"skipped {meta['skipped']} malformed lines")
+        common = dict(sub_sample_rate=args.data_sub_sample_rate, seed=args.seed, drop_last=False)
+        train = CriteoDataset(
+            processed,
+            "train",
             B,
-            args.num_batches,
-            args.num_indices_per_lookup,
-            args.num_indices_per_lookup_fixed,
-            args.seed,
+            args.num_batches or None,
+            randomize=args.data_randomize,
+            **common,
         )
-        test = [
-            RandomData(
-                tables,
-                args.arch_mlp_bot[0],
-                TB,
-                args.num_test_batches,
-                args.num_indices_per_lookup,
-                args.num_indices_per_lookup_fixed,
-                args.seed + 1,
-            ).batch(i)
-            for i in range(args.num_test_batches)
-        ]
+        test = CriteoDataset(processed, "test", TB, args.num_test_batches or None, **common)
+        return train, (test if len(test) else None), train.table_sizes, None
+    tables = args.arch_embedding_size or DEFAULT_TABLES
+    nb = args.num_batches or math.ceil(args.data_size / B)
+    ntb = args.num_test_batches or GENERATED_TEST_BATCHES
+    dense = args.arch_mlp_bot[0]
+    if args.data_generation == "random":
+        kw = dict(
+            num_indices_per_lookup=args.num_indices_per_lookup,
+            fixed_indices_per_lookup=args.num_indices_per_lookup_fixed,
+            round_targets=args.round_targets,
+            dist=args.rand_data_dist,
+            lo=args.rand_data_min,
+            hi=args.rand_data_max,
+            mu=args.rand_data_mu,
+            sigma=args.rand_data_sigma,
+        )
+        train = RandomData(tables, dense, B, nb, seed=args.seed, **kw)
+        test = RandomData(tables, dense, TB, ntb, seed=args.seed + 1, **kw)
         return train, test, tables, None
-    data = SyntheticData(tables, args.arch_mlp_bot[0], B, args.num_batches, seed=args.seed)
-    test_data = SyntheticData(
-        tables, args.arch_mlp_bot[0], TB, args.num_test_batches, seed=args.seed
-    )
-    return (
-        data,
-        test_data.test_batches(args.num_test_batches),
-        tables,
-        test_data.ceiling_auc(args.num_test_batches),
-    )
+    train = SyntheticData(tables, dense, B, nb, seed=args.seed)
+    test = SyntheticData(tables, dense, TB, ntb, seed=args.seed)
+    return train, _TestSplit(test), tables, test.ceiling_auc(ntb)
+
+
+class _TestSplit:
+    """SyntheticData's test stream as a split with batch(i)."""
+
+    def __init__(self, data: SyntheticData):
+        self.data = data
+
+    def __len__(self) -> int:
+        return self.data.num_batches
+
+    def batch(self, i: int):
+        return self.data.batch(i, split=1)
 
 
 def build_model(args, tables) -> DLRM:
+    D = args.arch_sparse_feature_size
+    dims = None
+    if args.md_flag:
+        rows = [min(n, args.max_ind_range) if args.max_ind_range > 0 else n for n in tables]
+        md = mixed_dims(rows, D, args.md_temperature, args.md_round_dims)
+        dims = [d if n > args.md_threshold else D for n, d in zip(rows, md)]
     return DLRM(
         tables,
-        args.arch_sparse_feature_size,
+        D,
         args.arch_mlp_bot,
         args.arch_mlp_top,
         interaction=args.arch_interaction_op,
@@ -174,6 +201,9 @@ def build_model(args, tables) -> DLRM:
         max_ind_range=args.max_ind_range if args.max_ind_range > 0 else None,
         qr_collisions=args.qr_collisions if args.qr_flag else 0,
         qr_operation=args.qr_operation,
+        qr_threshold=args.qr_threshold,
+        embedding_dims=dims,
+        weighted_pooling=args.weighted_pooling,
     )
 
 
@@ -182,45 +212,82 @@ def dense_optimizer(args, params):
     return optimizers.spec(args.optimizer).dense(params, lr=args.learning_rate)
 
 
+def loss_function(args):
+    """dlrm's losses on the logits: bce, mse (of the probability) or wbce,
+    probabilities clamped to [t, 1-t] when --loss-threshold t > 0."""
+    t = args.loss_threshold
+    weights = torch.tensor(args.loss_weights, dtype=torch.float32)
+
+    def prob(z):
+        p = torch.sigmoid(z)
+        return p.clamp(t, 1 - t) if t > 0 else p
+
+    def loss(z, y):
+        if args.loss_function == "mse":
+            return F.mse_loss(prob(z), y)
+        if args.loss_function == "bce" and t == 0:
+            return F.binary_cross_entropy_with_logits(z, y)
+        per = (
+            F.binary_cross_entropy(prob(z), y, reduction="none")
+            if t > 0
+            else F.binary_cross_entropy_with_logits(z, y, reduction="none")
+        )
+        if args.loss_function == "wbce":
+            per = per * weights.to(z.device)[y.round().long()]
+        return per.mean()
+
+    return loss
+
+
+def _to(b, device):
+    if device == "cpu":
+        return b
+    return type(b)(
+        *(t.to(device, non_blocking=True) for t in (b.dense, b.indices, b.offsets, b.labels))
+    )
+
+
 @torch.no_grad()
-def evaluate(model, batches) -> dict:
+def evaluate(model, test, device="cpu", mlperf=False) -> dict:
     model.eval()
     probs, labels = [], []
+    batches = (test.batch(i) for i in range(len(test))) if hasattr(test, "batch") else test
     for b in batches:
-        probs.append(torch.sigmoid(model(b.dense, b.indices, b.offsets)))
-        labels.append(b.labels)
+        b = _to(b, device)
+        probs.append(torch.sigmoid(model(b.dense, b.indices, b.offsets)).float().cpu())
+        labels.append(b.labels.float().cpu())
     model.train()
-    p = torch.cat(probs).double().clamp(1e-7, 1 - 1e-7)
-    y = torch.cat(labels).double()
-    logloss = float(F.binary_cross_entropy(p, y))
-    acc = float(((p > 0.5).double() == y).double().mean())
-    auc = (
-        float(roc_auc_score(y.numpy(), p.numpy())) if 0 < float(y.sum()) < len(y) else float("nan")
-    )
-    return {"logloss": logloss, "accuracy": acc, "auc": auc, "samples": len(y)}
+    return metrics.scores(torch.cat(probs), torch.cat(labels), mlperf)
 
 
-def save_checkpoint(path: str, model, optimizer, step: int, args) -> None:
-    checkpoint.save(
-        path,
-        model.state_dict(),
-        optimizer.state_dict(),
-        step,
-        {k: v for k, v in vars(args).items() if k != "func"},
-    )
+def quantized_copy(model, args):
+    """The model with quantized tables and/or dynamically quantized MLPs, or None."""
+    if args.quantize_emb_with_bit == 32 and args.quantize_mlp_with_bit == 32:
+        return None
+    q = copy.deepcopy(model).cpu()
+    what = []
+    if args.quantize_emb_with_bit != 32:
+        report = quantize(q, bits=args.quantize_emb_with_bit)
+        what.append(f"int{args.quantize_emb_with_bit} tables ({report.bytes_after:,} bytes)")
+    if args.quantize_mlp_with_bit != 32:
+        dtype = torch.qint8 if args.quantize_mlp_with_bit == 8 else torch.float16
+        with warnings.catch_warnings():  # torch's notice that quantized tensors are deprecated
+            warnings.simplefilter("ignore", UserWarning)
+            torch.ao.quantization.quantize_dynamic(q, {torch.nn.Linear}, dtype=dtype, inplace=True)
+        what.append(f"{'int8' if dtype == torch.qint8 else 'fp16'} MLPs")
+    return q, " + ".join(what)
 
 
 def compare_with_reference(args, model, tables, data, steps: int) -> Optional[dict]:
-    """Train-step throughput of this DLRM and of the pure-PyTorch reference
-    on the same batches (the reference starts from a copy of our weights)."""
-    if args.qr_flag or args.max_ind_range > 0:
+    """A separate race: train-step throughput of this DLRM and of the
+    pure-PyTorch reference on the same batches (the reference starts from a
+    copy of our weights)."""
+    if args.qr_flag or args.md_flag or args.weighted_pooling or args.max_ind_range > 0:
         return None
-    batches = (
-        [data.batch(i) for i in range(steps)]
-        if hasattr(data, "batch")
-        else [b for _, b in zip(range(steps), data)]
-    )
-    ours = copy.deepcopy(model)
+    batches = [data.batch(i) for i in range(min(steps, len(data)))]
+    if not batches:
+        return None
+    ours = copy.deepcopy(model).cpu()
     ref = reference.ReferenceDLRM(
         tables,
         args.arch_sparse_feature_size,
@@ -251,6 +318,11 @@ def compare_with_reference(args, model, tables, data, steps: int) -> Optional[di
         emb_ref.step()
 
     sides = {"dlrm_ops": step_ours, "reference": step_ref}
+    with torch.sparse.check_sparse_tensor_invariants(enable=False):  # torch.optim's sparse path
+        return _race(sides, batches)
+
+
+def _race(sides, batches) -> dict:
     for fn in sides.values():
         for b in batches[:3]:
             fn(b)
@@ -262,7 +334,8 @@ def compare_with_reference(args, model, tables, data, steps: int) -> Optional[di
             for b in batches:
                 fn(b)
             best[name] = min(best[name], time.perf_counter() - t0)
-    return {name: len(batches) * batches[0].size / t for name, t in best.items()}
+    samples = sum(b.size for b in batches)
+    return {name: samples / t for name, t in best.items()}
 
 
 def plot(path: str, losses, evals) -> None:
@@ -273,7 +346,7 @@ def plot(path: str, losses, evals) -> None:
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     ax[0].plot([s for s, _ in losses], [l for _, l in losses])
-    ax[0].set(xlabel="batch", ylabel="train loss (BCE)", title="training loss")
+    ax[0].set(xlabel="batch", ylabel="train loss", title="training loss")
     ax[1].plot([s for s, _ in evals], [e["auc"] for _, e in evals], marker="o")
     ax[1].set(xlabel="batch", ylabel="test ROC AUC", title="test AUC")
     fig.tight_layout()
@@ -281,107 +354,317 @@ def plot(path: str, losses, evals) -> None:
     plt.close(fig)
 
 
-def run(args) -> int:
-    if args.plot:
+def mllog(key: str, value=None, **metadata) -> None:
+    """One line in the MLPerf logging format."""
+    line = {
+        "namespace": "",
+        "time_ms": int(time.time() * 1000),
+        "event_type": "POINT_IN_TIME",
+        "key": key,
+        "value": value,
+        "metadata": metadata,
+    }
+    print(":::MLLOG " + json.dumps(line), flush=True)
+
+
+class Trainer:
+    """One training run: the model, its optimizers and schedule, and where
+    the run stands, all of which a checkpoint holds."""
+
+    def __init__(self, args, tables, train, test, ceiling):
+        self.args, self.tables, self.train, self.test, self.ceiling = (
+            args,
+            tables,
+            train,
+            test,
+            ceiling,
+        )
+        self.device = args.device
+        self.model = build_model(args, tables).to(self.device)
+        self.opt = dense_optimizer(args, self.model.dense_parameters())
+        self.sched = (
+            LRPolicy(
+                self.opt,
+                args.lr_num_warmup_steps,
+                args.lr_decay_start_step,
+                args.lr_num_decay_steps,
+            )
+            if args.lr_num_warmup_steps or args.lr_num_decay_steps
+            else None
+        )
+        self.loss = loss_function(args)
+        self.epoch = self.batch = self.step = 0
+        self.best_auc = -math.inf
+        self.losses, self.evals = [], []
+        self.seconds, self.samples = 0.0, 0
+        self.stopped = None  # the signal that stopped the run
+
+    # checkpoints
+    def state(self) -> dict:
+        return dict(
+            epoch=self.epoch,
+            batch=self.batch,
+            best_auc=self.best_auc,
+            losses=self.losses,
+            evals=self.evals,
+            seconds=self.seconds,
+            samples=self.samples,
+            tables=list(self.tables),
+            scheduler=self.sched.state_dict() if self.sched else None,
+            torch_rng=torch.get_rng_state(),
+        )
+
+    def save(self, path: str) -> None:
+        config = {k: v for k, v in vars(self.args).items()}
+        checkpoint.save(
+            path, self.model.state_dict(), self.opt.state_dict(), self.step, config, self.state()
+        )
+
+    def load(self, ckpt: dict, resume: bool, flag: str) -> None:
+        run = ckpt.get("run") or {}
+        if run.get("tables") is not None and list(run["tables"]) != list(self.tables):
+            saved, now = list(run["tables"]), list(self.tables)
+            raise flags.FlagError(
+                f"{flag}: the checkpoint's {len(saved)} tables ({_shown(saved[:6])}...) differ "
+                f"from the data's {len(now)} ({_shown(now[:6])}...)"
+            )
         try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
+            self.model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise flags.FlagError(f"{flag}: the checkpoint does not fit this model: {first}")
+        self.step = int(ckpt["step"])
+        if not resume:
+            return
+        self.epoch, self.batch = run["epoch"], run["batch"]
+        self.best_auc = run["best_auc"]
+        self.losses = [tuple(x) for x in run["losses"]]
+        self.evals = [tuple(x) for x in run["evals"]]
+        self.seconds, self.samples = run["seconds"], run["samples"]
+        if self.sched is not None and run.get("scheduler"):
+            self.sched.load_state_dict(run["scheduler"])
+        torch.set_rng_state(run["torch_rng"])
+
+    # the run
+    def train_step(self, b) -> float:
+        if self.sched is not None:  # the tables update in the backward: same rate as the MLPs
+            self.model.embeddings.lr = self.opt.param_groups[0]["lr"]
+        self.opt.zero_grad()
+        loss = self.loss(self.model(b.dense, b.indices, b.offsets), b.labels)
+        loss.backward()
+        self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
+        return float(loss.detach())
+
+    def evaluation(self, bar) -> Optional[dict]:
+        a = self.args
+        if self.test is None:
+            return None
+        e = evaluate(self.model, self.test, self.device, a.mlperf_logging)
+        self.evals.append((self.step, e))
+        bar.write(f"  test at batch {self.step}: {metrics.line(e, a.print_precision)}")
+        if a.mlperf_logging:
+            mllog("eval_accuracy", e["auc"], epoch_num=self.epoch + 1)
+        if e["auc"] > self.best_auc:
+            self.best_auc = e["auc"]
+            if a.save_best:
+                self.save(a.save_best)
+                bar.write(f"  best test AUC so far: saved {a.save_best}")
+        return e
+
+    def threshold_reached(self, e: Optional[dict]) -> Optional[str]:
+        a = self.args
+        if e is None:
+            return None
+        if 0 < a.mlperf_acc_threshold < e["accuracy"]:
+            return f"test accuracy {e['accuracy']:.5f} above --mlperf-acc-threshold"
+        if 0 < a.mlperf_auc_threshold < e["auc"]:
+            return f"test AUC {e['auc']:.5f} above --mlperf-auc-threshold"
+        return None
+
+    def run(self) -> Optional[str]:
+        """Trains from where the run stands; returns why it stopped early, if it did."""
+        a = self.args
+        nb = len(self.train)
+        bar = tqdm(
+            total=nb * a.nepochs,
+            initial=self.epoch * nb + self.batch,
+            unit="batch",
+            disable=a.no_progress,
+            dynamic_ncols=True,
+        )
+        last_save = time.monotonic()
+        running, n_running = 0.0, 0
+        stop = None
+        try:
+            while self.epoch < a.nepochs and stop is None:
+                while self.batch < nb:
+                    b = _to(self.train.batch(self.batch), self.device)
+                    t0 = time.perf_counter()
+                    loss = self.train_step(b)
+                    self.seconds += time.perf_counter() - t0
+                    self.samples += b.size
+                    self.step += 1
+                    self.batch += 1
+                    running += loss
+                    n_running += 1
+                    bar.update(1)
+                    bar.set_postfix(samples_per_s=f"{self.samples / self.seconds:,.0f}")
+                    if self.step % a.print_freq == 0:
+                        self.losses.append((self.step, running / n_running))
+                        when = time.strftime("%H:%M:%S ") if a.print_wall_time else ""
+                        bar.write(
+                            f"{when}epoch {self.epoch} batch {self.step}: train loss "
+                            f"{running / n_running:.{a.print_precision}f}"
+                        )
+                        running, n_running = 0.0, 0
+                    if a.test_freq > 0 and self.step % a.test_freq == 0:
+                        stop = self.threshold_reached(self.evaluation(bar))
+                    due = (a.save_every and self.step % a.save_every == 0) or (
+                        a.save_every_minutes
+                        and time.monotonic() - last_save >= 60 * a.save_every_minutes
+                    )
+                    if a.save_model and due:
+                        self.save(a.save_model)
+                        last_save = time.monotonic()
+                    if self.stopped is not None or stop is not None:
+                        break
+                if self.stopped is not None:
+                    return "interrupted"
+                if self.batch >= nb:
+                    self.epoch, self.batch = self.epoch + 1, 0
+        finally:
+            bar.close()
+        return stop
+
+
+def _interruptible(trainer: Trainer):
+    """SIGINT and SIGTERM end the run after the current step, not in it."""
+
+    def handler(signum, frame):
+        trainer.stopped = signum
+
+    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def run(args, given: set, command: str = "train") -> int:
+    note = flags.ignored_note(given)
+    if note:
+        print(note, file=sys.stderr)
+    ckpt = None
+    resume = getattr(args, "resume", None)
+    source = resume or args.load_model
+    if source:
+        flag = "--resume" if resume else "--load-model"
+        if not os.path.isfile(source):
+            raise flags.FlagError(f"{flag} {source}: no such file")
+        try:
+            ckpt = checkpoint.load(source)
+        except checkpoint.CheckpointError as e:
+            raise flags.FlagError(f"{flag}: {e}") from None
+        args = config_from_checkpoint(ckpt, args, given, resume=bool(resume))
+        if command == "evaluate":
+            args.inference_only = True
+    flags.check(args, given)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     train, test, tables, ceiling = build_data(args)
-    model = build_model(args, tables)
-    opt = dense_optimizer(args, model.dense_parameters())
-    step = 0
-    if args.load_model:
-        try:
-            ckpt = checkpoint.load(args.load_model)
-        except checkpoint.CheckpointError as e:
-            raise SystemExit(f"--load-model: {e}") from None
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        print(f"loaded {args.load_model} (trained {step} batches)")
+    trainer = Trainer(args, tables, train, test, ceiling)
+    if ckpt is not None:
+        trainer.load(ckpt, bool(args.resume), "--resume" if args.resume else "--load-model")
+        verb = "resuming" if args.resume else "loaded"
+        print(f"{verb} {source} (trained {trainer.step} batches)")
+    if args.debug:
+        print(trainer.model)
+    D = args.arch_sparse_feature_size
     print(
-        f"DLRM: {len(tables)} tables ({sum(tables):,} rows, dim {args.arch_sparse_feature_size}), "
-        f"bottom {args.arch_mlp_bot}, top {args.arch_mlp_top}, {args.arch_interaction_op} "
-        f"interaction, {args.optimizer}, lr {args.learning_rate}, data {args.data_generation}"
+        f"DLRM: {len(tables)} tables ({sum(tables):,} rows, dim {D}), bottom "
+        f"{_shown(args.arch_mlp_bot)}, top {_shown(args.arch_mlp_top)}, "
+        f"{args.arch_interaction_op} interaction, {args.optimizer}, lr {args.learning_rate}, "
+        f"{args.loss_function} loss, data {args.data_generation}, {args.device}, "
+        f"{torch.get_num_threads()} threads"
     )
-
-    losses, evals = [], []
-    seconds = 0.0
-    samples = 0
+    if args.mlperf_logging:
+        mllog("run_start")
+    stop = None
     if not args.inference_only:
-        total = len(train) * args.nepochs
-        bar = tqdm(total=total, unit="batch", disable=args.no_progress, dynamic_ncols=True)
-        running, n_running = 0.0, 0
-        for epoch in range(args.nepochs):
-            for b in train:
-                t0 = time.perf_counter()
-                opt.zero_grad()
-                loss = F.binary_cross_entropy_with_logits(
-                    model(b.dense, b.indices, b.offsets), b.labels
-                )
-                loss.backward()
-                opt.step()
-                seconds += time.perf_counter() - t0
-                samples += b.size
-                step += 1
-                running += float(loss.detach())
-                n_running += 1
-                bar.update(1)
-                bar.set_postfix(samples_per_s=f"{samples / seconds:,.0f}")
-                if step % args.print_freq == 0:
-                    losses.append((step, running / n_running))
-                    bar.write(f"epoch {epoch} batch {step}: train loss {running / n_running:.5f}")
-                    running, n_running = 0.0, 0
-                if args.test_freq > 0 and step % args.test_freq == 0:
-                    e = evaluate(model, test)
-                    evals.append((step, e))
-                    bar.write(
-                        f"  test: logloss {e['logloss']:.5f}  accuracy {e['accuracy']:.4f}  "
-                        f"AUC {e['auc']:.4f}"
-                    )
-        bar.close()
-        if args.save_model:
-            save_checkpoint(args.save_model, model, opt, step, args)
-            print(f"saved {args.save_model}")
-    final = evaluate(model, test)
-    if not evals or evals[-1][0] != step:
-        evals.append((step, final))
-    line = (
-        f"test ({final['samples']} samples): logloss {final['logloss']:.5f}  "
-        f"accuracy {final['accuracy']:.4f}  AUC {final['auc']:.4f}"
-    )
-    if ceiling is not None:
-        line += f"  (planted-model ceiling AUC {ceiling:.4f})"
-    print(line)
-    if args.quantize_emb_with_bit:
-        q = copy.deepcopy(model)
-        report = quantize(q, bits=args.quantize_emb_with_bit)
-        qe = evaluate(q, test)
-        print(
-            f"{report}\n  int{args.quantize_emb_with_bit} embeddings: logloss {qe['logloss']:.5f}"
-            f"  accuracy {qe['accuracy']:.4f}  AUC {qe['auc']:.4f}"
-        )
-    speed = None
-    if not args.inference_only and args.compare_reference > 0:
-        speed = compare_with_reference(args, model, tables, train, args.compare_reference)
-        if speed:
+        if args.enable_profiling:
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            profiler.__enter__()
+        old = _interruptible(trainer)
+        try:
+            stop = trainer.run()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            if args.enable_profiling:
+                profiler.__exit__(None, None, None)
+                print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        if stop == "interrupted":
+            path = args.save_model or INTERRUPTED
+            trainer.save(path)
+            name = signal.Signals(trainer.stopped).name
             print(
-                f"train step speed: dlrm_ops {speed['dlrm_ops']:,.0f} samples/s, pure-PyTorch "
-                f"reference {speed['reference']:,.0f} samples/s "
-                f"({speed['dlrm_ops'] / speed['reference']:.2f}x)"
+                f"{name}: stopped after batch {trainer.step}; saved {path} "
+                f"(continue with: python -m dlrm_ops train --resume {path})",
+                file=sys.stderr,
             )
+            return 128 + trainer.stopped
+        if stop:
+            print(f"stopped early: {stop}")
+        if args.save_model:
+            trainer.save(args.save_model)
+            print(f"saved {args.save_model}")
+    final = None
+    digits = args.print_precision
+    if test is None:
+        print("no test rows: evaluation skipped")
+    else:
+        final = evaluate(trainer.model, test, args.device, args.mlperf_logging)
+        if not trainer.evals or trainer.evals[-1][0] != trainer.step:
+            trainer.evals.append((trainer.step, final))
+            if args.mlperf_logging:
+                mllog("eval_accuracy", final["auc"], epoch_num=trainer.epoch)
+        line = f"test ({final['samples']} samples): {metrics.line(final, digits)}"
+        if ceiling is not None:
+            line += f"  (planted-model ceiling AUC {ceiling:.4f})"
+        print(line)
+        q = quantized_copy(trainer.model, args)
+        if q is not None:
+            qe = evaluate(q[0], test, "cpu", args.mlperf_logging)
+            print(f"  with {q[1]}: {metrics.line(qe, digits)}")
+    if args.mlperf_logging:
+        reached = final is not None and 0 < args.mlperf_auc_threshold <= final["auc"]
+        mllog("run_stop", status="success" if reached else "aborted")
+    speed = None
+    if not args.inference_only and args.compare_reference > 0 and args.device == "cpu":
+        speed = compare_with_reference(args, trainer.model, tables, train, args.compare_reference)
     if args.plot:
-        plot(args.plot, losses, evals)
+        plot(args.plot, trainer.losses, trainer.evals)
         print(f"plot written to {args.plot}")
     summary = (
-        f"summary: batches {step}, test AUC {final['auc']:.4f}, logloss {final['logloss']:.5f}"
+        f"summary: a model trained {trainer.step} batches"
+        if args.inference_only
+        else f"summary: {trainer.step} batches"
     )
-    if samples:
-        summary += f", {samples / seconds:,.0f} train samples/s"
-    if speed:
-        summary += f", {speed['dlrm_ops'] / speed['reference']:.2f}x the reference"
+    if trainer.samples:
+        summary += (
+            f", {trainer.samples:,} samples in {trainer.seconds:.2f} s of train steps "
+            f"({trainer.samples / trainer.seconds:,.0f} samples/s)"
+        )
+    if final is not None:
+        summary += (
+            f", test AUC {final['auc']:.4f}, NE {final['ne']:.4f}, logloss {final['logloss']:.5f}"
+        )
     print(summary)
+    if speed:
+        print(
+            f"separate speed race ({args.compare_reference} steps on the same batches, "
+            f"best of 3): dlrm_ops {speed['dlrm_ops']:,.0f} samples/s, pure-PyTorch reference "
+            f"{speed['reference']:,.0f} samples/s ({speed['dlrm_ops'] / speed['reference']:.2f}x)"
+        )
     return 0

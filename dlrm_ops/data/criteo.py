@@ -211,7 +211,14 @@ def preprocess_criteo(
 
 class CriteoDataset:
     """Batches of a preprocessed split ("train", "test" or "val") read through
-    memory maps; the last partial batch is dropped."""
+    memory maps; ``batch(i)`` is batch i, so a run can resume anywhere.
+
+    As facebookresearch/dlrm's loader: ``randomize`` "total" shuffles the
+    training rows across days once, "day" within each day, "none" keeps file
+    order (test and validation rows are never shuffled); ``sub_sample_rate``
+    drops each negative row with that probability (every split); both are
+    drawn from ``seed``. ``drop_last`` drops a last partial batch (otherwise
+    it is a short batch: a split smaller than one batch is one batch)."""
 
     def __init__(
         self,
@@ -219,7 +226,15 @@ class CriteoDataset:
         split: str = "train",
         batch_size: int = 128,
         num_batches: Optional[int] = None,
+        randomize: str = "none",
+        sub_sample_rate: float = 0.0,
+        seed: int = 0,
+        drop_last: bool = True,
     ):
+        if randomize not in ("none", "day", "total"):
+            raise ValueError(f"randomize must be none, day or total, got {randomize!r}")
+        if not 0.0 <= sub_sample_rate < 1.0:
+            raise ValueError(f"sub_sample_rate must be in [0, 1), got {sub_sample_rate}")
         self.dir = Path(processed_dir)
         meta = json.loads((self.dir / "meta.json").read_text())
         self.table_sizes = meta["table_sizes"]
@@ -236,12 +251,31 @@ class CriteoDataset:
             parts = [(last, 0, half)] if split == "test" else [(last, half, rows[last])]
         else:
             raise ValueError(f"split must be train, test or val, got {split!r}")
-        self.parts = [(self._open(d), lo, hi) for d, lo, hi in parts if hi > lo]
+        parts = [(d, lo, hi) for d, lo, hi in parts if hi > lo]
+        self.arrays = [self._open(d) for d, _, _ in parts]
+        # Rows as (part, row) pairs in reading order: one array of global row
+        # numbers when shuffled or sub-sampled, else plain ranges.
+        self.starts = np.cumsum([0] + [hi - lo for _, lo, hi in parts])
+        self.lows = [lo for _, lo, _ in parts]
+        rng = np.random.default_rng((seed, 0xC817))
+        self.order = None
+        if sub_sample_rate > 0 or (randomize != "none" and split == "train"):
+            per_part = []
+            for k, (day, lo, hi) in enumerate(parts):
+                idx = np.arange(self.starts[k], self.starts[k + 1])
+                if sub_sample_rate > 0:
+                    labels = self.arrays[k][2][lo:hi]
+                    idx = idx[(labels != 0) | (rng.random(hi - lo) >= sub_sample_rate)]
+                if randomize == "day" and split == "train":
+                    idx = rng.permutation(idx)
+                per_part.append(idx)
+            self.order = np.concatenate(per_part) if per_part else np.zeros(0, np.int64)
+            if randomize == "total" and split == "train":
+                self.order = rng.permutation(self.order)
+        self.rows = int(self.starts[-1]) if self.order is None else len(self.order)
         self.batch_size = batch_size
-        n = sum(hi - lo for _, lo, hi in self.parts)
-        self.num_batches = (
-            n // batch_size if num_batches is None else min(num_batches, n // batch_size)
-        )
+        full = self.rows // batch_size if drop_last else -(-self.rows // batch_size)
+        self.num_batches = full if num_batches is None else min(num_batches, full)
 
     def _open(self, day: int):
         p = self.dir / f"day_{day}"
@@ -256,20 +290,25 @@ class CriteoDataset:
     def __len__(self) -> int:
         return self.num_batches
 
+    def batch(self, i: int) -> Batch:
+        if not 0 <= i < self.num_batches:
+            raise IndexError(f"batch {i} of {self.num_batches}")
+        lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, self.rows)
+        rows = np.arange(lo, hi) if self.order is None else self.order[lo:hi]
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        out = [[], [], []]
+        for k in np.unique(part):
+            local = np.sort(rows[part == k]) - self.starts[k] + self.lows[k]
+            contiguous = local[-1] - local[0] == len(local) - 1
+            for j, a in enumerate(self.arrays[k]):
+                out[j].append(a[local[0] : local[-1] + 1] if contiguous else a[local])
+        arrays = [np.concatenate(o) for o in out]
+        if self.order is not None:
+            # Read sorted (parts cover ascending row ranges): put them back in
+            # the batch's order.
+            back = np.searchsorted(np.sort(rows), rows)
+            arrays = [a[back] for a in arrays]
+        return batch_from_arrays(*arrays)
+
     def __iter__(self) -> Iterator[Batch]:
-        B, made, buf = self.batch_size, 0, None
-        for (dense, sparse, labels), lo, hi in self.parts:
-            for start in range(lo, hi, B):
-                end = min(start + B, hi)
-                chunk = (dense[start:end], sparse[start:end], labels[start:end])
-                buf = (
-                    chunk
-                    if buf is None
-                    else tuple(np.concatenate([a, b]) for a, b in zip(buf, chunk))
-                )
-                while len(buf[2]) >= B:
-                    if made >= self.num_batches:
-                        return
-                    yield batch_from_arrays(*(a[:B] for a in buf))
-                    made += 1
-                    buf = tuple(a[B:] for a in buf)
+        return (self.batch(i) for i in range(self.num_batches))

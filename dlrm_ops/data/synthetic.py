@@ -18,6 +18,13 @@ from .batch import Batch
 
 
 class RandomData:
+    """facebookresearch/dlrm's random data: 1 to ``num_indices_per_lookup``
+    indices per bag (exactly that many if ``fixed_indices_per_lookup``),
+    uniform over the rows or, with ``dist="gaussian"``, normal with mean
+    ``mu`` and deviation ``sigma`` clipped to [``lo``, ``hi``], all as
+    fractions of the rows; labels 0/1 (``round_targets``) or uniform in
+    [0, 1). Batch i is a pure function of (seed, i)."""
+
     def __init__(
         self,
         num_embeddings: Sequence[int],
@@ -27,24 +34,41 @@ class RandomData:
         num_indices_per_lookup: int = 10,
         fixed_indices_per_lookup: bool = False,
         seed: int = 0,
+        round_targets: bool = True,
+        dist: str = "uniform",
+        lo: float = 0.0,
+        hi: float = 1.0,
+        mu: float = -1.0,
+        sigma: float = 1.0,
     ):
+        if dist not in ("uniform", "gaussian"):
+            raise ValueError(f"dist must be uniform or gaussian, got {dist!r}")
         self.rows = list(num_embeddings)
         self.num_dense, self.batch_size, self.num_batches = num_dense, batch_size, num_batches
         self.L, self.fixed = num_indices_per_lookup, fixed_indices_per_lookup
-        self.seed = seed
+        self.seed, self.round_targets = seed, round_targets
+        self.dist, self.lo, self.hi, self.mu, self.sigma = dist, lo, hi, mu, sigma
+
+    def _indices(self, rng, n: int, count: int) -> np.ndarray:
+        if self.dist == "uniform":
+            return rng.integers(0, n, count)
+        r = np.clip(rng.normal(self.mu, self.sigma, count), self.lo, self.hi)
+        return np.clip(np.round(r * (n - 1)), 0, n - 1).astype(np.int64)
 
     def batch(self, i: int) -> Batch:
         rng = np.random.default_rng((self.seed, i))
         B, T = self.batch_size, len(self.rows)
         lengths = np.full(T * B, self.L) if self.fixed else rng.integers(1, self.L + 1, T * B)
         per_table = lengths.reshape(T, B).sum(1)
-        idx = np.concatenate([rng.integers(0, n, c) for n, c in zip(self.rows, per_table)])
+        idx = np.concatenate([self._indices(rng, n, c) for n, c in zip(self.rows, per_table)])
         offsets = np.concatenate([[0], np.cumsum(lengths)])
+        dense = rng.random((B, self.num_dense), dtype=np.float32)
+        labels = rng.integers(0, 2, B) if self.round_targets else rng.random(B)
         return Batch(
-            torch.from_numpy(rng.random((B, self.num_dense), dtype=np.float32)),
+            torch.from_numpy(dense),
             torch.from_numpy(idx.astype(np.int64)),
             torch.from_numpy(offsets),
-            torch.from_numpy(rng.integers(0, 2, B).astype(np.float32)),
+            torch.from_numpy(labels.astype(np.float32)),
         )
 
     def __iter__(self) -> Iterator[Batch]:

@@ -12,9 +12,26 @@ from ..nn.mlp import mlp
 QR_OPERATIONS = ("mult", "add", "concat")
 
 
+def mixed_dims(rows: Sequence[int], base: int, temperature: float, round_pow2: bool) -> List[int]:
+    """facebookresearch/dlrm's mixed-dimension rule (Ginart et al. 2019,
+    ``md_solver`` with ``d0``): dims proportional to rows**-temperature, the
+    smallest table getting ``base``; at least 1; optionally rounded to a power
+    of two."""
+    order = sorted(range(len(rows)), key=lambda t: rows[t])
+    n = torch.tensor([rows[t] for t in order], dtype=torch.float)
+    d = torch.round(base * n[0] ** temperature * n ** (-temperature)).clamp(min=1)
+    d[0] = base
+    if round_pow2:
+        d = 2 ** torch.round(torch.log2(d))
+    out = [0] * len(rows)
+    for i, t in enumerate(order):
+        out[t] = int(d[i])
+    return out
+
+
 class SparseArch(nn.Module):
     """The embedding tables of a DLRM in one ``EmbeddingBagCollection``, with
-    the memory-saving options of the DLRM papers:
+    the options of the DLRM papers and of facebookresearch/dlrm:
 
     - hashing trick: ``max_ind_range`` caps every table at that many rows and
       takes indices modulo it;
@@ -22,7 +39,13 @@ class SparseArch(nn.Module):
       ``qr_threshold`` rows gets two tables, ``ceil(n/qr_collisions)`` rows
       looked up with ``i // qr_collisions`` and ``qr_collisions`` rows looked up
       with ``i % qr_collisions``, their pooled vectors combined by
-      ``qr_operation`` (mult, add, or concat of two D/2 halves).
+      ``qr_operation`` (mult, add, or concat of two D/2 halves);
+    - mixed dimensions (Ginart et al. 2019): ``dims[t] < embedding_dim`` gives
+      feature t a narrower table whose pooled vector a bias-free Linear
+      projects to ``embedding_dim``;
+    - ``weighted_pooling="learned"``: a trained weight per row of every table
+      scales each looked-up row before pooling (``"fixed"``, weights of one,
+      is plain sum pooling).
 
     ``forward(indices, offsets) -> [B, T*D]`` with the collection's convention.
     """
@@ -37,40 +60,84 @@ class SparseArch(nn.Module):
         qr_collisions: int = 0,
         qr_operation: str = "mult",
         qr_threshold: int = 200,
+        dims: Optional[Sequence[int]] = None,
+        weighted_pooling: Optional[str] = None,
     ):
         super().__init__()
         if qr_operation not in QR_OPERATIONS:
             raise ValueError(f"qr_operation must be one of {QR_OPERATIONS}, got {qr_operation!r}")
         if qr_collisions and qr_operation == "concat" and embedding_dim % 2:
             raise ValueError("qr_operation='concat' needs an even embedding_dim")
+        if weighted_pooling not in (None, "fixed", "learned"):
+            raise ValueError(
+                f"weighted_pooling must be None, 'fixed' or 'learned', got {weighted_pooling!r}"
+            )
         rows = [int(n) for n in num_embeddings]
         if max_ind_range:
             rows = [min(n, max_ind_range) for n in rows]
+        dims = [embedding_dim] * len(rows) if dims is None else [int(d) for d in dims]
+        if len(dims) != len(rows) or not all(1 <= d <= embedding_dim for d in dims):
+            raise ValueError(
+                f"dims must give each of the {len(rows)} features a dim in 1..{embedding_dim}, "
+                f"got {dims}"
+            )
+        if qr_collisions and any(d != embedding_dim for d in dims):
+            raise ValueError("quotient-remainder and mixed-dimension tables exclude each other")
         self.num_features, self.dim = len(rows), embedding_dim
         self.max_ind_range = max_ind_range
         self.qr_collisions, self.qr_operation = qr_collisions, qr_operation
         self.qr = [bool(qr_collisions) and n > qr_threshold for n in rows]
+        self.dims = dims
         table_rows: List[int] = []
         table_dims: List[int] = []
         half = embedding_dim // 2 if qr_operation == "concat" else embedding_dim
-        for n, q in zip(rows, self.qr):
+        for n, q, d in zip(rows, self.qr, dims):
             if q:
                 table_rows += [math.ceil(n / qr_collisions), qr_collisions]
                 table_dims += [half, half]
             else:
                 table_rows.append(n)
-                table_dims.append(embedding_dim)
+                table_dims.append(d)
         self.tables = EmbeddingBagCollection(table_rows, table_dims, optimizer=optimizer, lr=lr)
+        self.proj = nn.ModuleDict(
+            {
+                str(t): nn.Linear(d, embedding_dim, bias=False)
+                for t, d in enumerate(dims)
+                if d < embedding_dim
+            }
+        )
+        for p in self.proj.values():
+            nn.init.xavier_uniform_(p.weight)
+        self.weighted_pooling = weighted_pooling
+        self.pooling_weights = nn.ParameterList(
+            [nn.Parameter(torch.ones(n)) for n in rows] if weighted_pooling == "learned" else []
+        )
+
+    def _row_weights(self, indices: torch.Tensor, offsets: torch.Tensor) -> Optional[torch.Tensor]:
+        if not len(self.pooling_weights):
+            return None
+        B = (offsets.numel() - 1) // self.num_features
+        starts = offsets[::B].tolist()
+        return torch.cat(
+            [w[indices[starts[t] : starts[t + 1]]] for t, w in enumerate(self.pooling_weights)]
+        )
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         if self.max_ind_range:
             indices = torch.remainder(indices, self.max_ind_range)
+        psw = self._row_weights(indices, offsets)
         if not any(self.qr):
-            return self.tables(indices, offsets)
+            pooled = self.tables(indices, offsets, psw)
+            if not len(self.proj):
+                return pooled
+            out = list(pooled.split(self.dims, 1))
+            for t, p in self.proj.items():
+                out[int(t)] = p(out[int(t)])
+            return torch.cat(out, 1)
         T = self.num_features
         B = (offsets.numel() - 1) // T
         starts = offsets[::B].tolist()
-        parts, offs, base = [], [offsets[:1]], offsets[:1]
+        parts, offs, base, weights = [], [offsets[:1]], offsets[:1], []
         for t in range(T):
             idx = indices[starts[t] : starts[t + 1]]
             bag_ends = offsets[t * B + 1 : (t + 1) * B + 1] - starts[t]
@@ -80,7 +147,11 @@ class SparseArch(nn.Module):
                 parts.append(sub)
                 offs.append(bag_ends + base)
                 base = base + idx.numel()
-        pooled = self.tables(torch.cat(parts), torch.cat(offs))
+                if psw is not None:
+                    weights.append(psw[starts[t] : starts[t + 1]])
+        pooled = self.tables(
+            torch.cat(parts), torch.cat(offs), torch.cat(weights) if weights else None
+        )
         out, col = [], 0
         for t in range(T):
             if not self.qr[t]:
@@ -110,7 +181,10 @@ class DLRM(nn.Module):
     ``bottom_mlp`` runs from the dense input size to ``embedding_dim`` (e.g.
     ``[13, 512, 256, 64, 16]``), ``top_mlp`` lists the layer sizes after the
     interaction and ends in 1 (e.g. ``[512, 256, 1]``). Train the MLPs with a
-    torch optimizer over ``dense_parameters()``; the tables update themselves.
+    torch optimizer over ``dense_parameters()`` (with the mixed-dimension
+    projections and learned pooling weights); the tables update themselves.
+    ``max_ind_range``, ``qr_*``, ``embedding_dims`` (mixed dimensions) and
+    ``weighted_pooling`` are ``SparseArch``'s options.
     """
 
     def __init__(
@@ -126,6 +200,9 @@ class DLRM(nn.Module):
         max_ind_range: Optional[int] = None,
         qr_collisions: int = 0,
         qr_operation: str = "mult",
+        qr_threshold: int = 200,
+        embedding_dims: Optional[Sequence[int]] = None,
+        weighted_pooling: Optional[str] = None,
     ):
         super().__init__()
         if bottom_mlp[-1] != embedding_dim:
@@ -147,6 +224,9 @@ class DLRM(nn.Module):
             max_ind_range,
             qr_collisions,
             qr_operation,
+            qr_threshold,
+            embedding_dims,
+            weighted_pooling,
         )
         self.dot = DotInteraction(self_interaction, order="tril")
         width = (
@@ -162,6 +242,8 @@ class DLRM(nn.Module):
 
     def dense_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.bottom.parameters()
+        yield from self.sparse.proj.parameters()
+        yield from self.sparse.pooling_weights.parameters()
         yield from self.top.parameters()
 
     def forward(

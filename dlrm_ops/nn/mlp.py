@@ -49,6 +49,7 @@ class FusedMLP(nn.Sequential):
             or torch.compiler.is_compiling()
             or x.device.type != "cpu"
             or x.dim() != 2
+            or not all(type(m) in (nn.Linear, nn.ReLU) for m in self)  # e.g. quantized
         ):
             return super().forward(x)
         layers = list(self)
