@@ -148,6 +148,7 @@ def build_data(args):
         return train, (test if len(test) else None), train.table_sizes, None
     tables = args.arch_embedding_size or DEFAULT_TABLES
     nb = args.num_batches or math.ceil(args.data_size / B)
+    samples = None if args.num_batches else args.data_size
     ntb = args.num_test_batches or GENERATED_TEST_BATCHES
     dense = args.arch_mlp_bot[0]
     if args.data_generation == "random":
@@ -161,10 +162,10 @@ def build_data(args):
             mu=args.rand_data_mu,
             sigma=args.rand_data_sigma,
         )
-        train = RandomData(tables, dense, B, nb, seed=args.seed, **kw)
+        train = RandomData(tables, dense, B, nb, seed=args.seed, num_samples=samples, **kw)
         test = RandomData(tables, dense, TB, ntb, seed=args.seed + 1, **kw)
         return train, test, tables, None
-    train = SyntheticData(tables, dense, B, nb, seed=args.seed)
+    train = SyntheticData(tables, dense, B, nb, seed=args.seed, num_samples=samples)
     test = SyntheticData(tables, dense, TB, ntb, seed=args.seed)
     return train, _TestSplit(test), tables, test.ceiling_auc(ntb)
 

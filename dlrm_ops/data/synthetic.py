@@ -17,13 +17,20 @@ from sklearn.metrics import roc_auc_score
 from .batch import Batch
 
 
+def _batch_size(data, i: int) -> int:
+    if data.num_samples is None:
+        return data.batch_size
+    return max(0, min(data.batch_size, data.num_samples - i * data.batch_size))
+
+
 class RandomData:
     """facebookresearch/dlrm's random data: 1 to ``num_indices_per_lookup``
     indices per bag (exactly that many if ``fixed_indices_per_lookup``),
     uniform over the rows or, with ``dist="gaussian"``, normal with mean
     ``mu`` and deviation ``sigma`` clipped to [``lo``, ``hi``], all as
     fractions of the rows; labels 0/1 (``round_targets``) or uniform in
-    [0, 1). Batch i is a pure function of (seed, i)."""
+    [0, 1). With ``num_samples`` the last batch holds what is left. Batch i
+    is a pure function of (seed, i)."""
 
     def __init__(
         self,
@@ -40,6 +47,7 @@ class RandomData:
         hi: float = 1.0,
         mu: float = -1.0,
         sigma: float = 1.0,
+        num_samples: Optional[int] = None,
     ):
         if dist not in ("uniform", "gaussian"):
             raise ValueError(f"dist must be uniform or gaussian, got {dist!r}")
@@ -48,6 +56,7 @@ class RandomData:
         self.L, self.fixed = num_indices_per_lookup, fixed_indices_per_lookup
         self.seed, self.round_targets = seed, round_targets
         self.dist, self.lo, self.hi, self.mu, self.sigma = dist, lo, hi, mu, sigma
+        self.num_samples = num_samples
 
     def _indices(self, rng, n: int, count: int) -> np.ndarray:
         if self.dist == "uniform":
@@ -57,7 +66,7 @@ class RandomData:
 
     def batch(self, i: int) -> Batch:
         rng = np.random.default_rng((self.seed, i))
-        B, T = self.batch_size, len(self.rows)
+        B, T = _batch_size(self, i), len(self.rows)
         lengths = np.full(T * B, self.L) if self.fixed else rng.integers(1, self.L + 1, T * B)
         per_table = lengths.reshape(T, B).sum(1)
         idx = np.concatenate([self._indices(rng, n, c) for n, c in zip(self.rows, per_table)])
@@ -100,8 +109,10 @@ class SyntheticData:
         rank: int = 4,
         num_pairs: Optional[int] = 8,
         signal: float = 1.0,
+        num_samples: Optional[int] = None,
     ):
         self.rows = [int(n) for n in num_embeddings]
+        self.num_samples = num_samples  # the last batch holds what is left
         self.num_dense, self.batch_size, self.num_batches = num_dense, batch_size, num_batches
         self.seed, self.alpha = seed, zipf_alpha
         T = len(self.rows)
@@ -136,7 +147,7 @@ class SyntheticData:
 
     def _draw(self, split: int, i: int):
         rng = np.random.default_rng((self.seed, split, i))
-        B = self.batch_size
+        B = _batch_size(self, i) if split == 0 else self.batch_size
         raw = np.floor(rng.lognormal(self.dense_mu, 1.0, (B, self.num_dense)))
         dense_log = np.log1p(raw).astype(np.float32)
         cats = self._categories(rng, B)
