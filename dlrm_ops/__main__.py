@@ -25,7 +25,7 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_benchmark(args) -> int:
+def cmd_benchmark(args, argv=None) -> int:
     from . import benchmark
 
     if args.device == "cuda":
@@ -41,9 +41,7 @@ def cmd_benchmark(args) -> int:
         )
         res = benchmark_cuda.run_all(args.ops, args.tables, args.rows, args.batch)
         benchmark.print_table(res)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
+        _write(args, res, argv)
         return 0
     threads = args.threads or sorted({1, torch.get_num_threads()})
     dtype = getattr(torch, args.dtype)
@@ -111,10 +109,20 @@ def cmd_benchmark(args) -> int:
         drop = benchmark_dropin.run(args.dropin_configs, threads)
         benchmark_dropin.print_table(drop)
         res += drop
+    _write(args, res, argv)
+    return 0
+
+
+def _write(args, res, argv) -> None:
+    from . import benchmark
+
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
-    return 0
+    if args.markdown:
+        command = "python -m dlrm_ops " + " ".join(sys.argv[1:] if argv is None else argv)
+        benchmark.write_markdown(args.markdown, res, command)
+        print(f"\nwritten to {args.markdown}")
 
 
 def main(argv=None) -> int:
@@ -186,6 +194,10 @@ def main(argv=None) -> int:
         "table: 3.3 GB more at 26 x 500k x 64)",
     )
     b.add_argument("--json", help="also write the results here")
+    b.add_argument(
+        "--markdown",
+        help="also write the results here as markdown tables, with the machine and this command",
+    )
     fmt = argparse.RawDescriptionHelpFormatter
     tr = sub.add_parser(
         "train",
@@ -204,7 +216,7 @@ def main(argv=None) -> int:
     flags.add_evaluate_arguments(ev)
     args = p.parse_args(argv)
     if args.cmd not in ("train", "evaluate"):
-        return {"info": cmd_info, "benchmark": cmd_benchmark}[args.cmd](args)
+        return cmd_info(args) if args.cmd == "info" else cmd_benchmark(args, argv)
     build = flags.add_train_arguments if args.cmd == "train" else flags.add_evaluate_arguments
     given = flags.explicit_flags(build, argv[argv.index(args.cmd) + 1 :])
     debug = args.debug

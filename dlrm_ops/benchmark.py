@@ -394,8 +394,7 @@ def _fbgemm_on_huge_pages(tbe, weights: torch.Tensor):
     """FBGEMM's host buffers (weights from ours, optimizer state as it set it)
     moved onto huge pages like ours and torch's: its constructor touches them
     first, so under THP "madvise" they would get 4 KiB pages and every random
-    row a TLB miss (its training steps took 1.12-1.29x the time so,
-    docs/performance.md)."""
+    row a TLB miss (its training steps took 1.12-1.29x the time so)."""
     with torch.no_grad():
         for name in ("weights_host", "momentum1_host", "momentum2_host"):
             old = getattr(tbe, name, None)
@@ -1048,3 +1047,72 @@ def print_table(results: List[dict]) -> None:
                 )
             )
         print("  ".join(cells))
+
+
+def machine() -> str:
+    """The CPU (or GPU) and software the figures come from, in one line."""
+    import platform
+
+    import dlrm_ops
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = dlrm_ops.build_info()
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (
+        f"{cpu} ({os.cpu_count()} cores, dlrm_ops CPU kernels: {info['cpu_capability']}){gpu}, "
+        f"torch {torch.__version__}"
+    )
+
+
+def write_markdown(path: str, results: List[dict], command: str) -> None:
+    """The results as markdown tables, one per op, with the machine and the
+    command that produced them; rows where the other side is faster say so."""
+    lines = [
+        f"Machine: {machine()}.",
+        "",
+        f"Command: `{command}`",
+        "",
+        "\"dlrm_ops x\" is the other side's time over dlrm_ops' time in the same process "
+        "(above 1: dlrm_ops is faster).",
+    ]
+    op = None
+    for r in results:
+        if "config" in r:  # the drop-in benchmark's rows
+            if op != "dropin":
+                op = "dropin"
+                lines += [
+                    "",
+                    "**a user's dlrm-style model, train step** (x: the stock model's time over "
+                    "this one's)",
+                    "",
+                    "| config | threads | model | ms | x stock |",
+                    "|---|---|---|---|---|",
+                ]
+            lines.append(
+                f"| {r['config']} | {r['threads']} | {r['impl']} | {r['ms']:.2f} | "
+                f"{r['speedup']:.2f}x |"
+            )
+            continue
+        if r.get("op") != op:
+            op = r.get("op")
+            lines += [
+                "",
+                f"**{op}**",
+                "",
+                "| T x rows | D | B | per bag | threads | implementation | ms | GB/s | dlrm_ops x |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+        x = r["ours_speedup"]
+        ratio = f"{x:.2f}x" + (" (other faster)" if x < 1 else "") if isinstance(x, float) else x
+        gbs = f"{r['gbs']:.2f}" if isinstance(r["gbs"], float) else r["gbs"]
+        lines.append(
+            f"| {r['T']} x {r['rows']} | {r['D']} | {r['B']} | {r['L']} | {r['threads']} | "
+            f"{r['impl']} | {r['ms']:.3f} | {gbs} | {ratio} |"
+        )
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")

@@ -72,7 +72,7 @@ def _autograd_function(op, setup, backward):
     torch.autograd.Function, whose per-call cost is less than half of
     torch.library's registered-autograd layers. The Function and calls
     without grad reach the kernel below the autograd keys, past those layers'
-    Python (docs/performance.md, "Measurements behind the CPU design").
+    Python (docs/architecture.md, "Measured choices of the CPU kernels").
     torch.compile and direct op calls use the registered autograd."""
 
     class Fn(torch.autograd.Function):

@@ -90,7 +90,7 @@ void pool_bag(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* 
 // table's values stay in registers and, when D is one block of vectors, the
 // column loop is unrolled (per-bag reloads of them cost a third of a cached
 // forward)
-// (docs/performance.md, "Measurements behind the CPU design").
+// (docs/architecture.md, "Measured choices of the CPU kernels").
 template <bool Weighted, typename W, typename I>
 void pool_bags(const W* wt, int64_t D, uint64_t rows, const I* idx, const float* psw, const I* off,
                int64_t b0, int64_t b1, int64_t table_end, bool mean, W* out, int64_t stride,
@@ -159,7 +159,7 @@ void gather_sorted(const W* wt, const uint64_t* e, const float* psw, int64_t b0,
 // where rows near each other come cheaper together. Elsewhere it costs: the
 // sort lands in a forward that must gather in bag order, and cached rows gain
 // nothing from order
-// (docs/performance.md, "Measurements behind the CPU design").
+// (docs/architecture.md, "Measured choices of the CPU kernels").
 constexpr int64_t kRowOrderMinBytes = int64_t{64} << 20;
 
 bool gathers_in_row_order(const EmbeddingBagArgs& a, int64_t elem_bytes) {
@@ -339,7 +339,7 @@ int64_t psw_grad(const EmbeddingBagArgs& a, const void* grad_out_ptr, float* gra
 }
 
 // Offsets of a big batch come from memory: both threads read them (26 x
-// 2048 one-lookup bags: see docs/performance.md).
+// 2048 one-lookup bags).
 constexpr int64_t kScanGrain = 16384;
 
 template <typename I>

@@ -19,7 +19,7 @@ namespace {
 // Prefetch distances of the walk: weight and state rows kPrefetchRows rows
 // ahead into L1 and kPrefetchFarRows ahead into L2, gradient rows
 // kPrefetchGrads lookups ahead; neighbouring distances were within noise
-// (docs/performance.md, "Measurements behind the CPU design").
+// (docs/architecture.md, "Measured choices of the CPU kernels").
 constexpr int64_t kPrefetchRows = 8;
 constexpr int64_t kPrefetchFarRows = 64;
 constexpr int64_t kPrefetchGrads = 12;
@@ -127,7 +127,7 @@ enum class Apply { kSgd, kRowwise, kRow };
 // are, the same bits as times 1. The variants are compiled apart and each run
 // is found while it is summed, the rows ahead fetched after it: the leaner
 // the loop, the more runs it keeps in flight (fp32 SGD at one lookup per bag
-// on 26 x 500k x 64: docs/performance.md).
+// on 26 x 500k x 64: docs/architecture.md).
 template <int NV, Apply A, bool Plain, typename W, typename I>
 void register_runs(const UpdateArgs& a, const SortedLookups& s, int64_t t, int64_t begin,
                    int64_t end, const GradRows<W>& grads) {

@@ -21,7 +21,7 @@ namespace dlrm_ops::cpu::CPU_CAPABILITY {
 // Lookups ahead whose rows are prefetched by the pooled gathers: enough to
 // cover DRAM latency for random rows of large tables, tuned with rows cold
 // from memory
-// (docs/performance.md, "Measurements behind the CPU design").
+// (docs/architecture.md, "Measured choices of the CPU kernels").
 constexpr int64_t kPrefetchLookups = 128;
 constexpr int64_t kPrefetchQuantizedLookups = 32;
 
@@ -61,7 +61,7 @@ inline int64_t max_dim(const TableBatch& tb) {
 // their consumer, cached stores would read every output line first and evict
 // the gathered rows. Smaller outputs stay cached for the interaction that
 // reads them next, hence the threshold
-// (docs/performance.md, "Measurements behind the CPU design").
+// (docs/architecture.md, "Measured choices of the CPU kernels").
 constexpr int64_t kStreamOutputBytes = int64_t{8} << 20;
 
 // Whether the fp32 pooled output [B, dim_offsets[T]] of tb is streamed: big
@@ -82,7 +82,7 @@ inline bool on_line(const void* p) { return reinterpret_cast<uintptr_t>(p) % 64 
 // one held up by memory leaves the others less to wait for at the region's
 // end. Chunks all claimed from one shared front lose that affinity and were
 // slower
-// (docs/performance.md, "Measurements behind the CPU design").
+// (docs/architecture.md, "Measured choices of the CPU kernels").
 template <typename F>
 void parallel_balanced(int64_t n, int64_t grain, const F& f) {
   if (n <= 0) return;

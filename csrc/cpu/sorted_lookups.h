@@ -97,7 +97,7 @@ inline uint64_t* radix_sort_rows(uint64_t* keys, uint64_t* tmp, int64_t n, int n
 // The sort's scratch (entries, radix buffer and bags: 2-2.5 words per lookup)
 // is kept per calling thread up to kCachedScratchBytes. Under glibc malloc a
 // fresh buffer of several MB is often mmapped and page-faulted on every call
-// (docs/performance.md, "Measurements behind the CPU design").
+// (docs/architecture.md, "Measured choices of the CPU kernels").
 constexpr int64_t kCachedScratchBytes = int64_t{64} << 20;
 
 inline uint64_t* sort_scratch(int64_t words, std::unique_ptr<uint64_t[]>& own) {
@@ -254,7 +254,7 @@ struct GradRows {
 // chunk holds at least B of them. Each strided row sits on its own 4 KiB
 // page: gathered many times in row order, their TLB and cache misses cost
 // more than the copy from 8 lookups per bag on, not below
-// (docs/performance.md, "Measurements behind the CPU design").
+// (docs/architecture.md, "Measured choices of the CPU kernels").
 constexpr int64_t kCopyLookupsPerBag = 8;
 constexpr int64_t kCopyMaxBytes = 1 << 20;
 

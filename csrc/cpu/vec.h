@@ -106,7 +106,7 @@ inline void prefetch_row(const void* p, int64_t bytes) {
 // unrolled, no loop branch between a gather's rows. `lined`: p starts a line
 // and Bytes is whole lines; otherwise the row's last byte's line is added.
 // A loop per row, with a compare and branch per line, slows the gathers
-// (docs/performance.md, "Unrolled prefetches").
+// (docs/architecture.md, "Measured choices of the CPU kernels").
 template <int Locality, int64_t Bytes>
 inline void prefetch_row_of(const void* p, bool lined) {
   const char* c = static_cast<const char*>(p);
@@ -149,7 +149,7 @@ inline vf16 vmax(vf16 a, vf16 b) { return a > b ? a : b; }
 #else
 // Without AVX-512 GCC has no register mode for a 64-byte vector and keeps
 // one in memory: every += of a pooled sum became stack stores and reloads
-// (docs/performance.md, "An AVX2 machine"). So here it is a struct of the widest native vectors
+// (docs/architecture.md, "CPU dispatch"). So here it is a struct of the widest native vectors
 // (two ymm under AVX2, four xmm otherwise), each operator applied part by part.
 #if defined(__AVX__)
 typedef float vfn __attribute__((vector_size(32)));
