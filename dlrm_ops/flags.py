@@ -89,14 +89,12 @@ DLRM_FLAGS = {
     "--mlperf-logging": (IMPLEMENTED, ":::MLLOG lines and dlrm's extra metrics"),
     "--mlperf-acc-threshold": (IMPLEMENTED, "stop once test accuracy exceeds it"),
     "--mlperf-auc-threshold": (IMPLEMENTED, "stop once test AUC exceeds it"),
-    "--mlperf-bin-loader": (
-        REFUSED,
-        "the MLPerf binary format is not read: preprocess the raw logs",
-    ),
-    "--mlperf-bin-shuffle": (IGNORED, "goes with --mlperf-bin-loader"),
+    "--mlperf-bin-loader": (IMPLEMENTED, "reads dlrm's <name>_train.bin / _test.bin records"),
+    "--mlperf-bin-shuffle": (IMPLEMENTED, "the binary file's batches in a random order"),
     "--mlperf-grad-accum-iter": (
-        REFUSED,
-        "values above 1: the tables update inside each backward, so gradients are not accumulated",
+        IMPLEMENTED,
+        "one optimizer step per k batches over their summed gradients (the tables then "
+        "use torch.optim with sparse gradients, not the fused update)",
     ),
     "--lr-num-warmup-steps": (IMPLEMENTED, "linear warmup (dlrm's LRPolicyScheduler)"),
     "--lr-decay-start-step": (IMPLEMENTED, "quadratic decay start"),
@@ -299,6 +297,14 @@ def add_train_arguments(p: argparse.ArgumentParser, explicit: bool = False) -> N
     add(d, "--skip-malformed", action="store_true", help="count and skip bad raw lines")
     add(
         d,
+        "--mlperf-bin-loader",
+        action="store_true",
+        help="read facebookresearch/dlrm's MLPerf binary files <processed name>_train.bin "
+        "and _test.bin, table sizes from <raw file>_fea_count.npz",
+    )
+    add(d, "--mlperf-bin-shuffle", action="store_true", help="binary batches in random order")
+    add(
+        d,
         "--data-randomize",
         choices=["total", "day", "none"],
         default="total",
@@ -411,7 +417,13 @@ def add_train_arguments(p: argparse.ArgumentParser, explicit: bool = False) -> N
         default=123,
         help="seed of the weights and of generated data",
     )
-    add(t, "--mlperf-grad-accum-iter", type=POSITIVE, default=1, help="must be 1 (see docs)")
+    add(
+        t,
+        "--mlperf-grad-accum-iter",
+        type=POSITIVE,
+        default=1,
+        help="batches whose gradients are summed per optimizer step",
+    )
     add(t, "--inference-only", action="store_true", help="evaluate --load-model's model only")
     _add_common(p, add, training=True)
     s = p.add_argument_group("checkpoints")
@@ -458,7 +470,7 @@ def add_train_arguments(p: argparse.ArgumentParser, explicit: bool = False) -> N
         "facebookresearch/dlrm flags accepted for compatibility (no effect here)"
     )
     for flag, (what, why) in DLRM_FLAGS.items():
-        if what != IMPLEMENTED and flag not in ("--dist-backend", "--mlperf-grad-accum-iter"):
+        if what != IMPLEMENTED and flag != "--dist-backend":
             kind = _IGNORED_KINDS.get(flag, {"nargs": "?", "const": True})
             add(c, flag, help=why, default=None, **kind)
     add(c, "--dist-backend", default="", help="distributed training: not here (empty only)")
@@ -469,8 +481,6 @@ _IGNORED_KINDS = {
     "--print-time": {"action": "store_true"},
     "--dataset-multiprocessing": {"action": "store_true"},
     "--plot-compute-graph": {"action": "store_true"},
-    "--mlperf-bin-shuffle": {"action": "store_true"},
-    "--mlperf-bin-loader": {"action": "store_true"},
     "--save-onnx": {"action": "store_true"},
 }
 
@@ -578,13 +588,13 @@ def check(args, given: set) -> None:
             f"--dist-backend {args.dist_backend}: this command runs one process; "
             "distributed training is not available yet"
         )
-    for flag in ("--save-onnx", "--mlperf-bin-loader"):
+    for flag in ("--save-onnx",):
         if getattr(args, flag[2:].replace("-", "_")):
             raise FlagError(f"{flag}: {DLRM_FLAGS[flag][1]}")
-    if args.mlperf_grad_accum_iter != 1:
+    if args.mlperf_grad_accum_iter > 1 and args.optimizer not in ("sgd", "adagrad", "adam"):
         raise FlagError(
-            f"--mlperf-grad-accum-iter {args.mlperf_grad_accum_iter}: only 1; the embedding "
-            "tables update inside each backward, so gradients are not accumulated"
+            f"--mlperf-grad-accum-iter {args.mlperf_grad_accum_iter}: accumulated gradients go "
+            f"through torch.optim, which has no {args.optimizer}; use sgd, adagrad or adam"
         )
     if args.inference_only and not args.load_model:
         raise FlagError("--inference-only needs --load-model (there is no trained model to run)")
@@ -644,6 +654,21 @@ def check(args, given: set) -> None:
 def _check_data_files(args) -> None:
     if getattr(args, "load_model", None) and not os.path.isfile(args.load_model):
         raise FlagError(f"--load-model {args.load_model}: no such file")
+    if getattr(args, "mlperf_bin_loader", False) and args.data_generation == "dataset":
+        from .data.mlperf_bin import bin_files
+
+        if not args.processed_data_file or not args.raw_data_file:
+            raise FlagError(
+                "--mlperf-bin-loader needs --processed-data-file and --raw-data-file "
+                "(dlrm names the binary files after them)"
+            )
+        for f in bin_files(args.processed_data_file, args.raw_data_file[0]):
+            if not f.is_file():
+                raise FlagError(
+                    f"--mlperf-bin-loader: no {f} (made by facebookresearch/dlrm's "
+                    "preprocessing; without the flag the raw logs are preprocessed here)"
+                )
+        return
     for f in args.raw_data_file or []:
         if not os.path.isfile(f):
             raise FlagError(f"--raw-data-file {f}: no such file")

@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint, flags, metrics, optimizers, reference
-from .data import CriteoDataset, RandomData, SyntheticData, preprocess_criteo
+from .data import (
+    CriteoDataset,
+    MLPerfBinDataset,
+    RandomData,
+    SyntheticData,
+    preprocess_criteo,
+)
+from .data.mlperf_bin import bin_files
 from .models import DLRM
 from .models.dlrm import mixed_dims
 from .nn import quantize
@@ -123,6 +130,14 @@ def config_from_checkpoint(ckpt: dict, args, given: set, resume: bool) -> argpar
 def build_data(args):
     """(train, test or None, table sizes, planted-ceiling AUC or None)."""
     B, TB = args.mini_batch_size, args.test_mini_batch_size
+    if args.data_generation == "dataset" and args.mlperf_bin_loader:
+        train_file, test_file, counts = bin_files(args.processed_data_file, args.raw_data_file[0])
+        kw = dict(max_ind_range=args.max_ind_range, seed=args.seed)
+        train = MLPerfBinDataset(
+            train_file, counts, B, args.num_batches or None, shuffle=args.mlperf_bin_shuffle, **kw
+        )
+        test = MLPerfBinDataset(test_file, counts, TB, args.num_test_batches or None, **kw)
+        return train, (test if len(test) else None), train.table_sizes, None
     if args.data_generation == "dataset":
         processed = args.processed_data_file or args.raw_data_file[0] + ".processed"
         if args.raw_data_file:
@@ -183,7 +198,7 @@ class _TestSplit:
         return self.data.batch(i, split=1)
 
 
-def build_model(args, tables) -> DLRM:
+def build_model(args, tables, fused: bool = True) -> DLRM:
     D = args.arch_sparse_feature_size
     dims = None
     if args.md_flag:
@@ -197,7 +212,7 @@ def build_model(args, tables) -> DLRM:
         args.arch_mlp_top,
         interaction=args.arch_interaction_op,
         self_interaction=args.arch_interaction_itself,
-        embedding_optimizer=args.optimizer,
+        embedding_optimizer=args.optimizer if fused else None,
         embedding_lr=args.learning_rate,
         max_ind_range=args.max_ind_range if args.max_ind_range > 0 else None,
         qr_collisions=args.qr_collisions if args.qr_flag else 0,
@@ -211,6 +226,16 @@ def build_model(args, tables) -> DLRM:
 def dense_optimizer(args, params):
     """The torch.optim class of the embeddings' optimizer (dlrm_ops.optimizers)."""
     return optimizers.spec(args.optimizer).dense(params, lr=args.learning_rate)
+
+
+def embedding_optimizer(args, tables):
+    """torch.optim's sparse-gradient counterpart of the tables' optimizer."""
+    make = {
+        "sgd": lambda p: torch.optim.SGD(p, lr=args.learning_rate),
+        "adagrad": lambda p: torch.optim.Adagrad(p, lr=args.learning_rate, eps=1e-10),
+        "adam": lambda p: torch.optim.SparseAdam(p, lr=args.learning_rate),
+    }
+    return make[args.optimizer](list(tables.parameters()))
 
 
 def loss_function(args):
@@ -381,8 +406,13 @@ class Trainer:
             ceiling,
         )
         self.device = args.device
-        self.model = build_model(args, tables).to(self.device)
+        # Gradients accumulated over k batches: the tables give sparse
+        # gradients to a torch optimizer instead of updating in the backward.
+        self.accumulate = args.mlperf_grad_accum_iter
+        fused = self.accumulate == 1
+        self.model = build_model(args, tables, fused).to(self.device)
         self.opt = dense_optimizer(args, self.model.dense_parameters())
+        self.emb_opt = None if fused else embedding_optimizer(args, self.model.embeddings)
         self.sched = (
             LRPolicy(
                 self.opt,
@@ -412,6 +442,7 @@ class Trainer:
             samples=self.samples,
             tables=list(self.tables),
             scheduler=self.sched.state_dict() if self.sched else None,
+            embedding_optimizer=self.emb_opt.state_dict() if self.emb_opt else None,
             torch_rng=torch.get_rng_state(),
         )
 
@@ -445,18 +476,37 @@ class Trainer:
         self.seconds, self.samples = run["seconds"], run["samples"]
         if self.sched is not None and run.get("scheduler"):
             self.sched.load_state_dict(run["scheduler"])
+        if self.emb_opt is not None and run.get("embedding_optimizer"):
+            self.emb_opt.load_state_dict(run["embedding_optimizer"])
         torch.set_rng_state(run["torch_rng"])
 
     # the run
+    def at_boundary(self) -> bool:
+        """Whether no gradients are pending (between accumulation windows)."""
+        return self.step % self.accumulate == 0
+
     def train_step(self, b) -> float:
-        if self.sched is not None:  # the tables update in the backward: same rate as the MLPs
-            self.model.embeddings.lr = self.opt.param_groups[0]["lr"]
-        self.opt.zero_grad()
+        """One batch; the optimizers step once every ``accumulate`` batches
+        (after self.step counts this one)."""
+        lr = self.opt.param_groups[0]["lr"]
+        if self.emb_opt is None:  # the tables update in the backward: same rate as the MLPs
+            if self.sched is not None:
+                self.model.embeddings.lr = lr
+            self.opt.zero_grad()
+        elif self.at_boundary():  # a new window
+            for o in (self.opt, self.emb_opt):
+                o.zero_grad()
         loss = self.loss(self.model(b.dense, b.indices, b.offsets), b.labels)
         loss.backward()
-        self.opt.step()
-        if self.sched is not None:
-            self.sched.step()
+        if (self.step + 1) % self.accumulate == 0:
+            self.opt.step()
+            if self.emb_opt is not None:
+                for g in self.emb_opt.param_groups:
+                    g["lr"] = lr
+                with torch.sparse.check_sparse_tensor_invariants(enable=False):
+                    self.emb_opt.step()
+            if self.sched is not None:
+                self.sched.step()
         return float(loss.detach())
 
     def evaluation(self, bar) -> Optional[dict]:
@@ -527,6 +577,8 @@ class Trainer:
                         a.save_every_minutes
                         and time.monotonic() - last_save >= 60 * a.save_every_minutes
                     )
+                    if not self.at_boundary():
+                        continue  # an accumulation window ends before a save or a stop
                     if a.save_model and due:
                         self.save(a.save_model)
                         last_save = time.monotonic()

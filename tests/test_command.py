@@ -91,8 +91,15 @@ BAD_FLAGS = [
     (["--round-targets=maybe"], "--round-targets: must be True or False"),
     (["--loss-function", "hinge"], "--loss-function: invalid choice"),
     (["--qr-flag", "--md-flag"], "--qr-flag and --md-flag exclude each other"),
-    (["--mlperf-grad-accum-iter", "4"], "--mlperf-grad-accum-iter 4: only 1"),
+    (
+        ["--mlperf-grad-accum-iter", "4", "--optimizer", "rowwise_adagrad"],
+        "--mlperf-grad-accum-iter 4: accumulated gradients go through torch.optim",
+    ),
     (["--save-onnx"], "--save-onnx: the native custom ops have no ONNX export"),
+    (
+        ["--data-generation", "dataset", "--mlperf-bin-loader", "--raw-data-file", "{raw}"],
+        "--mlperf-bin-loader needs --processed-data-file and --raw-data-file",
+    ),
     (["--dist-backend", "nccl"], "--dist-backend nccl: this command runs one process"),
     (
         ["--lr-num-warmup-steps", "10", "--lr-decay-start-step", "5", "--lr-num-decay-steps", "3"],
@@ -465,3 +472,99 @@ def test_checkpoint_is_plain_data_with_the_full_configuration(tmp_path):
     assert c["args"]["arch_mlp_bot"] == [13, 8, 4] and c["run"]["tables"] == [20, 30, 40]
     assert set(c["run"]) >= {"epoch", "batch", "scheduler", "torch_rng", "best_auc"}
     assert os.path.getsize(ckpt) > 0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+def test_gradient_accumulation_steps_once_per_window(optimizer):
+    """--mlperf-grad-accum-iter 3: one step per 3 batches over their summed
+    gradients, tables included (through torch.optim's sparse path)."""
+    import argparse
+    import copy
+
+    from dlrm_ops import train
+    from dlrm_ops.data import SyntheticData
+
+    cfg = train.train_defaults()
+    cfg.update(
+        arch_mlp_bot=[13, 8, 4],
+        arch_sparse_feature_size=4,
+        arch_mlp_top=[8, 1],
+        optimizer=optimizer,
+        mlperf_grad_accum_iter=3,
+        no_progress=True,
+    )
+    args = argparse.Namespace(**cfg)
+    tables = [20, 30]
+    data = SyntheticData(tables, 13, 16, 6, seed=2)
+    torch.manual_seed(0)
+    t = train.Trainer(args, tables, data, None, None)
+    ref = copy.deepcopy(t.model)
+    params = list(ref.parameters())
+    make = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adagrad
+    opt = make(params, lr=args.learning_rate, **({} if optimizer == "sgd" else {"eps": 1e-10}))
+    for i in range(6):
+        b = data.batch(i)
+        t.train_step(b)
+        t.step += 1
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            ref(b.dense, b.indices, b.offsets), b.labels
+        )
+        loss.backward()
+        if (i + 1) % 3 == 0:
+            opt.step()
+            opt.zero_grad()
+        for a, r in zip(t.model.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, r)
+    r = cli("train", *SMALL, "--num-batches", "9", "--mlperf-grad-accum-iter", "3")
+    assert r.returncode == 0 and "summary: 9 batches" in r.stdout, r.stderr
+    r = cli("train", "--mlperf-grad-accum-iter", "2", "--optimizer", "rwsadagrad")
+    assert r.returncode == 2 and "torch.optim, which has no rowwise_adagrad" in r.stderr
+
+
+def test_mlperf_binary_files(tmp_path):
+    """dlrm's --mlperf-bin-loader files: records read as dlrm's loader reads
+    them, and the command trains and evaluates on them."""
+    from dlrm_ops.data import MLPerfBinDataset
+
+    rng = np.random.default_rng(0)
+
+    def records(n):
+        r = np.zeros((n, 40), np.int32)
+        r[:, 0] = rng.random(n) < 0.3
+        r[:, 1:14] = rng.integers(-1, 100, (n, 13))
+        r[:, 14:] = rng.integers(0, 90, (n, 26))
+        return r
+
+    train, test = records(100), records(30)
+    train.tofile(tmp_path / "kaggle_train.bin")
+    test.tofile(tmp_path / "kaggle_test.bin")
+    np.savez(tmp_path / "train.txt_fea_count.npz", counts=np.full(26, 90))
+    counts = tmp_path / "train.txt_fea_count.npz"
+    ds = MLPerfBinDataset(tmp_path / "kaggle_train.bin", counts, 32, max_ind_range=40)
+    assert len(ds) == 4 and ds.table_sizes == [40] * 26
+    b = ds.batch(3)  # the short last batch
+    assert b.size == 4
+    torch.testing.assert_close(
+        b.dense, torch.from_numpy(np.log1p(np.maximum(train[96:, 1:14], 0)).astype(np.float32))
+    )
+    assert torch.equal(b.indices, torch.from_numpy((train[96:, 14:] % 40).T.reshape(-1)).long())
+    assert torch.equal(b.labels, torch.from_numpy(train[96:, 0].astype(np.float32)))
+    shuffled = MLPerfBinDataset(tmp_path / "kaggle_train.bin", counts, 32, shuffle=True, seed=1)
+    assert sorted(shuffled.batch(i).size for i in range(4)) == [4, 32, 32, 32]
+    r = cli(
+        "train",
+        "--data-generation=dataset",
+        "--mlperf-bin-loader",
+        "--mlperf-bin-shuffle",
+        "--processed-data-file=./kaggle.npz",
+        "--raw-data-file=./train.txt",
+        "--mini-batch-size=16",
+        "--num-batches=0",
+        "--no-progress",
+        "--save-model=m.pt",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "summary: 7 batches, 100 samples" in r.stdout and "test (30 samples)" in r.stdout
+    ev = cli("evaluate", "--load-model", "m.pt", cwd=tmp_path)
+    assert ev.returncode == 0 and "test (30 samples)" in ev.stdout, ev.stderr

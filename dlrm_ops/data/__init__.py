@@ -2,6 +2,7 @@
 
 from .batch import Batch, batch_from_arrays
 from .criteo import CriteoDataset, MalformedLineError, preprocess_criteo
+from .mlperf_bin import MLPerfBinDataset
 from .synthetic import RandomData, SyntheticData
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "RandomData",
     "SyntheticData",
     "CriteoDataset",
+    "MLPerfBinDataset",
     "preprocess_criteo",
     "MalformedLineError",
 ]

@@ -98,7 +98,10 @@ class SparseArch(nn.Module):
             else:
                 table_rows.append(n)
                 table_dims.append(d)
-        self.tables = EmbeddingBagCollection(table_rows, table_dims, optimizer=optimizer, lr=lr)
+        # Without a fused optimizer the tables give sparse gradients, for torch.optim.
+        self.tables = EmbeddingBagCollection(
+            table_rows, table_dims, optimizer=optimizer, lr=lr, sparse=optimizer is None
+        )
         self.proj = nn.ModuleDict(
             {
                 str(t): nn.Linear(d, embedding_dim, bias=False)
