@@ -92,7 +92,12 @@ def cmd_benchmark(args, argv=None) -> int:
         )
         res += benchmark.run_quantize(args.quantize_rows, 128, threads, args.min_time)
     if "dlrm" in args.ops:
-        res += benchmark.run_dlrm(args.dlrm_configs, args.rows, args.batch, threads, args.min_time)
+        from .precision import native_bf16
+
+        bf16 = native_bf16() if args.dlrm_bf16 is None else args.dlrm_bf16
+        res += benchmark.run_dlrm(
+            args.dlrm_configs, args.rows, args.batch, threads, args.min_time, bf16=bf16
+        )
     if "interaction" in args.ops:
         res += benchmark.run_interaction(
             args.interaction_batches, args.tables, args.interaction_dims, threads, args.min_time
@@ -173,6 +178,12 @@ def main(argv=None) -> int:
         "dlrm-style model stock, converted, and with the optimizer in the backward)",
     )
     b.add_argument("--dlrm-configs", type=lambda s: s.split(","), default=["kaggle", "mlperf"])
+    b.add_argument(
+        "--dlrm-bf16",
+        type=lambda s: s.lower() in ("1", "true", "yes"),
+        default=None,
+        help="for --ops dlrm: also bf16 rows (default: where the CPU has native bf16)",
+    )
     b.add_argument(
         "--quantize-rows",
         type=int,

@@ -926,11 +926,18 @@ DLRM_CONFIGS = {  # dim, bottom MLP, top MLP
 
 
 def run_dlrm(
-    configs: List[str], rows: int, B: int, threads: List[int], min_time: float = 0.3, T: int = 26
+    configs: List[str],
+    rows: int,
+    B: int,
+    threads: List[int],
+    min_time: float = 0.3,
+    T: int = 26,
+    bf16: bool = False,
 ) -> List[dict]:
     """DLRM train step and inference, dlrm_ops against the pure-PyTorch
     reference, with the train step split into its parts (each part timed on
-    its own, forward + backward)."""
+    its own, forward + backward). ``bf16``: also dlrm_ops' bf16 model against
+    the fp32 reference and the reference under ``torch.autocast`` to bf16."""
     from . import ops
     from .data import RandomData
     from .models import DLRM
@@ -989,6 +996,13 @@ def run_dlrm(
             ours.bottom(b.dense).sum().backward()
             ours.top(z).sum().backward()
 
+        def autocast(fn):
+            def run():
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return fn()
+
+            return run
+
         parts = {
             "train step": (train(ours, [opt_o]), train(ref, [opt_r, emb_r])),
             "inference": (infer(ours), infer(ref)),
@@ -1003,10 +1017,33 @@ def run_dlrm(
             "  MLPs": (mlps, mlps),
             "  dense optimizer": (opt_o.step, opt_r.step),
         }
+        groups = {part: {"dlrm_ops": o, "reference": r} for part, (o, r) in parts.items()}
+
+        def in_bf16(fn):  # our model switched to bf16 for the call (no second copy)
+            def run():
+                ours.precision = "bf16"
+                try:
+                    return fn()
+                finally:
+                    ours.precision = "fp32"
+
+            return run
+
+        if bf16:
+            groups["bf16 train step"] = {
+                "dlrm_ops": in_bf16(train(ours, [opt_o])),
+                "reference fp32": train(ref, [opt_r, emb_r]),
+                "reference autocast": autocast(train(ref, [opt_r, emb_r])),
+            }
+            groups["bf16 inference"] = {
+                "dlrm_ops": in_bf16(infer(ours)),
+                "reference fp32": infer(ref),
+                "reference autocast": autocast(infer(ref)),
+            }
         for th in threads:
             torch.set_num_threads(th)
-            for part, (f_ours, f_ref) in parts.items():
-                times = time_all({"dlrm_ops": f_ours, "reference": f_ref}, min_time)
+            for part, contenders in groups.items():
+                times = time_all(contenders, min_time)
                 for k, t in times.items():
                     results.append(
                         dict(
@@ -1023,7 +1060,7 @@ def run_dlrm(
                             ours_speedup=t / times["dlrm_ops"],
                         )
                     )
-        del ours, ref, parts
+        del ours, ref, parts, groups
         gc.collect()
     return results
 

@@ -266,6 +266,13 @@ def add_train_arguments(p: argparse.ArgumentParser, explicit: bool = False) -> N
     add(a, "--activation-function", choices=["relu"], default="relu", help="MLP activation")
     add(
         a,
+        "--embedding-precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="the tables' dtype (bf16: updated with stochastic rounding)",
+    )
+    add(
+        a,
         "--max-ind-range",
         type=int,
         default=-1,
@@ -525,6 +532,15 @@ def _add_common(p, add, training: bool) -> None:
     )
     add(e, "--mlperf-logging", action="store_true", help=":::MLLOG lines, precision/recall/F1/AP")
     add(e, "--print-precision", type=NON_NEGATIVE, default=5, help="digits of printed metrics")
+    add(
+        e,
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: the MLPs' GEMMs and the interaction in bf16, fp32 master weights "
+        "(fp32 is kept, with a note, on CPUs without native bf16)",
+    )
+    add(e, "--force-precision", action="store_true", help="bf16 even without native bf16")
     add(e, "--threads", type=POSITIVE, default=None, help="CPU threads (default: torch's)")
     add(e, "--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs")
     add(e, "--use-gpu", action="store_true", help="same as --device cuda")

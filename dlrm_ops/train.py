@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import checkpoint, flags, metrics, optimizers, reference
+from . import checkpoint, flags, metrics, optimizers, precision, reference
 from .data import (
     CriteoDataset,
     MLPerfBinDataset,
@@ -56,6 +56,7 @@ ARCH = (
     "max_ind_range",
     "optimizer",
     "activation_function",
+    "embedding_precision",
 )
 
 
@@ -82,6 +83,7 @@ RUN_SETTINGS = (
     "plot",
     "compare_reference",
     "enable_profiling",
+    "force_precision",
 )
 
 
@@ -220,6 +222,8 @@ def build_model(args, tables, fused: bool = True) -> DLRM:
         qr_threshold=args.qr_threshold,
         embedding_dims=dims,
         weighted_pooling=args.weighted_pooling,
+        precision=args.precision,
+        embedding_dtype=torch.bfloat16 if args.embedding_precision == "bf16" else torch.float32,
     )
 
 
@@ -621,6 +625,9 @@ def run(args, given: set, command: str = "train") -> int:
         if command == "evaluate":
             args.inference_only = True
     flags.check(args, given)
+    args.precision, why = precision.resolve(args.precision, args.device, args.force_precision)
+    if why:
+        print(why, file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -638,7 +645,7 @@ def run(args, given: set, command: str = "train") -> int:
         f"DLRM: {len(tables)} tables ({sum(tables):,} rows, dim {D}), bottom "
         f"{_shown(args.arch_mlp_bot)}, top {_shown(args.arch_mlp_top)}, "
         f"{args.arch_interaction_op} interaction, {args.optimizer}, lr {args.learning_rate}, "
-        f"{args.loss_function} loss, data {args.data_generation}, {args.device}, "
+        f"{args.loss_function} loss, {args.precision}, data {args.data_generation}, {args.device}, "
         f"{torch.get_num_threads()} threads"
     )
     if args.mlperf_logging:

@@ -62,6 +62,7 @@ class SparseArch(nn.Module):
         qr_threshold: int = 200,
         dims: Optional[Sequence[int]] = None,
         weighted_pooling: Optional[str] = None,
+        dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
         if qr_operation not in QR_OPERATIONS:
@@ -100,7 +101,13 @@ class SparseArch(nn.Module):
                 table_dims.append(d)
         # Without a fused optimizer the tables give sparse gradients, for torch.optim.
         self.tables = EmbeddingBagCollection(
-            table_rows, table_dims, optimizer=optimizer, lr=lr, sparse=optimizer is None
+            table_rows,
+            table_dims,
+            optimizer=optimizer,
+            lr=lr,
+            sparse=optimizer is None,
+            dtype=dtype,
+            stochastic_rounding=dtype != torch.float32 and optimizer is not None,
         )
         self.proj = nn.ModuleDict(
             {
@@ -187,7 +194,11 @@ class DLRM(nn.Module):
     torch optimizer over ``dense_parameters()`` (with the mixed-dimension
     projections and learned pooling weights); the tables update themselves.
     ``max_ind_range``, ``qr_*``, ``embedding_dims`` (mixed dimensions) and
-    ``weighted_pooling`` are ``SparseArch``'s options.
+    ``weighted_pooling`` are ``SparseArch``'s options. ``precision="bf16"``
+    runs the MLPs' GEMMs (forward and backward) and the interaction in bf16
+    under autocast, with fp32 master weights, optimizer state and logits;
+    ``embedding_dtype=torch.bfloat16`` keeps the tables in bf16 (updated with
+    stochastic rounding).
     """
 
     def __init__(
@@ -206,8 +217,13 @@ class DLRM(nn.Module):
         qr_threshold: int = 200,
         embedding_dims: Optional[Sequence[int]] = None,
         weighted_pooling: Optional[str] = None,
+        precision: str = "fp32",
+        embedding_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        self.precision = precision
         if bottom_mlp[-1] != embedding_dim:
             raise ValueError(
                 f"bottom_mlp must end in embedding_dim = {embedding_dim}, got {list(bottom_mlp)}"
@@ -230,6 +246,7 @@ class DLRM(nn.Module):
             qr_threshold,
             embedding_dims,
             weighted_pooling,
+            embedding_dtype,
         )
         self.dot = DotInteraction(self_interaction, order="tril")
         width = (
@@ -252,7 +269,15 @@ class DLRM(nn.Module):
     def forward(
         self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor
     ) -> torch.Tensor:
+        if self.precision == "bf16":
+            # bf16 GEMMs (forward and backward) on fp32 master weights, the
+            # interaction in bf16, fp32 logits for the loss.
+            with torch.autocast(dense.device.type, dtype=torch.bfloat16):
+                x = self.bottom(dense)
+                ly = self.sparse(indices, offsets).to(x.dtype)
+                z = self.dot(x, ly) if self.interaction == "dot" else torch.cat([x, ly], 1)
+                return self.top(z).squeeze(1).float()
         x = self.bottom(dense)
-        ly = self.sparse(indices, offsets)
+        ly = self.sparse(indices, offsets).to(x.dtype)
         z = self.dot(x, ly) if self.interaction == "dot" else torch.cat([x, ly], 1)
         return self.top(z).squeeze(1)
