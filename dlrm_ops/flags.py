@@ -14,7 +14,7 @@ from . import optimizers
 
 # What this command does with every flag of facebookresearch/dlrm's
 # dlrm_s_pytorch.py (docs/command-line.md shows this table).
-IMPLEMENTED, IGNORED, REFUSED = "implemented", "accepted, no effect", "refused"
+IMPLEMENTED, IGNORED = "implemented", "accepted, no effect"
 DLRM_FLAGS = {
     "--arch-sparse-feature-size": (IMPLEMENTED, "embedding dim"),
     "--arch-embedding-size": (
@@ -70,10 +70,13 @@ DLRM_FLAGS = {
     "--inference-only": (IMPLEMENTED, "evaluate --load-model's model"),
     "--quantize-mlp-with-bit": (IMPLEMENTED, "8 or 16: dynamic quantization of the MLPs (eval)"),
     "--quantize-emb-with-bit": (IMPLEMENTED, "4 or 8: quantized tables (eval); 32: none"),
-    "--save-onnx": (REFUSED, "the native custom ops have no ONNX export"),
+    "--save-onnx": (IGNORED, "no ONNX file is written: the native custom ops have no ONNX export"),
     "--use-gpu": (IMPLEMENTED, "the CUDA kernels (same as --device cuda)"),
     "--local_rank": (IGNORED, "one process"),
-    "--dist-backend": (REFUSED, "one process only: an empty value is accepted"),
+    "--dist-backend": (
+        IGNORED,
+        "one process; refused when torchrun starts several (WORLD_SIZE > 1)",
+    ),
     "--print-freq": (IMPLEMENTED, "batches between loss lines"),
     "--test-freq": (IMPLEMENTED, "batches between evaluations (-1: at the end)"),
     "--test-mini-batch-size": (IMPLEMENTED, "evaluation batch (-1: the training batch)"),
@@ -477,10 +480,10 @@ def add_train_arguments(p: argparse.ArgumentParser, explicit: bool = False) -> N
         "facebookresearch/dlrm flags accepted for compatibility (no effect here)"
     )
     for flag, (what, why) in DLRM_FLAGS.items():
-        if what != IMPLEMENTED and flag != "--dist-backend":
+        if what != IMPLEMENTED and flag != "--dist-backend":  # a string: added below
             kind = _IGNORED_KINDS.get(flag, {"nargs": "?", "const": True})
             add(c, flag, help=why, default=None, **kind)
-    add(c, "--dist-backend", default="", help="distributed training: not here (empty only)")
+    add(c, "--dist-backend", default="", help=DLRM_FLAGS["--dist-backend"][1])
 
 
 _IGNORED_KINDS = {
@@ -599,14 +602,11 @@ def check(args, given: set) -> None:
         except ImportError:
             raise FlagError("--plot needs matplotlib: pip install matplotlib") from None
     _check_data_files(args)
-    if args.dist_backend:
+    if args.dist_backend and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise FlagError(
             f"--dist-backend {args.dist_backend}: this command runs one process; "
-            "distributed training is not available yet"
+            "multi-process training is not available yet"
         )
-    for flag in ("--save-onnx",):
-        if getattr(args, flag[2:].replace("-", "_")):
-            raise FlagError(f"{flag}: {DLRM_FLAGS[flag][1]}")
     if args.mlperf_grad_accum_iter > 1 and args.optimizer not in ("sgd", "adagrad", "adam"):
         raise FlagError(
             f"--mlperf-grad-accum-iter {args.mlperf_grad_accum_iter}: accumulated gradients go "

@@ -95,12 +95,10 @@ BAD_FLAGS = [
         ["--mlperf-grad-accum-iter", "4", "--optimizer", "rowwise_adagrad"],
         "--mlperf-grad-accum-iter 4: accumulated gradients go through torch.optim",
     ),
-    (["--save-onnx"], "--save-onnx: the native custom ops have no ONNX export"),
     (
         ["--data-generation", "dataset", "--mlperf-bin-loader", "--raw-data-file", "{raw}"],
         "--mlperf-bin-loader needs --processed-data-file and --raw-data-file",
     ),
-    (["--dist-backend", "nccl"], "--dist-backend nccl: this command runs one process"),
     (
         ["--lr-num-warmup-steps", "10", "--lr-decay-start-step", "5", "--lr-num-decay-steps", "3"],
         "--lr-decay-start-step (5) must not come before",
@@ -130,6 +128,18 @@ def test_bad_flags_end_with_one_line_and_status_2(tmp_path, monkeypatch, capsys,
     lines = out.err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], out.err
     assert not out.out and not list(tmp_path.glob("*.processed"))
+
+
+def test_dist_backend_runs_one_process_or_refuses_several(monkeypatch, capsys):
+    from dlrm_ops.__main__ import main
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["train", "--dist-backend", "gloo"]) == 2
+    assert "--dist-backend gloo: this command runs one process" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    r = cli("train", *SMALL, "--num-batches", "2", "--dist-backend", "gloo", "--save-onnx")
+    assert r.returncode == 0, r.stderr
+    assert "no effect here: --save-onnx, --dist-backend" in r.stderr
 
 
 def test_no_cuda_is_a_flag_error_here():
