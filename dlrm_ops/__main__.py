@@ -25,6 +25,43 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_preprocess(args) -> int:
+    import os
+    import time
+
+    from .data import MalformedLineError, preprocess_criteo
+
+    for f in args.raw_data_file:
+        if not os.path.isfile(f):
+            print(
+                f"python -m dlrm_ops preprocess: --raw-data-file {f}: no such file", file=sys.stderr
+            )
+            return 2
+    t0 = time.perf_counter()
+    try:
+        meta = preprocess_criteo(
+            args.raw_data_file,
+            args.processed_data_file,
+            args.data_set,
+            args.max_ind_range if args.max_ind_range > 0 else None,
+            args.skip_malformed,
+            threads=args.threads,
+            progress=not args.no_progress,
+        )
+    except MalformedLineError as e:
+        print(f"python -m dlrm_ops preprocess: {e}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - t0
+    lines = sum(meta["days"].values()) + meta["skipped"]
+    size = sum(os.path.getsize(f) for f in args.raw_data_file)
+    print(
+        f"{lines:,} lines ({meta['skipped']} skipped) in {seconds:.1f} s: "
+        f"{lines / seconds:,.0f} lines/s, {size / seconds / 1e6:,.0f} MB/s; "
+        f"written to {args.processed_data_file}"
+    )
+    return 0
+
+
 def cmd_benchmark(args, argv=None) -> int:
     from . import benchmark
 
@@ -103,6 +140,14 @@ def cmd_benchmark(args, argv=None) -> int:
             args.interaction_batches, args.tables, args.interaction_dims, threads, args.min_time
         )
     benchmark.print_table(res)
+    if "preprocess" in args.ops:
+        from . import benchmark_criteo
+
+        print(
+            f"\nCriteo preprocessing, hashed, {args.preprocess_lines:,} generated lines", flush=True
+        )
+        pre = benchmark_criteo.run(args.preprocess_lines, threads)
+        benchmark_criteo.print_table(pre)
     if "dropin" in args.ops:
         from . import benchmark_dropin
 
@@ -175,7 +220,8 @@ def main(argv=None) -> int:
         "interaction (dot interaction fwd and fwd+bwd), quantized (int8/int4 "
         "lookups and quantization), dlrm (model train step and inference; "
         "the GB/s column then holds M samples/s), dropin (a user's own "
-        "dlrm-style model stock, converted, and with the optimizer in the backward)",
+        "dlrm-style model stock, converted, and with the optimizer in the backward), "
+        "preprocess (Criteo preprocessing: native parser against the Python reference)",
     )
     b.add_argument("--dlrm-configs", type=lambda s: s.split(","), default=["kaggle", "mlperf"])
     b.add_argument(
@@ -204,11 +250,33 @@ def main(argv=None) -> int:
         help="train: also time dense gradients + SGD (a dense gradient of every "
         "table: 3.3 GB more at 26 x 500k x 64)",
     )
+    b.add_argument(
+        "--preprocess-lines",
+        type=int,
+        default=5_000_000,
+        help="for --ops preprocess: lines of the generated Criteo-format file",
+    )
     b.add_argument("--json", help="also write the results here")
     b.add_argument(
         "--markdown",
         help="also write the results here as markdown tables, with the machine and this command",
     )
+    pre = sub.add_parser(
+        "preprocess",
+        help="raw Criteo logs to memory-mapped arrays (native and multi-threaded with hashing)",
+    )
+    pre.add_argument("--raw-data-file", nargs="+", required=True, help="raw TSV file(s)")
+    pre.add_argument("--processed-data-file", required=True, help="output folder")
+    pre.add_argument("--data-set", choices=["kaggle", "terabyte"], default="kaggle")
+    pre.add_argument(
+        "--max-ind-range",
+        type=int,
+        default=-1,
+        help="hash categories modulo this (<= 0: per-column vocabularies, in Python)",
+    )
+    pre.add_argument("--skip-malformed", action="store_true", help="count and skip bad lines")
+    pre.add_argument("--threads", type=int, default=None, help="parser threads (default: all)")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     fmt = argparse.RawDescriptionHelpFormatter
     tr = sub.add_parser(
         "train",
@@ -226,6 +294,8 @@ def main(argv=None) -> int:
     )
     flags.add_evaluate_arguments(ev)
     args = p.parse_args(argv)
+    if args.cmd == "preprocess":
+        return cmd_preprocess(args)
     if args.cmd not in ("train", "evaluate"):
         return cmd_info(args) if args.cmd == "info" else cmd_benchmark(args, argv)
     build = flags.add_train_arguments if args.cmd == "train" else flags.add_evaluate_arguments

@@ -149,6 +149,8 @@ def build_data(args):
                 args.data_set,
                 args.max_ind_range if args.max_ind_range > 0 else None,
                 args.skip_malformed,
+                threads=args.threads,
+                progress=not args.no_progress,
             )
             if meta["skipped"]:
                 print(f"skipped {meta['skipped']} malformed lines")

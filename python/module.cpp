@@ -1,12 +1,29 @@
 // dlrm_ops._C: what was built and what the running CPU uses. No tensors here;
 // the ops live in the stable-ABI library _kernels.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <memory>
+#include <utility>
+
 #include "cpu/dispatch.h"
+#include "data/criteo_parser.h"
 #include "kernel_common.h"
 #include "optimizers.h"
 
 namespace py = pybind11;
+
+namespace {
+
+// A numpy array that owns the vector it views (no copy).
+template <typename T>
+py::array_t<T> to_numpy(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
+  auto* owner = new std::vector<T>(std::move(v));
+  py::capsule free(owner, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return py::array_t<T>(shape, owner->data(), free);
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dlrm_ops build information";
@@ -25,6 +42,30 @@ PYBIND11_MODULE(_C, m) {
         return info;
       },
       "Version, torch it was built against, CPU instruction set in use, CUDA or not.");
+  m.def(
+      "parse_criteo",
+      [](py::buffer buf, int64_t max_ind_range, int threads) {
+        if (max_ind_range < 1) throw py::value_error("max_ind_range must be at least 1");
+        py::buffer_info info = buf.request();
+        if (info.ndim != 1 || info.itemsize != 1)
+          throw py::value_error("parse_criteo takes a 1-D buffer of bytes");
+        dlrm_ops::data::ParsedLines r;
+        {
+          py::gil_scoped_release release;
+          r = dlrm_ops::data::parse_criteo(static_cast<const char*>(info.ptr), info.size,
+                                           max_ind_range, threads);
+        }
+        const py::ssize_t n = r.lines;
+        using dlrm_ops::data::kDense;
+        using dlrm_ops::data::kSparse;
+        return py::make_tuple(
+            to_numpy(std::move(r.dense), {n, kDense}), to_numpy(std::move(r.sparse), {n, kSparse}),
+            to_numpy(std::move(r.labels), {n}),
+            to_numpy(std::move(r.deferred), {static_cast<py::ssize_t>(r.deferred.size())}));
+      },
+      py::arg("buffer"), py::arg("max_ind_range"), py::arg("threads") = 1,
+      "Raw Criteo lines, hashed: (dense [n,13] log(x+1), sparse [n,26], labels [n], lines "
+      "left to the Python reference).");
   m.def("cpu_capability",
         [] { return dlrm_ops::cpu::capability_name(dlrm_ops::cpu::capability()); });
   // The kernels' enums and optimizer table, for the check that Python's

@@ -79,6 +79,14 @@ class _DayWriter:
         self.rows = 0
         self.buf = ([], [], [])
 
+    def add_many(self, labels, dense, sparse):
+        """Rows as arrays, after the buffered ones."""
+        self.flush()
+        dense.astype(np.float32, copy=False).tofile(self.files["dense"])
+        sparse.astype(np.int64, copy=False).tofile(self.files["sparse"])
+        labels.astype(np.float32, copy=False).tofile(self.files["labels"])
+        self.rows += len(labels)
+
     def add(self, label, dense, sparse):
         self.buf[0].append(dense)
         self.buf[1].append(sparse)
@@ -129,15 +137,91 @@ def _write_meta(out_dir: Path, meta: dict) -> None:
     os.replace(tmp, out_dir / "meta.json")
 
 
+BLOCK_BYTES = 64 << 20
+
+
+class _NotNative(Exception):
+    """A file the native parser does not read line for line as Python does."""
+
+
+def _native_file(
+    path: Path,
+    writers: Dict[int, "_DayWriter"],
+    day_ids,
+    bounds,
+    max_ind_range,
+    skip_malformed,
+    meta,
+    threads,
+    bar,
+) -> None:
+    """Every line of ``path`` parsed natively in blocks, row k (0-based) to
+    the writer of day day_ids[j] where bounds[j] <= k < bounds[j+1]; the
+    lines the native parser leaves (``deferred``) go through ``parse_line``."""
+    from .. import _C
+
+    lineno = 0  # lines before the block
+    carry = b""
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(BLOCK_BYTES)
+            block = carry + chunk
+            if not chunk:
+                carry = b""
+            else:
+                cut = block.rfind(b"\n") + 1
+                block, carry = block[:cut], block[cut:]
+            if not block:
+                if not chunk:
+                    break
+                continue
+            if b"\r" in block.replace(b"\r\n", b""):
+                raise _NotNative  # Python's text mode splits lines at a lone CR
+            dense, sparse, labels, deferred = _C.parse_criteo(block, max_ind_range, threads)
+            keep = np.ones(len(labels), dtype=bool)
+            if len(deferred):
+                lines = block.split(b"\n")
+                for i in deferred.tolist():
+                    text = lines[i].decode("utf-8", errors="replace")
+                    try:
+                        lab, d, sp = parse_line(
+                            text, f"{path}:{lineno + i + 1}", max_ind_range, None
+                        )
+                    except MalformedLineError:
+                        if not skip_malformed:
+                            raise
+                        meta["skipped"] += 1
+                        keep[i] = False
+                        continue
+                    labels[i], dense[i], sparse[i] = lab, d, sp
+            rows = np.arange(lineno, lineno + len(labels))
+            day_of = day_ids[np.searchsorted(bounds, rows, side="right") - 1]
+            for day, w in writers.items():
+                sel = keep & (day_of == day)
+                if sel.any():
+                    w.add_many(labels[sel], dense[sel], sparse[sel])
+            lineno += len(labels)
+            bar.update(len(block))
+            bar.set_postfix(lines=f"{lineno:,}")
+            if not chunk:
+                break
+
+
 def preprocess_criteo(
     raw_files: Sequence[str],
     out_dir: str,
     dataset: str = "kaggle",
     max_ind_range: Optional[int] = None,
     skip_malformed: bool = False,
+    native: bool = True,
+    threads: Optional[int] = None,
+    progress: bool = False,
 ) -> dict:
     """Preprocesses raw Criteo files into ``out_dir``; returns the metadata
-    (rows per day, table sizes, lines skipped)."""
+    (rows per day, table sizes, lines skipped). With hashing
+    (``max_ind_range``) the lines are parsed by the native multi-threaded
+    parser (``threads``, default all cores), the same bytes as the Python
+    reference (``native=False``) gives."""
     if dataset not in DAYS:
         raise ValueError(f"dataset must be one of {sorted(DAYS)}, got {dataset!r}")
     out = Path(out_dir)
@@ -171,6 +255,13 @@ def preprocess_criteo(
         plan = [(files[0], d, bounds[d], bounds[d + 1]) for d in range(7)]
     else:
         plan = [(f, d, 0, None) for d, f in enumerate(files)]
+    if native and vocab is None:
+        try:
+            return _preprocess_native(
+                plan, out, meta, max_ind_range, skip_malformed, threads, progress, dataset
+            )
+        except _NotNative:
+            pass
     writer: Optional[_DayWriter] = None
     current_file, handle, lineno = None, None, 0
     for path, day, first, last in plan:
@@ -312,3 +403,56 @@ class CriteoDataset:
 
     def __iter__(self) -> Iterator[Batch]:
         return (self.batch(i) for i in range(self.num_batches))
+
+
+def _preprocess_native(plan, out, meta, max_ind_range, skip_malformed, threads, progress, dataset):
+    from tqdm import tqdm
+
+    threads = threads or os.cpu_count() or 1
+    by_file: Dict[Path, list] = {}
+    for path, day, first, last in plan:
+        by_file.setdefault(path, []).append((day, first, last))
+    for path, days in by_file.items():
+        todo = [
+            (day, first, last)
+            for day, first, last in days
+            if not (
+                dataset == "terabyte"
+                and str(day) in meta["days"]
+                and meta["day_files"].get(str(day)) == _fingerprint([path])
+            )
+        ]
+        if not todo:
+            continue
+        writers = {day: _DayWriter(out, day) for day, _, _ in todo}
+        # Day d holds the file's lines [first, last) (Terabyte: all of them).
+        bounds = [first for _, first, _ in days] + [np.iinfo(np.int64).max]
+        day_ids = np.asarray([day for day, _, _ in days])
+        bar = tqdm(
+            total=path.stat().st_size,
+            unit="B",
+            unit_scale=True,
+            desc=path.name,
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        try:
+            _native_file(
+                path,
+                writers,
+                day_ids,
+                np.asarray(bounds),
+                max_ind_range,
+                skip_malformed,
+                meta,
+                threads,
+                bar,
+            )
+        finally:
+            bar.close()
+        for day, w in writers.items():
+            meta["days"][str(day)] = w.close()
+            meta["day_files"][str(day)] = _fingerprint([path])
+        meta["table_sizes"] = [max_ind_range] * NUM_SPARSE
+        _write_meta(out, meta)
+    return meta
