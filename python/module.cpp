@@ -23,6 +23,13 @@ py::array_t<T> to_numpy(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
   return py::array_t<T>(shape, owner->data(), free);
 }
 
+template <typename T>
+py::array_t<T> to_numpy(std::unique_ptr<T[]>&& p, std::vector<py::ssize_t> shape) {
+  T* data = p.release();
+  py::capsule free(data, [](void* q) { delete[] static_cast<T*>(q); });
+  return py::array_t<T>(shape, data, free);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {

@@ -132,9 +132,9 @@ ParsedLines parse_criteo(const char* buf, int64_t size, int64_t max_ind_range, i
     first[p + 1] = first[p] + count_lines(buf + at[p], buf + at[p + 1]);
   ParsedLines out;
   out.lines = first[parts];
-  out.dense.assign(out.lines * kDense, 0.f);
-  out.sparse.assign(out.lines * kSparse, 0);
-  out.labels.assign(out.lines, 0.f);
+  out.dense.reset(new float[out.lines * kDense]);
+  out.sparse.reset(new int64_t[out.lines * kSparse]);
+  out.labels.reset(new float[out.lines]);
   std::vector<std::vector<int64_t>> deferred(parts);
   auto work = [&](int p) {
     const char* b = buf + at[p];

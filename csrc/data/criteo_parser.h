@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace dlrm_ops::data {
@@ -12,11 +13,13 @@ constexpr int kDense = 13;
 constexpr int kSparse = 26;
 constexpr int kFields = 1 + kDense + kSparse;
 
+// Every element of the arrays is written by the parser (left unset by
+// allocation: the threads fill their own lines, no serial zeroing first).
 struct ParsedLines {
-  std::vector<float> dense;       // [lines x 13], log(x+1), 0 for empty or <= 0
-  std::vector<int64_t> sparse;    // [lines x 26], hex value % max_ind_range, 0 for empty
-  std::vector<float> labels;      // [lines]
-  std::vector<int64_t> deferred;  // lines (0-based in the buffer) left to the Python reference
+  std::unique_ptr<float[]> dense;     // [lines x 13], log(x+1), 0 for empty or <= 0
+  std::unique_ptr<int64_t[]> sparse;  // [lines x 26], hex value % max_ind_range, 0 for empty
+  std::unique_ptr<float[]> labels;    // [lines]
+  std::vector<int64_t> deferred;      // lines (0-based in the buffer) left to the Python reference
   int64_t lines = 0;
 };
 

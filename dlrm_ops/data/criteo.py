@@ -17,6 +17,7 @@ unless its raw file (name, size, modification time) or the options changed:
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -162,7 +163,8 @@ def _native_file(
 
     lineno = 0  # lines before the block
     carry = b""
-    with open(path, "rb") as f:
+    pending = None
+    with open(path, "rb") as f, ThreadPoolExecutor(1) as pool:
         while True:
             chunk = f.read(BLOCK_BYTES)
             block = carry + chunk
@@ -175,7 +177,7 @@ def _native_file(
                 if not chunk:
                     break
                 continue
-            if b"\r" in block.replace(b"\r\n", b""):
+            if block.count(b"\r") != block.count(b"\r\n"):
                 raise _NotNative  # Python's text mode splits lines at a lone CR
             dense, sparse, labels, deferred = _C.parse_criteo(block, max_ind_range, threads)
             keep = np.ones(len(labels), dtype=bool)
@@ -194,17 +196,30 @@ def _native_file(
                         keep[i] = False
                         continue
                     labels[i], dense[i], sparse[i] = lab, d, sp
-            rows = np.arange(lineno, lineno + len(labels))
-            day_of = day_ids[np.searchsorted(bounds, rows, side="right") - 1]
-            for day, w in writers.items():
-                sel = keep & (day_of == day)
-                if sel.any():
-                    w.add_many(labels[sel], dense[sel], sparse[sel])
+            # Days are ranges of lines: cut the block where one ends. The
+            # writes of a block overlap the parse of the next (one in flight).
+            cuts = np.clip(bounds - lineno, 0, len(labels))
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(_write_block, writers, day_ids, cuts, keep, labels, dense, sparse)
             lineno += len(labels)
             bar.update(len(block))
             bar.set_postfix(lines=f"{lineno:,}")
             if not chunk:
                 break
+        if pending is not None:
+            pending.result()
+
+
+def _write_block(writers, day_ids, cuts, keep, labels, dense, sparse) -> None:
+    for j, day in enumerate(day_ids.tolist()):
+        lo, hi = int(cuts[j]), int(cuts[j + 1])
+        if hi > lo and day in writers:
+            k = keep[lo:hi]
+            if k.all():
+                writers[day].add_many(labels[lo:hi], dense[lo:hi], sparse[lo:hi])
+            else:
+                writers[day].add_many(labels[lo:hi][k], dense[lo:hi][k], sparse[lo:hi][k])
 
 
 def preprocess_criteo(
