@@ -27,6 +27,7 @@ from .data import (
     preprocess_criteo,
 )
 from .data.mlperf_bin import bin_files
+from .data.prefetch import prefetch
 from .models import DLRM
 from .models.dlrm import mixed_dims
 from .nn import quantize
@@ -557,8 +558,9 @@ class Trainer:
         stop = None
         try:
             while self.epoch < a.nepochs and stop is None:
+                batches = prefetch(self.train, self.batch, nb, pin=self.device == "cuda")
                 while self.batch < nb:
-                    b = _to(self.train.batch(self.batch), self.device)
+                    b = _to(next(batches), self.device)
                     t0 = time.perf_counter()
                     loss = self.train_step(b)
                     self.seconds += time.perf_counter() - t0
@@ -590,6 +592,7 @@ class Trainer:
                         last_save = time.monotonic()
                     if self.stopped is not None or stop is not None:
                         break
+                batches.close()  # no batch is made past where the run stands
                 if self.stopped is not None:
                     return "interrupted"
                 if self.batch >= nb:

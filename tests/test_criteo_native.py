@@ -104,3 +104,17 @@ def test_preprocess_command(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "300 lines (1 skipped)" in ok.stdout and "lines/s" in ok.stdout
     assert "train.txt" in ok.stderr  # the progress bar
+
+
+def test_prefetch_keeps_order_and_stops_early():
+    from dlrm_ops.data import RandomData
+    from dlrm_ops.data.prefetch import prefetch
+
+    data = RandomData([30, 40], 13, 8, 10, seed=4)
+    got = list(prefetch(data, 3, 10, depth=3))
+    assert len(got) == 7
+    for i, b in zip(range(3, 10), got):
+        assert np.array_equal(b.indices.numpy(), data.batch(i).indices.numpy())
+    it = prefetch(data, 0, 10, depth=4)
+    next(it)
+    it.close()  # leaves without waiting for the rest
