@@ -661,15 +661,9 @@ def check(args, given: set) -> None:
             folder = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(folder):
                 raise FlagError(f"--{flag.replace('_', '-')} {path}: no folder {folder}")
-    for flag in ("load_model", "resume"):
-        path = getattr(args, flag)
-        if path and not os.path.isfile(path):
-            raise FlagError(f"--{flag.replace('_', '-')} {path}: no such file")
 
 
 def _check_data_files(args) -> None:
-    if getattr(args, "load_model", None) and not os.path.isfile(args.load_model):
-        raise FlagError(f"--load-model {args.load_model}: no such file")
     if getattr(args, "mlperf_bin_loader", False) and args.data_generation == "dataset":
         from .data.mlperf_bin import bin_files
 

@@ -106,7 +106,8 @@ def config_from_checkpoint(ckpt: dict, args, given: set, resume: bool) -> argpar
     """The checkpoint's configuration, with what the command line may change:
     for --resume only how the run is watched and saved; otherwise (evaluate,
     --inference-only, --load-model) everything but the architecture."""
-    saved = {**train_defaults(), **ckpt["args"]}
+    defaults = train_defaults()
+    saved = {**defaults, **ckpt["args"]}
     mine = vars(args)
     for dest in sorted(given):
         if dest not in saved or mine[dest] == saved[dest]:
@@ -119,7 +120,6 @@ def config_from_checkpoint(ckpt: dict, args, given: set, resume: bool) -> argpar
             )
     out = dict(saved)
     out.update({d: mine[d] for d in given if d in mine})
-    defaults = train_defaults()
     for d in RUN_SETTINGS:  # how this command runs: a resumed run's own unless given
         if d not in given and not (resume and d in saved):
             out[d] = mine.get(d, defaults[d])
@@ -558,7 +558,8 @@ class Trainer:
         stop = None
         try:
             while self.epoch < a.nepochs and stop is None:
-                batches = prefetch(self.train, self.batch, nb, pin=self.device == "cuda")
+                gpu = self.device == "cuda"
+                batches = prefetch(self.train, self.batch, nb, depth=4 if gpu else 0, pin=gpu)
                 while self.batch < nb:
                     b = _to(next(batches), self.device)
                     t0 = time.perf_counter()

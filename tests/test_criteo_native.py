@@ -115,6 +115,7 @@ def test_prefetch_keeps_order_and_stops_early():
     assert len(got) == 7
     for i, b in zip(range(3, 10), got):
         assert np.array_equal(b.indices.numpy(), data.batch(i).indices.numpy())
+    assert len(list(prefetch(data, 0, 10, depth=0))) == 10  # inline
     it = prefetch(data, 0, 10, depth=4)
     next(it)
     it.close()  # leaves without waiting for the rest

@@ -132,6 +132,11 @@ def _fingerprint(files: Sequence[Path]) -> list:
     return out
 
 
+def _day_done(meta: dict, day: int, path: Path) -> bool:
+    """Whether the day's arrays were made from this very file."""
+    return str(day) in meta["days"] and meta["day_files"].get(str(day)) == _fingerprint([path])
+
+
 def _write_meta(out_dir: Path, meta: dict) -> None:
     tmp = out_dir / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
@@ -280,7 +285,7 @@ def preprocess_criteo(
     writer: Optional[_DayWriter] = None
     current_file, handle, lineno = None, None, 0
     for path, day, first, last in plan:
-        done = str(day) in meta["days"] and meta["day_files"].get(str(day)) == _fingerprint([path])
+        done = _day_done(meta, day, path)
         if done and vocab is None and dataset == "terabyte":
             continue
         if path != current_file:
@@ -431,11 +436,7 @@ def _preprocess_native(plan, out, meta, max_ind_range, skip_malformed, threads, 
         todo = [
             (day, first, last)
             for day, first, last in days
-            if not (
-                dataset == "terabyte"
-                and str(day) in meta["days"]
-                and meta["day_files"].get(str(day)) == _fingerprint([path])
-            )
+            if not (dataset == "terabyte" and _day_done(meta, day, path))
         ]
         if not todo:
             continue
