@@ -72,10 +72,10 @@ DLRM_FLAGS = {
     "--quantize-emb-with-bit": (IMPLEMENTED, "4 or 8: quantized tables (eval); 32: none"),
     "--save-onnx": (IGNORED, "no ONNX file is written: the native custom ops have no ONNX export"),
     "--use-gpu": (IMPLEMENTED, "the CUDA kernels (same as --device cuda)"),
-    "--local_rank": (IGNORED, "one process"),
+    "--local_rank": (IGNORED, "torchrun's LOCAL_RANK is read instead"),
     "--dist-backend": (
-        IGNORED,
-        "one process; refused when torchrun starts several (WORLD_SIZE > 1)",
+        IMPLEMENTED,
+        "gloo or nccl: hybrid-parallel training over torchrun's processes",
     ),
     "--print-freq": (IMPLEMENTED, "batches between loss lines"),
     "--test-freq": (IMPLEMENTED, "batches between evaluations (-1: at the end)"),
@@ -120,6 +120,10 @@ RESUME_MAY_CHANGE = {
     "plot",
     "compare_reference",
     "enable_profiling",
+    "dist_backend",
+    "dist_timeout",
+    "row_wise_tables",
+    "a2a_precision",
 }
 
 
@@ -480,10 +484,9 @@ def add_train_arguments(p: argparse.ArgumentParser, explicit: bool = False) -> N
         "facebookresearch/dlrm flags accepted for compatibility (no effect here)"
     )
     for flag, (what, why) in DLRM_FLAGS.items():
-        if what != IMPLEMENTED and flag != "--dist-backend":  # a string: added below
+        if what != IMPLEMENTED:
             kind = _IGNORED_KINDS.get(flag, {"nargs": "?", "const": True})
             add(c, flag, help=why, default=None, **kind)
-    add(c, "--dist-backend", default="", help=DLRM_FLAGS["--dist-backend"][1])
 
 
 _IGNORED_KINDS = {
@@ -493,6 +496,20 @@ _IGNORED_KINDS = {
     "--plot-compute-graph": {"action": "store_true"},
     "--save-onnx": {"action": "store_true"},
 }
+
+
+def _row_wise(s: str):
+    if s in ("auto", "none", "all"):
+        return s
+    try:
+        ids = [int(x) for x in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be auto, none, all or table ids such as 2,7, got {s!r}"
+        ) from None
+    if any(t < 0 for t in ids):
+        raise argparse.ArgumentTypeError(f"table ids must be >= 0, got {s!r}")
+    return ids
 
 
 def _unit(s: str) -> float:
@@ -549,6 +566,39 @@ def _add_common(p, add, training: bool) -> None:
     add(e, "--use-gpu", action="store_true", help="same as --device cuda")
     add(e, "--no-progress", action="store_true", help="no progress bar")
     add(e, "--debug", "--debug-mode", dest="debug", action="store_true", help="full tracebacks")
+    g = p.add_argument_group(
+        "hybrid parallel (under torchrun: tables sharded over ranks, MLPs data parallel)"
+    )
+    add(
+        g,
+        "--dist-backend",
+        choices=["", "gloo", "nccl"],
+        default="",
+        help="torch.distributed backend: gloo (CPU) or nccl (GPU); default: gloo, or nccl "
+        "with --device cuda, when torchrun starts several processes",
+    )
+    add(
+        g,
+        "--dist-timeout",
+        type=POSITIVE,
+        default=300,
+        help="seconds a collective may wait for a rank before the job fails",
+    )
+    add(
+        g,
+        "--row-wise-tables",
+        type=_row_wise,
+        default="auto",
+        help="tables cut over all ranks by rows: auto (those above an even share of "
+        "the memory), none, all, or table ids such as 2,7",
+    )
+    add(
+        g,
+        "--a2a-precision",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="payload of the all-to-alls of pooled vectors and their gradients",
+    )
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser, explicit: bool = False) -> None:
@@ -574,6 +624,47 @@ def add_evaluate_arguments(p: argparse.ArgumentParser, explicit: bool = False) -
         help="Criteo: share of negative rows dropped",
     )
     _add_common(p, add, training=False)
+
+
+def distributed(args) -> bool:
+    """Whether this run is hybrid parallel: --dist-backend given, or torchrun
+    started several processes."""
+    return bool(args.dist_backend) or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _check_distributed(args, given: set) -> None:
+    if not distributed(args):
+        return
+    if "RANK" not in os.environ:
+        raise FlagError(
+            f"--dist-backend {args.dist_backend}: start the processes with torchrun, e.g. "
+            f"torchrun --nproc-per-node 2 -m dlrm_ops train --dist-backend {args.dist_backend}"
+        )
+    cuda = args.device == "cuda"
+    args.dist_backend = args.dist_backend or ("nccl" if cuda else "gloo")
+    if args.dist_backend == "nccl" and not cuda:
+        raise FlagError("--dist-backend nccl: needs --device cuda (gloo runs on the CPU)")
+    refused = {
+        "qr_flag": "quotient-remainder tables",
+        "mlperf_grad_accum_iter": "gradient accumulation",
+        "quantize_emb_with_bit": "evaluation with quantized tables",
+        "quantize_mlp_with_bit": "evaluation with quantized MLPs",
+    }
+    for dest, what in refused.items():
+        value = getattr(args, dest, None)
+        if dest in given and value not in (None, False, 1, 32):
+            raise FlagError(
+                f"{_flag_name(dest)}: {what} run in one process only, not with --dist-backend"
+            )
+    if getattr(args, "weighted_pooling", None) == "learned":
+        raise FlagError(
+            "--weighted-pooling learned: per-row weights run in one process only, "
+            "not with --dist-backend"
+        )
+
+
+def _flag_name(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
 
 def explicit_flags(build, argv: List[str]) -> set:
@@ -602,11 +693,7 @@ def check(args, given: set) -> None:
         except ImportError:
             raise FlagError("--plot needs matplotlib: pip install matplotlib") from None
     _check_data_files(args)
-    if args.dist_backend and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise FlagError(
-            f"--dist-backend {args.dist_backend}: this command runs one process; "
-            "multi-process training is not available yet"
-        )
+    _check_distributed(args, given)
     if args.mlperf_grad_accum_iter > 1 and args.optimizer not in ("sgd", "adagrad", "adam"):
         raise FlagError(
             f"--mlperf-grad-accum-iter {args.mlperf_grad_accum_iter}: accumulated gradients go "

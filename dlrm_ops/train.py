@@ -4,6 +4,7 @@ run exactly, and a run that an interrupt stops cleanly."""
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -203,13 +204,19 @@ class _TestSplit:
         return self.data.batch(i, split=1)
 
 
+def table_shapes(args, tables):
+    """Rows (capped by --max-ind-range) and dims (--md-flag) of every table."""
+    D = args.arch_sparse_feature_size
+    rows = [min(n, args.max_ind_range) if args.max_ind_range > 0 else n for n in tables]
+    if not args.md_flag:
+        return rows, [D] * len(rows)
+    md = mixed_dims(rows, D, args.md_temperature, args.md_round_dims)
+    return rows, [d if n > args.md_threshold else D for n, d in zip(rows, md)]
+
+
 def build_model(args, tables, fused: bool = True) -> DLRM:
     D = args.arch_sparse_feature_size
-    dims = None
-    if args.md_flag:
-        rows = [min(n, args.max_ind_range) if args.max_ind_range > 0 else n for n in tables]
-        md = mixed_dims(rows, D, args.md_temperature, args.md_round_dims)
-        dims = [d if n > args.md_threshold else D for n, d in zip(rows, md)]
+    dims = table_shapes(args, tables)[1] if args.md_flag else None
     return DLRM(
         tables,
         D,
@@ -227,6 +234,7 @@ def build_model(args, tables, fused: bool = True) -> DLRM:
         weighted_pooling=args.weighted_pooling,
         precision=args.precision,
         embedding_dtype=torch.bfloat16 if args.embedding_precision == "bf16" else torch.float32,
+        init_seed=args.seed,
     )
 
 
@@ -275,8 +283,12 @@ def loss_function(args):
 def _to(b, device):
     if device == "cpu":
         return b
-    return type(b)(
-        *(t.to(device, non_blocking=True) for t in (b.dense, b.indices, b.offsets, b.labels))
+    return dataclasses.replace(
+        b,
+        **{
+            k: getattr(b, k).to(device, non_blocking=True)
+            for k in ("dense", "indices", "offsets", "labels")
+        },
     )
 
 
@@ -417,7 +429,7 @@ class Trainer:
         # gradients to a torch optimizer instead of updating in the backward.
         self.accumulate = args.mlperf_grad_accum_iter
         fused = self.accumulate == 1
-        self.model = build_model(args, tables, fused).to(self.device)
+        self.model = self.make_model(fused)
         self.opt = dense_optimizer(args, self.model.dense_parameters())
         self.emb_opt = None if fused else embedding_optimizer(args, self.model.embeddings)
         self.sched = (
@@ -435,7 +447,23 @@ class Trainer:
         self.best_auc = -math.inf
         self.losses, self.evals = [], []
         self.seconds, self.samples = 0.0, 0
-        self.stopped = None  # the signal that stopped the run
+        self.signalled = None  # the signal caught, if any
+        self.stopped = None  # the signal that stops the run (as all ranks agree)
+
+    def make_model(self, fused: bool):
+        return build_model(self.args, self.tables, fused).to(self.device)
+
+    def logits(self, b) -> torch.Tensor:
+        return self.model(b.dense, b.indices, b.offsets)
+
+    def evaluate(self, test) -> dict:
+        return evaluate(self.model, test, self.device, self.args.mlperf_logging)
+
+    def agree(self, loss: float, minutes_due: bool):
+        """(loss, minutes_due) as all ranks see them (one process: as given);
+        also settles ``stopped``."""
+        self.stopped = self.signalled
+        return loss, minutes_due
 
     # checkpoints
     def state(self) -> dict:
@@ -468,8 +496,7 @@ class Trainer:
                 f"from the data's {len(now)} ({_shown(now[:6])}...)"
             )
         try:
-            self.model.load_state_dict(ckpt["model"])
-            self.opt.load_state_dict(ckpt["optimizer"])
+            self.load_model(ckpt)
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0]
             raise flags.FlagError(f"{flag}: the checkpoint does not fit this model: {first}")
@@ -487,6 +514,24 @@ class Trainer:
             self.emb_opt.load_state_dict(run["embedding_optimizer"])
         torch.set_rng_state(run["torch_rng"])
 
+    def load_model(self, ckpt: dict) -> None:
+        """The model and dense optimizer of a checkpoint file, or of a sharded
+        checkpoint directory (``ckpt["dir"]``: its tables assembled)."""
+        state = ckpt["model"]
+        if ckpt.get("dir"):
+            from .distributed import checkpoint as sharded
+
+            tables = self.model.embeddings
+            state = sharded.one_process_state(
+                ckpt["dir"],
+                self.model.state_dict(),
+                tables.num_embeddings,
+                tables.embedding_dims,
+                tables.optimizer,
+            )
+        self.model.load_state_dict(state)
+        self.opt.load_state_dict(ckpt["optimizer"])
+
     # the run
     def at_boundary(self) -> bool:
         """Whether no gradients are pending (between accumulation windows)."""
@@ -503,7 +548,7 @@ class Trainer:
         elif self.at_boundary():  # a new window
             for o in (self.opt, self.emb_opt):
                 o.zero_grad()
-        loss = self.loss(self.model(b.dense, b.indices, b.offsets), b.labels)
+        loss = self.loss(self.logits(b), b.labels)
         loss.backward()
         if (self.step + 1) % self.accumulate == 0:
             self.opt.step()
@@ -520,7 +565,7 @@ class Trainer:
         a = self.args
         if self.test is None:
             return None
-        e = evaluate(self.model, self.test, self.device, a.mlperf_logging)
+        e = self.evaluate(self.test)
         self.evals.append((self.step, e))
         bar.write(f"  test at batch {self.step}: {metrics.line(e, a.print_precision)}")
         if a.mlperf_logging:
@@ -564,6 +609,10 @@ class Trainer:
                     b = _to(next(batches), self.device)
                     t0 = time.perf_counter()
                     loss = self.train_step(b)
+                    minutes_due = bool(a.save_every_minutes) and (
+                        time.monotonic() - last_save >= 60 * a.save_every_minutes
+                    )
+                    loss, minutes_due = self.agree(loss, minutes_due)
                     self.seconds += time.perf_counter() - t0
                     self.samples += b.size
                     self.step += 1
@@ -582,10 +631,7 @@ class Trainer:
                         running, n_running = 0.0, 0
                     if a.test_freq > 0 and self.step % a.test_freq == 0:
                         stop = self.threshold_reached(self.evaluation(bar))
-                    due = (a.save_every and self.step % a.save_every == 0) or (
-                        a.save_every_minutes
-                        and time.monotonic() - last_save >= 60 * a.save_every_minutes
-                    )
+                    due = (a.save_every and self.step % a.save_every == 0) or minutes_due
                     if not self.at_boundary():
                         continue  # an accumulation window ends before a save or a stop
                     if a.save_model and due:
@@ -607,9 +653,24 @@ def _interruptible(trainer: Trainer):
     """SIGINT and SIGTERM end the run after the current step, not in it."""
 
     def handler(signum, frame):
-        trainer.stopped = signum
+        trainer.signalled = signum
 
     return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def load_checkpoint(path: str, flag: str) -> dict:
+    """A checkpoint file, or the meta part of a sharded checkpoint directory
+    (``dir`` set: its tables are read when loaded into a model)."""
+    if not os.path.exists(path):
+        raise flags.FlagError(f"{flag} {path}: no such file")
+    try:
+        if os.path.isdir(path):
+            from .distributed import checkpoint as sharded
+
+            return dict(sharded.load_meta(path), dir=path)
+        return checkpoint.load(path)
+    except checkpoint.CheckpointError as e:
+        raise flags.FlagError(f"{flag}: {e}") from None
 
 
 def run(args, given: set, command: str = "train") -> int:
@@ -620,13 +681,7 @@ def run(args, given: set, command: str = "train") -> int:
     resume = getattr(args, "resume", None)
     source = resume or args.load_model
     if source:
-        flag = "--resume" if resume else "--load-model"
-        if not os.path.isfile(source):
-            raise flags.FlagError(f"{flag} {source}: no such file")
-        try:
-            ckpt = checkpoint.load(source)
-        except checkpoint.CheckpointError as e:
-            raise flags.FlagError(f"{flag}: {e}") from None
+        ckpt = load_checkpoint(source, "--resume" if resume else "--load-model")
         args = config_from_checkpoint(ckpt, args, given, resume=bool(resume))
         if command == "evaluate":
             args.inference_only = True
@@ -636,10 +691,29 @@ def run(args, given: set, command: str = "train") -> int:
         print(why, file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not flags.distributed(args):
+        return _run(args, ckpt, source, None)
+    from .distributed import train as hybrid
+
+    ctx = hybrid.setup(args)
+    try:
+        return _run(args, ckpt, source, ctx)
+    finally:
+        hybrid.teardown()
+
+
+def _run(args, ckpt, source, ctx) -> int:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    train, test, tables, ceiling = build_data(args)
-    trainer = Trainer(args, tables, train, test, ceiling)
+    if ctx is None:
+        train, test, tables, ceiling = build_data(args)
+        trainer = Trainer(args, tables, train, test, ceiling)
+    else:
+        from .distributed import train as hybrid
+
+        train, test, tables, ceiling = hybrid.build_data(args, ctx, build_data)
+        trainer = hybrid.DistributedTrainer(args, tables, train, test, ceiling, ctx)
+        print(trainer.plan.describe(hybrid.row_bytes(args, trainer.plan)))
     if ckpt is not None:
         trainer.load(ckpt, bool(args.resume), "--resume" if args.resume else "--load-model")
         verb = "resuming" if args.resume else "loaded"
@@ -690,7 +764,7 @@ def run(args, given: set, command: str = "train") -> int:
     if test is None:
         print("no test rows: evaluation skipped")
     else:
-        final = evaluate(trainer.model, test, args.device, args.mlperf_logging)
+        final = trainer.evaluate(trainer.test)
         if not trainer.evals or trainer.evals[-1][0] != trainer.step:
             trainer.evals.append((trainer.step, final))
             if args.mlperf_logging:
@@ -707,7 +781,14 @@ def run(args, given: set, command: str = "train") -> int:
         reached = final is not None and 0 < args.mlperf_auc_threshold <= final["auc"]
         mllog("run_stop", status="success" if reached else "aborted")
     speed = None
-    if not args.inference_only and args.compare_reference > 0 and args.device == "cpu":
+    if ctx is not None:
+        print(hybrid.traffic_line(trainer))
+    if (
+        not args.inference_only
+        and args.compare_reference > 0
+        and args.device == "cpu"
+        and ctx is None
+    ):
         speed = compare_with_reference(args, trainer.model, tables, train, args.compare_reference)
     if args.plot:
         plot(args.plot, trainer.losses, trainer.evals)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
+import torch
 
 from .batch import Batch, batch_from_arrays
 
@@ -401,25 +402,57 @@ class CriteoDataset:
     def __len__(self) -> int:
         return self.num_batches
 
-    def batch(self, i: int) -> Batch:
+    def _rows(self, i: int) -> np.ndarray:
         if not 0 <= i < self.num_batches:
             raise IndexError(f"batch {i} of {self.num_batches}")
         lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, self.rows)
-        rows = np.arange(lo, hi) if self.order is None else self.order[lo:hi]
+        return np.arange(lo, hi) if self.order is None else self.order[lo:hi]
+
+    def _read(self, rows: np.ndarray, which: int, columns=None) -> np.ndarray:
+        """Array ``which`` (0 dense, 1 sparse, 2 labels) at global rows
+        ``rows``, optionally only some columns: a contiguous run is one slice
+        of the memory map."""
         part = np.searchsorted(self.starts, rows, side="right") - 1
-        out = [[], [], []]
+        out = []
         for k in np.unique(part):
             local = np.sort(rows[part == k]) - self.starts[k] + self.lows[k]
+            a = self.arrays[k][which]
             contiguous = local[-1] - local[0] == len(local) - 1
-            for j, a in enumerate(self.arrays[k]):
-                out[j].append(a[local[0] : local[-1] + 1] if contiguous else a[local])
-        arrays = [np.concatenate(o) for o in out]
+            a = a[local[0] : local[-1] + 1] if contiguous else a[local]
+            out.append(a if columns is None else a[:, columns])
+        if not out:
+            shape = self.arrays[0][which].shape[1:] if columns is None else (len(columns),)
+            return np.zeros((0,) + tuple(shape), self.arrays[0][which].dtype)
+        a = np.concatenate(out)
         if self.order is not None:
             # Read sorted (parts cover ascending row ranges): put them back in
             # the batch's order.
-            back = np.searchsorted(np.sort(rows), rows)
-            arrays = [a[back] for a in arrays]
-        return batch_from_arrays(*arrays)
+            a = a[np.searchsorted(np.sort(rows), rows)]
+        return a
+
+    def batch(self, i: int) -> Batch:
+        rows = self._rows(i)
+        return batch_from_arrays(*(self._read(rows, j) for j in range(3)))
+
+    def batch_part(self, i: int, rank: int, world_size: int, tables: Sequence[int]):
+        """What rank reads of batch i for hybrid-parallel training
+        (``dlrm_ops.distributed``): dense features and labels of its slice
+        of the batch, the sparse columns of ``tables`` for the whole batch."""
+        from ..distributed.data import ShardedBatch
+        from ..distributed.plan import even_bounds
+
+        rows = self._rows(i)
+        cuts = even_bounds(len(rows), world_size)
+        mine = rows[cuts[rank] : cuts[rank + 1]]
+        sparse = self._read(rows, 1, list(tables))
+        B, T = sparse.shape
+        return ShardedBatch(
+            torch.from_numpy(np.array(self._read(mine, 0), dtype=np.float32)),
+            torch.from_numpy(np.ascontiguousarray(sparse.T).reshape(-1).astype(np.int64)),
+            torch.arange(T * B + 1, dtype=torch.int64),
+            torch.from_numpy(np.array(self._read(mine, 2), dtype=np.float32)),
+            B,
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         return (self.batch(i) for i in range(self.num_batches))

@@ -4,6 +4,7 @@ pinned memory. A CPU step uses every core itself: there the thread competed
 with it (the main job 0.85x as fast on 2 cores), so ``depth=0`` makes the
 batches inline."""
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
@@ -11,7 +12,8 @@ from .batch import Batch
 
 
 def _pinned(b: Batch) -> Batch:
-    return Batch(*(t.pin_memory() for t in (b.dense, b.indices, b.offsets, b.labels)))
+    names = ("dense", "indices", "offsets", "labels")
+    return dataclasses.replace(b, **{k: getattr(b, k).pin_memory() for k in names})
 
 
 def prefetch(data, start: int, stop: int, depth: int = 4, pin: bool = False) -> Iterator[Batch]:

@@ -47,6 +47,10 @@ class SparseArch(nn.Module):
       scales each looked-up row before pooling (``"fixed"``, weights of one,
       is plain sum pooling).
 
+    ``init_seed`` draws every table from its own generator (``seeded_init_``),
+    as ``dlrm_ops.distributed`` draws its shards: the same model on any number
+    of ranks.
+
     ``forward(indices, offsets) -> [B, T*D]`` with the collection's convention.
     """
 
@@ -63,6 +67,7 @@ class SparseArch(nn.Module):
         dims: Optional[Sequence[int]] = None,
         weighted_pooling: Optional[str] = None,
         dtype: torch.dtype = torch.float32,
+        init_seed: Optional[int] = None,
     ):
         super().__init__()
         if qr_operation not in QR_OPERATIONS:
@@ -100,15 +105,20 @@ class SparseArch(nn.Module):
                 table_rows.append(n)
                 table_dims.append(d)
         # Without a fused optimizer the tables give sparse gradients, for torch.optim.
-        self.tables = EmbeddingBagCollection(
-            table_rows,
-            table_dims,
-            optimizer=optimizer,
-            lr=lr,
-            sparse=optimizer is None,
-            dtype=dtype,
-            stochastic_rounding=dtype != torch.float32 and optimizer is not None,
-        )
+        # With init_seed the tables leave the global RNG alone (the dense layers
+        # draw the same numbers however the tables are sharded).
+        with torch.random.fork_rng(devices=[], enabled=init_seed is not None):
+            self.tables = EmbeddingBagCollection(
+                table_rows,
+                table_dims,
+                optimizer=optimizer,
+                lr=lr,
+                sparse=optimizer is None,
+                dtype=dtype,
+                stochastic_rounding=dtype != torch.float32 and optimizer is not None,
+            )
+        if init_seed is not None:
+            self.tables.reset_parameters(init_seed)
         self.proj = nn.ModuleDict(
             {
                 str(t): nn.Linear(d, embedding_dim, bias=False)
@@ -198,7 +208,7 @@ class DLRM(nn.Module):
     runs the MLPs' GEMMs (forward and backward) and the interaction in bf16
     under autocast, with fp32 master weights, optimizer state and logits;
     ``embedding_dtype=torch.bfloat16`` keeps the tables in bf16 (updated with
-    stochastic rounding).
+    stochastic rounding). ``init_seed``: ``SparseArch``'s.
     """
 
     def __init__(
@@ -219,6 +229,7 @@ class DLRM(nn.Module):
         weighted_pooling: Optional[str] = None,
         precision: str = "fp32",
         embedding_dtype: torch.dtype = torch.float32,
+        init_seed: Optional[int] = None,
     ):
         super().__init__()
         if precision not in ("fp32", "bf16"):
@@ -247,6 +258,7 @@ class DLRM(nn.Module):
             embedding_dims,
             weighted_pooling,
             embedding_dtype,
+            init_seed,
         )
         self.dot = DotInteraction(self_interaction, order="tril")
         width = (

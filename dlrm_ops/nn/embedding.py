@@ -3,6 +3,7 @@
 import math
 from typing import Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -133,10 +134,16 @@ class EmbeddingBagCollection(nn.Module):
         return self.weight.view(-1)[self._woff[t] : self._woff[t] + n * d].view(n, d)
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, seed: Optional[int] = None) -> None:
+        """Uniform in ``±sqrt(1/rows)``; with ``seed``, table t's rows are
+        drawn as ``seeded_init_`` draws them (independent of the global RNG
+        and of the other tables)."""
         for t, n in enumerate(self.num_embeddings):
-            bound = math.sqrt(1.0 / max(n, 1))
-            self.weight_of(t).uniform_(-bound, bound)
+            if seed is None:
+                bound = math.sqrt(1.0 / max(n, 1))
+                self.weight_of(t).uniform_(-bound, bound)
+            else:
+                seeded_init_(self.weight_of(t), seed, t, 0, n)
 
     def forward(
         self,
@@ -240,6 +247,29 @@ class EmbeddingBagCollection(nn.Module):
             f"dims={self.embedding_dims}, mode={self.mode!r}, sparse={self.sparse}, "
             f"optimizer={self.optimizer!r}"
         )
+
+
+INIT_CHUNK_ROWS = 1 << 16
+
+
+@torch.no_grad()
+def seeded_init_(rows: torch.Tensor, seed: int, table: int, lo: int, table_rows: int) -> None:
+    """Fills ``rows`` (rows ``lo..lo+len(rows)`` of table ``table``, which has
+    ``table_rows`` rows) uniform in ``±sqrt(1/table_rows)``: each chunk of
+    INIT_CHUNK_ROWS rows from its own generator seeded by (seed, table,
+    chunk), so any row range of a table comes out the same wherever it lives,
+    whole in one process or sharded over ranks."""
+    n, d = rows.shape
+    bound = math.sqrt(1.0 / max(table_rows, 1))
+    g = torch.Generator()
+    for c in range(lo // INIT_CHUNK_ROWS, -(-(lo + n) // INIT_CHUNK_ROWS)):
+        c0 = c * INIT_CHUNK_ROWS
+        c1 = min(c0 + INIT_CHUNK_ROWS, table_rows)
+        state = np.random.SeedSequence([seed & (2**63 - 1), table, c]).generate_state(1)
+        g.manual_seed(int(state[0]))
+        chunk = torch.empty(c1 - c0, d).uniform_(-bound, bound, generator=g)
+        a, b = max(c0, lo), min(c1, lo + n)
+        rows[a - lo : b - lo].copy_(chunk[a - c0 : b - c0])
 
 
 def _check_feature_names(feature_names, T):
