@@ -107,6 +107,7 @@ DLRM_FLAGS = {
 # What --resume may change: how the run is watched and saved, not what it computes.
 RESUME_MAY_CHANGE = {
     "resume",
+    "nepochs",  # a finished run may go on for more epochs
     "save_model",
     "save_every",
     "save_every_minutes",
@@ -645,14 +646,14 @@ def _check_distributed(args, given: set) -> None:
     if args.dist_backend == "nccl" and not cuda:
         raise FlagError("--dist-backend nccl: needs --device cuda (gloo runs on the CPU)")
     refused = {
-        "qr_flag": "quotient-remainder tables",
-        "mlperf_grad_accum_iter": "gradient accumulation",
-        "quantize_emb_with_bit": "evaluation with quantized tables",
-        "quantize_mlp_with_bit": "evaluation with quantized MLPs",
+        "qr_flag": ("quotient-remainder tables", lambda v: bool(v)),
+        "mlperf_grad_accum_iter": ("gradient accumulation", lambda v: v > 1),
+        "quantize_emb_with_bit": ("evaluation with quantized tables", lambda v: v != 32),
+        "quantize_mlp_with_bit": ("evaluation with quantized MLPs", lambda v: v != 32),
     }
-    for dest, what in refused.items():
+    for dest, (what, used) in refused.items():
         value = getattr(args, dest, None)
-        if dest in given and value not in (None, False, 1, 32):
+        if value is not None and used(value):
             raise FlagError(
                 f"{_flag_name(dest)}: {what} run in one process only, not with --dist-backend"
             )

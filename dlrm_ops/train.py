@@ -125,6 +125,8 @@ def config_from_checkpoint(ckpt: dict, args, given: set, resume: bool) -> argpar
         if d not in given and not (resume and d in saved):
             out[d] = mine.get(d, defaults[d])
     out["resume"], out["load_model"] = mine.get("resume"), mine.get("load_model")
+    # How this launch runs (torchrun or not): never the checkpoint's.
+    out["dist_backend"] = mine.get("dist_backend", "")
     for d, v in mine.items():  # evaluate's own settings
         if d not in saved:
             out[d] = v
@@ -748,11 +750,17 @@ def _run(args, ckpt, source, ctx) -> int:
             path = args.save_model or INTERRUPTED
             trainer.save(path)
             name = signal.Signals(trainer.stopped).name
-            print(
-                f"{name}: stopped after batch {trainer.step}; saved {path} "
-                f"(continue with: python -m dlrm_ops train --resume {path})",
-                file=sys.stderr,
+            how = (
+                "python -m dlrm_ops train"
+                if ctx is None
+                else "torchrun --nproc-per-node N -m dlrm_ops train (any N)"
             )
+            if ctx is None or ctx.rank == 0:
+                print(
+                    f"{name}: stopped after batch {trainer.step}; saved {path} "
+                    f"(continue with: {how} --resume {path})",
+                    file=sys.stderr,
+                )
             return 128 + trainer.stopped
         if stop:
             print(f"stopped early: {stop}")

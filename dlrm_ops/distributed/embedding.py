@@ -216,7 +216,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 ends = kept[ends]
                 idx = idx[keep] - s.lo
             idx_parts.append(idx)
-            off_parts.append(ends + base)
+            off_parts.append((ends + base).to(offsets.dtype))
             base += idx.numel()
         return torch.cat(idx_parts), torch.cat(off_parts), lengths
 
