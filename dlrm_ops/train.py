@@ -798,7 +798,7 @@ def _run(args, ckpt, source, ctx) -> int:
         and ctx is None
     ):
         speed = compare_with_reference(args, trainer.model, tables, train, args.compare_reference)
-    if args.plot:
+    if args.plot and (ctx is None or ctx.rank == 0):
         plot(args.plot, trainer.losses, trainer.evals)
         print(f"plot written to {args.plot}")
     summary = (

@@ -19,6 +19,7 @@ from dlrm_ops import checkpoint, train
 from dlrm_ops.data import CriteoDataset, RandomData, preprocess_criteo
 from dlrm_ops.distributed import (
     ShardingPlan,
+    all_to_all_bytes,
     bytes_per_row,
     even_bounds,
     plan_sharding,
@@ -289,7 +290,12 @@ def test_ranks_train_the_one_process_model(tmp_path, tmp_path_factory, world, op
     # Evaluation gathers every rank's scores: the one-process metrics.
     np.testing.assert_allclose(final_metrics(r.stdout), final_metrics(want_out), rtol=1e-5)
     assert f"sharding plan: 4 tables on {world} ranks" in r.stdout
-    assert f"hybrid parallel on {world} ranks (gloo), per training step: all-to-alls" in r.stdout
+    # The bytes counted as sent match the plan's arithmetic (6 batches, the last of 45).
+    kib = float(re.search(r"all-to-alls ([0-9.,]+) KiB \(forward\)", r.stdout).group(1))
+    plan = ShardingPlan.from_dict(sharded.load_meta(path)["run"]["plan"])
+    want = (5 * all_to_all_bytes(plan, 61) + all_to_all_bytes(plan, 45)) / 6 / 1024
+    assert kib == pytest.approx(want, abs=0.06)
+    assert f"hybrid parallel on {world} ranks (gloo), per training step" in r.stdout
 
 
 def test_checkpoint_of_four_ranks_continues_on_two_one_and_four(tmp_path, tmp_path_factory):
@@ -321,6 +327,15 @@ def test_checkpoint_of_four_ranks_continues_on_two_one_and_four(tmp_path, tmp_pa
     e = one_process("evaluate", "--load-model", tmp_path / "one.pt")
     assert r.returncode == 0 and e.returncode == 0, (r.stderr[-2000:], e.stderr)
     np.testing.assert_allclose(final_metrics(r.stdout), final_metrics(e.stdout), rtol=1e-5)
+
+
+def test_mixed_dimensions_match_one_process(tmp_path):
+    md = [*MODEL, "--md-flag", "--md-threshold", "100", "--num-batches", "3"]
+    ref = one_process("train", *md)
+    r = torchrun(2, "-m", "dlrm_ops", "train", *md, "--dist-backend", "gloo")
+    assert ref.returncode == 0 and r.returncode == 0, (ref.stderr, r.stderr[-3000:])
+    np.testing.assert_allclose(losses(r.stdout), losses(ref.stdout), rtol=1e-5)
+    np.testing.assert_allclose(final_metrics(r.stdout), final_metrics(ref.stdout), rtol=1e-5)
 
 
 def test_bf16_all_to_all_trains_close_to_fp32(tmp_path_factory):

@@ -15,9 +15,17 @@ all-to-all of pooled vectors forward and of their gradients backward.
 from .data import ShardedBatch, ShardedData, slice_batch
 from .embedding import ShardedEmbeddingBagCollection
 from .model import DistributedDLRM
-from .plan import Shard, ShardingPlan, bytes_per_row, even_bounds, plan_sharding
+from .plan import (
+    Shard,
+    ShardingPlan,
+    all_to_all_bytes,
+    bytes_per_row,
+    even_bounds,
+    plan_sharding,
+)
 
 __all__ = [
+    "all_to_all_bytes",
     "DistributedDLRM",
     "Shard",
     "ShardedBatch",

@@ -101,6 +101,14 @@ class Pending:
         return torch.cat(cols, 1)
 
 
+class _Ready:
+    def __init__(self, pooled: torch.Tensor):
+        self.pooled = pooled
+
+    def wait(self) -> torch.Tensor:
+        return self.pooled
+
+
 class ShardedEmbeddingBagCollection(nn.Module):
     """This rank's shards of the tables of ``plan``, in one
     ``EmbeddingBagCollection`` with the optimizer fused into its backward.
@@ -220,7 +228,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
             base += idx.numel()
         return torch.cat(idx_parts), torch.cat(off_parts), lengths
 
-    def start(self, indices: torch.Tensor, offsets: torch.Tensor, batch_size: int) -> Pending:
+    def start(self, indices: torch.Tensor, offsets: torch.Tensor, batch_size: int):
         B, W = int(batch_size), self.world_size
         cuts = even_bounds(B, W)
         local = cuts[self.rank + 1] - cuts[self.rank]
@@ -232,6 +240,8 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 parts = pooled.split(self.local_dims, 1)
                 den = lengths.clamp(min=1).to(pooled.dtype)
                 pooled = torch.cat([p / den[k].unsqueeze(1) for k, p in enumerate(parts)], 1)
+            if W == 1:  # one rank holds every table, in order: nothing to exchange
+                return _Ready(pooled)
             flat = pooled.reshape(-1)
         else:
             # Nothing to send, but this rank still takes part in both exchanges.

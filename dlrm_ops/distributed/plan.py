@@ -81,6 +81,20 @@ class ShardingPlan:
         return cls(d["world_size"], d["rows"], d["dims"], [Shard(**s) for s in d["shards"]])
 
 
+def all_to_all_bytes(plan: ShardingPlan, batch_size: int, elem_bytes: int = 4) -> int:
+    """Bytes all ranks together send to other ranks in one all-to-all of
+    pooled vectors for a global batch (the backward's, of their gradients,
+    is as large): each rank sends every other rank that rank's slice of the
+    batch at the width of its own shards, a row-wise table's width counted
+    on every rank that holds a shard of it."""
+    cuts = even_bounds(batch_size, plan.world_size)
+    total = 0
+    for r in range(plan.world_size):
+        width = sum(plan.dims[s.table] for s in plan.on(r))
+        total += width * (batch_size - (cuts[r + 1] - cuts[r]))
+    return total * elem_bytes
+
+
 def bytes_per_row(dims: Sequence[int], optimizer: Optional[str], elem_bytes: int = 4) -> List[int]:
     """Bytes a row of each table takes with its optimizer state (fp32)."""
     spec = optimizers.spec(optimizer) if optimizer else None
