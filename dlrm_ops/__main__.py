@@ -47,10 +47,12 @@ def cmd_preprocess(args) -> int:
             args.skip_malformed,
             threads=args.threads,
             progress=not args.no_progress,
+            vocabulary=args.vocabulary,
+            min_count=args.min_count,
         )
-    except MalformedLineError as e:
+    except ValueError as e:  # MalformedLineError included
         print(f"python -m dlrm_ops preprocess: {e}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, MalformedLineError) else 2
     seconds = time.perf_counter() - t0
     lines = sum(meta["days"].values()) + meta["skipped"]
     size = sum(os.path.getsize(f) for f in args.raw_data_file)
@@ -144,10 +146,12 @@ def cmd_benchmark(args, argv=None) -> int:
         from . import benchmark_criteo
 
         print(
-            f"\nCriteo preprocessing, hashed, {args.preprocess_lines:,} generated lines", flush=True
+            f"\nCriteo preprocessing, hashed and with vocabularies, "
+            f"{args.preprocess_lines:,} generated lines",
+            flush=True,
         )
         pre = benchmark_criteo.run(args.preprocess_lines, threads)
-        benchmark_criteo.print_table(pre)
+        benchmark_criteo.print_table(pre, benchmark_criteo.kaggle_vocabulary(max(threads)))
     if "dropin" in args.ops:
         from . import benchmark_dropin
 
@@ -273,6 +277,19 @@ def main(argv=None) -> int:
         type=int,
         default=-1,
         help="hash categories modulo this (<= 0: per-column vocabularies, in Python)",
+    )
+    pre.add_argument(
+        "--vocabulary",
+        choices=["first", "frequency"],
+        default="first",
+        help="without --max-ind-range: category ids by first appearance, or by count "
+        "(a second pass)",
+    )
+    pre.add_argument(
+        "--min-count",
+        type=int,
+        default=1,
+        help="--vocabulary frequency: categories seen fewer times share id 0 with empty ones",
     )
     pre.add_argument("--skip-malformed", action="store_true", help="count and skip bad lines")
     pre.add_argument("--threads", type=int, default=None, help="parser threads (default: all)")

@@ -1,8 +1,9 @@
 """Criteo preprocessing speed: a generated Criteo-format file (Zipf-like
 categories, log-normal counts, a tenth of the fields empty, as in the Kaggle
-logs), preprocessed with hashing by the native parser (1 and 2 threads) and
-by the Python reference (on its first lines), in child processes so that
-peak RSS is each run's own."""
+logs), preprocessed with hashing and with vocabularies by the native parser
+(1 and 2 threads) and by the Python reference (on its first lines); and a
+native vocabulary filled to Kaggle's 33.8M distinct categories. Each in a
+child process, so that peak RSS is its own."""
 
 import json
 import os
@@ -15,6 +16,12 @@ from typing import List
 import numpy as np
 
 DISTINCT = 250_000  # distinct lines generated; the file repeats them
+# Distinct values of C1..C26 in Kaggle's train.txt (45,840,617 lines).
+KAGGLE_CARDINALITIES = [
+    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
+    27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+]  # fmt: skip
+KAGGLE_LINES = 45_840_617
 
 
 def generate(path: Path, lines: int, seed: int = 0) -> None:
@@ -44,12 +51,45 @@ CHILD = """
 import json, resource, sys, time
 from dlrm_ops.data import preprocess_criteo
 raw, out, native, threads = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
+hashing = 10_000_000 if sys.argv[5] == "hashed" else None
 t0 = time.perf_counter()
-meta = preprocess_criteo([raw], out, "kaggle", 10_000_000, native=native, threads=threads)
+meta = preprocess_criteo([raw], out, "kaggle", hashing, native=native, threads=threads)
 t = time.perf_counter() - t0
 print(json.dumps({"seconds": t, "lines": sum(meta["days"].values()),
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
+
+
+VOCAB_CHILD = """
+import json, resource, sys, time
+import numpy as np
+from dlrm_ops import _C
+from dlrm_ops.benchmark_criteo import KAGGLE_CARDINALITIES, KAGGLE_LINES
+threads = int(sys.argv[1])
+card = np.asarray(KAGGLE_CARDINALITIES)
+v, rng, seconds = _C.Vocabulary(26), np.random.default_rng(0), 0.0
+for start in range(0, KAGGLE_LINES, 1 << 20):
+    n = min(1 << 20, KAGGLE_LINES - start)
+    keys = ((rng.random((n, 26)) * card).astype(np.int64) + 1) << 4 | 8
+    t0 = time.perf_counter()
+    v.map(keys, threads)
+    seconds += time.perf_counter() - t0
+print(json.dumps({"seconds": seconds, "lines": KAGGLE_LINES, "distinct": sum(v.sizes()) - 26,
+                  "table_mb": v.memory_bytes() / 2**20,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def kaggle_vocabulary(threads: int = 2) -> dict:
+    """A native Vocabulary given Kaggle's line count of keys drawn uniformly
+    from its 26 columns' cardinalities: time, table memory, peak RSS."""
+    r = subprocess.run(
+        [sys.executable, "-c", VOCAB_CHILD, str(threads)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def run(lines: int = 5_000_000, threads: List[int] = (1, 2), python_lines: int = 200_000):
@@ -62,10 +102,12 @@ def run(lines: int = 5_000_000, threads: List[int] = (1, 2), python_lines: int =
         with open(raw, "rb") as f, open(small, "wb") as out:
             for _, line in zip(range(python_lines), f):
                 out.write(line)
-        runs = [("native", th, raw, size) for th in threads]
-        runs.append(("python reference", 1, small, small.stat().st_size))
-        for name, th, path, nbytes in runs:
-            out = Path(tmp) / f"out_{name}_{th}"
+        runs = [("native", th, raw, size, mode) for mode in ("hashed", "vocab") for th in threads]
+        runs += [
+            ("python reference", 1, small, small.stat().st_size, m) for m in ("hashed", "vocab")
+        ]
+        for name, th, path, nbytes, mode in runs:
+            out = Path(tmp) / f"out_{name}_{th}_{mode}"
             r = subprocess.run(
                 [
                     sys.executable,
@@ -75,6 +117,7 @@ def run(lines: int = 5_000_000, threads: List[int] = (1, 2), python_lines: int =
                     str(out),
                     "1" if name == "native" else "0",
                     str(th),
+                    mode,
                 ],
                 capture_output=True,
                 text=True,
@@ -84,6 +127,7 @@ def run(lines: int = 5_000_000, threads: List[int] = (1, 2), python_lines: int =
             m = json.loads(r.stdout.strip().splitlines()[-1])
             m.update(
                 impl=name,
+                mode=mode,
                 threads=th,
                 mb_per_s=nbytes / m["seconds"] / 1e6,
                 lines_per_s=m["lines"] / m["seconds"],
@@ -92,19 +136,31 @@ def run(lines: int = 5_000_000, threads: List[int] = (1, 2), python_lines: int =
     return results
 
 
-def print_table(results) -> None:
+def print_table(results, vocab=None) -> None:
     print(
-        f"{'parser':<18} {'thr':>3} {'lines':>10} {'s':>7} {'lines/s':>11} {'MB/s':>7} "
-        f"{'peak RSS MB':>12}"
+        f"{'parser':<18} {'categories':<10} {'thr':>3} {'lines':>10} {'s':>7} {'lines/s':>11} "
+        f"{'MB/s':>7} {'peak RSS MB':>12}"
     )
     for r in results:
         print(
-            f"{r['impl']:<18} {r['threads']:>3} {r['lines']:>10,} {r['seconds']:>7.2f} "
-            f"{r['lines_per_s']:>11,.0f} {r['mb_per_s']:>7.0f} {r['peak_rss_mb']:>12.0f}"
+            f"{r['impl']:<18} {r['mode']:<10} {r['threads']:>3} {r['lines']:>10,} "
+            f"{r['seconds']:>7.2f} {r['lines_per_s']:>11,.0f} {r['mb_per_s']:>7.0f} "
+            f"{r['peak_rss_mb']:>12.0f}"
         )
-    native = max((r for r in results if r["impl"] == "native"), key=lambda r: r["lines_per_s"])
-    for name, total in (("Kaggle (45.8M lines)", 45_840_617), ("Terabyte (4.37B lines)", 4.37e9)):
+    for mode in ("hashed", "vocab"):
+        native = max(
+            (r for r in results if r["impl"] == "native" and r["mode"] == mode),
+            key=lambda r: r["lines_per_s"],
+        )
+        for name, total in (("Kaggle (45.8M lines)", KAGGLE_LINES), ("Terabyte (4.37B)", 4.37e9)):
+            print(
+                f"  {mode}: {name} at {native['lines_per_s']:,.0f} lines/s: "
+                f"{total / native['lines_per_s'] / 60:,.1f} minutes"
+            )
+    if vocab:
         print(
-            f"  {name} at {native['lines_per_s']:,.0f} lines/s: "
-            f"{total / native['lines_per_s'] / 60:,.1f} minutes"
+            f"native vocabulary at Kaggle's cardinalities: {vocab['distinct']:,} distinct "
+            f"categories from {vocab['lines']:,} lines of keys in {vocab['seconds']:.1f} s "
+            f"({vocab['lines'] / vocab['seconds']:,.0f} lines/s), tables {vocab['table_mb']:,.0f} "
+            f"MiB, peak RSS {vocab['peak_rss_mb']:,.0f} MB"
         )

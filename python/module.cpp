@@ -8,6 +8,7 @@
 
 #include "cpu/dispatch.h"
 #include "data/criteo_parser.h"
+#include "data/criteo_vocab.h"
 #include "kernel_common.h"
 #include "optimizers.h"
 
@@ -52,7 +53,8 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "parse_criteo",
       [](py::buffer buf, int64_t max_ind_range, int threads) {
-        if (max_ind_range < 1) throw py::value_error("max_ind_range must be at least 1");
+        if (max_ind_range < 0)
+          throw py::value_error("max_ind_range must be at least 1 (or 0: keys for a Vocabulary)");
         py::buffer_info info = buf.request();
         if (info.ndim != 1 || info.itemsize != 1)
           throw py::value_error("parse_criteo takes a 1-D buffer of bytes");
@@ -72,7 +74,36 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("buffer"), py::arg("max_ind_range"), py::arg("threads") = 1,
       "Raw Criteo lines, hashed: (dense [n,13] log(x+1), sparse [n,26], labels [n], lines "
-      "left to the Python reference).");
+      "left to the Python reference); max_ind_range 0: sparse holds keys for a Vocabulary.");
+  using dlrm_ops::data::Vocabulary;
+  py::class_<Vocabulary>(m, "Vocabulary",
+                         "Per-column category ids by first appearance (csrc/data/criteo_vocab.h).")
+      .def(py::init<int>(), py::arg("columns"))
+      .def(
+          "map",
+          [](Vocabulary& v, py::array_t<int64_t, py::array::c_style> keys, int threads) {
+            py::buffer_info info = keys.request(true);
+            if (info.ndim != 2 || info.shape[1] != v.columns())
+              throw py::value_error("keys must be [n, columns] int64, C-contiguous");
+            py::gil_scoped_release release;
+            v.map(static_cast<int64_t*>(info.ptr), info.shape[0], threads);
+          },
+          py::arg("keys"), py::arg("threads") = 1, "Keys replaced in place by their ids.")
+      .def("freeze", &Vocabulary::freeze, py::arg("min_count"),
+           "Ids by descending count from now on; keys seen fewer than min_count times: 0.")
+      .def("sizes",
+           [](const Vocabulary& v) {
+             py::list out;
+             for (int c = 0; c < v.columns(); ++c) out.append(v.size(c));
+             return out;
+           })
+      .def("keys",
+           [](const Vocabulary& v, int c) {
+             if (c < 0 || c >= v.columns()) throw py::index_error("no such column");
+             std::vector<uint64_t> k = v.keys(c);
+             return to_numpy(std::move(k), {static_cast<py::ssize_t>(v.keys(c).size())});
+           })
+      .def("memory_bytes", &Vocabulary::memory_bytes);
   m.def("cpu_capability",
         [] { return dlrm_ops::cpu::capability_name(dlrm_ops::cpu::capability()); });
   // The kernels' enums and optimizer table, for the check that Python's

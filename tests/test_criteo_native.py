@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dlrm_ops.data import criteo
 from dlrm_ops.data.criteo import MalformedLineError, preprocess_criteo
@@ -56,6 +57,72 @@ def test_native_equals_python_byte_for_byte(tmp_path, monkeypatch, block):
     raw.write_text("\n".join(rows))  # no newline after the last line
     meta = both(tmp_path, [raw], dataset="kaggle", max_ind_range=1000)
     assert sum(meta["days"].values()) == 700
+
+
+def repeating_lines(n: int, seed: int = 0):
+    """Lines whose categories repeat (Zipf over a few thousand values), some
+    of them strings only the reference reads."""
+    rng = np.random.default_rng(seed)
+    rows = lines(n, seed)
+    for i, row in enumerate(rows):
+        f = row.split("\t")
+        for j in range(14, 40):
+            if f[j]:
+                f[j] = f"{int(rng.zipf(1.3)) % 3000:08x}"
+        f[15] = "ABCDEF12" if i % 41 == 0 else f[15]  # uppercase hex
+        f[16] = "zz-odd" if i % 37 == 0 else f[16]  # not hex at all
+        f[17] = "1234567890abcdef0" if i % 43 == 0 else f[17]  # 17 digits
+        f[18] = "0" + f[18] if i % 31 == 0 and f[18] else f[18]  # a leading zero: another string
+        rows[i] = "\t".join(f)
+    return rows
+
+
+@pytest.mark.parametrize(
+    "vocabulary,min_count,block", [("first", 1, 1 << 20), ("first", 1, 1999), ("frequency", 3, 997)]
+)
+def test_native_vocabularies_equal_python(tmp_path, monkeypatch, vocabulary, min_count, block):
+    monkeypatch.setattr(criteo, "BLOCK_BYTES", block)
+    rows = repeating_lines(1500)
+    rows[100] = odd(rows[100], 0, "7")  # malformed: skipped, and numbers nothing
+    raw = tmp_path / "train.txt"
+    raw.write_text("\n".join(rows) + "\n")
+    meta = both(
+        tmp_path, [raw], dataset="kaggle", vocabulary=vocabulary, min_count=min_count,
+        skip_malformed=True,
+    )  # fmt: skip
+    assert meta["skipped"] == 1
+    sizes = meta["table_sizes"]
+    assert all(1 < n <= 3002 for n in sizes[1:])
+    if vocabulary == "frequency":  # the most frequent category of a column gets id 1
+        sparse = np.fromfile(tmp_path / "native" / "day_0.sparse.bin", dtype=np.int64)
+        col = sparse.reshape(-1, 26)[:, 5]
+        ids, counts = np.unique(col[col > 0], return_counts=True)
+        assert ids[np.argmax(counts)] == 1
+
+
+def test_vocabulary_keeps_first_appearance_and_counts():
+    from dlrm_ops import _C
+
+    v = _C.Vocabulary(2)
+    keys = np.array([[5, 0], [9, 5], [5, 5], [0, 7]], dtype=np.int64)
+    v.map(keys, 2)
+    assert keys.tolist() == [[1, 0], [2, 1], [1, 1], [0, 2]]
+    assert v.sizes() == [3, 3]
+    assert v.keys(0).tolist() == [5, 9]
+    v.freeze(2)  # column 0: 5 twice, 9 once -> 9 is rare
+    again = np.array([[9, 7], [5, 5], [4, 0]], dtype=np.int64)
+    v.map(again, 1)
+    assert again.tolist() == [[0, 0], [1, 1], [0, 0]]
+    assert v.sizes() == [2, 2]
+    with pytest.raises(ValueError, match="keys must be"):
+        v.map(np.zeros((2, 3), dtype=np.int64), 1)
+
+
+def test_vocabulary_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="vocabulary must be"):
+        preprocess_criteo([], tmp_path, vocabulary="alphabetical")
+    with pytest.raises(ValueError, match="min_count must be 1"):
+        preprocess_criteo([], tmp_path, min_count=3)
 
 
 def test_malformed_lines_same_rules(tmp_path):
@@ -119,3 +186,60 @@ def test_prefetch_keeps_order_and_stops_early():
     it = prefetch(data, 0, 10, depth=4)
     next(it)
     it.close()  # leaves without waiting for the rest
+
+
+def test_preprocess_benchmark_runs_both_modes():
+    from dlrm_ops import benchmark_criteo
+
+    rows = benchmark_criteo.run(lines=3000, threads=[1], python_lines=500)
+    assert [(r["impl"], r["mode"]) for r in rows] == [
+        ("native", "hashed"),
+        ("native", "vocab"),
+        ("python reference", "hashed"),
+        ("python reference", "vocab"),
+    ]
+    assert all(r["lines"] in (3000, 500) and r["lines_per_s"] > 0 for r in rows)
+
+
+def test_torchrec_npy_round_trip(tmp_path):
+    from dlrm_ops.data import CriteoDataset, TorchrecNpyDataset, write_torchrec_npy
+
+    raw = tmp_path / "train.txt"
+    raw.write_text("\n".join(repeating_lines(900)) + "\n")
+    preprocess_criteo([raw], tmp_path / "p", "kaggle", progress=False)
+    assert write_torchrec_npy(tmp_path / "p", tmp_path / "npy") == list(range(7))
+    dense = np.load(tmp_path / "npy" / "day_0_dense.npy")
+    assert dense.dtype == np.float32 and dense.shape[1] == 13
+    assert np.load(tmp_path / "npy" / "day_3_labels.npy").shape[1] == 1
+    for split, kw in (("train", dict(randomize="total")), ("test", {}), ("val", {})):
+        ours = CriteoDataset(tmp_path / "p", split, 64, drop_last=False, **kw)
+        theirs = TorchrecNpyDataset(tmp_path / "npy", split, 64, drop_last=False, **kw)
+        assert len(ours) == len(theirs) and ours.table_sizes == theirs.table_sizes
+        for i in range(len(ours)):
+            a, b = ours.batch(i), theirs.batch(i)
+            for k in ("dense", "indices", "offsets", "labels"):
+                assert torch.equal(getattr(a, k), getattr(b, k)), (split, i, k)
+
+
+def test_torchrec_raw_hashes_are_taken_modulo(tmp_path):
+    from dlrm_ops.data import TorchrecNpyDataset
+
+    rng = np.random.default_rng(0)
+    for d in range(3):  # torchrec's own output: log(x + 3) and raw int32 hashes
+        n = 10 + d
+        np.save(
+            tmp_path / f"day_{d}_dense.npy",
+            np.log(rng.integers(0, 9, (n, 13)) + 3.0).astype(np.float32),
+        )
+        np.save(
+            tmp_path / f"day_{d}_sparse.npy",
+            rng.integers(-(2**31), 2**31, (n, 26)).astype(np.int32),
+        )
+        np.save(tmp_path / f"day_{d}_labels.npy", rng.integers(0, 2, (n, 1)).astype(np.int32))
+    with pytest.raises(ValueError, match="give max_ind_range"):
+        TorchrecNpyDataset(tmp_path, "train", 4)
+    data = TorchrecNpyDataset(tmp_path, "train", 4, max_ind_range=1000, drop_last=False)
+    raw = np.concatenate([np.load(tmp_path / f"day_{d}_sparse.npy") for d in range(2)])
+    got = torch.cat([data.batch(i).indices.view(26, -1).T for i in range(len(data))])
+    assert torch.equal(got, torch.from_numpy(np.remainder(raw.astype(np.int64), 1000)))
+    assert data.table_sizes == [1000] * 26 and len(data) == 6  # 21 rows, batches of 4

@@ -115,7 +115,16 @@ bool parse_line(const char* b, const char* e, int64_t max_ind_range, float* dens
     }
     uint64_t v;
     if (!parse_hex(s, end(1 + kDense + j), &v)) return false;
-    sparse[j] = static_cast<int64_t>(v % static_cast<uint64_t>(max_ind_range));
+    if (max_ind_range > 0) {
+      sparse[j] = static_cast<int64_t>(v % static_cast<uint64_t>(max_ind_range));
+      continue;
+    }
+    // Key mode: the string itself, one to 15 lowercase hex digits, as
+    // value << 4 | length (distinct strings, distinct keys; never 0).
+    const int64_t len = end(1 + kDense + j) - s;
+    if (len > 15 || std::any_of(s, s + len, [](char c) { return c >= 'A' && c <= 'F'; }))
+      return false;
+    sparse[j] = static_cast<int64_t>(v << 4 | static_cast<uint64_t>(len));
   }
   return true;
 }

@@ -17,7 +17,7 @@ constexpr int kFields = 1 + kDense + kSparse;
 // allocation: the threads fill their own lines, no serial zeroing first).
 struct ParsedLines {
   std::unique_ptr<float[]> dense;     // [lines x 13], log(x+1), 0 for empty or <= 0
-  std::unique_ptr<int64_t[]> sparse;  // [lines x 26], hex value % max_ind_range, 0 for empty
+  std::unique_ptr<int64_t[]> sparse;  // [lines x 26], hex value % max_ind_range (or key), 0 empty
   std::unique_ptr<float[]> labels;    // [lines]
   std::vector<int64_t> deferred;      // lines (0-based in the buffer) left to the Python reference
   int64_t lines = 0;
@@ -28,7 +28,9 @@ struct ParsedLines {
 // reads exactly as the Python reference does (a field count other than 40,
 // a label other than 0/1, a number with signs, spaces, underscores or over
 // 15 digits, a hex category over 16 digits, a carriage return inside) is
-// listed in `deferred`, its row left zero.
+// listed in `deferred`, its row left zero. max_ind_range 0 is key mode:
+// each category becomes its string's key for a Vocabulary (criteo_vocab.h),
+// value << 4 | digits, for 1 to 15 lowercase hex digits (others: deferred).
 ParsedLines parse_criteo(const char* buf, int64_t size, int64_t max_ind_range, int threads);
 
 }  // namespace dlrm_ops::data

@@ -4,6 +4,7 @@ from .batch import Batch, batch_from_arrays
 from .criteo import CriteoDataset, MalformedLineError, preprocess_criteo
 from .mlperf_bin import MLPerfBinDataset
 from .synthetic import RandomData, SyntheticData
+from .torchrec_npy import TorchrecNpyDataset, write_torchrec_npy
 
 __all__ = [
     "Batch",
@@ -13,5 +14,7 @@ __all__ = [
     "CriteoDataset",
     "MLPerfBinDataset",
     "preprocess_criteo",
+    "TorchrecNpyDataset",
+    "write_torchrec_npy",
     "MalformedLineError",
 ]

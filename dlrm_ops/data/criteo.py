@@ -72,6 +72,48 @@ def parse_line(
     return int(fields[0]), dense, sparse
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
+class _Keys:
+    """A column's category strings as the native Vocabulary's keys, for the
+    lines Python reads: 1 to 15 lowercase hex digits as the parser makes
+    them (value << 4 | digits), any other string numbered here (low four
+    bits 0, so the two never meet). Used where parse_line takes a vocabulary."""
+
+    def __init__(self):
+        self.odd: Dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return 0
+
+    def setdefault(self, f: str, _default) -> int:
+        if len(f) <= 15 and _HEX.issuperset(f):
+            k = int(f, 16) << 4 | len(f)
+            return k - (1 << 64) if k >= 1 << 63 else k
+        return self.odd.setdefault(f, (len(self.odd) + 1) << 4)
+
+
+class _Ranked:
+    """A column's frozen vocabulary for parse_line: ids by count."""
+
+    def __init__(self, ids: Dict[str, int]):
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return 0
+
+    def setdefault(self, f: str, _default) -> int:
+        return self.ids.get(f, 0)
+
+
+def _rank(counts: Dict[str, int], min_count: int) -> Dict[str, int]:
+    """Ids 1.. by descending count, ties in first-appearance order (dicts
+    keep insertion order); below min_count: none."""
+    order = sorted(counts, key=lambda f: -counts[f])
+    return {f: i + 1 for i, f in enumerate(f for f in order if counts[f] >= min_count)}
+
+
 class _DayWriter:
     def __init__(self, out_dir: Path, day: int):
         self.prefix = out_dir / f"day_{day}"
@@ -161,10 +203,15 @@ def _native_file(
     meta,
     threads,
     bar,
+    vocab=None,
+    keys=None,
 ) -> None:
     """Every line of ``path`` parsed natively in blocks, row k (0-based) to
     the writer of day day_ids[j] where bounds[j] <= k < bounds[j+1]; the
-    lines the native parser leaves (``deferred``) go through ``parse_line``."""
+    lines the native parser leaves (``deferred``) go through ``parse_line``.
+    With ``vocab`` (max_ind_range 0) the categories are keys (``keys``: the
+    Python side's) numbered by it, block by block in line order; without
+    ``writers`` nothing is written (a counting pass)."""
     from .. import _C
 
     lineno = 0  # lines before the block
@@ -193,7 +240,7 @@ def _native_file(
                     text = lines[i].decode("utf-8", errors="replace")
                     try:
                         lab, d, sp = parse_line(
-                            text, f"{path}:{lineno + i + 1}", max_ind_range, None
+                            text, f"{path}:{lineno + i + 1}", max_ind_range or None, keys
                         )
                     except MalformedLineError:
                         if not skip_malformed:
@@ -202,12 +249,17 @@ def _native_file(
                         keep[i] = False
                         continue
                     labels[i], dense[i], sparse[i] = lab, d, sp
+            if vocab is not None:  # skipped lines hold no keys (0 stays 0)
+                vocab.map(sparse, threads)
             # Days are ranges of lines: cut the block where one ends. The
             # writes of a block overlap the parse of the next (one in flight).
             cuts = np.clip(bounds - lineno, 0, len(labels))
             if pending is not None:
                 pending.result()
-            pending = pool.submit(_write_block, writers, day_ids, cuts, keep, labels, dense, sparse)
+            if writers is not None:
+                pending = pool.submit(
+                    _write_block, writers, day_ids, cuts, keep, labels, dense, sparse
+                )
             lineno += len(labels)
             bar.update(len(block))
             bar.set_postfix(lines=f"{lineno:,}")
@@ -237,14 +289,26 @@ def preprocess_criteo(
     native: bool = True,
     threads: Optional[int] = None,
     progress: bool = False,
+    vocabulary: str = "first",
+    min_count: int = 1,
 ) -> dict:
     """Preprocesses raw Criteo files into ``out_dir``; returns the metadata
-    (rows per day, table sizes, lines skipped). With hashing
-    (``max_ind_range``) the lines are parsed by the native multi-threaded
-    parser (``threads``, default all cores), the same bytes as the Python
-    reference (``native=False``) gives."""
+    (rows per day, table sizes, lines skipped). Categories are hashed
+    modulo ``max_ind_range``, or without it numbered per column: by first
+    appearance (``vocabulary="first"``) or by descending count
+    (``"frequency"``, ties by first appearance, a second pass over the
+    files), categories seen fewer than ``min_count`` times sharing id 0 with
+    empty fields. The lines are parsed by the native multi-threaded parser
+    (``threads``, default all cores) and numbered by native hash tables, the
+    same bytes as the Python reference (``native=False``) gives."""
     if dataset not in DAYS:
         raise ValueError(f"dataset must be one of {sorted(DAYS)}, got {dataset!r}")
+    if vocabulary not in ("first", "frequency"):
+        raise ValueError(f"vocabulary must be 'first' or 'frequency', got {vocabulary!r}")
+    if min_count < 1 or (min_count > 1 and vocabulary != "frequency"):
+        raise ValueError(
+            f"min_count must be 1, or >= 1 with vocabulary='frequency', got {min_count}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "meta.json"
@@ -254,6 +318,8 @@ def preprocess_criteo(
     # days are cut from one file by its line count, so all of it). A day made
     # from another file or with other options is made again.
     source = {"dataset": dataset, "max_ind_range": max_ind_range, "skip_malformed": skip_malformed}
+    if not max_ind_range:
+        source.update(vocabulary=vocabulary, min_count=min_count)
     if dataset == "kaggle":
         source["raw_files"] = _fingerprint(files)
     if meta.get("source") != source:
@@ -267,7 +333,6 @@ def preprocess_criteo(
             "day_files": {},
             "skipped": 0,
         }
-    vocab = None if max_ind_range else [dict() for _ in range(NUM_SPARSE)]
     if dataset == "kaggle":
         if len(files) != 1:
             raise ValueError("the Kaggle data is one file (train.txt)")
@@ -276,18 +341,57 @@ def preprocess_criteo(
         plan = [(files[0], d, bounds[d], bounds[d + 1]) for d in range(7)]
     else:
         plan = [(f, d, 0, None) for d, f in enumerate(files)]
-    if native and vocab is None:
+    if native:
         try:
             return _preprocess_native(
-                plan, out, meta, max_ind_range, skip_malformed, threads, progress, dataset
+                plan,
+                out,
+                meta,
+                max_ind_range,
+                skip_malformed,
+                threads,
+                progress,
+                dataset,
+                vocabulary,
+                min_count,
             )
         except _NotNative:
             pass
+    if max_ind_range:
+        vocab = None
+    elif vocabulary == "first":
+        vocab = [dict() for _ in range(NUM_SPARSE)]
+    else:  # a counting pass, then ids by count
+        counts = [_Counting() for _ in range(NUM_SPARSE)]
+        _python_pass(plan, out, meta, None, skip_malformed, counts, dataset, write=False)
+        vocab = [_Ranked(_rank(c.counts, min_count)) for c in counts]
+    _python_pass(plan, out, meta, max_ind_range, skip_malformed, vocab, dataset, write=True)
+    return meta
+
+
+class _Counting:
+    """Counts a column's categories for parse_line (first-appearance order)."""
+
+    def __init__(self):
+        self.counts: Dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return 0
+
+    def setdefault(self, f: str, _default) -> int:
+        self.counts[f] = self.counts.get(f, 0) + 1
+        return 0
+
+
+def _python_pass(plan, out, meta, max_ind_range, skip_malformed, vocab, dataset, write) -> None:
+    """The Python reference over every day: parses each line (and writes it
+    unless ``write`` is False: a counting pass)."""
+    hashed = vocab is None
     writer: Optional[_DayWriter] = None
     current_file, handle, lineno = None, None, 0
     for path, day, first, last in plan:
         done = _day_done(meta, day, path)
-        if done and vocab is None and dataset == "terabyte":
+        if done and hashed and dataset == "terabyte":
             continue
         if path != current_file:
             if handle:
@@ -297,28 +401,33 @@ def preprocess_criteo(
                 path,
                 0,
             )
-        writer = None if (done and vocab is None) else _DayWriter(out, day)
+        make = write and not (done and hashed)
+        writer = _DayWriter(out, day) if make else None
         for line in handle:
             lineno += 1
-            if writer is not None:
+            if make or not write:
                 try:
-                    writer.add(*parse_line(line, f"{path}:{lineno}", max_ind_range, vocab))
+                    parsed = parse_line(line, f"{path}:{lineno}", max_ind_range, vocab)
+                    if writer is not None:
+                        writer.add(*parsed)
                 except MalformedLineError:
                     if not skip_malformed:
                         raise
-                    meta["skipped"] += 1
+                    if write:
+                        meta["skipped"] += 1
             if last is not None and lineno >= last:
                 break
         if writer is not None:
             meta["days"][str(day)] = writer.close()
             meta["day_files"][str(day)] = _fingerprint([path])
             meta["table_sizes"] = (
-                [max_ind_range] * NUM_SPARSE if vocab is None else [len(v) + 1 for v in vocab]
+                [max_ind_range] * NUM_SPARSE
+                if hashed
+                else [len(v.ids) + 1 if isinstance(v, _Ranked) else len(v) + 1 for v in vocab]
             )
             _write_meta(out, meta)
     if handle:
         handle.close()
-    return meta
 
 
 class CriteoDataset:
@@ -348,10 +457,7 @@ class CriteoDataset:
         if not 0.0 <= sub_sample_rate < 1.0:
             raise ValueError(f"sub_sample_rate must be in [0, 1), got {sub_sample_rate}")
         self.dir = Path(processed_dir)
-        meta = json.loads((self.dir / "meta.json").read_text())
-        self.table_sizes = meta["table_sizes"]
-        days = DAYS[meta["dataset"]]
-        rows = {int(d): n for d, n in meta["days"].items()}
+        self.table_sizes, days, rows = self._layout()
         missing = [d for d in range(days) if d not in rows]
         if missing:
             raise FileNotFoundError(f"{processed_dir}: days {missing} are not preprocessed")
@@ -388,6 +494,12 @@ class CriteoDataset:
         self.batch_size = batch_size
         full = self.rows // batch_size if drop_last else -(-self.rows // batch_size)
         self.num_batches = full if num_batches is None else min(num_batches, full)
+
+    def _layout(self):
+        """(table sizes, days, rows per day)."""
+        meta = json.loads((self.dir / "meta.json").read_text())
+        rows = {int(d): n for d, n in meta["days"].items()}
+        return meta["table_sizes"], DAYS[meta["dataset"]], rows
 
     def _open(self, day: int):
         p = self.dir / f"day_{day}"
@@ -458,22 +570,31 @@ class CriteoDataset:
         return (self.batch(i) for i in range(self.num_batches))
 
 
-def _preprocess_native(plan, out, meta, max_ind_range, skip_malformed, threads, progress, dataset):
+def _preprocess_native(
+    plan,
+    out,
+    meta,
+    max_ind_range,
+    skip_malformed,
+    threads,
+    progress,
+    dataset,
+    vocabulary,
+    min_count,
+):
     from tqdm import tqdm
 
+    from .. import _C
+
     threads = threads or os.cpu_count() or 1
+    hashed = bool(max_ind_range)
+    vocab = None if hashed else _C.Vocabulary(NUM_SPARSE)
+    keys = None if hashed else [_Keys() for _ in range(NUM_SPARSE)]
     by_file: Dict[Path, list] = {}
     for path, day, first, last in plan:
         by_file.setdefault(path, []).append((day, first, last))
-    for path, days in by_file.items():
-        todo = [
-            (day, first, last)
-            for day, first, last in days
-            if not (dataset == "terabyte" and _day_done(meta, day, path))
-        ]
-        if not todo:
-            continue
-        writers = {day: _DayWriter(out, day) for day, _, _ in todo}
+
+    def run(path, days, writers, scratch, what):
         # Day d holds the file's lines [first, last) (Terabyte: all of them).
         bounds = [first for _, first, _ in days] + [np.iinfo(np.int64).max]
         day_ids = np.asarray([day for day, _, _ in days])
@@ -481,7 +602,7 @@ def _preprocess_native(plan, out, meta, max_ind_range, skip_malformed, threads, 
             total=path.stat().st_size,
             unit="B",
             unit_scale=True,
-            desc=path.name,
+            desc=f"{what}{path.name}",
             disable=not progress,
             dynamic_ncols=True,
         )
@@ -491,17 +612,34 @@ def _preprocess_native(plan, out, meta, max_ind_range, skip_malformed, threads, 
                 writers,
                 day_ids,
                 np.asarray(bounds),
-                max_ind_range,
+                max_ind_range or 0,
                 skip_malformed,
-                meta,
+                scratch,
                 threads,
                 bar,
+                vocab,
+                keys,
             )
         finally:
             bar.close()
+
+    if vocab is not None and vocabulary == "frequency":
+        for path, days in by_file.items():  # counting: nothing written
+            run(path, days, None, {"skipped": 0}, "counting ")
+        vocab.freeze(min_count)
+    for path, days in by_file.items():
+        todo = [
+            (day, first, last)
+            for day, first, last in days
+            if not (hashed and dataset == "terabyte" and _day_done(meta, day, path))
+        ]
+        if not todo:
+            continue
+        writers = {day: _DayWriter(out, day) for day, _, _ in todo}
+        run(path, days, writers, meta, "")
         for day, w in writers.items():
             meta["days"][str(day)] = w.close()
             meta["day_files"][str(day)] = _fingerprint([path])
-        meta["table_sizes"] = [max_ind_range] * NUM_SPARSE
+        meta["table_sizes"] = [max_ind_range] * NUM_SPARSE if hashed else vocab.sizes()
         _write_meta(out, meta)
     return meta
