@@ -51,7 +51,7 @@ DLRM_FLAGS = {
     "--data-set": (IMPLEMENTED, "kaggle or terabyte"),
     "--raw-data-file": (IMPLEMENTED, "Criteo raw TSV file(s)"),
     "--processed-data-file": (IMPLEMENTED, "folder of preprocessed arrays (.npz: see below)"),
-    "--data-randomize": (IMPLEMENTED, "total, day or none, over the training rows"),
+    "--data-randomize": (IMPLEMENTED, "total, day, window (--shuffle-window rows) or none"),
     "--data-trace-enable-padding": (IGNORED, "belongs to the trace generator"),
     "--max-ind-range": (IMPLEMENTED, "hashing trick: rows per table cap"),
     "--data-sub-sample-rate": (IMPLEMENTED, "drops that share of negative rows"),
@@ -320,10 +320,26 @@ def add_train_arguments(p: argparse.ArgumentParser, explicit: bool = False) -> N
     add(d, "--mlperf-bin-shuffle", action="store_true", help="binary batches in random order")
     add(
         d,
+        "--multi-hot-sizes",
+        type=_multi_hot,
+        default=None,
+        help="every index of table t becomes a bag of this many (MLPerf DLRM-DCNv2 style): "
+        "mlperf (its 26 sizes) or one size per table, e.g. 3,2,1",
+    )
+    add(
+        d,
         "--data-randomize",
-        choices=["total", "day", "none"],
+        choices=["total", "day", "window", "none"],
         default="total",
-        help="Criteo training rows shuffled across days, within days, or not",
+        help="Criteo training rows shuffled across days, within days, within windows of "
+        "--shuffle-window rows, or not",
+    )
+    add(
+        d,
+        "--shuffle-window",
+        type=POSITIVE,
+        default=1 << 20,
+        help="rows per window of --data-randomize window",
     )
     add(
         d,
@@ -497,6 +513,20 @@ _IGNORED_KINDS = {
     "--plot-compute-graph": {"action": "store_true"},
     "--save-onnx": {"action": "store_true"},
 }
+
+
+def _multi_hot(s: str):
+    if s == "mlperf":
+        return s
+    try:
+        sizes = [int(x) for x in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be mlperf or sizes such as 3,2,1, got {s!r}"
+        ) from None
+    if any(m < 1 for m in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must be >= 1, got {s!r}")
+    return sizes
 
 
 def _row_wise(s: str):

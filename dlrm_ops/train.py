@@ -21,8 +21,10 @@ from tqdm import tqdm
 
 from . import checkpoint, flags, metrics, optimizers, precision, reference
 from .data import (
+    MLPERF_SIZES,
     CriteoDataset,
     MLPerfBinDataset,
+    MultiHot,
     RandomData,
     SyntheticData,
     preprocess_criteo,
@@ -135,6 +137,20 @@ def config_from_checkpoint(ckpt: dict, args, given: set, resume: bool) -> argpar
 
 def build_data(args):
     """(train, test or None, table sizes, planted-ceiling AUC or None)."""
+    train, test, tables, ceiling = _build_data(args)
+    sizes = getattr(args, "multi_hot_sizes", None)
+    if sizes is None:
+        return train, test, tables, ceiling
+    sizes = MLPERF_SIZES if sizes == "mlperf" else sizes
+    if len(sizes) != len(tables):
+        raise flags.FlagError(
+            f"--multi-hot-sizes: {len(sizes)} sizes for the data's {len(tables)} tables"
+        )
+    wrap = lambda d: None if d is None else MultiHot(d, sizes, tables, args.seed)  # noqa: E731
+    return wrap(train), wrap(test), tables, None
+
+
+def _build_data(args):
     B, TB = args.mini_batch_size, args.test_mini_batch_size
     if args.data_generation == "dataset" and args.mlperf_bin_loader:
         train_file, test_file, counts = bin_files(args.processed_data_file, args.raw_data_file[0])
@@ -165,6 +181,7 @@ def build_data(args):
             B,
             args.num_batches or None,
             randomize=args.data_randomize,
+            window=args.shuffle_window,
             **common,
         )
         test = CriteoDataset(processed, "test", TB, args.num_test_batches or None, **common)

@@ -572,3 +572,12 @@ def test_mlperf_binary_files(tmp_path):
     assert "summary: 7 batches, 100 samples" in r.stdout and "test (30 samples)" in r.stdout
     ev = cli("evaluate", "--load-model", "m.pt", cwd=tmp_path)
     assert ev.returncode == 0 and "test (30 samples)" in ev.stdout, ev.stderr
+
+
+def test_multi_hot_data_option():
+    r = cli("train", *SMALL, "--num-batches", "3", "--multi-hot-sizes", "2,3,1")
+    assert r.returncode == 0, r.stderr
+    assert "summary: 3 batches" in r.stdout
+    bad = cli("train", *SMALL, "--num-batches", "3", "--multi-hot-sizes", "mlperf")
+    assert bad.returncode == 2
+    assert "--multi-hot-sizes: 26 sizes for the data's 3 tables" in bad.stderr

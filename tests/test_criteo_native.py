@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dlrm_ops.data import criteo
-from dlrm_ops.data.criteo import MalformedLineError, preprocess_criteo
+from dlrm_ops.data.criteo import CriteoDataset, MalformedLineError, preprocess_criteo
 
 
 def lines(n: int, seed: int = 0):
@@ -243,3 +243,62 @@ def test_torchrec_raw_hashes_are_taken_modulo(tmp_path):
     got = torch.cat([data.batch(i).indices.view(26, -1).T for i in range(len(data))])
     assert torch.equal(got, torch.from_numpy(np.remainder(raw.astype(np.int64), 1000)))
     assert data.table_sizes == [1000] * 26 and len(data) == 6  # 21 rows, batches of 4
+
+
+def test_window_shuffle_keeps_rows_in_their_window(tmp_path):
+    raw = tmp_path / "train.txt"
+    raw.write_text("\n".join(lines(800)) + "\n")
+    preprocess_criteo([raw], tmp_path / "p", "kaggle", 1000, progress=False)
+    plain = CriteoDataset(tmp_path / "p", "train", 10_000, randomize="none", drop_last=False)
+    mixed = CriteoDataset(
+        tmp_path / "p", "train", 10_000, randomize="window", window=100, drop_last=False, seed=3
+    )
+    order = mixed.order
+    assert sorted(order.tolist()) == list(range(plain.rows)) and order.tolist() != sorted(order)
+    assert all(order[w : w + 100].min() >= w and order[w : w + 100].max() < w + 100
+               for w in range(0, len(order), 100))  # fmt: skip
+    a, b = plain.batch(0), mixed.batch(0)
+    assert torch.equal(a.labels[torch.from_numpy(order)], b.labels)
+
+
+def test_multi_hot_bags(tmp_path):
+    from dlrm_ops.data import MLPERF_SIZES, MultiHot, RandomData
+
+    base = RandomData(
+        [50, 7, 1000], 4, 16, 3, num_indices_per_lookup=1, fixed_indices_per_lookup=True
+    )
+    data = MultiHot(base, [3, 1, 5], [50, 7, 1000], seed=2)
+    b, one = data.batch(1), base.batch(1)
+    lengths = (b.offsets[1:] - b.offsets[:-1]).view(3, 16)
+    assert lengths.tolist() == [[3] * 16, [1] * 16, [5] * 16]
+    bags = b.indices.split((b.offsets[1:] - b.offsets[:-1]).tolist())
+    for t, n in enumerate([50, 7, 1000]):
+        for i in range(16):
+            bag = bags[t * 16 + i]
+            assert int(bag[0]) == int(one.indices[t * 16 + i]) and bool((bag < n).all())
+    again = MultiHot(base, [3, 1, 5], [50, 7, 1000], seed=2).batch(1)
+    assert torch.equal(again.indices, b.indices)  # a fixed function of the index
+    with pytest.raises(ValueError, match="sizes must give each of the 3 tables"):
+        MultiHot(base, [3, 1], [50, 7, 1000])
+    assert len(MLPERF_SIZES) == 26 and sum(MLPERF_SIZES) == 214
+
+
+def test_terabyte_preprocessing_resumes_after_a_failure(tmp_path):
+    files = []
+    for d in range(24):
+        f = tmp_path / f"day_{d}"
+        rows = lines(40, seed=d)
+        if d == 9:
+            rows[5] = odd(rows[5], 0, "x")  # stops the run at day 9
+        f.write_text("\n".join(rows) + "\n")
+        files.append(f)
+    out = tmp_path / "p"
+    with pytest.raises(MalformedLineError, match="day_9:6"):
+        preprocess_criteo(files, out, "terabyte", 100, threads=2)
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("day_[0-8].*.bin")}
+    assert len(done) == 27 and not list(out.glob("day_9.*.bin"))
+    files[9].write_text("\n".join(lines(40, seed=9)) + "\n")  # mended
+    meta = preprocess_criteo(files, out, "terabyte", 100, threads=2)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("day_[0-8].*.bin")} == done
+    clean = preprocess_criteo(files, tmp_path / "clean", "terabyte", 100, threads=2)
+    assert outputs(out) == outputs(tmp_path / "clean") and meta["days"] == clean["days"]

@@ -435,7 +435,8 @@ class CriteoDataset:
     memory maps; ``batch(i)`` is batch i, so a run can resume anywhere.
 
     As facebookresearch/dlrm's loader: ``randomize`` "total" shuffles the
-    training rows across days once, "day" within each day, "none" keeps file
+    training rows across days once, "day" within each day, "window" within
+    each run of ``window`` rows (reads stay local), "none" keeps file
     order (test and validation rows are never shuffled); ``sub_sample_rate``
     drops each negative row with that probability (every split); both are
     drawn from ``seed``. ``drop_last`` drops a last partial batch (otherwise
@@ -451,9 +452,12 @@ class CriteoDataset:
         sub_sample_rate: float = 0.0,
         seed: int = 0,
         drop_last: bool = True,
+        window: int = 1 << 20,
     ):
-        if randomize not in ("none", "day", "total"):
-            raise ValueError(f"randomize must be none, day or total, got {randomize!r}")
+        if randomize not in ("none", "day", "total", "window"):
+            raise ValueError(f"randomize must be none, day, total or window, got {randomize!r}")
+        if window < 1:
+            raise ValueError(f"window must be at least 1 row, got {window}")
         if not 0.0 <= sub_sample_rate < 1.0:
             raise ValueError(f"sub_sample_rate must be in [0, 1), got {sub_sample_rate}")
         self.dir = Path(processed_dir)
@@ -490,6 +494,9 @@ class CriteoDataset:
             self.order = np.concatenate(per_part) if per_part else np.zeros(0, np.int64)
             if randomize == "total" and split == "train":
                 self.order = rng.permutation(self.order)
+            if randomize == "window" and split == "train":  # reads stay near each other
+                for w in range(0, len(self.order), window):
+                    self.order[w : w + window] = rng.permutation(self.order[w : w + window])
         self.rows = int(self.starts[-1]) if self.order is None else len(self.order)
         self.batch_size = batch_size
         full = self.rows // batch_size if drop_last else -(-self.rows // batch_size)
