@@ -338,10 +338,11 @@ def test_mixed_dimensions_match_one_process(tmp_path):
     np.testing.assert_allclose(final_metrics(r.stdout), final_metrics(ref.stdout), rtol=1e-5)
 
 
-def test_bf16_all_to_all_trains_close_to_fp32(tmp_path_factory):
+@pytest.mark.parametrize("payload", ["bf16", "fp16"])
+def test_compressed_all_to_all_trains_close_to_fp32(tmp_path_factory, payload):
     want, _, _ = reference(tmp_path_factory, "sgd")
     r = torchrun(2, "-m", "dlrm_ops", "train", *MODEL, "--dist-backend", "gloo",
-                 "--a2a-precision", "bf16")  # fmt: skip
+                 "--a2a-precision", payload)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     got = losses(r.stdout)
     np.testing.assert_allclose(got, want, rtol=2e-2)
