@@ -68,8 +68,8 @@ from dlrm_ops.benchmark_criteo import KAGGLE_CARDINALITIES, KAGGLE_LINES
 threads = int(sys.argv[1])
 card = np.asarray(KAGGLE_CARDINALITIES)
 v, rng, seconds = _C.Vocabulary(26), np.random.default_rng(0), 0.0
-for start in range(0, KAGGLE_LINES, 1 << 20):
-    n = min(1 << 20, KAGGLE_LINES - start)
+for start in range(0, KAGGLE_LINES, 1 << 16):
+    n = min(1 << 16, KAGGLE_LINES - start)
     keys = ((rng.random((n, 26)) * card).astype(np.int64) + 1) << 4 | 8
     t0 = time.perf_counter()
     v.map(keys, threads)

@@ -78,7 +78,7 @@ PYBIND11_MODULE(_C, m) {
   using dlrm_ops::data::Vocabulary;
   py::class_<Vocabulary>(m, "Vocabulary",
                          "Per-column category ids by first appearance (csrc/data/criteo_vocab.h).")
-      .def(py::init<int>(), py::arg("columns"))
+      .def(py::init<int, bool>(), py::arg("columns"), py::arg("count") = false)
       .def(
           "map",
           [](Vocabulary& v, py::array_t<int64_t, py::array::c_style> keys, int threads) {

@@ -103,7 +103,9 @@ def test_native_vocabularies_equal_python(tmp_path, monkeypatch, vocabulary, min
 def test_vocabulary_keeps_first_appearance_and_counts():
     from dlrm_ops import _C
 
-    v = _C.Vocabulary(2)
+    with pytest.raises(RuntimeError, match="needs a Vocabulary that counts"):
+        _C.Vocabulary(1).freeze(1)
+    v = _C.Vocabulary(2, count=True)
     keys = np.array([[5, 0], [9, 5], [5, 5], [0, 7]], dtype=np.int64)
     v.map(keys, 2)
     assert keys.tolist() == [[1, 0], [2, 1], [1, 1], [0, 2]]

@@ -18,7 +18,8 @@ uint64_t mix(uint64_t x) {  // splitmix64's finaliser: keys are often small and 
 
 }  // namespace
 
-Vocabulary::Vocabulary(int columns) : tables_(static_cast<size_t>(columns)) {
+Vocabulary::Vocabulary(int columns, bool count)
+    : tables_(static_cast<size_t>(columns)), count_(count) {
   if (columns < 1) throw std::invalid_argument("columns must be at least 1");
   for (auto& t : tables_) {
     t.slot_key.assign(1024, 0);
@@ -53,7 +54,6 @@ uint32_t Vocabulary::Table::find_or_add(uint64_t key) {
   slot_key[h] = key;
   slot_id[h] = id;
   by_id.push_back(key);
-  counts.push_back(0);
   if (by_id.size() * 10 > slot_key.size() * 7) grow();
   return id;
 }
@@ -82,7 +82,10 @@ void Vocabulary::map(int64_t* keys, int64_t n, int threads) {
           continue;
         }
         uint32_t id = t.find_or_add(static_cast<uint64_t>(k));
-        ++t.counts[id];
+        if (count_) {
+          if (id == t.counts.size()) t.counts.push_back(0);
+          if (t.counts[id] != UINT32_MAX) ++t.counts[id];
+        }
         k = static_cast<int64_t>(id) + 1;
       }
     }
@@ -95,6 +98,7 @@ void Vocabulary::map(int64_t* keys, int64_t n, int threads) {
 }
 
 void Vocabulary::freeze(int64_t min_count) {
+  if (!count_) throw std::logic_error("freeze() needs a Vocabulary that counts");
   for (auto& t : tables_) {
     std::vector<uint32_t> order(t.by_id.size());
     std::iota(order.begin(), order.end(), 0u);
@@ -103,7 +107,7 @@ void Vocabulary::freeze(int64_t min_count) {
     t.remap.assign(order.size(), 0);
     t.frozen_size = 1;
     for (uint32_t r = 0; r < order.size(); ++r) {
-      if (t.counts[order[r]] < min_count) break;
+      if (static_cast<int64_t>(t.counts[order[r]]) < min_count) break;
       t.remap[order[r]] = r + 1;
       t.frozen_size = r + 2;
     }
@@ -120,7 +124,7 @@ int64_t Vocabulary::memory_bytes() const {
   int64_t b = 0;
   for (const auto& t : tables_)
     b += static_cast<int64_t>(t.slot_key.capacity() * 8 + t.slot_id.capacity() * 4 +
-                              t.by_id.capacity() * 8 + t.counts.capacity() * 8 +
+                              t.by_id.capacity() * 8 + t.counts.capacity() * 4 +
                               t.remap.capacity() * 4);
   return b;
 }

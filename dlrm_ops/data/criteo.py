@@ -595,7 +595,7 @@ def _preprocess_native(
 
     threads = threads or os.cpu_count() or 1
     hashed = bool(max_ind_range)
-    vocab = None if hashed else _C.Vocabulary(NUM_SPARSE)
+    vocab = None if hashed else _C.Vocabulary(NUM_SPARSE, count=vocabulary == "frequency")
     keys = None if hashed else [_Keys() for _ in range(NUM_SPARSE)]
     by_file: Dict[Path, list] = {}
     for path, day, first, last in plan:
