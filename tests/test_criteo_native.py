@@ -304,3 +304,25 @@ def test_terabyte_preprocessing_resumes_after_a_failure(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("day_[0-8].*.bin")} == done
     clean = preprocess_criteo(files, tmp_path / "clean", "terabyte", 100, threads=2)
     assert outputs(out) == outputs(tmp_path / "clean") and meta["days"] == clean["days"]
+
+
+def test_terabyte_vocabularies_resume_after_a_failure(tmp_path):
+    files = []
+    for d in range(24):
+        f = tmp_path / f"day_{d}"
+        rows = repeating_lines(30, seed=d)
+        if d == 9:
+            rows[5] = odd(rows[5], 0, "x")
+        f.write_text("\n".join(rows) + "\n")
+        files.append(f)
+    out = tmp_path / "p"
+    with pytest.raises(MalformedLineError, match="day_9:6"):
+        preprocess_criteo(files, out, "terabyte", threads=2)
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("day_[0-8].*.bin")}
+    assert len(done) == 27
+    files[9].write_text("\n".join(repeating_lines(30, seed=9)) + "\n")
+    meta = preprocess_criteo(files, out, "terabyte", threads=2)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("day_[0-8].*.bin")} == done
+    clean = preprocess_criteo(files, tmp_path / "clean", "terabyte", native=False)
+    assert outputs(out) == outputs(tmp_path / "clean")
+    assert meta["table_sizes"] == clean["table_sizes"] and meta["days"] == clean["days"]

@@ -4,14 +4,16 @@ Raw lines are ``label \\t I1..I13 \\t C1..C26``. ``preprocess_criteo`` streams
 them (never the whole file in memory) into per-day binary arrays read back
 through ``np.memmap``: empty fields become 0, negative integers 0, dense
 features log(x+1); categories (hex) are hashed modulo ``max_ind_range`` or
-numbered by per-column dictionaries (0 = empty). A malformed line raises
+numbered per column (0 = empty; natively by ``_C.Vocabulary``, in Python by
+dictionaries, the reference). A malformed line raises
 ``MalformedLineError`` naming file and line, or is counted and skipped with
 ``skip_malformed=True``. Kaggle's train.txt is cut into 7 pseudo-days by line
 count (days 0-5 train; day 6 halved into test and validation), Terabyte comes
-as day_0..day_23 (days 0-22 train, day 23 halved). Under hashing a day whose
-arrays are complete is skipped on a rerun, so an interrupted run resumes,
-unless its raw file (name, size, modification time) or the options changed:
-``meta.json`` records what every day was made from.
+as day_0..day_23 (days 0-22 train, day 23 halved). A Terabyte day whose
+arrays are complete is skipped on a rerun (with first-appearance
+vocabularies, as far as the vocabulary saved after each day reaches), so an
+interrupted run resumes, unless its raw file (name, size, modification time)
+or the options changed: ``meta.json`` records what every day was made from.
 """
 
 import json
@@ -249,17 +251,15 @@ def _native_file(
                         keep[i] = False
                         continue
                     labels[i], dense[i], sparse[i] = lab, d, sp
-            if vocab is not None:  # skipped lines hold no keys (0 stays 0)
-                vocab.map(sparse, threads)
-            # Days are ranges of lines: cut the block where one ends. The
-            # writes of a block overlap the parse of the next (one in flight).
+            # Days are ranges of lines: cut the block where one ends. Numbering
+            # (block after block, in order) and writing a block overlap the
+            # parse of the next (one in flight).
             cuts = np.clip(bounds - lineno, 0, len(labels))
             if pending is not None:
                 pending.result()
-            if writers is not None:
-                pending = pool.submit(
-                    _write_block, writers, day_ids, cuts, keep, labels, dense, sparse
-                )
+            pending = pool.submit(
+                _finish_block, vocab, threads, writers, day_ids, cuts, keep, labels, dense, sparse
+            )
             lineno += len(labels)
             bar.update(len(block))
             bar.set_postfix(lines=f"{lineno:,}")
@@ -267,6 +267,13 @@ def _native_file(
                 break
         if pending is not None:
             pending.result()
+
+
+def _finish_block(vocab, threads, writers, day_ids, cuts, keep, labels, dense, sparse) -> None:
+    if vocab is not None:  # skipped lines hold no keys (0 stays 0)
+        vocab.map(sparse, threads)
+    if writers is not None:
+        _write_block(writers, day_ids, cuts, keep, labels, dense, sparse)
 
 
 def _write_block(writers, day_ids, cuts, keep, labels, dense, sparse) -> None:
@@ -634,11 +641,19 @@ def _preprocess_native(
         for path, days in by_file.items():  # counting: nothing written
             run(path, days, None, {"skipped": 0}, "counting ")
         vocab.freeze(min_count)
+    # Terabyte resumes at its first unfinished day: with hashing any day, with
+    # vocabularies by first appearance after the days whose vocabulary was
+    # saved (the ids of a day depend on every day before it).
+    saved = 0
+    if dataset == "terabyte" and not hashed and vocabulary == "first":
+        saved = _load_vocabulary(out, meta, vocab, keys, plan)
     for path, days in by_file.items():
         todo = [
             (day, first, last)
             for day, first, last in days
-            if not (hashed and dataset == "terabyte" and _day_done(meta, day, path))
+            if not (
+                dataset == "terabyte" and (hashed or day < saved) and _day_done(meta, day, path)
+            )
         ]
         if not todo:
             continue
@@ -648,5 +663,36 @@ def _preprocess_native(
             meta["days"][str(day)] = w.close()
             meta["day_files"][str(day)] = _fingerprint([path])
         meta["table_sizes"] = [max_ind_range] * NUM_SPARSE if hashed else vocab.sizes()
+        if dataset == "terabyte" and not hashed and vocabulary == "first":
+            _save_vocabulary(out, meta, vocab, keys, max(writers) + 1)
         _write_meta(out, meta)
     return meta
+
+
+def _save_vocabulary(out: Path, meta: dict, vocab, keys, days: int) -> None:
+    """The vocabulary after days 0..days-1 (keys in id order), so a rerun
+    can go on from there."""
+    tmp = out / "vocabulary.tmp.npz"
+    np.savez(tmp, **{f"c{c}": vocab.keys(c) for c in range(NUM_SPARSE)})
+    tmp.replace(out / "vocabulary.npz")
+    meta["vocabulary"] = {"days": days, "odd": [k.odd for k in keys]}
+
+
+def _load_vocabulary(out: Path, meta: dict, vocab, keys, plan) -> int:
+    """Loads the saved vocabulary if every day it covers is done as planned
+    (returns how many days it covers), else 0 and nothing is loaded."""
+    state = meta.get("vocabulary")
+    path = out / "vocabulary.npz"
+    if not state or not path.exists():
+        return 0
+    if not all(_day_done(meta, day, f) for f, day, _, _ in plan if day < state["days"]):
+        return 0
+    with np.load(path) as z:
+        cols = [z[f"c{c}"].view(np.int64) for c in range(NUM_SPARSE)]
+    m = np.zeros((max(len(k) for k in cols), NUM_SPARSE), dtype=np.int64)
+    for c, k in enumerate(cols):  # zeros (empty) pad the shorter columns
+        m[: len(k), c] = k
+    vocab.map(m, 1)  # the same keys in the same order: the same ids
+    for k, odd in zip(keys, state["odd"]):
+        k.odd = dict(odd)
+    return state["days"]
