@@ -3,6 +3,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <memory>
 #include <utility>
 
@@ -75,6 +76,23 @@ PYBIND11_MODULE(_C, m) {
       py::arg("buffer"), py::arg("max_ind_range"), py::arg("threads") = 1,
       "Raw Criteo lines, hashed: (dense [n,13] log(x+1), sparse [n,26], labels [n], lines "
       "left to the Python reference); max_ind_range 0: sparse holds keys for a Vocabulary.");
+  m.def(
+      "has_lone_cr",
+      [](py::buffer buf) {
+        py::buffer_info info = buf.request();
+        py::gil_scoped_release release;
+        return dlrm_ops::data::has_lone_cr(static_cast<const char*>(info.ptr), info.size);
+      },
+      py::arg("buffer"), "Whether the bytes hold a carriage return not followed by a newline.");
+  m.def(
+      "count_newlines",
+      [](py::buffer buf) {
+        py::buffer_info info = buf.request();
+        py::gil_scoped_release release;
+        const char* p = static_cast<const char*>(info.ptr);
+        return static_cast<int64_t>(std::count(p, p + info.size, '\n'));
+      },
+      py::arg("buffer"));
   using dlrm_ops::data::Vocabulary;
   py::class_<Vocabulary>(m, "Vocabulary",
                          "Per-column category ids by first appearance (csrc/data/criteo_vocab.h).")

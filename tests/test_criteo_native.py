@@ -41,7 +41,7 @@ def both(tmp_path, files, **kw):
     return a
 
 
-@pytest.mark.parametrize("block", [1 << 20, 997])
+@pytest.mark.parametrize("block", [1 << 20, 997, 50])  # 50: every line longer than a block
 def test_native_equals_python_byte_for_byte(tmp_path, monkeypatch, block):
     monkeypatch.setattr(criteo, "BLOCK_BYTES", block)  # blocks cut mid-line
     rows = lines(700)

@@ -42,36 +42,64 @@ int64_t count_lines(const char* b, const char* e) {
   return n + (e > b && e[-1] != '\n');
 }
 
-// A decimal integer of at most 15 digits (exact in a double); false otherwise.
-bool parse_int(const char* b, const char* e, int64_t* v) {
+// The fields are read in one pass over the line: each parse stops at the
+// tab that ends its field (or at the line's end), and any byte a field may
+// not hold (a sign, a space, a carriage return, a letter) sends the line to
+// the Python reference.
+
+// A decimal integer of at most 15 digits (exact in a double), optionally
+// negative, up to the next tab or e; false otherwise. *p ends on the tab.
+bool parse_int(const char*& p, const char* e, int64_t* v) {
   bool neg = false;
-  if (b < e && *b == '-') {
+  if (p < e && *p == '-') {
     neg = true;
-    ++b;
+    ++p;
   }
-  if (b == e || e - b > 15) return false;
+  const char* start = p;
   int64_t x = 0;
-  for (; b < e; ++b) {
-    if (*b < '0' || *b > '9') return false;
-    x = x * 10 + (*b - '0');
+  for (; p < e && *p != '\t'; ++p) {
+    const unsigned d = static_cast<unsigned>(*p - '0');
+    if (d > 9) return false;
+    x = x * 10 + d;
   }
+  if (p == start || p - start > 15) return false;
   *v = neg ? -x : x;
   return true;
 }
 
-bool parse_hex(const char* b, const char* e, uint64_t* v) {
-  if (b == e || e - b > 16) return false;
-  uint64_t x = 0;
-  for (; b < e; ++b) {
-    char c = *b;
-    int d = c >= '0' && c <= '9'   ? c - '0'
-            : c >= 'a' && c <= 'f' ? c - 'a' + 10
-            : c >= 'A' && c <= 'F' ? c - 'A' + 10
-                                   : -1;
-    if (d < 0) return false;
-    x = x << 4 | static_cast<uint64_t>(d);
+// Hex digit values by byte: 0-15 for 0-9 and a-f, 16-31 for A-F (the value
+// plus 16), -1 otherwise. A table, not branches: the digits of a hash are
+// letters or numbers at random, which defeats branch prediction.
+struct HexTable {
+  int8_t v[256];
+  constexpr HexTable() : v() {
+    for (int c = 0; c < 256; ++c) v[c] = -1;
+    for (int c = 0; c < 10; ++c) v['0' + c] = static_cast<int8_t>(c);
+    for (int c = 0; c < 6; ++c) {
+      v['a' + c] = static_cast<int8_t>(10 + c);
+      v['A' + c] = static_cast<int8_t>(26 + c);
+    }
   }
+};
+constexpr HexTable kHex;
+
+// Hex digits up to the next tab or e: at most 16 of them; *len is how many
+// and *upper whether any is A-F.
+bool parse_hex(const char*& p, const char* e, uint64_t* v, int64_t* len, bool* upper) {
+  const char* start = p;
+  uint64_t x = 0;
+  int flags = 0;
+  for (; p < e; ++p) {
+    const int d = kHex.v[static_cast<unsigned char>(*p)];
+    if (d < 0) break;
+    x = x << 4 | static_cast<uint64_t>(d & 15);
+    flags |= d;
+  }
+  if (p < e && *p != '\t') return false;
+  *len = p - start;
+  if (*len > 16) return false;
   *v = x;
+  *upper = (flags & 16) != 0;
   return true;
 }
 
@@ -79,57 +107,62 @@ bool parse_hex(const char* b, const char* e, uint64_t* v) {
 bool parse_line(const char* b, const char* e, int64_t max_ind_range, float* dense, int64_t* sparse,
                 float* label) {
   if (e > b && e[-1] == '\r') --e;
-  if (std::memchr(b, '\r', static_cast<size_t>(e - b)) != nullptr) return false;
-  const char* f[kFields + 1];
-  int n = 0;
-  f[n++] = b;
-  for (const char* p = b; p < e; ++p) {
-    if (*p == '\t') {
-      if (n == kFields) return false;
-      f[n++] = p + 1;
-    }
-  }
-  if (n != kFields) return false;
-  f[kFields] = e + 1;  // each field ends one byte before the next begins
-  auto end = [&](int j) { return f[j + 1] - 1; };
-  if (end(0) - f[0] != 1 || (f[0][0] != '0' && f[0][0] != '1')) return false;
-  *label = static_cast<float>(f[0][0] - '0');
+  const char* p = b;
+  if (e - p < 2 || (p[0] != '0' && p[0] != '1') || p[1] != '\t') return false;
+  *label = static_cast<float>(p[0] - '0');
+  p += 2;
   const float* log_small = log1p_table();
   for (int j = 0; j < kDense; ++j) {
-    const char* s = f[1 + j];
-    if (s == end(1 + j)) {
+    if (p >= e) return false;  // too few fields
+    if (*p == '\t') {
       dense[j] = 0.f;
-      continue;
+    } else {
+      int64_t v;
+      if (!parse_int(p, e, &v) || p >= e) return false;
+      dense[j] = v <= 0          ? 0.f
+                 : v < kLogTable ? log_small[v]
+                                 : static_cast<float>(std::log1p(static_cast<double>(v)));
     }
-    int64_t v;
-    if (!parse_int(s, end(1 + j), &v)) return false;
-    dense[j] = v <= 0          ? 0.f
-               : v < kLogTable ? log_small[v]
-                               : static_cast<float>(std::log1p(static_cast<double>(v)));
+    ++p;  // the tab
   }
   for (int j = 0; j < kSparse; ++j) {
-    const char* s = f[1 + kDense + j];
-    if (s == end(1 + kDense + j)) {
+    const bool last = j == kSparse - 1;
+    if (p > e) return false;  // too few fields
+    if (p == e || *p == '\t') {
+      if (p == e && !last) return false;
       sparse[j] = 0;
-      continue;
+    } else {
+      uint64_t v;
+      int64_t len;
+      bool upper;
+      if (!parse_hex(p, e, &v, &len, &upper)) return false;
+      if (max_ind_range > 0) {
+        sparse[j] = static_cast<int64_t>(v % static_cast<uint64_t>(max_ind_range));
+      } else {
+        // Key mode: the string itself, one to 15 lowercase hex digits, as
+        // value << 4 | length (distinct strings, distinct keys; never 0).
+        if (len > 15 || upper) return false;
+        sparse[j] = static_cast<int64_t>(v << 4 | static_cast<uint64_t>(len));
+      }
     }
-    uint64_t v;
-    if (!parse_hex(s, end(1 + kDense + j), &v)) return false;
-    if (max_ind_range > 0) {
-      sparse[j] = static_cast<int64_t>(v % static_cast<uint64_t>(max_ind_range));
-      continue;
-    }
-    // Key mode: the string itself, one to 15 lowercase hex digits, as
-    // value << 4 | length (distinct strings, distinct keys; never 0).
-    const int64_t len = end(1 + kDense + j) - s;
-    if (len > 15 || std::any_of(s, s + len, [](char c) { return c >= 'A' && c <= 'F'; }))
-      return false;
-    sparse[j] = static_cast<int64_t>(v << 4 | static_cast<uint64_t>(len));
+    if (last) return p == e;  // a tab here: more than 40 fields
+    if (p >= e) return false;
+    ++p;  // the tab
   }
   return true;
 }
 
 }  // namespace
+
+bool has_lone_cr(const char* buf, int64_t size) {
+  const char* end = buf + size;
+  for (const char* p = buf; p < end; ++p) {
+    p = static_cast<const char*>(std::memchr(p, '\r', static_cast<size_t>(end - p)));
+    if (p == nullptr) return false;
+    if (p + 1 == end || p[1] != '\n') return true;
+  }
+  return false;
+}
 
 ParsedLines parse_criteo(const char* buf, int64_t size, int64_t max_ind_range, int threads) {
   threads = std::max(1, threads);

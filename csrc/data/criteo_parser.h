@@ -33,4 +33,8 @@ struct ParsedLines {
 // value << 4 | digits, for 1 to 15 lowercase hex digits (others: deferred).
 ParsedLines parse_criteo(const char* buf, int64_t size, int64_t max_ind_range, int threads);
 
+// Whether buf holds a carriage return not followed by a newline (Python's
+// text mode ends a line there, the parser does not).
+bool has_lone_cr(const char* buf, int64_t size);
+
 }  // namespace dlrm_ops::data

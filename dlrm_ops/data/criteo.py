@@ -159,12 +159,10 @@ class _DayWriter:
 
 def _count_lines(path: Path) -> int:
     """Lines of the file, a last one without a newline included."""
-    n, last = 0, b"\n"
-    with open(path, "rb") as f:
-        for buf in iter(lambda: f.read(1 << 20), b""):
-            n += buf.count(b"\n")
-            last = buf[-1:]
-    return n + (last != b"\n")
+    from .. import _C
+
+    with _mapped(path) as mm:
+        return _C.count_newlines(mm) + (len(mm) > 0 and mm[-1:] != b"\n")
 
 
 def _fingerprint(files: Sequence[Path]) -> list:
@@ -217,27 +215,23 @@ def _native_file(
     from .. import _C
 
     lineno = 0  # lines before the block
-    carry = b""
     pending = None
-    with open(path, "rb") as f, ThreadPoolExecutor(1) as pool:
-        while True:
-            chunk = f.read(BLOCK_BYTES)
-            block = carry + chunk
-            if not chunk:
-                carry = b""
-            else:
-                cut = block.rfind(b"\n") + 1
-                block, carry = block[:cut], block[cut:]
-            if not block:
-                if not chunk:
-                    break
-                continue
-            if block.count(b"\r") != block.count(b"\r\n"):
-                raise _NotNative  # Python's text mode splits lines at a lone CR
-            dense, sparse, labels, deferred = _C.parse_criteo(block, max_ind_range, threads)
+    with _mapped(path) as mm, ThreadPoolExecutor(1) as pool:
+        size, start = len(mm), 0
+        while start < size:
+            # A block of whole lines, read in place from the page cache.
+            stop = min(start + BLOCK_BYTES, size)
+            cut = mm.rfind(b"\n", start, stop) + 1 if stop < size else size
+            if cut <= start:  # a line longer than a block
+                nl = mm.find(b"\n", stop)
+                cut = size if nl < 0 else nl + 1
+            with memoryview(mm)[start:cut] as block:
+                if _C.has_lone_cr(block):
+                    raise _NotNative  # Python's text mode splits lines at a lone CR
+                dense, sparse, labels, deferred = _C.parse_criteo(block, max_ind_range, threads)
             keep = np.ones(len(labels), dtype=bool)
             if len(deferred):
-                lines = block.split(b"\n")
+                lines = mm[start:cut].split(b"\n")
                 for i in deferred.tolist():
                     text = lines[i].decode("utf-8", errors="replace")
                     try:
@@ -261,12 +255,30 @@ def _native_file(
                 _finish_block, vocab, threads, writers, day_ids, cuts, keep, labels, dense, sparse
             )
             lineno += len(labels)
-            bar.update(len(block))
+            bar.update(cut - start)
             bar.set_postfix(lines=f"{lineno:,}")
-            if not chunk:
-                break
+            start = cut
         if pending is not None:
             pending.result()
+
+
+class _mapped:
+    """A file's bytes, memory-mapped read-only (an empty file: b"")."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        import mmap
+
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        return self.mm
+
+    def __exit__(self, *exc):
+        if not isinstance(self.mm, bytes):
+            self.mm.close()
 
 
 def _finish_block(vocab, threads, writers, day_ids, cuts, keep, labels, dense, sparse) -> None:
