@@ -161,8 +161,13 @@ def _count_lines(path: Path) -> int:
     """Lines of the file, a last one without a newline included."""
     from .. import _C
 
+    n = 0
     with _mapped(path) as mm:
-        return _C.count_newlines(mm) + (len(mm) > 0 and mm[-1:] != b"\n")
+        for lo in range(0, len(mm), BLOCK_BYTES):
+            with memoryview(mm)[lo : lo + BLOCK_BYTES] as part:
+                n += _C.count_newlines(part)
+            _unmap(mm, lo, lo + BLOCK_BYTES)
+        return n + (len(mm) > 0 and mm[-1:] != b"\n")
 
 
 def _fingerprint(files: Sequence[Path]) -> list:
@@ -257,9 +262,21 @@ def _native_file(
             lineno += len(labels)
             bar.update(cut - start)
             bar.set_postfix(lines=f"{lineno:,}")
+            _unmap(mm, start, cut)
             start = cut
         if pending is not None:
             pending.result()
+
+
+def _unmap(mm, lo: int, hi: int) -> None:
+    """Drops the pages of [lo, hi) read so far from this process (they stay
+    in the page cache): its RSS stays about one block, not the file."""
+    import mmap
+
+    page = mmap.PAGESIZE
+    lo, hi = -(-lo // page) * page, min(hi, len(mm)) // page * page
+    if hi > lo and hasattr(mm, "madvise"):
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 class _mapped:
