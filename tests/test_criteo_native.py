@@ -1,6 +1,7 @@
 """The native Criteo parser against the Python reference: the same bytes in
 every output file, the same malformed-line rules, blocks cut anywhere."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -326,3 +327,26 @@ def test_terabyte_vocabularies_resume_after_a_failure(tmp_path):
     clean = preprocess_criteo(files, tmp_path / "clean", "terabyte", native=False)
     assert outputs(out) == outputs(tmp_path / "clean")
     assert meta["table_sizes"] == clean["table_sizes"] and meta["days"] == clean["days"]
+
+
+@pytest.mark.parametrize("hashing", [100, None])
+def test_kaggle_preprocessing_resumes_after_a_failure(tmp_path, monkeypatch, hashing):
+    monkeypatch.setattr(criteo, "BLOCK_BYTES", 997)  # days end in earlier blocks
+    rows = lines(700) if hashing else repeating_lines(700)
+    bad = list(rows)
+    bad[450] = odd(bad[450], 0, "x")  # in day 4 (lines 400-499)
+    raw = tmp_path / "train.txt"
+    raw.write_text("\n".join(bad) + "\n")
+    out = tmp_path / "p"
+    with pytest.raises(MalformedLineError, match="train.txt:451"):
+        preprocess_criteo([raw], out, "kaggle", hashing, threads=2)
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("day_[0-3].*.bin")}
+    assert len(done) == 12 and not list(out.glob("day_4.*.bin"))
+    # Mended in place, same size and modification time: the days are still valid.
+    stat = raw.stat()
+    raw.write_text("\n".join(rows) + "\n")
+    os.utime(raw, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    meta = preprocess_criteo([raw], out, "kaggle", hashing, threads=2)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("day_[0-3].*.bin")} == done
+    clean = preprocess_criteo([raw], tmp_path / "clean", "kaggle", hashing, native=False)
+    assert outputs(out) == outputs(tmp_path / "clean") and meta["days"] == clean["days"]

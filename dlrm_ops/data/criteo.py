@@ -9,11 +9,12 @@ dictionaries, the reference). A malformed line raises
 ``MalformedLineError`` naming file and line, or is counted and skipped with
 ``skip_malformed=True``. Kaggle's train.txt is cut into 7 pseudo-days by line
 count (days 0-5 train; day 6 halved into test and validation), Terabyte comes
-as day_0..day_23 (days 0-22 train, day 23 halved). A Terabyte day whose
-arrays are complete is skipped on a rerun (with first-appearance
-vocabularies, as far as the vocabulary saved after each day reaches), so an
-interrupted run resumes, unless its raw file (name, size, modification time)
-or the options changed: ``meta.json`` records what every day was made from.
+as day_0..day_23 (days 0-22 train, day 23 halved). A day whose arrays are
+complete is not written again on a rerun, so an interrupted run resumes
+(Terabyte skips those days' files: with first-appearance vocabularies as far
+as the vocabulary saved after each day reaches), unless its raw file (name,
+size, modification time) or the options changed: ``meta.json`` records what
+every day was made from.
 """
 
 import json
@@ -210,13 +211,15 @@ def _native_file(
     bar,
     vocab=None,
     keys=None,
+    on_done=None,
 ) -> None:
     """Every line of ``path`` parsed natively in blocks, row k (0-based) to
     the writer of day day_ids[j] where bounds[j] <= k < bounds[j+1]; the
     lines the native parser leaves (``deferred``) go through ``parse_line``.
     With ``vocab`` (max_ind_range 0) the categories are keys (``keys``: the
     Python side's) numbered by it, block by block in line order; without
-    ``writers`` nothing is written (a counting pass)."""
+    ``writers`` nothing is written (a counting pass). ``on_done(day)`` is
+    called once a day whose lines end inside the file is written."""
     from .. import _C
 
     lineno = 0  # lines before the block
@@ -256,9 +259,13 @@ def _native_file(
             cuts = np.clip(bounds - lineno, 0, len(labels))
             if pending is not None:
                 pending.result()
+            ends = bounds[1:]
+            finished = day_ids[(ends > lineno) & (ends <= lineno + len(labels))].tolist()
             pending = pool.submit(
                 _finish_block, vocab, threads, writers, day_ids, cuts, keep, labels, dense, sparse
             )
+            if on_done is not None and finished:
+                pending = _then(pool, pending, on_done, finished)
             lineno += len(labels)
             bar.update(cut - start)
             bar.set_postfix(lines=f"{lineno:,}")
@@ -296,6 +303,17 @@ class _mapped:
     def __exit__(self, *exc):
         if not isinstance(self.mm, bytes):
             self.mm.close()
+
+
+def _then(pool, first, on_done, days):
+    """After ``first``, on the same worker: on_done(day) for each day."""
+
+    def run():
+        first.result()
+        for day in days:
+            on_done(day)
+
+    return pool.submit(run)
 
 
 def _finish_block(vocab, threads, writers, day_ids, cuts, keep, labels, dense, sparse) -> None:
@@ -637,7 +655,7 @@ def _preprocess_native(
     for path, day, first, last in plan:
         by_file.setdefault(path, []).append((day, first, last))
 
-    def run(path, days, writers, scratch, what):
+    def run(path, days, writers, scratch, what, on_done=None):
         # Day d holds the file's lines [first, last) (Terabyte: all of them).
         bounds = [first for _, first, _ in days] + [np.iinfo(np.int64).max]
         day_ids = np.asarray([day for day, _, _ in days])
@@ -662,6 +680,7 @@ def _preprocess_native(
                 bar,
                 vocab,
                 keys,
+                on_done,
             )
         finally:
             bar.close()
@@ -677,24 +696,33 @@ def _preprocess_native(
     if dataset == "terabyte" and not hashed and vocabulary == "first":
         saved = _load_vocabulary(out, meta, vocab, keys, plan)
     for path, days in by_file.items():
+        # A finished day is not written again; its lines are still read
+        # where the vocabulary needs them, or where it shares a file with an
+        # unfinished day (Kaggle).
         todo = [
             (day, first, last)
             for day, first, last in days
-            if not (
-                dataset == "terabyte" and (hashed or day < saved) and _day_done(meta, day, path)
-            )
+            if not ((hashed or day < saved) and _day_done(meta, day, path))
         ]
         if not todo:
             continue
-        writers = {day: _DayWriter(out, day) for day, _, _ in todo}
-        run(path, days, writers, meta, "")
-        for day, w in writers.items():
-            meta["days"][str(day)] = w.close()
-            meta["day_files"][str(day)] = _fingerprint([path])
-        meta["table_sizes"] = [max_ind_range] * NUM_SPARSE if hashed else vocab.sizes()
+        writers = {
+            day: _DayWriter(out, day) for day, _, _ in todo if not _day_done(meta, day, path)
+        }
+        fingerprint = _fingerprint([path])
+
+        def close(day):
+            meta["days"][str(day)] = writers.pop(day).close()
+            meta["day_files"][str(day)] = fingerprint
+            meta["table_sizes"] = [max_ind_range] * NUM_SPARSE if hashed else vocab.sizes()
+            _write_meta(out, meta)
+
+        run(path, days, writers, meta, "", lambda day: day in writers and close(day))
+        for day in list(writers):
+            close(day)
         if dataset == "terabyte" and not hashed and vocabulary == "first":
-            _save_vocabulary(out, meta, vocab, keys, max(writers) + 1)
-        _write_meta(out, meta)
+            _save_vocabulary(out, meta, vocab, keys, max(d for d, _, _ in todo) + 1)
+            _write_meta(out, meta)
     return meta
 
 
