@@ -403,6 +403,13 @@ def _children(pid: int):
     return out
 
 
+def test_row_wise_tables_beyond_the_data_is_a_flag_error():
+    r = torchrun(2, "-m", "dlrm_ops", "train", *MODEL, "--dist-backend", "gloo",
+                 "--row-wise-tables", "1,9")  # fmt: skip
+    assert r.returncode != 0
+    assert "--row-wise-tables: row_wise names tables [9]; there are 4 (0..3)" in r.stderr
+
+
 def test_dist_flags_are_checked(monkeypatch, capsys):
     from dlrm_ops.__main__ import main
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import metrics
+from ..flags import FlagError
 from ..train import Trainer, table_shapes
 from . import checkpoint as sharded
 from .data import ShardedData
@@ -88,14 +89,17 @@ class DistributedTrainer(Trainer):
     def __init__(self, args, tables, train, test, ceiling, ctx: Context):
         self.ctx = ctx
         rows, dims = table_shapes(args, tables)
-        self.plan = plan_sharding(
-            rows,
-            dims,
-            ctx.world_size,
-            args.row_wise_tables,
-            optimizer=args.optimizer,
-            elem_bytes=2 if args.embedding_precision == "bf16" else 4,
-        )
+        try:
+            self.plan = plan_sharding(
+                rows,
+                dims,
+                ctx.world_size,
+                args.row_wise_tables,
+                optimizer=args.optimizer,
+                elem_bytes=2 if args.embedding_precision == "bf16" else 4,
+            )
+        except ValueError as e:
+            raise FlagError(f"--row-wise-tables: {e}") from None
         mine = self.plan.tables_on(ctx.rank)
 
         def shard(data):
