@@ -515,32 +515,28 @@ _IGNORED_KINDS = {
 }
 
 
-def _multi_hot(s: str):
-    if s == "mlperf":
-        return s
-    try:
-        sizes = [int(x) for x in s.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be mlperf or sizes such as 3,2,1, got {s!r}"
-        ) from None
-    if any(m < 1 for m in sizes):
-        raise argparse.ArgumentTypeError(f"sizes must be >= 1, got {s!r}")
-    return sizes
+def _words_or_ints(words, example: str, what: str, minimum: int):
+    """An argparse type: one of ``words``, or comma-separated integers of at
+    least ``minimum`` (a list)."""
+
+    def parse(s: str):
+        if s in words:
+            return s
+        try:
+            values = [int(x) for x in s.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be {', '.join(words)} or {what} such as {example}, got {s!r}"
+            ) from None
+        if any(v < minimum for v in values):
+            raise argparse.ArgumentTypeError(f"{what} must be >= {minimum}, got {s!r}")
+        return values
+
+    return parse
 
 
-def _row_wise(s: str):
-    if s in ("auto", "none", "all"):
-        return s
-    try:
-        ids = [int(x) for x in s.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be auto, none, all or table ids such as 2,7, got {s!r}"
-        ) from None
-    if any(t < 0 for t in ids):
-        raise argparse.ArgumentTypeError(f"table ids must be >= 0, got {s!r}")
-    return ids
+_multi_hot = _words_or_ints(("mlperf",), "3,2,1", "sizes", 1)
+_row_wise = _words_or_ints(("auto", "none", "all"), "2,7", "table ids", 0)
 
 
 def _unit(s: str) -> float:

@@ -233,27 +233,36 @@ def table_shapes(args, tables):
     return rows, [d if n > args.md_threshold else D for n, d in zip(rows, md)]
 
 
-def build_model(args, tables, fused: bool = True) -> DLRM:
-    D = args.arch_sparse_feature_size
-    dims = table_shapes(args, tables)[1] if args.md_flag else None
-    return DLRM(
-        tables,
-        D,
-        args.arch_mlp_bot,
-        args.arch_mlp_top,
+def model_options(args) -> dict:
+    """The keyword arguments ``DLRM`` and ``distributed.DistributedDLRM``
+    both take, from the command's flags."""
+    return dict(
         interaction=args.arch_interaction_op,
         self_interaction=args.arch_interaction_itself,
-        embedding_optimizer=args.optimizer if fused else None,
+        embedding_optimizer=args.optimizer,
         embedding_lr=args.learning_rate,
         max_ind_range=args.max_ind_range if args.max_ind_range > 0 else None,
+        precision=args.precision,
+        embedding_dtype=torch.bfloat16 if args.embedding_precision == "bf16" else torch.float32,
+    )
+
+
+def build_model(args, tables, fused: bool = True) -> DLRM:
+    options = model_options(args)
+    if not fused:
+        options["embedding_optimizer"] = None
+    return DLRM(
+        tables,
+        args.arch_sparse_feature_size,
+        args.arch_mlp_bot,
+        args.arch_mlp_top,
         qr_collisions=args.qr_collisions if args.qr_flag else 0,
         qr_operation=args.qr_operation,
         qr_threshold=args.qr_threshold,
-        embedding_dims=dims,
+        embedding_dims=table_shapes(args, tables)[1] if args.md_flag else None,
         weighted_pooling=args.weighted_pooling,
-        precision=args.precision,
-        embedding_dtype=torch.bfloat16 if args.embedding_precision == "bf16" else torch.float32,
         init_seed=args.seed,
+        **options,
     )
 
 
@@ -299,7 +308,8 @@ def loss_function(args):
     return loss
 
 
-def _to(b, device):
+def to_device(b, device):
+    """A batch (any Batch dataclass) on ``device``."""
     if device == "cpu":
         return b
     return dataclasses.replace(
@@ -317,7 +327,7 @@ def evaluate(model, test, device="cpu", mlperf=False) -> dict:
     probs, labels = [], []
     batches = (test.batch(i) for i in range(len(test))) if hasattr(test, "batch") else test
     for b in batches:
-        b = _to(b, device)
+        b = to_device(b, device)
         probs.append(torch.sigmoid(model(b.dense, b.indices, b.offsets)).float().cpu())
         labels.append(b.labels.float().cpu())
     model.train()
@@ -625,7 +635,7 @@ class Trainer:
                 gpu = self.device == "cuda"
                 batches = prefetch(self.train, self.batch, nb, depth=4 if gpu else 0, pin=gpu)
                 while self.batch < nb:
-                    b = _to(next(batches), self.device)
+                    b = to_device(next(batches), self.device)
                     t0 = time.perf_counter()
                     loss = self.train_step(b)
                     minutes_due = bool(a.save_every_minutes) and (

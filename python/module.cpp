@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <string>
 #include <utility>
 
 #include "cpu/dispatch.h"
@@ -32,6 +33,15 @@ py::array_t<T> to_numpy(std::unique_ptr<T[]>&& p, std::vector<py::ssize_t> shape
   return py::array_t<T>(shape, data, free);
 }
 
+// A contiguous 1-D buffer of bytes; ValueError naming the function otherwise
+// (a strided or wider buffer would be read as something it is not).
+std::pair<const char*, int64_t> bytes_of(const py::buffer& buf, const char* fn) {
+  py::buffer_info info = buf.request();
+  if (info.ndim != 1 || info.itemsize != 1 || (info.size > 1 && info.strides[0] != 1))
+    throw py::value_error(std::string(fn) + " takes a contiguous 1-D buffer of bytes");
+  return {static_cast<const char*>(info.ptr), static_cast<int64_t>(info.size)};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -56,14 +66,11 @@ PYBIND11_MODULE(_C, m) {
       [](py::buffer buf, int64_t max_ind_range, int threads) {
         if (max_ind_range < 0)
           throw py::value_error("max_ind_range must be at least 1 (or 0: keys for a Vocabulary)");
-        py::buffer_info info = buf.request();
-        if (info.ndim != 1 || info.itemsize != 1)
-          throw py::value_error("parse_criteo takes a 1-D buffer of bytes");
+        auto [data, size] = bytes_of(buf, "parse_criteo");
         dlrm_ops::data::ParsedLines r;
         {
           py::gil_scoped_release release;
-          r = dlrm_ops::data::parse_criteo(static_cast<const char*>(info.ptr), info.size,
-                                           max_ind_range, threads);
+          r = dlrm_ops::data::parse_criteo(data, size, max_ind_range, threads);
         }
         const py::ssize_t n = r.lines;
         using dlrm_ops::data::kDense;
@@ -79,18 +86,17 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "has_lone_cr",
       [](py::buffer buf) {
-        py::buffer_info info = buf.request();
+        auto [data, size] = bytes_of(buf, "has_lone_cr");
         py::gil_scoped_release release;
-        return dlrm_ops::data::has_lone_cr(static_cast<const char*>(info.ptr), info.size);
+        return dlrm_ops::data::has_lone_cr(data, size);
       },
       py::arg("buffer"), "Whether the bytes hold a carriage return not followed by a newline.");
   m.def(
       "count_newlines",
       [](py::buffer buf) {
-        py::buffer_info info = buf.request();
+        auto [data, size] = bytes_of(buf, "count_newlines");
         py::gil_scoped_release release;
-        const char* p = static_cast<const char*>(info.ptr);
-        return static_cast<int64_t>(std::count(p, p + info.size, '\n'));
+        return static_cast<int64_t>(std::count(data, data + size, '\n'));
       },
       py::arg("buffer"));
   using dlrm_ops::data::Vocabulary;
@@ -99,12 +105,17 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<int, bool>(), py::arg("columns"), py::arg("count") = false)
       .def(
           "map",
-          [](Vocabulary& v, py::array_t<int64_t, py::array::c_style> keys, int threads) {
-            py::buffer_info info = keys.request(true);
-            if (info.ndim != 2 || info.shape[1] != v.columns())
-              throw py::value_error("keys must be [n, columns] int64, C-contiguous");
+          [](Vocabulary& v, py::array keys, int threads) {
+            // Updated in place: a converted copy would take the ids and be lost.
+            if (!keys.dtype().is(py::dtype::of<int64_t>()) || keys.ndim() != 2 ||
+                keys.shape(1) != v.columns() || !(keys.flags() & py::array::c_style) ||
+                !keys.writeable())
+              throw py::value_error(
+                  "keys must be a writeable C-contiguous int64 array [n, columns]");
+            int64_t* data = static_cast<int64_t*>(keys.mutable_data());
+            const int64_t n = keys.shape(0);
             py::gil_scoped_release release;
-            v.map(static_cast<int64_t*>(info.ptr), info.shape[0], threads);
+            v.map(data, n, threads);
           },
           py::arg("keys"), py::arg("threads") = 1, "Keys replaced in place by their ids.")
       .def("freeze", &Vocabulary::freeze, py::arg("min_count"),

@@ -117,8 +117,20 @@ def test_vocabulary_keeps_first_appearance_and_counts():
     v.map(again, 1)
     assert again.tolist() == [[0, 0], [1, 1], [0, 0]]
     assert v.sizes() == [2, 2]
-    with pytest.raises(ValueError, match="keys must be"):
-        v.map(np.zeros((2, 3), dtype=np.int64), 1)
+    bad = np.zeros((4, 2), dtype=np.int64)
+    for keys in (
+        np.zeros((2, 3), np.int64),
+        bad.astype(np.int32),
+        bad[::2],
+        np.asfortranarray(bad),
+    ):
+        with pytest.raises(ValueError, match="keys must be a writeable C-contiguous int64"):
+            v.map(keys, 1)  # a copy would take the ids silently
+    for fn in (_C.has_lone_cr, _C.count_newlines):
+        with pytest.raises(ValueError, match="contiguous 1-D buffer of bytes"):
+            fn(memoryview(b"a\rb\nc")[::2])
+    with pytest.raises(ValueError, match="contiguous 1-D buffer of bytes"):
+        _C.parse_criteo(np.zeros(4, np.int32), 10, 1)
 
 
 def test_vocabulary_options_are_checked(tmp_path):

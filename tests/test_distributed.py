@@ -176,7 +176,7 @@ def test_init_seed_keeps_dense_layers_apart_from_table_sizes():
 
 def test_slice_batch_keeps_rows_and_tables():
     b = RandomData([10, 20, 30], 4, 9, 1, num_indices_per_lookup=3).batch(0)
-    s = slice_batch(b, [2, 0], 3, 3, 6)
+    s = slice_batch(b, [2, 0], 3, 6)
     assert s.global_size == 9 and s.size == 9 and torch.equal(s.dense, b.dense[3:6])
     assert torch.equal(s.labels, b.labels[3:6])
     for k, t in enumerate([2, 0]):
@@ -206,7 +206,7 @@ def test_criteo_batch_part_reads_a_slice_and_some_columns(tmp_path):
         cuts = even_bounds(B, 3)
         for rank in range(3):
             part = data.batch_part(i, rank, 3, [25, 3])
-            want = slice_batch(whole, [25, 3], 26, cuts[rank], cuts[rank + 1])
+            want = slice_batch(whole, [25, 3], cuts[rank], cuts[rank + 1])
             for k in ("dense", "indices", "offsets", "labels"):
                 assert torch.equal(getattr(part, k), getattr(want, k)), k
             assert part.global_size == B

@@ -22,7 +22,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,9 +39,14 @@ class MalformedLineError(ValueError):
 
 
 def parse_line(
-    line: str, where: str, max_ind_range: Optional[int], vocab: Optional[List[Dict[str, int]]]
+    line: str,
+    where: str,
+    max_ind_range: Optional[int],
+    number: Optional[Callable[[int, str], int]],
 ):
-    """(label, dense[13] as log(x+1), sparse[26]) of one raw line."""
+    """(label, dense[13] as log(x+1), sparse[26]) of one raw line; category f
+    of column j is ``number(j, f)`` (a vocabulary), or without ``number``
+    its hex value modulo ``max_ind_range``."""
     fields = line.rstrip("\r\n").split("\t")
     if len(fields) != NUM_FIELDS:
         raise MalformedLineError(
@@ -64,8 +69,8 @@ def parse_line(
     for j, f in enumerate(fields[1 + NUM_DENSE :]):
         if not f:
             continue
-        if vocab is not None:
-            sparse[j] = vocab[j].setdefault(f, len(vocab[j]) + 1)
+        if number is not None:
+            sparse[j] = number(j, f)
             continue
         try:
             v = int(f, 16)
@@ -79,42 +84,59 @@ _HEX = frozenset("0123456789abcdef")
 
 
 class _Keys:
-    """A column's category strings as the native Vocabulary's keys, for the
-    lines Python reads: 1 to 15 lowercase hex digits as the parser makes
-    them (value << 4 | digits), any other string numbered here (low four
-    bits 0, so the two never meet). Used where parse_line takes a vocabulary."""
+    """Category strings as the native Vocabulary's keys, for the lines
+    Python reads: 1 to 15 lowercase hex digits as the parser makes them
+    (value << 4 | digits), any other string numbered here per column (low
+    four bits 0, so the two never meet)."""
 
     def __init__(self):
-        self.odd: Dict[str, int] = {}
+        self.odd: List[Dict[str, int]] = [{} for _ in range(NUM_SPARSE)]
 
-    def __len__(self) -> int:
-        return 0
-
-    def setdefault(self, f: str, _default) -> int:
+    def __call__(self, j: int, f: str) -> int:
         if len(f) <= 15 and _HEX.issuperset(f):
             k = int(f, 16) << 4 | len(f)
             return k - (1 << 64) if k >= 1 << 63 else k
-        return self.odd.setdefault(f, (len(self.odd) + 1) << 4)
+        return self.odd[j].setdefault(f, (len(self.odd[j]) + 1) << 4)
 
 
-class _Ranked:
-    """A column's frozen vocabulary for parse_line: ids by count."""
+class _FirstSeen:
+    """The reference vocabularies: per column, ids 1.. by first appearance."""
 
-    def __init__(self, ids: Dict[str, int]):
-        self.ids = ids
+    def __init__(self):
+        self.ids: List[Dict[str, int]] = [{} for _ in range(NUM_SPARSE)]
 
-    def __len__(self) -> int:
+    def __call__(self, j: int, f: str) -> int:
+        return self.ids[j].setdefault(f, len(self.ids[j]) + 1)
+
+    def sizes(self) -> List[int]:
+        return [len(ids) + 1 for ids in self.ids]
+
+
+class _Counting:
+    """Counts each column's categories (in first-appearance order)."""
+
+    def __init__(self):
+        self.counts: List[Dict[str, int]] = [{} for _ in range(NUM_SPARSE)]
+
+    def __call__(self, j: int, f: str) -> int:
+        self.counts[j][f] = self.counts[j].get(f, 0) + 1
         return 0
 
-    def setdefault(self, f: str, _default) -> int:
-        return self.ids.get(f, 0)
+    def ranked(self, min_count: int) -> "_Ranked":
+        """Ids 1.. by descending count, ties in first-appearance order;
+        below min_count: none (0)."""
+        ranked = _Ranked()
+        for ids, counts in zip(ranked.ids, self.counts):
+            order = sorted(counts, key=lambda f: -counts[f])
+            ids.update((f, i + 1) for i, f in enumerate(f for f in order if counts[f] >= min_count))
+        return ranked
 
 
-def _rank(counts: Dict[str, int], min_count: int) -> Dict[str, int]:
-    """Ids 1.. by descending count, ties in first-appearance order (dicts
-    keep insertion order); below min_count: none."""
-    order = sorted(counts, key=lambda f: -counts[f])
-    return {f: i + 1 for i, f in enumerate(f for f in order if counts[f] >= min_count)}
+class _Ranked(_FirstSeen):
+    """Frozen vocabularies: a category not in them is 0."""
+
+    def __call__(self, j: int, f: str) -> int:
+        return self.ids[j].get(f, 0)
 
 
 class _DayWriter:
@@ -412,35 +434,21 @@ def preprocess_criteo(
         except _NotNative:
             pass
     if max_ind_range:
-        vocab = None
+        number = None
     elif vocabulary == "first":
-        vocab = [dict() for _ in range(NUM_SPARSE)]
+        number = _FirstSeen()
     else:  # a counting pass, then ids by count
-        counts = [_Counting() for _ in range(NUM_SPARSE)]
+        counts = _Counting()
         _python_pass(plan, out, meta, None, skip_malformed, counts, dataset, write=False)
-        vocab = [_Ranked(_rank(c.counts, min_count)) for c in counts]
-    _python_pass(plan, out, meta, max_ind_range, skip_malformed, vocab, dataset, write=True)
+        number = counts.ranked(min_count)
+    _python_pass(plan, out, meta, max_ind_range, skip_malformed, number, dataset, write=True)
     return meta
 
 
-class _Counting:
-    """Counts a column's categories for parse_line (first-appearance order)."""
-
-    def __init__(self):
-        self.counts: Dict[str, int] = {}
-
-    def __len__(self) -> int:
-        return 0
-
-    def setdefault(self, f: str, _default) -> int:
-        self.counts[f] = self.counts.get(f, 0) + 1
-        return 0
-
-
-def _python_pass(plan, out, meta, max_ind_range, skip_malformed, vocab, dataset, write) -> None:
+def _python_pass(plan, out, meta, max_ind_range, skip_malformed, number, dataset, write) -> None:
     """The Python reference over every day: parses each line (and writes it
     unless ``write`` is False: a counting pass)."""
-    hashed = vocab is None
+    hashed = number is None
     writer: Optional[_DayWriter] = None
     current_file, handle, lineno = None, None, 0
     for path, day, first, last in plan:
@@ -461,7 +469,7 @@ def _python_pass(plan, out, meta, max_ind_range, skip_malformed, vocab, dataset,
             lineno += 1
             if make or not write:
                 try:
-                    parsed = parse_line(line, f"{path}:{lineno}", max_ind_range, vocab)
+                    parsed = parse_line(line, f"{path}:{lineno}", max_ind_range, number)
                     if writer is not None:
                         writer.add(*parsed)
                 except MalformedLineError:
@@ -474,11 +482,7 @@ def _python_pass(plan, out, meta, max_ind_range, skip_malformed, vocab, dataset,
         if writer is not None:
             meta["days"][str(day)] = writer.close()
             meta["day_files"][str(day)] = _fingerprint([path])
-            meta["table_sizes"] = (
-                [max_ind_range] * NUM_SPARSE
-                if hashed
-                else [len(v.ids) + 1 if isinstance(v, _Ranked) else len(v) + 1 for v in vocab]
-            )
+            meta["table_sizes"] = [max_ind_range] * NUM_SPARSE if hashed else number.sizes()
             _write_meta(out, meta)
     if handle:
         handle.close()
@@ -650,7 +654,7 @@ def _preprocess_native(
     threads = threads or os.cpu_count() or 1
     hashed = bool(max_ind_range)
     vocab = None if hashed else _C.Vocabulary(NUM_SPARSE, count=vocabulary == "frequency")
-    keys = None if hashed else [_Keys() for _ in range(NUM_SPARSE)]
+    keys = None if hashed else _Keys()
     by_file: Dict[Path, list] = {}
     for path, day, first, last in plan:
         by_file.setdefault(path, []).append((day, first, last))
@@ -732,7 +736,7 @@ def _save_vocabulary(out: Path, meta: dict, vocab, keys, days: int) -> None:
     tmp = out / "vocabulary.tmp.npz"
     np.savez(tmp, **{f"c{c}": vocab.keys(c) for c in range(NUM_SPARSE)})
     tmp.replace(out / "vocabulary.npz")
-    meta["vocabulary"] = {"days": days, "odd": [k.odd for k in keys]}
+    meta["vocabulary"] = {"days": days, "odd": keys.odd}
 
 
 def _load_vocabulary(out: Path, meta: dict, vocab, keys, plan) -> int:
@@ -750,6 +754,5 @@ def _load_vocabulary(out: Path, meta: dict, vocab, keys, plan) -> int:
     for c, k in enumerate(cols):  # zeros (empty) pad the shorter columns
         m[: len(k), c] = k
     vocab.map(m, 1)  # the same keys in the same order: the same ids
-    for k, odd in zip(keys, state["odd"]):
-        k.odd = dict(odd)
+    keys.odd = [dict(odd) for odd in state["odd"]]
     return state["days"]

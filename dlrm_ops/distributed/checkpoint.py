@@ -26,10 +26,6 @@ TABLES = "sparse.tables."  # the one-process DLRM's table buffers
 Piece = Tuple[int, int, int, Dict[str, torch.Tensor]]
 
 
-def is_sharded(path: str) -> bool:
-    return os.path.isdir(path)
-
-
 def table_views(buffers: Dict[str, Optional[torch.Tensor]], rows, dims, optimizer) -> List[dict]:
     """Per table, views ``[rows, dim]`` of the weight and of element-wise
     optimizer state and ``[rows]`` of row-wise state, in an

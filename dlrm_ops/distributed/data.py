@@ -23,7 +23,7 @@ class ShardedBatch(Batch):
         return self.global_size
 
 
-def slice_batch(b: Batch, tables: Sequence[int], num_tables: int, lo: int, hi: int):
+def slice_batch(b: Batch, tables: Sequence[int], lo: int, hi: int):
     """A whole batch cut down to rows [lo, hi) of its dense features and
     labels and to the given tables' bags."""
     B = b.dense.shape[0]
@@ -46,8 +46,8 @@ class ShardedData:
     sparse ones are copied out) gives them directly; others (generated
     data, which costs nothing to read) are cut from the whole batch."""
 
-    def __init__(self, data, tables: Sequence[int], num_tables: int, rank: int, world_size: int):
-        self.data, self.tables, self.num_tables = data, list(tables), num_tables
+    def __init__(self, data, tables: Sequence[int], rank: int, world_size: int):
+        self.data, self.tables = data, list(tables)
         self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
@@ -58,7 +58,7 @@ class ShardedData:
             return self.data.batch_part(i, self.rank, self.world_size, self.tables)
         b = self.data.batch(i)
         cuts = even_bounds(b.dense.shape[0], self.world_size)
-        return slice_batch(b, self.tables, self.num_tables, cuts[self.rank], cuts[self.rank + 1])
+        return slice_batch(b, self.tables, cuts[self.rank], cuts[self.rank + 1])
 
     def __iter__(self):
         return (self.batch(i) for i in range(len(self)))

@@ -5,8 +5,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from ..nn import DotInteraction
-from ..nn.mlp import mlp
+from ..models.dlrm import DenseLayers, project, projections
 from .embedding import ShardedEmbeddingBagCollection
 from .plan import ShardingPlan
 
@@ -19,26 +18,13 @@ class ShardedSparseArch(nn.Module):
         super().__init__()
         self.tables = ShardedEmbeddingBagCollection(plan, rank, **tables)
         self.dims = list(plan.dims)
-        self.proj = nn.ModuleDict(
-            {
-                str(t): nn.Linear(d, embedding_dim, bias=False)
-                for t, d in enumerate(plan.dims)
-                if d < embedding_dim
-            }
-        )
-        for p in self.proj.values():
-            nn.init.xavier_uniform_(p.weight)
+        self.proj = projections(plan.dims, embedding_dim)
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
-        if not len(self.proj):
-            return pooled
-        out = list(pooled.split(self.dims, 1))
-        for t, p in self.proj.items():
-            out[int(t)] = p(out[int(t)])
-        return torch.cat(out, 1)
+        return project(self.proj, self.dims, pooled)
 
 
-class DistributedDLRM(nn.Module):
+class DistributedDLRM(DenseLayers):
     """``models.DLRM`` over ranks (hybrid parallel, as in the DLRM paper):
     each rank holds its shards of the tables (``plan``) and a replica of the
     MLPs (to be wrapped in DistributedDataParallel with the tables left
@@ -78,41 +64,30 @@ class DistributedDLRM(nn.Module):
         device: Optional[torch.device] = None,
     ):
         super().__init__()
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-        if bottom_mlp[-1] != embedding_dim:
-            raise ValueError(
-                f"bottom_mlp must end in embedding_dim = {embedding_dim}, got {list(bottom_mlp)}"
-            )
-        if top_mlp[-1] != 1:
-            raise ValueError(f"top_mlp must end in 1, got {list(top_mlp)}")
-        if interaction not in ("dot", "cat"):
-            raise ValueError(f"interaction must be 'dot' or 'cat', got {interaction!r}")
         if not all(1 <= d <= embedding_dim for d in plan.dims):
             raise ValueError(f"the plan's dims must be in 1..{embedding_dim}, got {plan.dims}")
-        T = len(plan.rows)
-        self.precision, self.interaction = precision, interaction
-        self.bottom = mlp(bottom_mlp, final_relu=True, fused=True)
-        self.sparse = ShardedSparseArch(
-            plan,
-            rank,
+        self.build(
+            len(plan.rows),
             embedding_dim,
-            optimizer=embedding_optimizer,
-            lr=embedding_lr,
-            dtype=embedding_dtype,
-            seed=seed,
-            group=group,
-            comm_precision=comm_precision,
-            max_ind_range=max_ind_range,
-            device=device,
+            bottom_mlp,
+            top_mlp,
+            interaction,
+            self_interaction,
+            precision,
+            lambda: ShardedSparseArch(
+                plan,
+                rank,
+                embedding_dim,
+                optimizer=embedding_optimizer,
+                lr=embedding_lr,
+                dtype=embedding_dtype,
+                seed=seed,
+                group=group,
+                comm_precision=comm_precision,
+                max_ind_range=max_ind_range,
+                device=device,
+            ),
         )
-        self.dot = DotInteraction(self_interaction, order="tril")
-        width = (
-            DotInteraction.output_dim(T, embedding_dim, self_interaction)
-            if interaction == "dot"
-            else embedding_dim * (T + 1)
-        )
-        self.top = mlp([width] + list(top_mlp), final_relu=False, fused=True)
 
     @property
     def embeddings(self) -> ShardedEmbeddingBagCollection:
@@ -136,8 +111,5 @@ class DistributedDLRM(nn.Module):
 
     def forward(self, dense, indices, offsets, batch_size: int) -> torch.Tensor:
         pending = self.embeddings.start(indices, offsets, batch_size)
-        with torch.autocast(dense.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
-            x = self.bottom(dense)  # while the pooled vectors travel
-            ly = self.sparse.project(pending.wait()).to(x.dtype)
-            z = self.dot(x, ly) if self.interaction == "dot" else torch.cat([x, ly], 1)
-            return self.top(z).squeeze(1).float()
+        # The bottom MLP runs while the pooled vectors travel.
+        return self.run(dense, lambda: self.sparse.project(pending.wait()))

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import metrics
 from ..flags import FlagError
-from ..train import Trainer, table_shapes
+from ..train import Trainer, model_options, table_shapes, to_device
 from . import checkpoint as sharded
 from .data import ShardedData
 from .model import DistributedDLRM
@@ -103,11 +103,7 @@ class DistributedTrainer(Trainer):
         mine = self.plan.tables_on(ctx.rank)
 
         def shard(data):
-            return (
-                None
-                if data is None
-                else ShardedData(data, mine, len(rows), ctx.rank, ctx.world_size)
-            )
+            return None if data is None else ShardedData(data, mine, ctx.rank, ctx.world_size)
 
         super().__init__(args, tables, shard(train), shard(test), ceiling)
         self.size = 0
@@ -121,16 +117,10 @@ class DistributedTrainer(Trainer):
             a.arch_sparse_feature_size,
             a.arch_mlp_bot,
             a.arch_mlp_top,
-            interaction=a.arch_interaction_op,
-            self_interaction=a.arch_interaction_itself,
-            embedding_optimizer=a.optimizer,
-            embedding_lr=a.learning_rate,
-            max_ind_range=a.max_ind_range if a.max_ind_range > 0 else None,
-            precision=a.precision,
-            embedding_dtype=torch.bfloat16 if a.embedding_precision == "bf16" else torch.float32,
             seed=a.seed,
             group=ctx.a2a_group,
             comm_precision=a.a2a_precision,
+            **model_options(a),
         ).to(self.device)
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             model, model.ddp_ignored()
@@ -180,12 +170,10 @@ class DistributedTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self, test) -> dict:
-        from ..train import _to
-
         self.model.eval()
         probs, labels = [], []
         for i in range(len(test)):
-            b = _to(test.batch(i), self.device)
+            b = to_device(test.batch(i), self.device)
             probs.append(torch.sigmoid(self.model(b.dense, b.indices, b.offsets, b.global_size)))
             labels.append(b.labels)
         self.model.train()

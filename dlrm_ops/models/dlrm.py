@@ -29,6 +29,31 @@ def mixed_dims(rows: Sequence[int], base: int, temperature: float, round_pow2: b
     return out
 
 
+def projections(dims: Sequence[int], embedding_dim: int) -> nn.ModuleDict:
+    """Mixed dimensions: a bias-free Linear to ``embedding_dim`` for every
+    table narrower than it, keyed by table, Xavier-initialised."""
+    proj = nn.ModuleDict(
+        {
+            str(t): nn.Linear(d, embedding_dim, bias=False)
+            for t, d in enumerate(dims)
+            if d < embedding_dim
+        }
+    )
+    for p in proj.values():
+        nn.init.xavier_uniform_(p.weight)
+    return proj
+
+
+def project(proj: nn.ModuleDict, dims: Sequence[int], pooled: torch.Tensor) -> torch.Tensor:
+    """Pooled vectors ``[B, sum(dims)]`` with the narrow tables projected."""
+    if not len(proj):
+        return pooled
+    out = list(pooled.split(dims, 1))
+    for t, p in proj.items():
+        out[int(t)] = p(out[int(t)])
+    return torch.cat(out, 1)
+
+
 class SparseArch(nn.Module):
     """The embedding tables of a DLRM in one ``EmbeddingBagCollection``, with
     the options of the DLRM papers and of facebookresearch/dlrm:
@@ -119,15 +144,7 @@ class SparseArch(nn.Module):
             )
         if init_seed is not None:
             self.tables.reset_parameters(init_seed)
-        self.proj = nn.ModuleDict(
-            {
-                str(t): nn.Linear(d, embedding_dim, bias=False)
-                for t, d in enumerate(dims)
-                if d < embedding_dim
-            }
-        )
-        for p in self.proj.values():
-            nn.init.xavier_uniform_(p.weight)
+        self.proj = projections(dims, embedding_dim)
         self.weighted_pooling = weighted_pooling
         self.pooling_weights = nn.ParameterList(
             [nn.Parameter(torch.ones(n)) for n in rows] if weighted_pooling == "learned" else []
@@ -147,13 +164,7 @@ class SparseArch(nn.Module):
             indices = torch.remainder(indices, self.max_ind_range)
         psw = self._row_weights(indices, offsets)
         if not any(self.qr):
-            pooled = self.tables(indices, offsets, psw)
-            if not len(self.proj):
-                return pooled
-            out = list(pooled.split(self.dims, 1))
-            for t, p in self.proj.items():
-                out[int(t)] = p(out[int(t)])
-            return torch.cat(out, 1)
+            return project(self.proj, self.dims, self.tables(indices, offsets, psw))
         T = self.num_features
         B = (offsets.numel() - 1) // T
         starts = offsets[::B].tolist()
@@ -191,7 +202,63 @@ class SparseArch(nn.Module):
         return torch.cat(out, 1)
 
 
-class DLRM(nn.Module):
+class DenseLayers(nn.Module):
+    """The layers of a DLRM around its tables, for ``DLRM`` and
+    ``distributed.DistributedDLRM``: ``build`` checks the architecture and
+    makes the bottom MLP, the tables (``make_sparse``: between the two MLPs,
+    so the dense layers draw the same random numbers whatever the tables
+    are), the interaction and the top MLP; ``run`` is the forward."""
+
+    def build(
+        self,
+        num_tables: int,
+        embedding_dim: int,
+        bottom_mlp: Sequence[int],
+        top_mlp: Sequence[int],
+        interaction: str,
+        self_interaction: bool,
+        precision: str,
+        make_sparse,
+    ) -> None:
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        if bottom_mlp[-1] != embedding_dim:
+            raise ValueError(
+                f"bottom_mlp must end in embedding_dim = {embedding_dim}, got {list(bottom_mlp)}"
+            )
+        if top_mlp[-1] != 1:
+            raise ValueError(f"top_mlp must end in 1, got {list(top_mlp)}")
+        if interaction not in ("dot", "cat"):
+            raise ValueError(f"interaction must be 'dot' or 'cat', got {interaction!r}")
+        self.precision, self.interaction = precision, interaction
+        self.bottom = mlp(bottom_mlp, final_relu=True, fused=True)
+        self.sparse = make_sparse()
+        self.dot = DotInteraction(self_interaction, order="tril")
+        width = (
+            DotInteraction.output_dim(num_tables, embedding_dim, self_interaction)
+            if interaction == "dot"
+            else embedding_dim * (num_tables + 1)
+        )
+        self.top = mlp([width] + list(top_mlp), final_relu=False, fused=True)
+
+    def run(self, dense: torch.Tensor, pooled) -> torch.Tensor:
+        """Logits of ``dense``; ``pooled()`` gives the tables' vectors and is
+        called after the bottom MLP."""
+        if self.precision == "bf16":
+            # bf16 GEMMs (forward and backward) on fp32 master weights, the
+            # interaction in bf16, fp32 logits for the loss.
+            with torch.autocast(dense.device.type, dtype=torch.bfloat16):
+                return self._layers(dense, pooled).float()
+        return self._layers(dense, pooled)
+
+    def _layers(self, dense: torch.Tensor, pooled) -> torch.Tensor:
+        x = self.bottom(dense)
+        ly = pooled().to(x.dtype)
+        z = self.dot(x, ly) if self.interaction == "dot" else torch.cat([x, ly], 1)
+        return self.top(z).squeeze(1)
+
+
+class DLRM(DenseLayers):
     """Bottom MLP on the dense features, embedding tables for the sparse ones
     (their optimizer fused into the backward), the pairwise ``dot`` interaction
     (or ``cat``), and a top MLP. ``forward(dense [B, F_dense], indices,
@@ -232,41 +299,29 @@ class DLRM(nn.Module):
         init_seed: Optional[int] = None,
     ):
         super().__init__()
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-        self.precision = precision
-        if bottom_mlp[-1] != embedding_dim:
-            raise ValueError(
-                f"bottom_mlp must end in embedding_dim = {embedding_dim}, got {list(bottom_mlp)}"
-            )
-        if top_mlp[-1] != 1:
-            raise ValueError(f"top_mlp must end in 1, got {list(top_mlp)}")
-        if interaction not in ("dot", "cat"):
-            raise ValueError(f"interaction must be 'dot' or 'cat', got {interaction!r}")
-        T = len(num_embeddings)
-        self.interaction = interaction
-        self.bottom = mlp(bottom_mlp, final_relu=True, fused=True)
-        self.sparse = SparseArch(
-            num_embeddings,
+        self.build(
+            len(num_embeddings),
             embedding_dim,
-            embedding_optimizer,
-            embedding_lr,
-            max_ind_range,
-            qr_collisions,
-            qr_operation,
-            qr_threshold,
-            embedding_dims,
-            weighted_pooling,
-            embedding_dtype,
-            init_seed,
+            bottom_mlp,
+            top_mlp,
+            interaction,
+            self_interaction,
+            precision,
+            lambda: SparseArch(
+                num_embeddings,
+                embedding_dim,
+                embedding_optimizer,
+                embedding_lr,
+                max_ind_range,
+                qr_collisions,
+                qr_operation,
+                qr_threshold,
+                embedding_dims,
+                weighted_pooling,
+                embedding_dtype,
+                init_seed,
+            ),
         )
-        self.dot = DotInteraction(self_interaction, order="tril")
-        width = (
-            DotInteraction.output_dim(T, embedding_dim, self_interaction)
-            if interaction == "dot"
-            else embedding_dim * (T + 1)
-        )
-        self.top = mlp([width] + list(top_mlp), final_relu=False, fused=True)
 
     @property
     def embeddings(self) -> EmbeddingBagCollection:
@@ -281,15 +336,4 @@ class DLRM(nn.Module):
     def forward(
         self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor
     ) -> torch.Tensor:
-        if self.precision == "bf16":
-            # bf16 GEMMs (forward and backward) on fp32 master weights, the
-            # interaction in bf16, fp32 logits for the loss.
-            with torch.autocast(dense.device.type, dtype=torch.bfloat16):
-                x = self.bottom(dense)
-                ly = self.sparse(indices, offsets).to(x.dtype)
-                z = self.dot(x, ly) if self.interaction == "dot" else torch.cat([x, ly], 1)
-                return self.top(z).squeeze(1).float()
-        x = self.bottom(dense)
-        ly = self.sparse(indices, offsets).to(x.dtype)
-        z = self.dot(x, ly) if self.interaction == "dot" else torch.cat([x, ly], 1)
-        return self.top(z).squeeze(1)
+        return self.run(dense, lambda: self.sparse(indices, offsets))
