@@ -37,6 +37,13 @@ def cmd_preprocess(args) -> int:
                 f"python -m dlrm_ops preprocess: --raw-data-file {f}: no such file", file=sys.stderr
             )
             return 2
+    if args.vocabulary_memory is not None and args.vocabulary_memory < 1:
+        print(
+            "python -m dlrm_ops preprocess: --vocabulary-memory must be at least 1 (MiB), "
+            f"got {args.vocabulary_memory}",
+            file=sys.stderr,
+        )
+        return 2
     t0 = time.perf_counter()
     try:
         meta = preprocess_criteo(
@@ -49,6 +56,7 @@ def cmd_preprocess(args) -> int:
             progress=not args.no_progress,
             vocabulary=args.vocabulary,
             min_count=args.min_count,
+            vocabulary_memory=args.vocabulary_memory and args.vocabulary_memory << 20,
         )
     except ValueError as e:  # MalformedLineError included
         print(f"python -m dlrm_ops preprocess: {e}", file=sys.stderr)
@@ -290,6 +298,14 @@ def main(argv=None) -> int:
         type=int,
         default=1,
         help="--vocabulary frequency: categories seen fewer times share id 0 with empty ones",
+    )
+    pre.add_argument(
+        "--vocabulary-memory",
+        type=int,
+        default=None,
+        metavar="MIB",
+        help="without --max-ind-range: build the vocabularies through the disk in this many MiB "
+        "(for more categories than memory holds; the same ids, more passes)",
     )
     pre.add_argument("--skip-malformed", action="store_true", help="count and skip bad lines")
     pre.add_argument("--threads", type=int, default=None, help="parser threads (default: all)")

@@ -2,11 +2,13 @@
 // the ops live in the stable-ABI library _kernels.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "cpu/dispatch.h"
 #include "data/criteo_parser.h"
@@ -40,6 +42,16 @@ std::pair<const char*, int64_t> bytes_of(const py::buffer& buf, const char* fn) 
   if (info.ndim != 1 || info.itemsize != 1 || (info.size > 1 && info.strides[0] != 1))
     throw py::value_error(std::string(fn) + " takes a contiguous 1-D buffer of bytes");
   return {static_cast<const char*>(info.ptr), static_cast<int64_t>(info.size)};
+}
+
+// The data of a C-contiguous int64 array [n, columns], read in place; ValueError
+// naming it otherwise.
+const int64_t* rows_of(const py::array& a, int columns, const char* name) {
+  if (!a.dtype().is(py::dtype::of<int64_t>()) || a.ndim() != 2 || a.shape(1) != columns ||
+      !(a.flags() & py::array::c_style))
+    throw py::value_error(std::string(name) + " must be a C-contiguous int64 array [n, " +
+                          std::to_string(columns) + "]");
+  return static_cast<const int64_t*>(a.data());
 }
 
 }  // namespace
@@ -133,6 +145,74 @@ PYBIND11_MODULE(_C, m) {
              return to_numpy(std::move(k), {static_cast<py::ssize_t>(v.keys(c).size())});
            })
       .def("memory_bytes", &Vocabulary::memory_bytes);
+  using dlrm_ops::data::KeyRange;
+  py::class_<KeyRange>(m, "KeyRange",
+                       "One scan of a vocabulary larger than memory (csrc/data/criteo_vocab.h).")
+      .def(py::init([](const std::vector<uint64_t>& lo, const std::vector<bool>& active,
+                       int64_t budget) {
+             try {
+               return std::make_unique<KeyRange>(lo, active, budget);
+             } catch (const std::length_error& e) {
+               throw py::value_error(std::string("budget_bytes: ") + e.what());
+             }
+           }),
+           py::arg("lo"), py::arg("active"), py::arg("budget_bytes"))
+      .def(
+          "add",
+          [](KeyRange& r, py::array keys, int64_t first_row, int threads) {
+            const int64_t* data = rows_of(keys, r.columns(), "keys");
+            const int64_t n = keys.shape(0);
+            py::gil_scoped_release release;
+            r.add(data, n, first_row, threads);
+          },
+          py::arg("keys"), py::arg("first_row"), py::arg("threads") = 1)
+      .def("lo", &KeyRange::lo)
+      .def("hi", &KeyRange::hi)
+      .def(
+          "take",
+          [](KeyRange& r, int c) {
+            if (c < 0 || c >= r.columns()) throw py::index_error("no such column");
+            std::vector<uint64_t> keys;
+            std::vector<int64_t> first;
+            std::vector<uint32_t> counts;
+            r.take(c, &keys, &first, &counts);
+            const auto n = static_cast<py::ssize_t>(keys.size());
+            return py::make_tuple(to_numpy(std::move(keys), {n}), to_numpy(std::move(first), {n}),
+                                  to_numpy(std::move(counts), {n}));
+          },
+          py::arg("column"),
+          "(keys, first rows, counts) of a column in order of first row; frees its table.")
+      .def("memory_bytes", &KeyRange::memory_bytes);
+  using dlrm_ops::data::IdMap;
+  py::class_<IdMap>(m, "IdMap", "Keys -> ids for some keys of each column.")
+      .def(py::init<int>(), py::arg("columns"))
+      .def(
+          "add",
+          [](IdMap& m, int c, py::array_t<int64_t, py::array::c_style | py::array::forcecast> keys,
+             py::array_t<int64_t, py::array::c_style | py::array::forcecast> ids) {
+            if (c < 0 || c >= m.columns()) throw py::index_error("no such column");
+            if (keys.ndim() != 1 || ids.ndim() != 1 || keys.shape(0) != ids.shape(0))
+              throw py::value_error("keys and ids must be 1-D arrays of one length");
+            m.add(c, keys.data(), ids.data(), keys.shape(0));
+          },
+          py::arg("column"), py::arg("keys"), py::arg("ids"))
+      .def(
+          "apply",
+          [](const IdMap& m, py::array keys, py::array out, int threads) {
+            const int64_t* k = rows_of(keys, m.columns(), "keys");
+            if (!out.dtype().is(py::dtype::of<int64_t>()) || out.ndim() != 2 ||
+                out.shape(0) != keys.shape(0) || out.shape(1) != m.columns() ||
+                !(out.flags() & py::array::c_style) || !out.writeable())
+              throw py::value_error("out must be a writeable C-contiguous int64 array like keys");
+            int64_t* o = static_cast<int64_t*>(out.mutable_data());
+            const int64_t n = keys.shape(0);
+            py::gil_scoped_release release;
+            m.apply(k, o, n, threads);
+          },
+          py::arg("keys"), py::arg("out"), py::arg("threads") = 1,
+          "out[i, c] = the id of keys[i, c] where the map holds that key.")
+      .def("memory_bytes", &IdMap::memory_bytes)
+      .def_static("bytes_for", &IdMap::bytes_for, py::arg("n"));
   m.def("cpu_capability",
         [] { return dlrm_ops::cpu::capability_name(dlrm_ops::cpu::capability()); });
   // The kernels' enums and optimizer table, for the check that Python's

@@ -8,7 +8,29 @@
 namespace dlrm_ops::data {
 namespace {
 
-uint64_t mix(uint64_t x) {  // splitmix64's finaliser: keys are often small and dense
+// Runs work(c) for every column c, the columns spread over `threads` threads.
+template <typename F>
+void per_column(int columns, int threads, F work) {
+  threads = std::max(1, std::min(threads, columns));
+  auto run = [&](int first) {
+    for (int c = first; c < columns; c += threads) work(c);
+  };
+  std::vector<std::thread> pool;
+  for (int p = 1; p < threads; ++p) pool.emplace_back(run, p);
+  run(0);
+  for (auto& th : pool) th.join();
+}
+
+// Slots for n keys at a load of at most 0.7 (a power of two, at least 16).
+size_t slots_for(int64_t n) {
+  size_t cap = 16;
+  while (static_cast<size_t>(n) * 10 > cap * 7) cap *= 2;
+  return cap;
+}
+
+}  // namespace
+
+uint64_t key_hash(uint64_t x) {  // splitmix64's finaliser (a bijection): keys are often dense
   x ^= x >> 30;
   x *= 0xbf58476d1ce4e5b9ULL;
   x ^= x >> 27;
@@ -16,85 +38,80 @@ uint64_t mix(uint64_t x) {  // splitmix64's finaliser: keys are often small and 
   return x ^ (x >> 31);
 }
 
-}  // namespace
+KeyIndex::KeyIndex(int64_t capacity) : slot_key_(slots_for(capacity * 7 / 10), 0) {
+  slot_id_.assign(slot_key_.size(), 0);
+}
+
+int64_t KeyIndex::capacity_after(int64_t more) const {
+  return std::max<int64_t>(capacity(), static_cast<int64_t>(slots_for(size_ + more)));
+}
+
+void KeyIndex::grow() {
+  std::vector<uint64_t> keys(slot_key_.size() * 2, 0);
+  std::vector<uint32_t> ids(keys.size(), 0);
+  const uint64_t mask = keys.size() - 1;
+  for (size_t s = 0; s < slot_key_.size(); ++s) {
+    if (slot_key_[s] == 0) continue;
+    uint64_t h = key_hash(slot_key_[s]) & mask;
+    while (keys[h] != 0) h = (h + 1) & mask;
+    keys[h] = slot_key_[s];
+    ids[h] = slot_id_[s];
+  }
+  slot_key_.swap(keys);
+  slot_id_.swap(ids);
+}
+
+uint32_t KeyIndex::find_or_add(uint64_t key, bool* added) {
+  const uint64_t mask = slot_key_.size() - 1;
+  uint64_t h = key_hash(key) & mask;
+  *added = false;
+  while (slot_key_[h] != 0) {
+    if (slot_key_[h] == key) return slot_id_[h];
+    h = (h + 1) & mask;
+  }
+  if (size_ >= 0xFFFFFFFEll) throw std::length_error("over 4 billion categories in a column");
+  const auto id = static_cast<uint32_t>(size_++);
+  slot_key_[h] = key;
+  slot_id_[h] = id;
+  *added = true;
+  if (static_cast<size_t>(size_) * 10 > slot_key_.size() * 7) grow();
+  return id;
+}
+
+int64_t KeyIndex::find(uint64_t key) const {
+  const uint64_t mask = slot_key_.size() - 1;
+  for (uint64_t h = key_hash(key) & mask; slot_key_[h] != 0; h = (h + 1) & mask)
+    if (slot_key_[h] == key) return slot_id_[h];
+  return -1;
+}
 
 Vocabulary::Vocabulary(int columns, bool count)
     : tables_(static_cast<size_t>(columns)), count_(count) {
   if (columns < 1) throw std::invalid_argument("columns must be at least 1");
-  for (auto& t : tables_) {
-    t.slot_key.assign(1024, 0);
-    t.slot_id.assign(1024, 0);
-  }
-}
-
-void Vocabulary::Table::grow() {
-  std::vector<uint64_t> keys(slot_key.size() * 2, 0);
-  std::vector<uint32_t> ids(keys.size(), 0);
-  const uint64_t mask = keys.size() - 1;
-  for (size_t s = 0; s < slot_key.size(); ++s) {
-    if (slot_key[s] == 0) continue;
-    uint64_t h = mix(slot_key[s]) & mask;
-    while (keys[h] != 0) h = (h + 1) & mask;
-    keys[h] = slot_key[s];
-    ids[h] = slot_id[s];
-  }
-  slot_key.swap(keys);
-  slot_id.swap(ids);
-}
-
-uint32_t Vocabulary::Table::find_or_add(uint64_t key) {
-  uint64_t mask = slot_key.size() - 1;
-  uint64_t h = mix(key) & mask;
-  while (slot_key[h] != 0) {
-    if (slot_key[h] == key) return slot_id[h];
-    h = (h + 1) & mask;
-  }
-  if (by_id.size() >= 0xFFFFFFFEu) throw std::length_error("over 4 billion categories in a column");
-  const auto id = static_cast<uint32_t>(by_id.size());
-  slot_key[h] = key;
-  slot_id[h] = id;
-  by_id.push_back(key);
-  if (by_id.size() * 10 > slot_key.size() * 7) grow();
-  return id;
 }
 
 void Vocabulary::map(int64_t* keys, int64_t n, int threads) {
   const int C = columns();
-  auto work = [&](int first) {
-    for (int c = first; c < C; c += threads) {
-      Table& t = tables_[c];
-      for (int64_t i = 0; i < n; ++i) {
-        int64_t& k = keys[i * C + c];
-        if (k == 0) continue;
-        if (frozen_) {
-          // Every key was seen by the counting pass; one not seen maps to 0.
-          uint64_t mask = t.slot_key.size() - 1;
-          uint64_t h = mix(static_cast<uint64_t>(k)) & mask;
-          int64_t id = 0;
-          while (t.slot_key[h] != 0) {
-            if (t.slot_key[h] == static_cast<uint64_t>(k)) {
-              id = t.remap[t.slot_id[h]];
-              break;
-            }
-            h = (h + 1) & mask;
-          }
-          k = id;
-          continue;
-        }
-        uint32_t id = t.find_or_add(static_cast<uint64_t>(k));
-        if (count_) {
-          if (id == t.counts.size()) t.counts.push_back(0);
-          if (t.counts[id] != UINT32_MAX) ++t.counts[id];
-        }
-        k = static_cast<int64_t>(id) + 1;
+  per_column(C, threads, [&](int c) {
+    Table& t = tables_[c];
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t& k = keys[i * C + c];
+      if (k == 0) continue;
+      if (frozen_) {  // every key was seen by the counting pass; one not seen maps to 0
+        const int64_t id = t.index.find(static_cast<uint64_t>(k));
+        k = id < 0 ? 0 : t.remap[id];
+        continue;
       }
+      bool added;
+      const uint32_t id = t.index.find_or_add(static_cast<uint64_t>(k), &added);
+      if (added) {
+        t.by_id.push_back(static_cast<uint64_t>(k));
+        if (count_) t.counts.push_back(0);
+      }
+      if (count_ && t.counts[id] != UINT32_MAX) ++t.counts[id];
+      k = static_cast<int64_t>(id) + 1;
     }
-  };
-  threads = std::max(1, std::min(threads, C));
-  std::vector<std::thread> pool;
-  for (int p = 1; p < threads; ++p) pool.emplace_back(work, p);
-  work(0);
-  for (auto& th : pool) th.join();
+  });
 }
 
 void Vocabulary::freeze(int64_t min_count) {
@@ -123,9 +140,179 @@ int64_t Vocabulary::size(int c) const {
 int64_t Vocabulary::memory_bytes() const {
   int64_t b = 0;
   for (const auto& t : tables_)
-    b += static_cast<int64_t>(t.slot_key.capacity() * 8 + t.slot_id.capacity() * 4 +
+    b += static_cast<int64_t>(t.index.capacity() * KeyIndex::slot_bytes() +
                               t.by_id.capacity() * 8 + t.counts.capacity() * 4 +
                               t.remap.capacity() * 4);
+  return b;
+}
+
+KeyRange::KeyRange(const std::vector<uint64_t>& lo, const std::vector<bool>& active,
+                   int64_t budget_bytes)
+    : tables_(lo.size()), budget_(budget_bytes) {
+  if (lo.empty() || active.size() != lo.size())
+    throw std::invalid_argument("lo and active need one entry per column");
+  for (size_t c = 0; c < lo.size(); ++c) {
+    tables_[c].lo = lo[c];
+    tables_[c].active = active[c];
+    if (!reserve(16 * slot_bytes()))
+      throw std::length_error("the budget does not hold an empty table per column");
+    resize(tables_[c], 16);
+  }
+}
+
+bool KeyRange::reserve(int64_t bytes) {
+  int64_t now = used_.load();
+  while (now + bytes <= budget_)
+    if (used_.compare_exchange_weak(now, now + bytes)) return true;
+  return false;
+}
+
+void KeyRange::Table::place(uint64_t k, int64_t f, uint32_t n) {
+  const uint64_t mask = key.size() - 1;
+  uint64_t h = key_hash(k) & mask;
+  while (key[h] != 0) h = (h + 1) & mask;
+  key[h] = k;
+  first[h] = f;
+  count[h] = n;
+}
+
+void KeyRange::resize(Table& t, size_t capacity) {
+  Table grown;
+  grown.key.assign(capacity, 0);
+  grown.first.assign(capacity, 0);
+  grown.count.assign(capacity, 0);
+  for (size_t s = 0; s < t.key.size(); ++s)
+    if (t.key[s] != 0) grown.place(t.key[s], t.first[s], t.count[s]);
+  t.key.swap(grown.key);
+  t.first.swap(grown.first);
+  t.count.swap(grown.count);
+}
+
+void KeyRange::halve(Table& t) {
+  t.hi = t.lo + (t.hi - t.lo) / 2;
+  // In place (no second table): start after a free slot, so no probe run
+  // crosses the start; take every entry out and put the kept ones back.
+  const size_t cap = t.key.size(), mask = cap - 1;
+  size_t start = 0;
+  while (t.key[start] != 0) ++start;
+  t.size = 0;
+  for (size_t j = 1; j < cap; ++j) {
+    const size_t s = (start + j) & mask;
+    const uint64_t k = t.key[s];
+    if (k == 0) continue;
+    t.key[s] = 0;
+    if (key_hash(k) > t.hi) continue;
+    t.place(k, t.first[s], t.count[s]);
+    ++t.size;
+  }
+}
+
+void KeyRange::insert(Table& t, uint64_t key, int64_t row) {
+  const uint64_t hash = key_hash(key);
+  if (hash < t.lo || hash > t.hi) return;
+  const uint64_t mask = t.key.size() - 1;
+  uint64_t h = hash & mask;
+  for (; t.key[h] != 0; h = (h + 1) & mask) {
+    if (t.key[h] == key) {
+      if (t.count[h] != UINT32_MAX) ++t.count[h];
+      return;
+    }
+  }
+  if (static_cast<size_t>(t.size + 1) * 10 > t.key.size() * 7) {
+    // Growing holds the old and the doubled table at once.
+    const int64_t now = static_cast<int64_t>(t.key.size()) * slot_bytes();
+    if (reserve(2 * now)) {
+      resize(t, t.key.size() * 2);
+      used_ -= now;
+    } else {
+      halve(t);  // at most one key in a range that cannot be halved: it never grows
+    }
+    return insert(t, key, row);
+  }
+  t.key[h] = key;
+  t.first[h] = row;
+  t.count[h] = 1;
+  ++t.size;
+}
+
+void KeyRange::add(const int64_t* keys, int64_t n, int64_t first_row, int threads) {
+  const int C = columns();
+  per_column(C, threads, [&](int c) {
+    Table& t = tables_[c];
+    if (!t.active) return;
+    for (int64_t i = 0; i < n; ++i) {
+      const auto k = static_cast<uint64_t>(keys[i * C + c]);
+      if (k != 0) insert(t, k, first_row + i);
+    }
+  });
+}
+
+void KeyRange::take(int c, std::vector<uint64_t>* keys, std::vector<int64_t>* first,
+                    std::vector<uint32_t>* counts) {
+  Table& t = tables_[c];
+  std::vector<size_t> slots;
+  slots.reserve(t.size);
+  for (size_t s = 0; s < t.key.size(); ++s)
+    if (t.key[s] != 0) slots.push_back(s);
+  std::sort(slots.begin(), slots.end(), [&](size_t a, size_t b) { return t.first[a] < t.first[b]; });
+  keys->resize(slots.size());
+  first->resize(slots.size());
+  counts->resize(slots.size());
+  for (size_t i = 0; i < slots.size(); ++i) {
+    (*keys)[i] = t.key[slots[i]];
+    (*first)[i] = t.first[slots[i]];
+    (*counts)[i] = t.count[slots[i]];
+  }
+  used_ -= static_cast<int64_t>(t.key.size()) * slot_bytes();
+  t.key = {};
+  t.first = {};
+  t.count = {};
+  t.size = 0;
+  t.active = false;
+}
+
+IdMap::IdMap(int columns) : index_(static_cast<size_t>(columns), KeyIndex(16)), ids_(columns) {
+  if (columns < 1) throw std::invalid_argument("columns must be at least 1");
+}
+
+int64_t IdMap::bytes_for(int64_t n) {
+  return static_cast<int64_t>(slots_for(n)) * KeyIndex::slot_bytes() + 8 * n;
+}
+
+void IdMap::add(int c, const int64_t* keys, const int64_t* ids, int64_t n) {
+  KeyIndex& index = index_[c];
+  if (index.size() == 0 && n > 0) index = KeyIndex(static_cast<int64_t>(slots_for(n)));
+  auto& out = ids_[c];
+  out.reserve(out.size() + n);
+  for (int64_t i = 0; i < n; ++i) {
+    bool added;
+    const uint32_t at = index.find_or_add(static_cast<uint64_t>(keys[i]), &added);
+    if (added)
+      out.push_back(ids[i]);
+    else
+      out[at] = ids[i];
+  }
+}
+
+void IdMap::apply(const int64_t* keys, int64_t* out, int64_t n, int threads) const {
+  const int C = columns();
+  per_column(C, threads, [&](int c) {
+    const KeyIndex& index = index_[c];
+    if (index.size() == 0) return;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t k = keys[i * C + c];
+      if (k == 0) continue;
+      const int64_t at = index.find(static_cast<uint64_t>(k));
+      if (at >= 0) out[i * C + c] = ids_[c][at];
+    }
+  });
+}
+
+int64_t IdMap::memory_bytes() const {
+  int64_t b = 0;
+  for (int c = 0; c < columns(); ++c)
+    b += index_[c].capacity() * KeyIndex::slot_bytes() +
+         static_cast<int64_t>(ids_[c].capacity()) * 8;
   return b;
 }
 

@@ -140,11 +140,14 @@ class _Ranked(_FirstSeen):
 
 
 class _DayWriter:
-    def __init__(self, out_dir: Path, day: int):
+    """A day's arrays, written under ``.tmp`` names and renamed on close;
+    ``sparse="keys"``: the categories are a vocabulary's keys
+    (``day_<d>.keys.bin``, for ``criteo_spill``)."""
+
+    def __init__(self, out_dir: Path, day: int, sparse: str = "sparse"):
         self.prefix = out_dir / f"day_{day}"
-        self.files = {
-            k: open(f"{self.prefix}.{k}.bin.tmp", "wb") for k in ("dense", "sparse", "labels")
-        }
+        self.names = {"dense": "dense", "sparse": sparse, "labels": "labels"}
+        self.files = {k: open(f"{self.prefix}.{n}.bin.tmp", "wb") for k, n in self.names.items()}
         self.rows = 0
         self.buf = ([], [], [])
 
@@ -176,7 +179,9 @@ class _DayWriter:
         self.flush()
         for k, f in self.files.items():
             f.close()
-            os.replace(f"{self.prefix}.{k}.bin.tmp", f"{self.prefix}.{k}.bin")
+            os.replace(
+                f"{self.prefix}.{self.names[k]}.bin.tmp", f"{self.prefix}.{self.names[k]}.bin"
+            )
         return self.rows
 
 
@@ -231,16 +236,17 @@ def _native_file(
     meta,
     threads,
     bar,
-    vocab=None,
+    number=None,
     keys=None,
     on_done=None,
 ) -> None:
     """Every line of ``path`` parsed natively in blocks, row k (0-based) to
     the writer of day day_ids[j] where bounds[j] <= k < bounds[j+1]; the
     lines the native parser leaves (``deferred``) go through ``parse_line``.
-    With ``vocab`` (max_ind_range 0) the categories are keys (``keys``: the
-    Python side's) numbered by it, block by block in line order; without
-    ``writers`` nothing is written (a counting pass). ``on_done(day)`` is
+    With max_ind_range 0 the categories are keys (``keys``: the Python
+    side's), and ``number(sparse, keep)`` is called on each block in line
+    order before it is written (a Vocabulary numbering them in place);
+    without ``writers`` nothing is written (a counting pass). ``on_done(day)`` is
     called once a day whose lines end inside the file is written."""
     from .. import _C
 
@@ -284,7 +290,7 @@ def _native_file(
             ends = bounds[1:]
             finished = day_ids[(ends > lineno) & (ends <= lineno + len(labels))].tolist()
             pending = pool.submit(
-                _finish_block, vocab, threads, writers, day_ids, cuts, keep, labels, dense, sparse
+                _finish_block, number, writers, day_ids, cuts, keep, labels, dense, sparse
             )
             if on_done is not None and finished:
                 pending = _then(pool, pending, on_done, finished)
@@ -338,9 +344,9 @@ def _then(pool, first, on_done, days):
     return pool.submit(run)
 
 
-def _finish_block(vocab, threads, writers, day_ids, cuts, keep, labels, dense, sparse) -> None:
-    if vocab is not None:  # skipped lines hold no keys (0 stays 0)
-        vocab.map(sparse, threads)
+def _finish_block(number, writers, day_ids, cuts, keep, labels, dense, sparse) -> None:
+    if number is not None:  # skipped lines hold no keys (0 stays 0)
+        number(sparse, keep)
     if writers is not None:
         _write_block(writers, day_ids, cuts, keep, labels, dense, sparse)
 
@@ -367,6 +373,7 @@ def preprocess_criteo(
     progress: bool = False,
     vocabulary: str = "first",
     min_count: int = 1,
+    vocabulary_memory: Optional[int] = None,
 ) -> dict:
     """Preprocesses raw Criteo files into ``out_dir``; returns the metadata
     (rows per day, table sizes, lines skipped). Categories are hashed
@@ -376,7 +383,10 @@ def preprocess_criteo(
     files), categories seen fewer than ``min_count`` times sharing id 0 with
     empty fields. The lines are parsed by the native multi-threaded parser
     (``threads``, default all cores) and numbered by native hash tables, the
-    same bytes as the Python reference (``native=False``) gives."""
+    same bytes as the Python reference (``native=False``) gives. With
+    ``vocabulary_memory`` (bytes) the vocabularies are built through the
+    disk within that many bytes, however many categories there are
+    (``criteo_spill``; the same ids)."""
     if dataset not in DAYS:
         raise ValueError(f"dataset must be one of {sorted(DAYS)}, got {dataset!r}")
     if vocabulary not in ("first", "frequency"):
@@ -385,6 +395,15 @@ def preprocess_criteo(
         raise ValueError(
             f"min_count must be 1, or >= 1 with vocabulary='frequency', got {min_count}"
         )
+    if vocabulary_memory is not None:
+        if max_ind_range:
+            raise ValueError("vocabulary_memory is for vocabularies: leave out max_ind_range")
+        if not native:
+            raise ValueError("vocabulary_memory needs the native parser (native=True)")
+        if vocabulary_memory < 1 << 16:
+            raise ValueError(
+                f"vocabulary_memory must be at least 65536 bytes, got {vocabulary_memory}"
+            )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "meta.json"
@@ -396,6 +415,8 @@ def preprocess_criteo(
     source = {"dataset": dataset, "max_ind_range": max_ind_range, "skip_malformed": skip_malformed}
     if not max_ind_range:
         source.update(vocabulary=vocabulary, min_count=min_count)
+        if vocabulary_memory:  # the same ids, other files on the way
+            source["spill"] = True
     if dataset == "kaggle":
         source["raw_files"] = _fingerprint(files)
     if meta.get("source") != source:
@@ -417,8 +438,27 @@ def preprocess_criteo(
         plan = [(files[0], d, bounds[d], bounds[d + 1]) for d in range(7)]
     else:
         plan = [(f, d, 0, None) for d, f in enumerate(files)]
+    if all(_day_done(meta, day, path) for path, day, _, _ in plan):
+        return meta
+    if dataset == "kaggle":  # its one file is read again whole: lines skipped counted again
+        meta["skipped"] = 0
     if native:
         try:
+            if vocabulary_memory:
+                from .criteo_spill import preprocess_spilled
+
+                threads = threads or os.cpu_count() or 1
+                return preprocess_spilled(
+                    _by_file(plan),
+                    out,
+                    meta,
+                    skip_malformed,
+                    threads,
+                    progress,
+                    vocabulary,
+                    min_count,
+                    vocabulary_memory,
+                )
             return _preprocess_native(
                 plan,
                 out,
@@ -432,7 +472,7 @@ def preprocess_criteo(
                 min_count,
             )
         except _NotNative:
-            pass
+            meta.pop("spill", None)
     if max_ind_range:
         number = None
     elif vocabulary == "first":
@@ -635,6 +675,60 @@ class CriteoDataset:
         return (self.batch(i) for i in range(self.num_batches))
 
 
+def _by_file(plan) -> Dict[Path, list]:
+    """The plan's days (day, first line, last line) by raw file, in order."""
+    by_file: Dict[Path, list] = {}
+    for path, day, first, last in plan:
+        by_file.setdefault(path, []).append((day, first, last))
+    return by_file
+
+
+def _parse_file(
+    path,
+    days,
+    writers,
+    meta,
+    what,
+    max_ind_range,
+    skip_malformed,
+    threads,
+    progress,
+    number=None,
+    keys=None,
+    on_done=None,
+) -> None:
+    """``_native_file`` over the days ``(day, first line, last line)`` of
+    ``path`` (Terabyte: all its lines), with a progress bar."""
+    from tqdm import tqdm
+
+    bounds = [first for _, first, _ in days] + [np.iinfo(np.int64).max]
+    bar = tqdm(
+        total=path.stat().st_size,
+        unit="B",
+        unit_scale=True,
+        desc=f"{what}{path.name}",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    try:
+        _native_file(
+            path,
+            writers,
+            np.asarray([day for day, _, _ in days]),
+            np.asarray(bounds),
+            max_ind_range or 0,
+            skip_malformed,
+            meta,
+            threads,
+            bar,
+            number,
+            keys,
+            on_done,
+        )
+    finally:
+        bar.close()
+
+
 def _preprocess_native(
     plan,
     out,
@@ -647,47 +741,30 @@ def _preprocess_native(
     vocabulary,
     min_count,
 ):
-    from tqdm import tqdm
-
     from .. import _C
 
     threads = threads or os.cpu_count() or 1
     hashed = bool(max_ind_range)
     vocab = None if hashed else _C.Vocabulary(NUM_SPARSE, count=vocabulary == "frequency")
     keys = None if hashed else _Keys()
-    by_file: Dict[Path, list] = {}
-    for path, day, first, last in plan:
-        by_file.setdefault(path, []).append((day, first, last))
+    by_file = _by_file(plan)
 
     def run(path, days, writers, scratch, what, on_done=None):
-        # Day d holds the file's lines [first, last) (Terabyte: all of them).
-        bounds = [first for _, first, _ in days] + [np.iinfo(np.int64).max]
-        day_ids = np.asarray([day for day, _, _ in days])
-        bar = tqdm(
-            total=path.stat().st_size,
-            unit="B",
-            unit_scale=True,
-            desc=f"{what}{path.name}",
-            disable=not progress,
-            dynamic_ncols=True,
+        number = None if vocab is None else (lambda sparse, keep: vocab.map(sparse, threads))
+        _parse_file(
+            path,
+            days,
+            writers,
+            scratch,
+            what,
+            max_ind_range,
+            skip_malformed,
+            threads,
+            progress,
+            number,
+            keys,
+            on_done,
         )
-        try:
-            _native_file(
-                path,
-                writers,
-                day_ids,
-                np.asarray(bounds),
-                max_ind_range or 0,
-                skip_malformed,
-                scratch,
-                threads,
-                bar,
-                vocab,
-                keys,
-                on_done,
-            )
-        finally:
-            bar.close()
 
     if vocab is not None and vocabulary == "frequency":
         for path, days in by_file.items():  # counting: nothing written
