@@ -51,9 +51,12 @@ CHILD = """
 import json, resource, sys, time
 from dlrm_ops.data import preprocess_criteo
 raw, out, native, threads = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
-hashing = 10_000_000 if sys.argv[5] == "hashed" else None
+mode = sys.argv[5]
+hashing = 10_000_000 if mode == "hashed" else None
+budget = int(mode.split()[1]) << 20 if mode.startswith("vocab ") else None
 t0 = time.perf_counter()
-meta = preprocess_criteo([raw], out, "kaggle", hashing, native=native, threads=threads)
+meta = preprocess_criteo([raw], out, "kaggle", hashing, native=native, threads=threads,
+                         vocabulary_memory=budget)
 t = time.perf_counter() - t0
 print(json.dumps({"seconds": t, "lines": sum(meta["days"].values()),
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -78,6 +81,60 @@ print(json.dumps({"seconds": seconds, "lines": KAGGLE_LINES, "distinct": sum(v.s
                   "table_mb": v.memory_bytes() / 2**20,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
+
+
+SPILLED_CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+import numpy as np
+from dlrm_ops.benchmark_criteo import KAGGLE_CARDINALITIES, KAGGLE_LINES
+from dlrm_ops.data import criteo_spill
+out, budget, threads = Path(sys.argv[1]), int(sys.argv[2]) << 20, int(sys.argv[3])
+card, rng = np.asarray(KAGGLE_CARDINALITIES), np.random.default_rng(0)
+(out / "spill").mkdir(parents=True)
+rows = {}
+for d in range(7):  # Kaggle's lines of keys in 7 days, as the parse pass writes them
+    rows[str(d)] = (d + 1) * KAGGLE_LINES // 7 - d * KAGGLE_LINES // 7
+    with open(out / f"day_{d}.keys.bin", "wb") as f:
+        for start in range(0, rows[str(d)], 1 << 16):  # small blocks: RSS is the steps' own
+            n = min(1 << 16, rows[str(d)] - start)
+            (((rng.random((n, 26)) * card).astype(np.int64) + 1) << 4 | 8).tofile(f)
+meta = {"days": {}, "day_files": {}, "spill": {"days": rows, "day_files": dict.fromkeys(rows)}}
+criteo_spill._fresh_scans(meta["spill"])
+passes = {}
+groups = criteo_spill._groups
+def count(runs, budget, bytes_for):
+    passes.update(scans=max(len(r) for r in runs), groups=len(groups(runs, budget, bytes_for)))
+    return groups(runs, budget, bytes_for)
+criteo_spill._groups = count
+t0 = time.perf_counter()
+meta = criteo_spill.spilled_ids(out, meta, list(range(7)), threads, False, "first", 1, budget)
+print(json.dumps({"seconds": time.perf_counter() - t0, "lines": KAGGLE_LINES, **passes,
+                  "distinct": sum(meta["table_sizes"]) - 26, "budget_mb": budget / 2**20,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def kaggle_vocabulary_spilled(budget_mib: int, threads: int = 2) -> dict:
+    """Kaggle's line count of keys (as ``kaggle_vocabulary``) written to disk
+    as the parse pass does (9.5 GB, and as much again for the ids), then
+    numbered through the disk in ``budget_mib``: the scans, ids and apply
+    passes' time and peak RSS (the parse pass's own first scan left out)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                SPILLED_CHILD,
+                str(Path(tmp) / "k"),
+                str(budget_mib),
+                str(threads),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def kaggle_vocabulary(threads: int = 2) -> dict:

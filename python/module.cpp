@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu/dispatch.h"
+#include "data/batch.h"
 #include "data/criteo_parser.h"
 #include "data/criteo_vocab.h"
 #include "kernel_common.h"
@@ -213,6 +214,70 @@ PYBIND11_MODULE(_C, m) {
           "out[i, c] = the id of keys[i, c] where the map holds that key.")
       .def("memory_bytes", &IdMap::memory_bytes)
       .def_static("bytes_for", &IdMap::bytes_for, py::arg("n"));
+  m.def(
+      "gather_rows",
+      [](const std::vector<py::tuple>& parts, py::array_t<int64_t, py::array::c_style> starts,
+         py::array_t<int64_t, py::array::c_style> lows,
+         py::array_t<int64_t, py::array::c_style | py::array::forcecast> rows,
+         const std::vector<int64_t>& columns, int64_t modulo, py::object dense,
+         py::object indices, py::object labels) {
+        using dlrm_ops::data::kDense;
+        using dlrm_ops::data::kSparse;
+        const auto P = static_cast<py::ssize_t>(parts.size());
+        if (starts.ndim() != 1 || starts.shape(0) != P + 1 || lows.ndim() != 1 ||
+            lows.shape(0) != P)
+          throw py::value_error("starts needs one entry per part and one more, lows one per part");
+        if (rows.ndim() != 1) throw py::value_error("rows must be 1-D");
+        for (int64_t c : columns)
+          if (c < 0 || c >= kSparse) throw py::value_error("columns must be in [0, 26)");
+        // The parts are read in place (memory maps): no converted copies.
+        std::vector<py::array> keep;
+        std::vector<dlrm_ops::data::DayArrays> days(parts.size());
+        for (py::ssize_t p = 0; p < P; ++p) {
+          if (parts[p].size() != 3) throw py::value_error("a part is (dense, sparse, labels)");
+          auto d = parts[p][0].cast<py::array>(), s = parts[p][1].cast<py::array>(),
+               l = parts[p][2].cast<py::array>();
+          const int64_t n = l.ndim() == 1 ? l.shape(0) : -1;
+          const bool s32 = s.dtype().is(py::dtype::of<int32_t>()),
+                     l32 = l.dtype().is(py::dtype::of<int32_t>());
+          if (!d.dtype().is(py::dtype::of<float>()) || d.ndim() != 2 || d.shape(0) != n ||
+              d.shape(1) != kDense || !(d.flags() & py::array::c_style))
+            throw py::value_error("a part's dense must be C-contiguous float32 [n, 13]");
+          if (!(s32 || s.dtype().is(py::dtype::of<int64_t>())) || s.ndim() != 2 ||
+              s.shape(0) != n || s.shape(1) != kSparse || !(s.flags() & py::array::c_style))
+            throw py::value_error("a part's sparse must be C-contiguous int32 or int64 [n, 26]");
+          if (!(l32 || l.dtype().is(py::dtype::of<float>())) || (n > 1 && l.strides(0) != 4))
+            throw py::value_error("a part's labels must be contiguous float32 or int32 [n]");
+          days[p] = {static_cast<const float*>(d.data()), s.data(), l.data(), s32, l32, n};
+          keep.insert(keep.end(), {d, s, l});
+        }
+        const int64_t n = rows.shape(0);
+        auto out = [&](py::object o, const py::dtype& dt, py::ssize_t size, const char* name) {
+          if (o.is_none()) return static_cast<void*>(nullptr);
+          auto a = o.cast<py::array>();
+          if (!a.dtype().is(dt) || a.size() != size || !(a.flags() & py::array::c_style) ||
+              !a.writeable())
+            throw py::value_error(std::string(name) + " must be a writeable C-contiguous array of " +
+                                  std::to_string(size) + " elements of its dtype");
+          return a.mutable_data();
+        };
+        auto* dn = static_cast<float*>(out(dense, py::dtype::of<float>(), n * kDense, "dense"));
+        auto* ix = static_cast<int64_t*>(
+            out(indices, py::dtype::of<int64_t>(), n * static_cast<int64_t>(columns.size()),
+                "indices"));
+        auto* lb = static_cast<float*>(out(labels, py::dtype::of<float>(), n, "labels"));
+        try {
+          py::gil_scoped_release release;
+          dlrm_ops::data::gather_rows(days, starts.data(), lows.data(), rows.data(), n, columns,
+                                      modulo, dn, ix, lb);
+        } catch (const std::out_of_range& e) {
+          throw py::index_error(e.what());
+        }
+      },
+      py::arg("parts"), py::arg("starts"), py::arg("lows"), py::arg("rows"), py::arg("columns"),
+      py::arg("modulo"), py::arg("dense"), py::arg("indices"), py::arg("labels"),
+      "Rows of memory-mapped day arrays gathered in order into a batch: dense [n, 13], "
+      "labels [n], indices table-major [len(columns) * n] (csrc/data/batch.h).");
   m.def("cpu_capability",
         [] { return dlrm_ops::cpu::capability_name(dlrm_ops::cpu::capability()); });
   // The kernels' enums and optimizer table, for the check that Python's

@@ -260,6 +260,52 @@ def test_torchrec_raw_hashes_are_taken_modulo(tmp_path):
     assert data.table_sizes == [1000] * 26 and len(data) == 6  # 21 rows, batches of 4
 
 
+@pytest.mark.parametrize("randomize", ["none", "total"])
+def test_batches_are_cut_natively_as_numpy_reads_them(tmp_path, randomize):
+    raw = tmp_path / "train.txt"
+    raw.write_text("\n".join(lines(900)) + "\n")
+    preprocess_criteo([raw], tmp_path / "p", "kaggle", 1000, progress=False)
+    from dlrm_ops.distributed.plan import even_bounds
+
+    opener = CriteoDataset.__new__(CriteoDataset)
+    opener.dir = tmp_path / "p"
+    maps = [opener._open(d) for d in range(7)]
+    for split in ("train", "test", "val"):
+        data = CriteoDataset(tmp_path / "p", split, 50, drop_last=False, randomize=randomize,
+                             sub_sample_rate=0.2, seed=1)  # fmt: skip
+        # The rows of the split in numpy: days 0-5, or the halves of day 6.
+        parts = maps[:6] if split == "train" else [maps[6]]
+        dense, sparse, labels = (np.concatenate([p[j] for p in parts]) for j in range(3))
+        if split != "train":
+            half = len(maps[6][2]) // 2
+            cut = slice(0, half) if split == "test" else slice(half, None)
+            dense, sparse, labels = dense[cut], sparse[cut], labels[cut]
+        for i in range(len(data)):
+            rows = data._rows(i)
+            b = data.batch(i)
+            assert torch.equal(b.dense, torch.from_numpy(dense[rows]))
+            assert torch.equal(b.indices, torch.from_numpy(sparse[rows].T.reshape(-1)))
+            assert torch.equal(b.labels, torch.from_numpy(labels[rows]))
+            assert torch.equal(b.offsets, torch.arange(26 * len(rows) + 1))
+            part = data.batch_part(i, 1, 3, [4, 0, 25])
+            cuts = even_bounds(len(rows), 3)
+            mine = rows[cuts[1] : cuts[2]]
+            assert torch.equal(part.dense, torch.from_numpy(dense[mine]))
+            assert torch.equal(part.labels, torch.from_numpy(labels[mine]))
+            assert torch.equal(
+                part.indices, torch.from_numpy(sparse[rows][:, [4, 0, 25]].T.reshape(-1))
+            )
+    from dlrm_ops import _C
+
+    with pytest.raises(IndexError, match="row 1000000 is outside"):
+        data._gather(np.array([0, 1_000_000]), range(26))
+    with pytest.raises(ValueError, match="columns must be in"):
+        data._gather(np.array([0]), [26])
+    with pytest.raises(ValueError, match="dense must be a writeable"):
+        _C.gather_rows(data.arrays, data.starts, np.zeros(1, np.int64), np.array([0]), [0], 0,
+                       np.zeros(13, np.float64), None, None)  # fmt: skip
+
+
 def test_window_shuffle_keeps_rows_in_their_window(tmp_path):
     raw = tmp_path / "train.txt"
     raw.write_text("\n".join(lines(800)) + "\n")

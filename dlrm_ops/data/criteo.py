@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .batch import Batch, batch_from_arrays
+from .batch import Batch
 
 NUM_DENSE, NUM_SPARSE = 13, 26
 NUM_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
@@ -540,6 +540,8 @@ class CriteoDataset:
     drawn from ``seed``. ``drop_last`` drops a last partial batch (otherwise
     it is a short batch: a split smaller than one batch is one batch)."""
 
+    modulo = 0  # categories taken modulo this where positive (TorchrecNpyDataset)
+
     def __init__(
         self,
         processed_dir: str,
@@ -575,7 +577,7 @@ class CriteoDataset:
         self.arrays = [self._open(d) for d, _, _ in parts]
         # Rows as (part, row) pairs in reading order: one array of global row
         # numbers when shuffled or sub-sampled, else plain ranges.
-        self.starts = np.cumsum([0] + [hi - lo for _, lo, hi in parts])
+        self.starts = np.cumsum([0] + [hi - lo for _, lo, hi in parts], dtype=np.int64)
         self.lows = [lo for _, lo, _ in parts]
         rng = np.random.default_rng((seed, 0xC817))
         self.order = None
@@ -625,31 +627,32 @@ class CriteoDataset:
         lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, self.rows)
         return np.arange(lo, hi) if self.order is None else self.order[lo:hi]
 
-    def _read(self, rows: np.ndarray, which: int, columns=None) -> np.ndarray:
-        """Array ``which`` (0 dense, 1 sparse, 2 labels) at global rows
-        ``rows``, optionally only some columns: a contiguous run is one slice
-        of the memory map."""
-        part = np.searchsorted(self.starts, rows, side="right") - 1
-        out = []
-        for k in np.unique(part):
-            local = np.sort(rows[part == k]) - self.starts[k] + self.lows[k]
-            a = self.arrays[k][which]
-            contiguous = local[-1] - local[0] == len(local) - 1
-            a = a[local[0] : local[-1] + 1] if contiguous else a[local]
-            out.append(a if columns is None else a[:, columns])
-        if not out:
-            shape = self.arrays[0][which].shape[1:] if columns is None else (len(columns),)
-            return np.zeros((0,) + tuple(shape), self.arrays[0][which].dtype)
-        a = np.concatenate(out)
-        if self.order is not None:
-            # Read sorted (parts cover ascending row ranges): put them back in
-            # the batch's order.
-            a = a[np.searchsorted(np.sort(rows), rows)]
-        return a
+    def _gather(self, rows: np.ndarray, columns, dense: bool = True, labels: bool = True):
+        """(dense [B, 13], table-major indices of ``columns``, labels [B]) of
+        global rows ``rows``, cut natively from the memory maps (dense and
+        labels None where not asked for)."""
+        from .. import _C
+
+        B = len(rows)
+        out = (
+            torch.empty(B, NUM_DENSE) if dense else None,
+            torch.empty(len(columns) * B, dtype=torch.int64),
+            torch.empty(B) if labels else None,
+        )
+        _C.gather_rows(
+            self.arrays,
+            self.starts,
+            np.asarray(self.lows, dtype=np.int64),
+            rows,
+            list(columns),
+            self.modulo,
+            *(None if t is None else t.numpy() for t in out),
+        )
+        return out
 
     def batch(self, i: int) -> Batch:
-        rows = self._rows(i)
-        return batch_from_arrays(*(self._read(rows, j) for j in range(3)))
+        dense, indices, labels = self._gather(self._rows(i), range(NUM_SPARSE))
+        return Batch(dense, indices, torch.arange(len(indices) + 1), labels)
 
     def batch_part(self, i: int, rank: int, world_size: int, tables: Sequence[int]):
         """What rank reads of batch i for hybrid-parallel training
@@ -660,16 +663,9 @@ class CriteoDataset:
 
         rows = self._rows(i)
         cuts = even_bounds(len(rows), world_size)
-        mine = rows[cuts[rank] : cuts[rank + 1]]
-        sparse = self._read(rows, 1, list(tables))
-        B, T = sparse.shape
-        return ShardedBatch(
-            torch.from_numpy(np.array(self._read(mine, 0), dtype=np.float32)),
-            torch.from_numpy(np.ascontiguousarray(sparse.T).reshape(-1).astype(np.int64)),
-            torch.arange(T * B + 1, dtype=torch.int64),
-            torch.from_numpy(np.array(self._read(mine, 2), dtype=np.float32)),
-            B,
-        )
+        dense, _, labels = self._gather(rows[cuts[rank] : cuts[rank + 1]], [])
+        _, indices, _ = self._gather(rows, tables, dense=False, labels=False)
+        return ShardedBatch(dense, indices, torch.arange(len(indices) + 1), labels, len(rows))
 
     def __iter__(self) -> Iterator[Batch]:
         return (self.batch(i) for i in range(self.num_batches))

@@ -45,7 +45,6 @@ def preprocess_spilled(
 ) -> dict:
     """The days of ``by_file`` ({raw file: [(day, first line, last line)]},
     in day order) with vocabularies in ``budget`` bytes; returns the meta."""
-    from tqdm import tqdm
 
     from .. import _C
 
@@ -104,6 +103,17 @@ def preprocess_spilled(
             _write_meta(out, meta)
         del scan, feed
 
+    return spilled_ids(out, meta, days, threads, progress, vocabulary, min_count, budget)
+
+
+def spilled_ids(out: Path, meta: dict, days, threads, progress, vocabulary, min_count, budget):
+    """Steps 2 to 5 over the keys of ``days`` (in ``meta["spill"]``): the
+    ids written to each day's sparse array; returns the meta."""
+    from tqdm import tqdm
+
+    from .. import _C
+
+    state = meta["spill"]
     # 2. Scans until every column's hash range is covered.
     rows = {int(d): n for d, n in state["days"].items()}
     while not all(state["done"]):
@@ -151,13 +161,12 @@ def preprocess_spilled(
         _write_meta(out, meta)
 
     # 5. The days are done.
-    for path, ds in by_file.items():
-        for d, _, _ in ds:
-            tmp = out / f"day_{d}.sparse.bin.tmp"
-            if tmp.exists():
-                os.replace(tmp, out / f"day_{d}.sparse.bin")
-            meta["days"][str(d)] = rows[d]
-            meta["day_files"][str(d)] = state["day_files"][str(d)]
+    for d in days:
+        tmp = out / f"day_{d}.sparse.bin.tmp"
+        if tmp.exists():
+            os.replace(tmp, out / f"day_{d}.sparse.bin")
+        meta["days"][str(d)] = rows[d]
+        meta["day_files"][str(d)] = state["day_files"][str(d)]
     for d in days:  # before the meta says done: a rerun finds nothing left over
         (out / f"day_{d}.keys.bin").unlink(missing_ok=True)
     shutil.rmtree(out / "spill", ignore_errors=True)

@@ -36,6 +36,7 @@ class TorchrecNpyDataset(CriteoDataset):
                  num_batches: Optional[int] = None, max_ind_range: Optional[int] = None,
                  **kw):  # fmt: skip
         self.max_ind_range = max_ind_range
+        self.modulo = max_ind_range or 0
         super().__init__(folder, split, batch_size, num_batches, **kw)
 
     def _layout(self):
@@ -63,14 +64,6 @@ class TorchrecNpyDataset(CriteoDataset):
         sparse = np.load(f"{p}_sparse.npy", mmap_mode="r")
         labels = np.load(f"{p}_labels.npy", mmap_mode="r").reshape(-1)
         return dense, sparse, labels
-
-    def _read(self, rows, which, columns=None):
-        a = super()._read(rows, which, columns)
-        if which == 1:
-            a = a.astype(np.int64)
-            if self.max_ind_range:
-                a = np.remainder(a, self.max_ind_range)
-        return a
 
 
 def write_torchrec_npy(processed_dir: str, out_dir: str, days: Optional[Sequence[int]] = None):
