@@ -159,7 +159,11 @@ def cmd_benchmark(args, argv=None) -> int:
             flush=True,
         )
         pre = benchmark_criteo.run(args.preprocess_lines, threads)
-        benchmark_criteo.print_table(pre, benchmark_criteo.kaggle_vocabulary(max(threads)))
+        spilled = args.kaggle_vocabulary_memory and benchmark_criteo.kaggle_vocabulary_spilled(
+            args.kaggle_vocabulary_memory, max(threads)
+        )
+        vocab = benchmark_criteo.kaggle_vocabulary(max(threads))
+        benchmark_criteo.print_table(pre, vocab, spilled)
     if "dropin" in args.ops:
         from . import benchmark_dropin
 
@@ -267,6 +271,14 @@ def main(argv=None) -> int:
         type=int,
         default=5_000_000,
         help="for --ops preprocess: lines of the generated Criteo-format file",
+    )
+    b.add_argument(
+        "--kaggle-vocabulary-memory",
+        type=int,
+        default=None,
+        metavar="MIB",
+        help="for --ops preprocess: also number Kaggle-size vocabularies through the disk in "
+        "this many MiB (19 GB of temporary files, minutes)",
     )
     b.add_argument("--json", help="also write the results here")
     b.add_argument(

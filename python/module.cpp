@@ -198,6 +198,13 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("column"), py::arg("keys"), py::arg("ids"))
       .def(
+          "reserve",
+          [](IdMap& m, int c, int64_t n) {
+            if (c < 0 || c >= m.columns()) throw py::index_error("no such column");
+            m.reserve(c, n);
+          },
+          py::arg("column"), py::arg("n"))
+      .def(
           "apply",
           [](const IdMap& m, py::array keys, py::array out, int threads) {
             const int64_t* k = rows_of(keys, m.columns(), "keys");
@@ -219,8 +226,8 @@ PYBIND11_MODULE(_C, m) {
       [](const std::vector<py::tuple>& parts, py::array_t<int64_t, py::array::c_style> starts,
          py::array_t<int64_t, py::array::c_style> lows,
          py::array_t<int64_t, py::array::c_style | py::array::forcecast> rows,
-         const std::vector<int64_t>& columns, int64_t modulo, py::object dense,
-         py::object indices, py::object labels) {
+         const std::vector<int64_t>& columns, int64_t modulo, py::object dense, py::object indices,
+         py::object labels) {
         using dlrm_ops::data::kDense;
         using dlrm_ops::data::kSparse;
         const auto P = static_cast<py::ssize_t>(parts.size());
@@ -257,14 +264,14 @@ PYBIND11_MODULE(_C, m) {
           auto a = o.cast<py::array>();
           if (!a.dtype().is(dt) || a.size() != size || !(a.flags() & py::array::c_style) ||
               !a.writeable())
-            throw py::value_error(std::string(name) + " must be a writeable C-contiguous array of " +
+            throw py::value_error(std::string(name) +
+                                  " must be a writeable C-contiguous array of " +
                                   std::to_string(size) + " elements of its dtype");
           return a.mutable_data();
         };
         auto* dn = static_cast<float*>(out(dense, py::dtype::of<float>(), n * kDense, "dense"));
-        auto* ix = static_cast<int64_t*>(
-            out(indices, py::dtype::of<int64_t>(), n * static_cast<int64_t>(columns.size()),
-                "indices"));
+        auto* ix = static_cast<int64_t*>(out(indices, py::dtype::of<int64_t>(),
+                                             n * static_cast<int64_t>(columns.size()), "indices"));
         auto* lb = static_cast<float*>(out(labels, py::dtype::of<float>(), n, "labels"));
         try {
           py::gil_scoped_release release;

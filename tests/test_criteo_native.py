@@ -210,6 +210,7 @@ def test_preprocess_benchmark_runs_both_modes():
     assert [(r["impl"], r["mode"]) for r in rows] == [
         ("native", "hashed"),
         ("native", "vocab"),
+        ("native", "vocab 16"),
         ("python reference", "hashed"),
         ("python reference", "vocab"),
     ]

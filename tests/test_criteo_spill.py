@@ -7,12 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+from test_criteo_native import odd, outputs, repeating_lines
 
 from dlrm_ops import _C
 from dlrm_ops.data import criteo, criteo_spill
 from dlrm_ops.data.criteo import MalformedLineError, preprocess_criteo
-
-from test_criteo_native import odd, outputs, repeating_lines
 
 SMALL = 1 << 16  # about 50 keys per column per scan: many scans and id groups
 
@@ -78,7 +77,12 @@ def spy_groups(monkeypatch):
 
 @pytest.mark.parametrize(
     "vocabulary,min_count,budget",
-    [("first", 1, SMALL), ("frequency", 3, SMALL), ("first", 1, 1 << 30), ("frequency", 1, 1 << 30)],
+    [
+        ("first", 1, SMALL),
+        ("frequency", 3, SMALL),
+        ("first", 1, 1 << 30),
+        ("frequency", 1, 1 << 30),
+    ],
 )
 def test_spilled_vocabularies_equal_python(tmp_path, monkeypatch, vocabulary, min_count, budget):
     monkeypatch.setattr(criteo, "BLOCK_BYTES", 1999)  # the first scan fed many blocks

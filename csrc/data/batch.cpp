@@ -42,9 +42,11 @@ void gather_rows(const std::vector<DayArrays>& parts, const int64_t* starts, con
                              : static_cast<const float*>(a.labels)[local];
     if (indices && !columns.empty()) {
       if (a.sparse32)
-        gather_sparse(static_cast<const int32_t*>(a.sparse), local, columns, modulo, indices + i, n);
+        gather_sparse(static_cast<const int32_t*>(a.sparse), local, columns, modulo, indices + i,
+                      n);
       else
-        gather_sparse(static_cast<const int64_t*>(a.sparse), local, columns, modulo, indices + i, n);
+        gather_sparse(static_cast<const int64_t*>(a.sparse), local, columns, modulo, indices + i,
+                      n);
     }
   }
 }

@@ -10,9 +10,9 @@ namespace dlrm_ops::data {
 
 // One day's arrays (or the part of them a split reads).
 struct DayArrays {
-  const float* dense;    // [rows x 13]
-  const void* sparse;    // [rows x 26], int64 or (sparse32) int32
-  const void* labels;    // [rows], float32 or (labels32) int32
+  const float* dense;  // [rows x 13]
+  const void* sparse;  // [rows x 26], int64 or (sparse32) int32
+  const void* labels;  // [rows], float32 or (labels32) int32
   bool sparse32 = false;
   bool labels32 = false;
   int64_t rows = 0;

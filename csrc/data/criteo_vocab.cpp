@@ -140,9 +140,8 @@ int64_t Vocabulary::size(int c) const {
 int64_t Vocabulary::memory_bytes() const {
   int64_t b = 0;
   for (const auto& t : tables_)
-    b += static_cast<int64_t>(t.index.capacity() * KeyIndex::slot_bytes() +
-                              t.by_id.capacity() * 8 + t.counts.capacity() * 4 +
-                              t.remap.capacity() * 4);
+    b += static_cast<int64_t>(t.index.capacity() * KeyIndex::slot_bytes() + t.by_id.capacity() * 8 +
+                              t.counts.capacity() * 4 + t.remap.capacity() * 4);
   return b;
 }
 
@@ -249,25 +248,52 @@ void KeyRange::add(const int64_t* keys, int64_t n, int64_t first_row, int thread
 
 void KeyRange::take(int c, std::vector<uint64_t>* keys, std::vector<int64_t>* first,
                     std::vector<uint32_t>* counts) {
+  // In place, so that a column's run costs little more than its table: the
+  // entries moved to the front, then permuted into first-row order.
   Table& t = tables_[c];
-  std::vector<size_t> slots;
-  slots.reserve(t.size);
-  for (size_t s = 0; s < t.key.size(); ++s)
-    if (t.key[s] != 0) slots.push_back(s);
-  std::sort(slots.begin(), slots.end(), [&](size_t a, size_t b) { return t.first[a] < t.first[b]; });
-  keys->resize(slots.size());
-  first->resize(slots.size());
-  counts->resize(slots.size());
-  for (size_t i = 0; i < slots.size(); ++i) {
-    (*keys)[i] = t.key[slots[i]];
-    (*first)[i] = t.first[slots[i]];
-    (*counts)[i] = t.count[slots[i]];
+  size_t n = 0;
+  for (size_t s = 0; s < t.key.size(); ++s) {
+    if (t.key[s] == 0) continue;
+    t.key[n] = t.key[s];
+    t.first[n] = t.first[s];
+    t.count[n] = t.count[s];
+    ++n;
+  }
+  if (n >= UINT32_MAX) throw std::length_error("over 4 billion categories in a column");
+  std::vector<uint32_t> order(n);
+  std::iota(order.begin(), order.end(), 0u);
+  std::sort(order.begin(), order.end(),
+            [&](uint32_t a, uint32_t b) { return t.first[a] < t.first[b]; });
+  for (size_t i = 0; i < n; ++i) {  // entry i takes entry order[i], cycle by cycle
+    if (order[i] == UINT32_MAX) continue;
+    const uint64_t k = t.key[i];
+    const int64_t f = t.first[i];
+    const uint32_t m = t.count[i];
+    size_t j = i;
+    while (true) {
+      const size_t from = order[j];
+      order[j] = UINT32_MAX;
+      if (from == i) break;
+      t.key[j] = t.key[from];
+      t.first[j] = t.first[from];
+      t.count[j] = t.count[from];
+      j = from;
+    }
+    t.key[j] = k;
+    t.first[j] = f;
+    t.count[j] = m;
   }
   used_ -= static_cast<int64_t>(t.key.size()) * slot_bytes();
-  t.key = {};
-  t.first = {};
-  t.count = {};
-  t.size = 0;
+  t.key.resize(n);
+  t.first.resize(n);
+  t.count.resize(n);
+  *keys = std::move(t.key);
+  *first = std::move(t.first);
+  *counts = std::move(t.count);
+  const uint64_t lo = t.lo, hi = t.hi;
+  t = Table{};
+  t.lo = lo;
+  t.hi = hi;
   t.active = false;
 }
 
@@ -279,11 +305,14 @@ int64_t IdMap::bytes_for(int64_t n) {
   return static_cast<int64_t>(slots_for(n)) * KeyIndex::slot_bytes() + 8 * n;
 }
 
+void IdMap::reserve(int c, int64_t n) {
+  if (index_[c].size() == 0) index_[c] = KeyIndex(static_cast<int64_t>(slots_for(n)));
+  ids_[c].reserve(n);
+}
+
 void IdMap::add(int c, const int64_t* keys, const int64_t* ids, int64_t n) {
   KeyIndex& index = index_[c];
-  if (index.size() == 0 && n > 0) index = KeyIndex(static_cast<int64_t>(slots_for(n)));
   auto& out = ids_[c];
-  out.reserve(out.size() + n);
   for (int64_t i = 0; i < n; ++i) {
     bool added;
     const uint32_t at = index.find_or_add(static_cast<uint64_t>(keys[i]), &added);

@@ -68,7 +68,7 @@ class Vocabulary {
 
  private:
   struct Table {
-    KeyIndex index;                // key -> first-appearance id - 1
+    KeyIndex index;  // key -> first-appearance id - 1
     std::vector<uint64_t> by_id;
     std::vector<uint32_t> counts;  // empty unless counting
     std::vector<uint32_t> remap;   // after freeze: first-appearance id - 1 -> id
@@ -89,16 +89,15 @@ class Vocabulary {
 class KeyRange {
  public:
   // lo[c]: where column c's range starts; an inactive column is skipped.
-  KeyRange(const std::vector<uint64_t>& lo, const std::vector<bool>& active,
-           int64_t budget_bytes);
+  KeyRange(const std::vector<uint64_t>& lo, const std::vector<bool>& active, int64_t budget_bytes);
   // keys[n x columns], row-major; row i is row first_row + i of the data.
   // Columns are spread over `threads` threads.
   void add(const int64_t* keys, int64_t n, int64_t first_row, int threads);
   int columns() const { return static_cast<int>(tables_.size()); }
   uint64_t lo(int c) const { return tables_[c].lo; }
   uint64_t hi(int c) const { return tables_[c].hi; }
-  // Column c's keys, their first rows and counts, in order of first row;
-  // its table is freed.
+  // Column c's keys, their first rows and counts, in order of first row,
+  // made from its table in place (the table is gone after).
   void take(int c, std::vector<uint64_t>* keys, std::vector<int64_t>* first,
             std::vector<uint32_t>* counts);
   int64_t memory_bytes() const { return used_.load(); }
@@ -128,6 +127,8 @@ class KeyRange {
 class IdMap {
  public:
   explicit IdMap(int columns);
+  // Room for n keys in column c (before its first add): no growing.
+  void reserve(int c, int64_t n);
   void add(int c, const int64_t* keys, const int64_t* ids, int64_t n);
   // out[i, c] = id of keys[i, c] where it holds that key; both [n x columns].
   void apply(const int64_t* keys, int64_t* out, int64_t n, int threads) const;

@@ -140,6 +140,8 @@ def spilled_ids(out: Path, meta: dict, days, threads, progress, vocabulary, min_
     groups = state["groups"]
     for g in range(state["applied"], len(groups)):
         ids = _C.IdMap(NUM_SPARSE)
+        for c in {c for c, _ in groups[g]}:
+            ids.reserve(c, sum(state["runs"][c][k] for cc, k in groups[g] if cc == c))
         for c, k in groups[g]:
             found = np.load(_run_path(out, c, k, "ids"))
             kept = found > 0  # 0: below min_count, as the output already is
@@ -209,6 +211,7 @@ def _take_runs(out: Path, state: dict, scan) -> None:
         for what, a in (("keys", keys.view(np.int64)), ("first", first), ("counts", counts)):
             np.save(_run_path(out, c, k, what), a)
         state["runs"][c].append(len(keys))
+        del keys, first, counts  # before the next column's
         hi = scan.hi(c)
         state["done"][c] = hi == TOP
         state["lo"][c] = hi if hi == TOP else hi + 1
@@ -270,14 +273,15 @@ def _ids(out: Path, state: dict, vocabulary: str, min_count: int) -> list:
 
 
 def _groups(runs, budget: int, bytes_for) -> list:
-    """The runs [column, run] in groups whose maps fit the budget together."""
-    groups, size = [[]], 0
+    """The runs [column, run] in groups whose maps (one per column, sized
+    for its runs in the group) fit the budget together."""
+    groups, held = [[]], {}
     for c, sizes in enumerate(runs):
         for k, n in enumerate(sizes):
-            b = bytes_for(n)
-            if groups[-1] and size + b > budget:
+            more = {**held, c: held.get(c, 0) + n}
+            if groups[-1] and sum(bytes_for(m) for m in more.values()) > budget:
                 groups.append([])
-                size = 0
+                more = {c: n}
             groups[-1].append([c, k])
-            size += b
+            held = more
     return groups
