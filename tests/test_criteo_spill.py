@@ -141,9 +141,11 @@ class Killed(Exception):
 def test_spilled_vocabularies_resume_from_any_step(tmp_path, monkeypatch, after):
     monkeypatch.setattr(criteo, "BLOCK_BYTES", 3001)
     rows = repeating_lines(800, seed=3)
+    rows[300] = odd(rows[300], 0, "2")  # skipped, and still counted after a resume
     raw = tmp_path / "train.txt"
     raw.write_text("\n".join(rows) + "\n")
-    kw = dict(vocabulary="frequency", min_count=2, threads=2, vocabulary_memory=SMALL)
+    kw = dict(vocabulary="frequency", min_count=2, skip_malformed=True)
+    kw.update(threads=2, vocabulary_memory=SMALL)
     real = criteo_spill._write_meta
     writes = []
 
@@ -158,9 +160,12 @@ def test_spilled_vocabularies_resume_from_any_step(tmp_path, monkeypatch, after)
         preprocess_criteo([raw], tmp_path / "s", **kw)
     monkeypatch.setattr(criteo_spill, "_write_meta", real)
     meta = preprocess_criteo([raw], tmp_path / "s", **kw)
-    clean = preprocess_criteo([raw], tmp_path / "p", vocabulary="frequency", min_count=2)
+    clean = preprocess_criteo(
+        [raw], tmp_path / "p", vocabulary="frequency", min_count=2, skip_malformed=True
+    )
     assert outputs(tmp_path / "s") == outputs(tmp_path / "p")
-    assert meta["table_sizes"] == clean["table_sizes"] and meta["days"] == clean["days"]
+    for k in ("days", "table_sizes", "skipped"):
+        assert meta[k] == clean[k], k
 
 
 def test_vocabulary_memory_is_checked(tmp_path):

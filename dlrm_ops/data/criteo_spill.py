@@ -98,10 +98,13 @@ def preprocess_spilled(
             )
             for d in list(writers):
                 close(d)
+        state["skipped"] = meta["skipped"]
         if feed is not None:
             _take_runs(out, state, scan)
-            _write_meta(out, meta)
+        _write_meta(out, meta)
         del scan, feed
+    else:  # a rerun that reads no raw file: the count of the run that did
+        meta["skipped"] = state.get("skipped", 0)
 
     return spilled_ids(out, meta, days, threads, progress, vocabulary, min_count, budget)
 
