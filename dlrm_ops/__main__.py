@@ -64,10 +64,16 @@ def cmd_preprocess(args) -> int:
     seconds = time.perf_counter() - t0
     lines = sum(meta["days"].values()) + meta["skipped"]
     size = sum(os.path.getsize(f) for f in args.raw_data_file)
+    passes = meta.get("vocabulary_passes")
+    through_disk = (
+        f" (vocabularies: {passes['scans']} scans, {passes['id_passes']} passes writing ids)"
+        if passes
+        else ""
+    )
     print(
         f"{lines:,} lines ({meta['skipped']} skipped) in {seconds:.1f} s: "
         f"{lines / seconds:,.0f} lines/s, {size / seconds / 1e6:,.0f} MB/s; "
-        f"written to {args.processed_data_file}"
+        f"written to {args.processed_data_file}{through_disk}"
     )
     return 0
 
@@ -164,6 +170,7 @@ def cmd_benchmark(args, argv=None) -> int:
         )
         vocab = benchmark_criteo.kaggle_vocabulary(max(threads))
         benchmark_criteo.print_table(pre, vocab, spilled)
+        benchmark_criteo.print_batches(benchmark_criteo.batch_speed())
     if "dropin" in args.ops:
         from . import benchmark_dropin
 

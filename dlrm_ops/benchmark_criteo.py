@@ -16,6 +16,8 @@ from typing import List
 
 import numpy as np
 
+from .data.batch import batch_from_arrays
+
 DISTINCT = 250_000  # distinct lines generated; the file repeats them
 # Distinct values of C1..C26 in Kaggle's train.txt (45,840,617 lines).
 KAGGLE_CARDINALITIES = [
@@ -48,8 +50,21 @@ def generate(path: Path, lines: int, seed: int = 0) -> None:
             out.write(("\n".join(block[:rest]) + "\n").encode())
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MB since it started (VmHWM). Not
+    getrusage's ru_maxrss: on Linux a child keeps the high-water mark of the
+    process it was forked from, so a child of a large benchmark process would
+    report the parent's."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
+from dlrm_ops.benchmark_criteo import peak_rss_mb
 from dlrm_ops.data import preprocess_criteo
 raw, out, native, threads = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
 mode = sys.argv[5]
@@ -60,15 +75,15 @@ meta = preprocess_criteo([raw], out, "kaggle", hashing, native=native, threads=t
                          vocabulary_memory=budget)
 t = time.perf_counter() - t0
 print(json.dumps({"seconds": t, "lines": sum(meta["days"].values()),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 
 VOCAB_CHILD = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 from dlrm_ops import _C
-from dlrm_ops.benchmark_criteo import KAGGLE_CARDINALITIES, KAGGLE_LINES
+from dlrm_ops.benchmark_criteo import KAGGLE_CARDINALITIES, KAGGLE_LINES, peak_rss_mb
 threads = int(sys.argv[1])
 card = np.asarray(KAGGLE_CARDINALITIES)
 v, rng, seconds = _C.Vocabulary(26), np.random.default_rng(0), 0.0
@@ -80,15 +95,15 @@ for start in range(0, KAGGLE_LINES, 1 << 16):
     seconds += time.perf_counter() - t0
 print(json.dumps({"seconds": seconds, "lines": KAGGLE_LINES, "distinct": sum(v.sizes()) - 26,
                   "table_mb": v.memory_bytes() / 2**20,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 
 SPILLED_CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 import numpy as np
-from dlrm_ops.benchmark_criteo import KAGGLE_CARDINALITIES, KAGGLE_LINES
+from dlrm_ops.benchmark_criteo import KAGGLE_CARDINALITIES, KAGGLE_LINES, peak_rss_mb
 from dlrm_ops.data import criteo_spill
 out, budget, threads = Path(sys.argv[1]), int(sys.argv[2]) << 20, int(sys.argv[3])
 card, rng = np.asarray(KAGGLE_CARDINALITIES), np.random.default_rng(0)
@@ -102,17 +117,12 @@ for d in range(7):  # Kaggle's lines of keys in 7 days, as the parse pass writes
             (((rng.random((n, 26)) * card).astype(np.int64) + 1) << 4 | 8).tofile(f)
 meta = {"days": {}, "day_files": {}, "spill": {"days": rows, "day_files": dict.fromkeys(rows)}}
 criteo_spill._fresh_scans(meta["spill"])
-passes = {}
-groups = criteo_spill._groups
-def count(runs, budget, bytes_for):
-    passes.update(scans=max(len(r) for r in runs), groups=len(groups(runs, budget, bytes_for)))
-    return groups(runs, budget, bytes_for)
-criteo_spill._groups = count
 t0 = time.perf_counter()
 meta = criteo_spill.spilled_ids(out, meta, list(range(7)), threads, False, "first", 1, budget)
-print(json.dumps({"seconds": time.perf_counter() - t0, "lines": KAGGLE_LINES, **passes,
+print(json.dumps({"seconds": time.perf_counter() - t0, "lines": KAGGLE_LINES,
+                  **meta["vocabulary_passes"],
                   "distinct": sum(meta["table_sizes"]) - 26, "budget_mb": budget / 2**20,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 
@@ -148,6 +158,62 @@ def kaggle_vocabulary(threads: int = 2) -> dict:
         check=True,
     )
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _numpy_batch(data, i: int):
+    """Batch i of a CriteoDataset read with numpy alone, the best way without
+    native code: each day's rows in one fancy index (sorted, a slice where
+    contiguous), put back in batch order, the categories transposed."""
+    rows = data._rows(i)
+    part = np.searchsorted(data.starts, rows, side="right") - 1
+    arrays = [[], [], []]
+    for k in np.unique(part):
+        local = np.sort(rows[part == k]) - data.starts[k] + data.lows[k]
+        run = local[-1] - local[0] == len(local) - 1
+        for j in range(3):
+            a = data.arrays[k][j]
+            arrays[j].append(a[local[0] : local[-1] + 1] if run else a[local])
+    back = np.searchsorted(np.sort(rows), rows)
+    dense, sparse, labels = (np.concatenate(a)[back] for a in arrays)
+    return batch_from_arrays(dense, sparse, labels)
+
+
+def batch_speed(lines: int = 1_000_000, batch_size: int = 2048, repeats: int = 3) -> List[dict]:
+    """Training batches cut from the preprocessed arrays of a generated file
+    (hashed): ``CriteoDataset.batch`` (native) against ``_numpy_batch``, in
+    file order and shuffled, alternating in this process; ms per batch, best
+    of ``repeats``. The two are checked equal first."""
+    import time
+
+    import torch
+
+    from .data import CriteoDataset, preprocess_criteo
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "train.txt"
+        generate(raw, lines)
+        preprocess_criteo([raw], Path(tmp) / "p", "kaggle", 10_000_000)
+        for order in ("none", "total"):
+            data = CriteoDataset(Path(tmp) / "p", "train", batch_size, randomize=order)
+            a, b = data.batch(0), _numpy_batch(data, 0)
+            if not all(
+                torch.equal(getattr(a, k), getattr(b, k)) for k in ("dense", "indices", "labels")
+            ):
+                raise RuntimeError("the native batch differs from numpy's")
+            best = {"native": float("inf"), "numpy": float("inf")}
+            for _ in range(repeats):
+                for name, make in (
+                    ("native", data.batch),
+                    ("numpy", lambda i: _numpy_batch(data, i)),
+                ):
+                    t0 = time.perf_counter()
+                    for i in range(len(data)):
+                        make(i)
+                    best[name] = min(best[name], (time.perf_counter() - t0) / len(data) * 1e3)
+            out.append({"order": order, "batch": batch_size, "batches": len(data),
+                        "native_ms": best["native"], "numpy_ms": best["numpy"]})  # fmt: skip
+    return out
 
 
 def run(
@@ -200,6 +266,15 @@ def run(
     return results
 
 
+def print_batches(rows) -> None:
+    for r in rows:
+        print(
+            f"batches of {r['batch']}, rows {'shuffled' if r['order'] == 'total' else 'in order'}: "
+            f"native {r['native_ms']:.3f} ms, numpy {r['numpy_ms']:.3f} ms "
+            f"({r['numpy_ms'] / r['native_ms']:.1f}x), best of 3 over {r['batches']} batches"
+        )
+
+
 def print_table(results, vocab=None, spilled=None) -> None:
     print(
         f"{'parser':<18} {'categories':<10} {'thr':>3} {'lines':>10} {'s':>7} {'lines/s':>11} "
@@ -233,6 +308,6 @@ def print_table(results, vocab=None, spilled=None) -> None:
             f"through the disk in {spilled['budget_mb']:,.0f} MiB: {spilled['distinct']:,} "
             f"distinct categories from {spilled['lines']:,} lines of keys in "
             f"{spilled['seconds']:.1f} s "
-            f"({spilled['scans']} scans, {spilled['groups']} passes writing ids), peak RSS "
+            f"({spilled['scans']} scans, {spilled['id_passes']} passes writing ids), peak RSS "
             f"{spilled['peak_rss_mb']:,.0f} MB"
         )

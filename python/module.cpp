@@ -234,6 +234,10 @@ PYBIND11_MODULE(_C, m) {
         if (starts.ndim() != 1 || starts.shape(0) != P + 1 || lows.ndim() != 1 ||
             lows.shape(0) != P)
           throw py::value_error("starts needs one entry per part and one more, lows one per part");
+        for (py::ssize_t p = 0; p < P; ++p)
+          if (starts.at(p) > starts.at(p + 1) || lows.at(p) < 0)
+            throw py::value_error("starts must not decrease and lows must be >= 0");
+        if (starts.at(0) != 0) throw py::value_error("starts must begin at 0");
         if (rows.ndim() != 1) throw py::value_error("rows must be 1-D");
         for (int64_t c : columns)
           if (c < 0 || c >= kSparse) throw py::value_error("columns must be in [0, 26)");
@@ -244,17 +248,18 @@ PYBIND11_MODULE(_C, m) {
           if (parts[p].size() != 3) throw py::value_error("a part is (dense, sparse, labels)");
           auto d = parts[p][0].cast<py::array>(), s = parts[p][1].cast<py::array>(),
                l = parts[p][2].cast<py::array>();
-          const int64_t n = l.ndim() == 1 ? l.shape(0) : -1;
           const bool s32 = s.dtype().is(py::dtype::of<int32_t>()),
                      l32 = l.dtype().is(py::dtype::of<int32_t>());
+          if (!(l32 || l.dtype().is(py::dtype::of<float>())) || l.ndim() != 1 ||
+              (l.shape(0) > 1 && l.strides(0) != 4))
+            throw py::value_error("a part's labels must be contiguous float32 or int32 [n]");
+          const int64_t n = l.shape(0);
           if (!d.dtype().is(py::dtype::of<float>()) || d.ndim() != 2 || d.shape(0) != n ||
               d.shape(1) != kDense || !(d.flags() & py::array::c_style))
             throw py::value_error("a part's dense must be C-contiguous float32 [n, 13]");
           if (!(s32 || s.dtype().is(py::dtype::of<int64_t>())) || s.ndim() != 2 ||
               s.shape(0) != n || s.shape(1) != kSparse || !(s.flags() & py::array::c_style))
             throw py::value_error("a part's sparse must be C-contiguous int32 or int64 [n, 26]");
-          if (!(l32 || l.dtype().is(py::dtype::of<float>())) || (n > 1 && l.strides(0) != 4))
-            throw py::value_error("a part's labels must be contiguous float32 or int32 [n]");
           days[p] = {static_cast<const float*>(d.data()), s.data(), l.data(), s32, l32, n};
           keep.insert(keep.end(), {d, s, l});
         }

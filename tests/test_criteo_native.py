@@ -215,6 +215,9 @@ def test_preprocess_benchmark_runs_both_modes():
         ("python reference", "vocab"),
     ]
     assert all(r["lines"] in (3000, 500) and r["lines_per_s"] > 0 for r in rows)
+    cut = benchmark_criteo.batch_speed(lines=3000, batch_size=256, repeats=1)
+    assert [r["order"] for r in cut] == ["none", "total"]
+    assert all(r["batches"] == 10 and r["native_ms"] > 0 and r["numpy_ms"] > 0 for r in cut)
 
 
 def test_torchrec_npy_round_trip(tmp_path):
@@ -302,6 +305,14 @@ def test_batches_are_cut_natively_as_numpy_reads_them(tmp_path, randomize):
         data._gather(np.array([0, 1_000_000]), range(26))
     with pytest.raises(ValueError, match="columns must be in"):
         data._gather(np.array([0]), [26])
+    train = CriteoDataset(tmp_path / "p", "train", 50)
+    lows, bad = np.zeros(6, np.int64), train.starts.copy()
+    bad[1] = bad[2] + 1
+    with pytest.raises(ValueError, match="starts must not decrease"):
+        _C.gather_rows(train.arrays, bad, lows, np.array([0]), [0], 0, None, None, None)
+    with pytest.raises(ValueError, match="starts must begin at 0"):
+        _C.gather_rows(train.arrays, train.starts + 1, lows, np.array([0]), [0], 0, None, None,
+                       None)  # fmt: skip
     with pytest.raises(ValueError, match="dense must be a writeable"):
         _C.gather_rows(data.arrays, data.starts, np.zeros(1, np.int64), np.array([0]), [0], 0,
                        np.zeros(13, np.float64), None, None)  # fmt: skip
@@ -345,15 +356,22 @@ def test_multi_hot_bags(tmp_path):
     assert len(MLPERF_SIZES) == 26 and sum(MLPERF_SIZES) == 214
 
 
-def test_terabyte_preprocessing_resumes_after_a_failure(tmp_path):
+def terabyte_days(folder: Path, make, n: int) -> list:
+    """Terabyte's 24 day files of make(n, seed=day) lines, the 6th line of
+    day 9 malformed (a run stops there)."""
     files = []
     for d in range(24):
-        f = tmp_path / f"day_{d}"
-        rows = lines(40, seed=d)
+        f = folder / f"day_{d}"
+        rows = make(n, seed=d)
         if d == 9:
-            rows[5] = odd(rows[5], 0, "x")  # stops the run at day 9
+            rows[5] = odd(rows[5], 0, "x")
         f.write_text("\n".join(rows) + "\n")
         files.append(f)
+    return files
+
+
+def test_terabyte_preprocessing_resumes_after_a_failure(tmp_path):
+    files = terabyte_days(tmp_path, lines, 40)
     out = tmp_path / "p"
     with pytest.raises(MalformedLineError, match="day_9:6"):
         preprocess_criteo(files, out, "terabyte", 100, threads=2)
@@ -367,14 +385,7 @@ def test_terabyte_preprocessing_resumes_after_a_failure(tmp_path):
 
 
 def test_terabyte_vocabularies_resume_after_a_failure(tmp_path):
-    files = []
-    for d in range(24):
-        f = tmp_path / f"day_{d}"
-        rows = repeating_lines(30, seed=d)
-        if d == 9:
-            rows[5] = odd(rows[5], 0, "x")
-        f.write_text("\n".join(rows) + "\n")
-        files.append(f)
+    files = terabyte_days(tmp_path, repeating_lines, 30)
     out = tmp_path / "p"
     with pytest.raises(MalformedLineError, match="day_9:6"):
         preprocess_criteo(files, out, "terabyte", threads=2)

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_criteo_native import odd, outputs, repeating_lines
+from test_criteo_native import odd, outputs, repeating_lines, terabyte_days
 
 from dlrm_ops import _C
 from dlrm_ops.data import criteo, criteo_spill
@@ -61,18 +61,10 @@ def test_id_map_writes_only_the_keys_it_holds():
     assert out.tolist() == [[-1, 10, -1], [-1, 20, -1], [-1, -1, -1]]
     with pytest.raises(ValueError, match="out must be a writeable"):
         ids.apply(keys, out[:, :2], 1)
-
-
-def spy_groups(monkeypatch):
-    seen = []
-    real = criteo_spill._groups
-
-    def groups(runs, budget, bytes_for):
-        seen.append((max(len(r) for r in runs), real(runs, budget, bytes_for)))
-        return seen[-1][1]
-
-    monkeypatch.setattr(criteo_spill, "_groups", groups)
-    return seen
+    big = _C.IdMap(3)  # sized once: what the groups of runs are budgeted by
+    big.reserve(2, 5000)
+    big.add(2, np.arange(1, 5001), np.arange(5000))
+    assert big.memory_bytes() <= _C.IdMap.bytes_for(5000) + 2 * _C.IdMap.bytes_for(0)
 
 
 @pytest.mark.parametrize(
@@ -86,7 +78,6 @@ def spy_groups(monkeypatch):
 )
 def test_spilled_vocabularies_equal_python(tmp_path, monkeypatch, vocabulary, min_count, budget):
     monkeypatch.setattr(criteo, "BLOCK_BYTES", 1999)  # the first scan fed many blocks
-    seen = spy_groups(monkeypatch)
     rows = repeating_lines(1500)
     rows[100] = odd(rows[100], 0, "7")  # malformed: skipped, numbers nothing
     raw = tmp_path / "train.txt"
@@ -100,22 +91,15 @@ def test_spilled_vocabularies_equal_python(tmp_path, monkeypatch, vocabulary, mi
     assert "spill" not in a and sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(
         p.name for p in (tmp_path / "p").iterdir()
     )  # keys and runs removed
-    scans, groups = seen[0]
+    passes = a["vocabulary_passes"]
     if budget == SMALL:
-        assert scans > 3 and len(groups) > 3
-    else:
-        assert scans == 1 and len(groups) == 1  # the first scan, fed while parsing, held all
+        assert passes["scans"] > 3 and passes["id_passes"] > 3
+    else:  # the first scan, fed while parsing, held all
+        assert passes == {"scans": 1, "id_passes": 1}
 
 
 def test_terabyte_spilled_vocabularies_resume_per_day(tmp_path, monkeypatch):
-    files = []
-    for d in range(24):
-        f = tmp_path / f"day_{d}"
-        rows = repeating_lines(30, seed=d)
-        if d == 9:
-            rows[5] = odd(rows[5], 0, "x")
-        f.write_text("\n".join(rows) + "\n")
-        files.append(f)
+    files = terabyte_days(tmp_path, repeating_lines, 30)
     out = tmp_path / "s"
     with pytest.raises(MalformedLineError, match="day_9:6"):
         preprocess_criteo(files, out, "terabyte", threads=2, vocabulary_memory=SMALL)
@@ -183,6 +167,7 @@ def test_vocabulary_memory_is_checked(tmp_path):
     assert bad.returncode == 2 and "--vocabulary-memory must be at least 1" in bad.stderr
     ok = subprocess.run(cmd + ["--vocabulary-memory", "1"], capture_output=True, text=True)
     assert ok.returncode == 0 and "20 lines" in ok.stdout, ok.stderr
+    assert "(vocabularies: 1 scans, 1 passes writing ids)" in ok.stdout
     assert outputs(tmp_path / "c") == outputs(
         preprocess_criteo([raw], tmp_path / "p") and tmp_path / "p"
     )

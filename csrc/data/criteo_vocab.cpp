@@ -42,10 +42,6 @@ KeyIndex::KeyIndex(int64_t capacity) : slot_key_(slots_for(capacity * 7 / 10), 0
   slot_id_.assign(slot_key_.size(), 0);
 }
 
-int64_t KeyIndex::capacity_after(int64_t more) const {
-  return std::max<int64_t>(capacity(), static_cast<int64_t>(slots_for(size_ + more)));
-}
-
 void KeyIndex::grow() {
   std::vector<uint64_t> keys(slot_key_.size() * 2, 0);
   std::vector<uint32_t> ids(keys.size(), 0);

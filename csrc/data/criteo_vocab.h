@@ -33,8 +33,6 @@ class KeyIndex {
   int64_t find(uint64_t key) const;
   int64_t size() const { return size_; }
   int64_t capacity() const { return static_cast<int64_t>(slot_key_.size()); }
-  // The capacity after inserting `more` keys (it doubles at a load of 0.7).
-  int64_t capacity_after(int64_t more) const;
   static int64_t slot_bytes() { return 12; }
 
  private:

@@ -443,11 +443,11 @@ def preprocess_criteo(
     if dataset == "kaggle":  # its one file is read again whole: lines skipped counted again
         meta["skipped"] = 0
     if native:
+        threads = threads or os.cpu_count() or 1
         try:
             if vocabulary_memory:
                 from .criteo_spill import preprocess_spilled
 
-                threads = threads or os.cpu_count() or 1
                 return preprocess_spilled(
                     _by_file(plan),
                     out,
@@ -578,7 +578,7 @@ class CriteoDataset:
         # Rows as (part, row) pairs in reading order: one array of global row
         # numbers when shuffled or sub-sampled, else plain ranges.
         self.starts = np.cumsum([0] + [hi - lo for _, lo, hi in parts], dtype=np.int64)
-        self.lows = [lo for _, lo, _ in parts]
+        self.lows = np.asarray([lo for _, lo, _ in parts], dtype=np.int64)
         rng = np.random.default_rng((seed, 0xC817))
         self.order = None
         if sub_sample_rate > 0 or (randomize != "none" and split == "train"):
@@ -642,7 +642,7 @@ class CriteoDataset:
         _C.gather_rows(
             self.arrays,
             self.starts,
-            np.asarray(self.lows, dtype=np.int64),
+            self.lows,
             rows,
             list(columns),
             self.modulo,
@@ -739,7 +739,6 @@ def _preprocess_native(
 ):
     from .. import _C
 
-    threads = threads or os.cpu_count() or 1
     hashed = bool(max_ind_range)
     vocab = None if hashed else _C.Vocabulary(NUM_SPARSE, count=vocabulary == "frequency")
     keys = None if hashed else _Keys()

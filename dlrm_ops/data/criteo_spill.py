@@ -45,7 +45,6 @@ def preprocess_spilled(
 ) -> dict:
     """The days of ``by_file`` ({raw file: [(day, first line, last line)]},
     in day order) with vocabularies in ``budget`` bytes; returns the meta."""
-
     from .. import _C
 
     if all(_day_done(meta, d, path) for path, days in by_file.items() for d, _, _ in days):
@@ -67,8 +66,9 @@ def preprocess_spilled(
     }
     if todo:
         _fresh_scans(state)
-        scan = _C.KeyRange(state["lo"], [True] * NUM_SPARSE, budget)
-        feed = _Feed(scan, threads) if len(todo) == len(by_file) else None
+        every_file = len(todo) == len(by_file)
+        scan = _C.KeyRange(state["lo"], [True] * NUM_SPARSE, budget) if every_file else None
+        feed = _Feed(scan, threads) if every_file else None
         for path, ds in todo.items():
             writers = {
                 d: _DayWriter(out, d, "keys") for d, _, _ in ds if not _day_done(state, d, path)
@@ -176,6 +176,10 @@ def spilled_ids(out: Path, meta: dict, days, threads, progress, vocabulary, min_
         (out / f"day_{d}.keys.bin").unlink(missing_ok=True)
     shutil.rmtree(out / "spill", ignore_errors=True)
     meta["table_sizes"] = state["sizes"]
+    meta["vocabulary_passes"] = {
+        "scans": max(len(runs) for runs in state["runs"]),
+        "id_passes": len(groups),
+    }
     del meta["spill"]
     _write_meta(out, meta)
     return meta
