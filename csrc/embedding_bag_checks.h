@@ -43,7 +43,7 @@ inline std::string optimizer_names() {
 
 // Optimizer id, hparams (float64, HParam order), the int64 step and the fp32
 // state of the optimizer's layout (csrc/optimizers.h) for `total_rows` rows of
-// `weights`.
+// `weights` (-1: a row-wise state's size is left to the caller).
 inline void check_optimizer_args(const Tensor& weights, const Tensor& momentum1,
                                  const Tensor& momentum2, const Tensor& step, const Tensor& hparams,
                                  int64_t optimizer, int64_t total_rows) {
@@ -57,8 +57,12 @@ inline void check_optimizer_args(const Tensor& weights, const Tensor& momentum1,
   check_dtype(step, "step", {ScalarType::Long});
   DLRM_CHECK(step.numel() == 1, "step must have one element");
   const StateLayout s = state_layout(optimizer);
-  check_state(momentum1, "momentum1", weights, state_numel(s.m1, weights.numel(), total_rows));
-  check_state(momentum2, "momentum2", weights, state_numel(s.m2, weights.numel(), total_rows));
+  auto numel = [&](State st, const Tensor& t) {
+    return st == State::kRow && total_rows < 0 ? t.numel()
+                                               : state_numel(st, weights.numel(), total_rows);
+  };
+  check_state(momentum1, "momentum1", weights, numel(s.m1, momentum1));
+  check_state(momentum2, "momentum2", weights, numel(s.m2, momentum2));
 }
 
 // The values of hparams (host memory) that `optimizer` reads, as torch.optim
@@ -77,7 +81,7 @@ inline void check_hparams(const double* hp, int64_t optimizer) {
 }
 
 using EmbeddingBagForward = Tensor (*)(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int64_t,
-                                       std::optional<Tensor>, int64_t, bool);
+                                       std::optional<Tensor>, int64_t, bool, int64_t);
 
 // embedding_bag_forward_with_optimizer on a device from a forward of the
 // plain forward's signature: CUDA's plain forward, the CPU's training forward
@@ -89,9 +93,9 @@ Tensor forward_with_optimizer(Tensor weights, Tensor weights_offsets, Tensor dim
                               std::optional<Tensor> per_sample_weights, int64_t total_dim,
                               Tensor /*momentum1*/, Tensor /*momentum2*/, Tensor /*step*/,
                               Tensor /*hparams*/, int64_t /*optimizer*/,
-                              bool /*stochastic_rounding*/) {
+                              bool /*stochastic_rounding*/, int64_t check) {
   return Forward(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
-                 per_sample_weights, total_dim, false);
+                 per_sample_weights, total_dim, false, check);
 }
 
 }  // namespace dlrm_ops

@@ -23,6 +23,16 @@ DLRM_HOST_DEVICE inline float pooling_scale(int64_t pooling, int64_t len) {
   return pooling == kMean && len > 0 ? 1.f / static_cast<float>(len) : 1.f;
 }
 
+// When a bad lookup (an index out of its table's range, bad offsets or table
+// metadata) is reported on CUDA (docs/errors.md). The CPU raises at the call
+// in every mode. In every mode a bad lookup reads and writes nothing: it adds
+// nothing to its bag and updates no row; a call with bad offsets or metadata
+// outputs zeros and updates nothing.
+//   kDeferred: recorded on the device, raised by dlrm_ops.check_errors();
+//   kImmediate: the host waits for the check and raises at the call;
+//   kWarn: recorded, check_errors() warns; kOff: not recorded.
+enum Check : int64_t { kDeferred = 0, kImmediate = 1, kWarn = 2, kOff = 3 };
+
 // Pair order of the dot interaction: facebookresearch/dlrm's i > j (tril) or
 // torchrec's i < j (triu), row-major.
 enum InteractionOrder : int64_t { kTril = 0, kTriu = 1 };

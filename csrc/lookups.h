@@ -37,6 +37,13 @@ ValidatedLookups validate_lookups(const Tensor& ref, const char* ref_name,
                                   const Tensor& rows, const Tensor& indices, const Tensor& offsets,
                                   int64_t pooling, const std::optional<Tensor>& per_sample_weights);
 
+// The `check` argument of the lookup ops (kernel_common.h's Check). The CPU
+// raises at the call in every mode.
+inline void check_mode(int64_t check) {
+  DLRM_CHECK(check >= kDeferred && check <= kOff,
+             "check must be 0 (deferred), 1 (immediate), 2 (warn) or 3 (off), got ", check);
+}
+
 // Elements (bits == 0) or packed bytes (bits 8 or 4) of one row of dim D.
 inline int64_t row_size(int64_t D, int64_t bits) {
   return bits == 0 ? D : packed_row_bytes(D, bits);

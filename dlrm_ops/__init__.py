@@ -1,6 +1,7 @@
 """dlrm_ops: native CPU/CUDA kernels for DLRM-style recommendation models."""
 
-from . import nn, ops, reference
+from . import errors, nn, ops, reference
+from .errors import check_errors, check_mode, get_check_mode, set_check_mode
 from .nn import apply_optimizer_in_backward, convert, quantize
 from .ops import dequantize_rowwise, dot_interaction, quantize_rowwise, table_batched_embedding_bag
 
@@ -31,4 +32,9 @@ __all__ = [
     "quantize_rowwise",
     "dequantize_rowwise",
     "build_info",
+    "errors",
+    "check_errors",
+    "check_mode",
+    "get_check_mode",
+    "set_check_mode",
 ]

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from . import _load, optimizers
+from . import _load, errors, optimizers
 
 _load.load()
 _ops = torch.ops.dlrm_ops
@@ -110,6 +110,7 @@ def table_batched_embedding_bag(
     per_sample_weights: Optional[torch.Tensor] = None,
     sparse: bool = False,
     total_dim: Optional[int] = None,
+    check: Optional[str] = None,
 ) -> torch.Tensor:
     """Pooled embedding lookups over T tables stored in one flat buffer.
 
@@ -120,7 +121,9 @@ def table_batched_embedding_bag(
     is ``indices[offsets[t*B+b]:offsets[t*B+b+1]]``. Returns ``[B, dim_offsets[-1]]``
     with table t's pooled vectors in columns ``dim_offsets[t]:dim_offsets[t+1]``;
     empty bags give zeros. ``sparse`` makes the weight gradient a sparse COO
-    tensor, as ``nn.EmbeddingBag(sparse=True)``.
+    tensor, as ``nn.EmbeddingBag(sparse=True)``. ``check`` is when a bad lookup
+    is reported on CUDA (``dlrm_ops.errors``; None: the global mode). Pass
+    ``total_dim`` on CUDA: reading it from ``dim_offsets`` waits for the GPU.
     """
     if total_dim is None:
         total_dim = int(dim_offsets[-1])
@@ -135,6 +138,7 @@ def table_batched_embedding_bag(
         per_sample_weights,
         total_dim,
         sparse,
+        errors.resolve(check),
     )
 
 
@@ -155,6 +159,7 @@ def table_batched_embedding_bag_with_optimizer(
     per_sample_weights: Optional[torch.Tensor] = None,
     total_dim: Optional[int] = None,
     stochastic_rounding: bool = False,
+    check: Optional[str] = None,
 ) -> torch.Tensor:
     """`table_batched_embedding_bag` whose backward updates ``weights`` in place
     with ``optimizer`` (a name of ``dlrm_ops.optimizers.OPTIMIZERS``; the exact
@@ -183,6 +188,7 @@ def table_batched_embedding_bag_with_optimizer(
         hparams,
         OPTIMIZERS[optimizer],
         stochastic_rounding,
+        errors.resolve(check),
     )
 
 
@@ -245,6 +251,7 @@ def _(
     per_sample_weights,
     total_dim,
     sparse=False,
+    check=0,
 ):
     B = _fake_lookups(
         "weights",
@@ -295,6 +302,7 @@ def _(
     hparams,
     optimizer,
     stochastic_rounding,
+    check=0,
 ):
     _fake_lookups(
         "weights",
@@ -321,6 +329,7 @@ def _fake_grad(
     offsets,
     pooling,
     per_sample_weights=None,
+    check=0,
 ):
     """The checks of the backward ops' fake kernels (any mix of positional and
     keyword arguments, as the call gave them)."""
@@ -344,9 +353,15 @@ def _(grad_output, weights, *args, **kwargs):
 
 
 @torch.library.register_fake("dlrm_ops::embedding_bag_per_sample_weights_grad")
-def _(grad_output, weights, *args, **kwargs):
-    indices = _fake_grad(grad_output, weights, *args, **kwargs)
+def _(grad_output, weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling, check=0):
+    lookups = (weights_offsets, dim_offsets, rows, indices, offsets)
+    _fake_grad(grad_output, weights, *lookups, pooling)
     return weights.new_empty(indices.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("dlrm_ops::take_lookup_error")
+def _(device):
+    return torch.empty(9, dtype=torch.long)
 
 
 def _sparse_weight_grad(values, weights, weights_offsets, dim_offsets, rows, indices, offsets):
@@ -390,12 +405,14 @@ def _embedding_bag_setup(ctx, inputs, output):
         per_sample_weights,
         total_dim,
         sparse,
+        check,
     ) = inputs
     ctx.save_for_backward(
         weights, weights_offsets, dim_offsets, rows, indices, offsets, per_sample_weights
     )
     ctx.pooling = pooling
     ctx.sparse = sparse
+    ctx.check = check
 
 
 def _embedding_bag_backward(ctx, grad):
@@ -405,12 +422,13 @@ def _embedding_bag_backward(ctx, grad):
     meta = (woff, doff, rows, indices, offsets, ctx.pooling)
     if ctx.needs_input_grad[_EB["weights"]]:
         if ctx.sparse:
-            values = _ops.embedding_bag_backward_sparse(grad, weights, *meta, psw)
+            values = _ops.embedding_bag_backward_sparse(grad, weights, *meta, psw, ctx.check)
             grad_weights = _sparse_weight_grad(values, weights, woff, doff, rows, indices, offsets)
         else:
-            grad_weights = _ops.embedding_bag_backward_dense(grad, weights, *meta, psw)
+            grad_weights = _ops.embedding_bag_backward_dense(grad, weights, *meta, psw, ctx.check)
     if psw is not None and ctx.needs_input_grad[_EB["per_sample_weights"]]:
-        grad_psw = _ops.embedding_bag_per_sample_weights_grad(grad, weights, *meta).to(psw.dtype)
+        grad_psw = _ops.embedding_bag_per_sample_weights_grad(grad, weights, *meta, ctx.check)
+        grad_psw = grad_psw.to(psw.dtype)
     return _EB.grads(weights=grad_weights, per_sample_weights=grad_psw)
 
 
@@ -442,6 +460,7 @@ def _with_optimizer_setup(ctx, inputs, output):
         hparams,
         optimizer,
         stochastic_rounding,
+        check,
     ) = inputs
     # The weights' values at the forward are read back only for the gradient of
     # per_sample_weights: only then are they saved, so that an update of them
@@ -466,6 +485,7 @@ def _with_optimizer_setup(ctx, inputs, output):
     ctx.pooling = pooling
     ctx.optimizer = optimizer
     ctx.stochastic_rounding = stochastic_rounding
+    ctx.check = check
 
 
 def _with_optimizer_backward(ctx, grad):
@@ -474,14 +494,25 @@ def _with_optimizer_backward(ctx, grad):
     meta = (woff, doff, rows, indices, offsets, ctx.pooling)
     grad_psw = None
     if ctx.reads_weights:  # before the weights change
-        grad_psw = _ops.embedding_bag_per_sample_weights_grad(grad, weights, *meta).to(psw.dtype)
+        grad_psw = _ops.embedding_bag_per_sample_weights_grad(grad, weights, *meta, ctx.check)
+        grad_psw = grad_psw.to(psw.dtype)
     else:
         weights = ctx.weights
     # One fused update at a time: backward passes from several Python threads
     # would otherwise lose each other's updates of the rows they share.
     with contextlib.nullcontext() if torch.compiler.is_compiling() else _update_lock:
         _ops.embedding_bag_update_(
-            grad, weights, m1, m2, step, *meta, psw, hparams, ctx.optimizer, ctx.stochastic_rounding
+            grad,
+            weights,
+            m1,
+            m2,
+            step,
+            *meta,
+            psw,
+            hparams,
+            ctx.optimizer,
+            ctx.stochastic_rounding,
+            ctx.check,
         )
     # In place: autograd's checks of saved tensors must see the change.
     torch.autograd.graph.increment_version(weights)
@@ -613,6 +644,7 @@ def quantized_table_batched_embedding_bag(
     per_sample_weights: Optional[torch.Tensor] = None,
     total_dim: Optional[int] = None,
     output_dtype: torch.dtype = torch.float32,
+    check: Optional[str] = None,
 ) -> torch.Tensor:
     """``table_batched_embedding_bag`` over packed quantized tables: table t's
     packed rows start at byte ``weights_offsets[t]`` of the flat uint8
@@ -631,6 +663,7 @@ def quantized_table_batched_embedding_bag(
         total_dim,
         bits,
         output_dtype,
+        errors.resolve(check),
     )
 
 
@@ -668,6 +701,7 @@ def _(
     total_dim,
     bits,
     output_dtype=None,
+    check=0,
 ):
     B = _fake_lookups(
         "packed", packed, (weights_offsets, dim_offsets, rows, indices, offsets), per_sample_weights

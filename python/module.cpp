@@ -299,6 +299,9 @@ PYBIND11_MODULE(_C, m) {
     py::dict e;
     e["pooling"] = py::dict(py::arg("sum") = int64_t{kSum}, py::arg("mean") = int64_t{kMean});
     e["order"] = py::dict(py::arg("tril") = int64_t{kTril}, py::arg("triu") = int64_t{kTriu});
+    e["check"] = py::dict(py::arg("deferred") = int64_t{kDeferred},
+                          py::arg("immediate") = int64_t{kImmediate},
+                          py::arg("warn") = int64_t{kWarn}, py::arg("off") = int64_t{kOff});
     e["hparam"] = py::dict(py::arg("lr") = int{kLr}, py::arg("eps") = int{kEps},
                            py::arg("beta1") = int{kBeta1}, py::arg("beta2") = int{kBeta2},
                            py::arg("weight_decay") = int{kWeightDecay});

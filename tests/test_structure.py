@@ -1,13 +1,14 @@
 """Python's mirrors of the kernels' enums and optimizer table agree with the
 C++ ones (csrc/kernel_common.h, csrc/optimizers.h)."""
 
-from dlrm_ops import _C, ops, optimizers
+from dlrm_ops import _C, errors, ops, optimizers
 
 
 def test_enums_match_the_kernels():
     e = _C.enums()
     assert e["pooling"] == {k: int(v) for k, v in ops.POOLING.items()}
     assert e["order"] == {k: int(v) for k, v in ops.ORDERS.items()}
+    assert e["check"] == {k: int(v) for k, v in errors.CHECKS.items()}
     assert e["hparam"] == {p.name.lower(): int(p) for p in optimizers.HParam}
 
 

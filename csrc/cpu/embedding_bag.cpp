@@ -46,7 +46,9 @@ void check_grad_output(const Tensor& grad_output, const Tensor& weights, const P
 template <cpu::DispatchStub<cpu::ForwardFn>& Stub>
 Tensor pooled(Tensor weights, Tensor weights_offsets, Tensor dim_offsets, Tensor rows,
               Tensor indices, Tensor offsets, int64_t pooling,
-              std::optional<Tensor> per_sample_weights, int64_t total_dim, bool /*sparse*/) {
+              std::optional<Tensor> per_sample_weights, int64_t total_dim, bool /*sparse*/,
+              int64_t check) {
+  check_mode(check);
   Prepared p = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
                        per_sample_weights);
   const auto& tb = p.args.tb;
@@ -62,7 +64,9 @@ Tensor pooled(Tensor weights, Tensor weights_offsets, Tensor dim_offsets, Tensor
 
 Tensor embedding_bag_backward_dense(Tensor grad_output, Tensor weights, Tensor weights_offsets,
                                     Tensor dim_offsets, Tensor rows, Tensor indices, Tensor offsets,
-                                    int64_t pooling, std::optional<Tensor> per_sample_weights) {
+                                    int64_t pooling, std::optional<Tensor> per_sample_weights,
+                                    int64_t check) {
+  check_mode(check);
   Prepared p = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
                        per_sample_weights);
   check_grad_output(grad_output, weights, p);
@@ -77,7 +81,8 @@ Tensor embedding_bag_backward_dense(Tensor grad_output, Tensor weights, Tensor w
 Tensor embedding_bag_backward_sparse(Tensor grad_output, Tensor weights, Tensor weights_offsets,
                                      Tensor dim_offsets, Tensor rows, Tensor indices,
                                      Tensor offsets, int64_t pooling,
-                                     std::optional<Tensor> per_sample_weights) {
+                                     std::optional<Tensor> per_sample_weights, int64_t check) {
+  check_mode(check);
   Prepared p = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
                        per_sample_weights);
   check_grad_output(grad_output, weights, p);
@@ -103,7 +108,8 @@ Tensor embedding_bag_backward_sparse(Tensor grad_output, Tensor weights, Tensor 
 Tensor embedding_bag_per_sample_weights_grad(Tensor grad_output, Tensor weights,
                                              Tensor weights_offsets, Tensor dim_offsets,
                                              Tensor rows, Tensor indices, Tensor offsets,
-                                             int64_t pooling) {
+                                             int64_t pooling, int64_t check) {
+  check_mode(check);
   Prepared p =
       prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling, std::nullopt);
   check_grad_output(grad_output, weights, p);
@@ -118,7 +124,8 @@ void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
                            Tensor step, Tensor weights_offsets, Tensor dim_offsets, Tensor rows,
                            Tensor indices, Tensor offsets, int64_t pooling,
                            std::optional<Tensor> per_sample_weights, Tensor hparams,
-                           int64_t optimizer, bool stochastic_rounding) {
+                           int64_t optimizer, bool stochastic_rounding, int64_t check) {
+  check_mode(check);
   Prepared p = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
                        per_sample_weights);
   check_grad_output(grad_output, weights, p);
@@ -150,9 +157,16 @@ void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
   *step_ptr += 1;
 }
 
+// The CPU raises a bad lookup at the call: there is never an error to take.
+Tensor take_lookup_error(Tensor device) {
+  check_cpu(device, "device");
+  return torch::stable::new_zeros(device, {9}, ScalarType::Long);
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(dlrm_ops, CPU, m) {
+  m.impl("take_lookup_error", TORCH_BOX(&take_lookup_error));
   m.impl("embedding_bag_forward_with_optimizer",
          TORCH_BOX(&forward_with_optimizer<&pooled<cpu::embedding_bag_train_forward_stub>>));
   m.impl("embedding_bag_update_", TORCH_BOX(&embedding_bag_update_));

@@ -39,8 +39,10 @@ Tensor dequantize_rowwise(Tensor packed, int64_t bits, std::optional<ScalarType>
 Tensor quantized_embedding_bag_forward(Tensor packed, Tensor weights_offsets, Tensor dim_offsets,
                                        Tensor rows, Tensor indices, Tensor offsets, int64_t pooling,
                                        std::optional<Tensor> per_sample_weights, int64_t total_dim,
-                                       int64_t bits, std::optional<ScalarType> output_dtype) {
+                                       int64_t bits, std::optional<ScalarType> output_dtype,
+                                       int64_t check) {
   check_cpu(packed, "packed");
+  check_mode(check);
   const ScalarType out_t = check_packed_tables(packed, bits, output_dtype);
   ValidatedLookups v = validate_lookups(packed, "packed", weights_offsets, dim_offsets, rows,
                                         indices, offsets, pooling, per_sample_weights);

@@ -56,8 +56,15 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t bag = warp_id();
   if (bag >= v.T * v.B) return;
   const int lane = threadIdx.x % kWarp;
+  if (lookups_bad(v)) {  // zeros: the warps of table 0's bags clear their output rows
+    for (int64_t c = lane; bag < v.B && c < out_stride; c += kWarp) {
+      out[bag * out_stride + c] = from_f32<T>(0.f);
+    }
+    return;
+  }
   const BagInfo g = bag_info<I>(v, bag);
   const T* table = w + v.weights_offsets[g.t];
+  const int64_t n = v.rows[g.t];
   T* o = out + g.b * out_stride + g.d0;
   const int64_t len = g.hi - g.lo;
   for (int64_t c0 = lane; c0 < g.D; c0 += kWindow) {
@@ -66,21 +73,28 @@ __global__ void __launch_bounds__(kThreads)
     for (; l + 4 <= g.hi; l += 4) {  // four rows in flight
       const T* r[4];
       float s[4];
+      bool ok[4];
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
-        r[u] = table + index_at<I>(v, l + u) * g.D + c0;
+        const int64_t idx = index_at<I>(v, l + u);
+        ok[u] = row_in_range(idx, n);  // a bad lookup adds nothing and reads nothing
+        r[u] = table + idx * g.D + c0;
         s[u] = lookup_scale(v, l + u, len);
       }
 #pragma unroll
       for (int k = 0; k < kCols; ++k) {
         if (c0 + k * kWarp < g.D) {
 #pragma unroll
-          for (int u = 0; u < 4; ++u) acc[k] += s[u] * to_f32(__ldg(r[u] + k * kWarp));
+          for (int u = 0; u < 4; ++u) {
+            if (ok[u]) acc[k] += s[u] * to_f32(__ldg(r[u] + k * kWarp));
+          }
         }
       }
     }
     for (; l < g.hi; ++l) {
-      const T* r = table + index_at<I>(v, l) * g.D + c0;
+      const int64_t idx = index_at<I>(v, l);
+      if (!row_in_range(idx, n)) continue;
+      const T* r = table + idx * g.D + c0;
       const float s = lookup_scale(v, l, len);
 #pragma unroll
       for (int k = 0; k < kCols; ++k) {
@@ -98,20 +112,27 @@ __global__ void __launch_bounds__(kThreads)
 template <typename I>
 __global__ void bag_of_kernel(LookupView v, int32_t* bag_of) {
   const int64_t bag = warp_id();
-  if (bag >= v.T * v.B) return;
+  if (bag >= v.T * v.B || lookups_bad(v)) return;
   for (int64_t l = offset_at<I>(v, bag) + threadIdx.x % kWarp; l < offset_at<I>(v, bag + 1);
        l += kWarp) {
     bag_of[l] = static_cast<int32_t>(bag);
   }
 }
 
-// Sort key of lookup l: its row among all tables' rows.
+// Sort key of lookup l: its row among all tables' rows, or `invalid` (above
+// every row) for a bad lookup, whose run the per-row kernels skip.
 template <typename I>
-__global__ void row_keys_kernel(LookupView v, const int32_t* bag_of, uint64_t* keys, int32_t* pos) {
+__global__ void row_keys_kernel(LookupView v, const int32_t* bag_of, uint64_t invalid,
+                                uint64_t* keys, int32_t* pos) {
   const int64_t l = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (l >= v.N) return;
-  keys[l] = static_cast<uint64_t>(v.row_offsets[bag_of[l] / v.B] + index_at<I>(v, l));
   pos[l] = static_cast<int32_t>(l);
+  if (lookups_bad(v)) {
+    keys[l] = invalid;
+    return;
+  }
+  const int64_t t = bag_of[l] / v.B, idx = index_at<I>(v, l);
+  keys[l] = row_in_range(idx, v.rows[t]) ? static_cast<uint64_t>(v.row_offsets[t] + idx) : invalid;
 }
 
 // The bag and the weight of the lookup at each sorted position, so that the
@@ -121,7 +142,7 @@ template <typename I>
 __global__ void sorted_lookups_kernel(LookupView v, const int32_t* bag_of, const int32_t* pos,
                                       int32_t* bag, float* scale) {
   const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (p >= v.N) return;
+  if (p >= v.N || lookups_bad(v)) return;
   const int64_t l = pos[p];
   const int32_t b = bag_of[l];
   bag[p] = b;
@@ -138,15 +159,20 @@ constexpr int kLongWarps = 16;
 // covers sorted positions start[r] .. start[r+1] and its row among all tables'
 // rows is key[r] (keys holds the sort's input, sorted keys and the runs' keys,
 // N each); counts = [touched rows, long runs], long_runs lists the latter
-// (filled by the per-row kernels).
+// (filled by the per-row kernels). Bad lookups sort last, under `invalid`.
 struct Runs {
   Tensor bag, scale, start, keys, counts, long_runs, scratch;
+  uint64_t invalid;
 };
 
 Runs sort_by_row(const Tensor& ref, const DeviceLookups& lk, cudaStream_t stream) {
   const LookupView& v = lk.v;
   const int64_t N = v.N;
   Runs r;
+  // Keys below 2^end_bit: every row (total_rows <= numel(weights)) and `invalid`.
+  int end_bit = 1;
+  while (end_bit < 63 && (int64_t{1} << end_bit) <= ref.numel()) ++end_bit;
+  r.invalid = (uint64_t{1} << end_bit) - 1;
   r.bag = torch::stable::new_empty(ref, {N}, ScalarType::Int);
   r.scale = torch::stable::new_empty(ref, {N}, ScalarType::Float);
   r.start = torch::stable::new_zeros(ref, {N + 1}, ScalarType::Int);
@@ -166,11 +192,10 @@ Runs sort_by_row(const Tensor& ref, const DeviceLookups& lk, cudaStream_t stream
   dispatch_index(lk.int64, [&](auto i) {
     using I = decltype(i);
     bag_of_kernel<I><<<warp_blocks(v.T * v.B), kThreads, 0, stream>>>(v, bag_of);
-    row_keys_kernel<I><<<ceil_div(N, kThreads), kThreads, 0, stream>>>(v, bag_of, k_in, p_in);
+    row_keys_kernel<I>
+        <<<ceil_div(N, kThreads), kThreads, 0, stream>>>(v, bag_of, r.invalid, k_in, p_in);
   });
   DLRM_LAUNCH_CHECK();
-  int end_bit = 1;
-  while (end_bit < 64 && (uint64_t{1} << end_bit) < static_cast<uint64_t>(lk.total_rows)) ++end_bit;
   const int n = static_cast<int>(N);
   size_t sort_bytes = 0, rle_bytes = 0, scan_bytes = 0;
   DLRM_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, k_in, k_sorted, p_in,
@@ -203,6 +228,7 @@ struct RunView {
   const uint64_t* key;   // [runs]
   int32_t* counts;       // [touched rows, long runs]
   int32_t* long_runs;
+  uint64_t invalid;  // the key of bad lookups
 };
 RunView view(const Runs& r) {
   return {r.bag.const_data_ptr<int32_t>(),
@@ -210,7 +236,8 @@ RunView view(const Runs& r) {
           r.start.const_data_ptr<int32_t>(),
           reinterpret_cast<const uint64_t*>(r.keys.const_data_ptr<int64_t>()) + 2 * r.bag.numel(),
           r.counts.mutable_data_ptr<int32_t>(),
-          r.long_runs.mutable_data_ptr<int32_t>()};
+          r.long_runs.mutable_data_ptr<int32_t>(),
+          r.invalid};
 }
 
 // A touched row: its dims, its row among all tables' rows (the row-wise
@@ -280,6 +307,7 @@ template <typename T, typename Op>
 __global__ void __launch_bounds__(kThreads)
     rows_kernel(LookupView v, RunView rv, const T* __restrict__ grad_out, int64_t go_stride,
                 Op op) {
+  if (lookups_bad(v)) return;  // then long_rows_kernel finds no long row either
   op.begin();
   const int lane = threadIdx.x % kWarp;
   const int64_t num_runs = rv.counts[0];
@@ -289,12 +317,18 @@ __global__ void __launch_bounds__(kThreads)
     if (lane < kBatch && base + lane < num_runs) {
       lo = rv.start[base + lane];
       hi = rv.start[base + lane + 1];
-      key = static_cast<int64_t>(rv.key[base + lane]);
-      t = rv.bag[lo] / v.B;
+      const uint64_t k = rv.key[base + lane];
+      if (k == rv.invalid) {
+        hi = lo;  // bad lookups: no row to touch
+      } else {
+        key = static_cast<int64_t>(k);
+        t = rv.bag[lo] / v.B;
+      }
     }
     const int n = static_cast<int>(min(int64_t{kBatch}, num_runs - base));
     for (int j = 0; j < n; ++j) {
       const int64_t lo_j = __shfl_sync(0xffffffffu, lo, j), hi_j = __shfl_sync(0xffffffffu, hi, j);
+      if (hi_j == lo_j) continue;
       if (hi_j - lo_j > kLongRun) {
         if (lane == 0) rv.long_runs[atomicAdd(rv.counts + 1, 1)] = static_cast<int32_t>(base + j);
         continue;
@@ -384,9 +418,14 @@ __global__ void __launch_bounds__(kThreads)
                     int64_t go_stride, const T* __restrict__ w, float* __restrict__ grad_psw) {
   const int64_t l = warp_id();
   if (l >= v.N) return;
+  const int64_t idx = index_at<I>(v, l);
+  if (lookups_bad(v) || !row_in_range(idx, v.rows[bag_of[l] / v.B])) {
+    if (threadIdx.x % kWarp == 0) grad_psw[l] = 0.f;  // a bad lookup has no gradient
+    return;
+  }
   const BagInfo g = bag_info<I>(v, bag_of[l]);
   const T* go = grad_out + g.b * go_stride + g.d0;
-  const T* row = w + v.weights_offsets[g.t] + index_at<I>(v, l) * g.D;
+  const T* row = w + v.weights_offsets[g.t] + idx * g.D;
   float acc = 0.f;
   for (int64_t c = threadIdx.x % kWarp; c < g.D; c += kWarp) acc += to_f32(go[c]) * to_f32(row[c]);
   acc = warp_sum(acc);
@@ -495,11 +534,11 @@ void launch_rows(const DeviceLookups& lk, const Runs& runs, const Tensor& grad_o
                  cudaStream_t stream) {
   const RunView rv = view(runs);
   const T* go = static_cast<const T*>(grad_output.const_data_ptr());
+  const int64_t stride = grad_output.size(1);
   const int64_t warps = std::min<int64_t>(ceil_div(lk.v.N, kBatch), 1 << 16);
-  rows_kernel<T, Op><<<warp_blocks(warps), kThreads, 0, stream>>>(lk.v, rv, go, lk.total_dim, op);
+  rows_kernel<T, Op><<<warp_blocks(warps), kThreads, 0, stream>>>(lk.v, rv, go, stride, op);
   const int64_t blocks = std::min<int64_t>(lk.v.N / (kLongRun + 1) + 1, 256);
-  long_rows_kernel<T, Op>
-      <<<blocks, kLongWarps * kWarp, 0, stream>>>(lk.v, rv, go, lk.total_dim, op);
+  long_rows_kernel<T, Op><<<blocks, kLongWarps * kWarp, 0, stream>>>(lk.v, rv, go, stride, op);
   DLRM_LAUNCH_CHECK();
 }
 
@@ -507,38 +546,37 @@ __global__ void increment_kernel(int64_t* step) { *step += 1; }
 
 // ---- ops -------------------------------------------------------------------
 
+// Every op validates on the device (cuda/lookups.cuh); `check` says when an
+// error reaches the host. `wait`: the op needs data-dependent sizes.
 DeviceLookups prepare(const Tensor& weights, const Tensor& weights_offsets,
                       const Tensor& dim_offsets, const Tensor& rows, const Tensor& indices,
                       const Tensor& offsets, int64_t pooling,
                       const std::optional<Tensor>& per_sample_weights, int64_t total_dim,
-                      bool disjoint = false) {
+                      const char* total_dim_name, int64_t check, bool disjoint = false,
+                      bool wait = false, int64_t state_rows = -1, int64_t state_arg = 0) {
   check_cuda(weights, "weights");
   check_dtype(weights, "weights", {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
   check_contiguous(weights, "weights");
-  return validate_lookups(weights, "weights", weights.numel(), 0, total_dim, disjoint,
-                          weights_offsets, dim_offsets, rows, indices, offsets, pooling,
+  const LookupSpec spec{weights,  "weights",  weights.numel(), 0,     total_dim, total_dim_name,
+                        disjoint, state_rows, state_arg,       check, wait};
+  return validate_lookups(spec, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
                           per_sample_weights);
 }
 
-// prepare() for the backward ops, which also take grad_output [B, dim_offsets[-1]].
-DeviceLookups prepare_grad(const Tensor& grad_output, const Tensor& weights,
-                           const Tensor& weights_offsets, const Tensor& dim_offsets,
-                           const Tensor& rows, const Tensor& indices, const Tensor& offsets,
-                           int64_t pooling, const std::optional<Tensor>& per_sample_weights,
-                           bool disjoint = false) {
-  DeviceLookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
-                             per_sample_weights, -1, disjoint);
-  check_grad_output(grad_output, weights, lk.v.B, lk.total_dim);
-  return lk;
+// The width of grad_output [B, dim_offsets[-1]] of the backward ops: the
+// total_dim the device checks.
+int64_t grad_width(const Tensor& grad_output) {
+  check_dim(grad_output, "grad_output", 2);
+  return grad_output.size(1);
 }
 
 Tensor embedding_bag_forward(Tensor weights, Tensor weights_offsets, Tensor dim_offsets,
                              Tensor rows, Tensor indices, Tensor offsets, int64_t pooling,
                              std::optional<Tensor> per_sample_weights, int64_t total_dim,
-                             bool /*sparse*/) {
+                             bool /*sparse*/, int64_t check) {
   DeviceGuard guard(weights.get_device());
   const DeviceLookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
-                                   pooling, per_sample_weights, total_dim);
+                                   pooling, per_sample_weights, total_dim, "total_dim", check);
   Tensor out = torch::stable::new_empty(weights, {lk.v.B, total_dim});
   if (lk.v.B == 0 || total_dim == 0) return out;
   const cudaStream_t stream = stream_of(weights);
@@ -564,10 +602,14 @@ void dispatch(const Tensor& weights, const DeviceLookups& lk, F&& f) {
 
 Tensor embedding_bag_backward_dense(Tensor grad_output, Tensor weights, Tensor weights_offsets,
                                     Tensor dim_offsets, Tensor rows, Tensor indices, Tensor offsets,
-                                    int64_t pooling, std::optional<Tensor> per_sample_weights) {
+                                    int64_t pooling, std::optional<Tensor> per_sample_weights,
+                                    int64_t check) {
   DeviceGuard guard(weights.get_device());
-  const DeviceLookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
-                                        indices, offsets, pooling, per_sample_weights, true);
+  const int64_t width = grad_width(grad_output);
+  const DeviceLookups lk =
+      prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
+              per_sample_weights, width, "grad_output.size(1)", check, true);
+  check_grad_output(grad_output, weights, lk.v.B, width);
   Tensor grad_weight = torch::stable::new_zeros(weights, weights.sizes());
   if (lk.v.N == 0) return grad_weight;
   const cudaStream_t stream = stream_of(weights);
@@ -591,14 +633,19 @@ Tensor bags_of(const Tensor& ref, const DeviceLookups& lk, cudaStream_t stream) 
   return bag_of;
 }
 
+// The values' count depends on the offsets, so the host waits for the
+// validation here in every mode (as PyTorch's sparse embedding backward does)
+// and raises a bad lookup's error at once.
 Tensor embedding_bag_backward_sparse(Tensor grad_output, Tensor weights, Tensor weights_offsets,
                                      Tensor dim_offsets, Tensor rows, Tensor indices,
                                      Tensor offsets, int64_t pooling,
-                                     std::optional<Tensor> per_sample_weights) {
+                                     std::optional<Tensor> per_sample_weights, int64_t check) {
   DeviceGuard guard(weights.get_device());
-  const DeviceLookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
-                                        indices, offsets, pooling, per_sample_weights);
-  const int64_t total_dim = lk.total_dim;
+  const int64_t width = grad_width(grad_output);
+  const DeviceLookups lk =
+      prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
+              per_sample_weights, width, "grad_output.size(1)", check, false, true);
+  check_grad_output(grad_output, weights, lk.v.B, width);
   Tensor values = torch::stable::new_empty(weights, {lk.total_values});
   if (lk.v.N == 0) return values;
   const cudaStream_t stream = stream_of(weights);
@@ -607,7 +654,7 @@ Tensor embedding_bag_backward_sparse(Tensor grad_output, Tensor weights, Tensor 
     using T = decltype(w);
     sparse_grad_kernel<T, decltype(i)><<<warp_blocks(lk.v.N), kThreads, 0, stream>>>(
         lk.v, bag_of.const_data_ptr<int32_t>(), static_cast<const T*>(grad_output.const_data_ptr()),
-        total_dim, static_cast<T*>(values.mutable_data_ptr()));
+        width, static_cast<T*>(values.mutable_data_ptr()));
   });
   return values;
 }
@@ -615,11 +662,12 @@ Tensor embedding_bag_backward_sparse(Tensor grad_output, Tensor weights, Tensor 
 Tensor embedding_bag_per_sample_weights_grad(Tensor grad_output, Tensor weights,
                                              Tensor weights_offsets, Tensor dim_offsets,
                                              Tensor rows, Tensor indices, Tensor offsets,
-                                             int64_t pooling) {
+                                             int64_t pooling, int64_t check) {
   DeviceGuard guard(weights.get_device());
-  const DeviceLookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
-                                        indices, offsets, pooling, std::nullopt);
-  const int64_t total_dim = lk.total_dim;
+  const int64_t width = grad_width(grad_output);
+  const DeviceLookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
+                                   pooling, std::nullopt, width, "grad_output.size(1)", check);
+  check_grad_output(grad_output, weights, lk.v.B, width);
   Tensor grad = torch::stable::new_empty(weights, {lk.v.N}, ScalarType::Float);
   if (lk.v.N == 0) return grad;
   const cudaStream_t stream = stream_of(weights);
@@ -628,7 +676,7 @@ Tensor embedding_bag_per_sample_weights_grad(Tensor grad_output, Tensor weights,
     using T = decltype(w);
     psw_grad_kernel<T, decltype(i)><<<warp_blocks(lk.v.N), kThreads, 0, stream>>>(
         lk.v, bag_of.const_data_ptr<int32_t>(), static_cast<const T*>(grad_output.const_data_ptr()),
-        total_dim, static_cast<const T*>(weights.const_data_ptr()), grad.mutable_data_ptr<float>());
+        width, static_cast<const T*>(weights.const_data_ptr()), grad.mutable_data_ptr<float>());
   });
   return grad;
 }
@@ -637,11 +685,20 @@ void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
                            Tensor step, Tensor weights_offsets, Tensor dim_offsets, Tensor rows,
                            Tensor indices, Tensor offsets, int64_t pooling,
                            std::optional<Tensor> per_sample_weights, Tensor hparams,
-                           int64_t optimizer, bool stochastic_rounding) {
+                           int64_t optimizer, bool stochastic_rounding, int64_t check) {
   DeviceGuard guard(weights.get_device());
-  const DeviceLookups lk = prepare_grad(grad_output, weights, weights_offsets, dim_offsets, rows,
-                                        indices, offsets, pooling, per_sample_weights, true);
-  check_optimizer_args(weights, momentum1, momentum2, step, hparams, optimizer, lk.total_rows);
+  const int64_t width = grad_width(grad_output);
+  // A row-wise state's size (one element per row of all tables) is checked on the device.
+  check_optimizer_args(weights, momentum1, momentum2, step, hparams, optimizer, -1);
+  const StateLayout layout = state_layout(optimizer);
+  const int64_t state_arg = layout.m1 == State::kRow ? 1 : layout.m2 == State::kRow ? 2 : 0;
+  const int64_t state_rows = state_arg == 1   ? momentum1.numel()
+                             : state_arg == 2 ? momentum2.numel()
+                                              : -1;
+  const DeviceLookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
+                                   pooling, per_sample_weights, width, "grad_output.size(1)", check,
+                                   true, false, state_rows, state_arg);
+  check_grad_output(grad_output, weights, lk.v.B, width);
   const cudaStream_t stream = stream_of(weights);
   if (lk.v.N > 0) {
     const Runs runs = sort_by_row(weights, lk, stream);

@@ -1,5 +1,6 @@
 #include "cuda/lookups.cuh"
 
+#include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 
 #include "cuda/utils.cuh"
@@ -8,12 +9,27 @@
 namespace dlrm_ops::cuda {
 namespace {
 
-// meta = [bad, ~first bad index position, total_rows, total_values, max_dim,
-//         total_dim, row_offsets[T], value_offsets[T]]
-constexpr int64_t kHeader = 6;
+using torch::stable::accelerator::DeviceGuard;
+
+// The first lookup error of a device since the last take_lookup_error:
+// [kind, source, table, bag, pos, value, limit, count, check], kind 0 when
+// none, check the mode of the call that recorded it;
+// source names the tensor: 0 weights, 1 packed, 2 momentum1, 3 momentum2
+// (dlrm_ops/errors.py formats it as the CPU op's message). A module global,
+// so recording it needs no allocation and no host work.
+enum ErrorKind : int64_t { kNone = 0, kTables = 1, kOffsets = 2, kIndex = 3, kStateRows = 4 };
+constexpr int kRecord = 9;
+__device__ int64_t g_error[kRecord];
 
 __device__ int64_t row_size(int64_t D, int64_t bits) {
   return bits == 0 ? D : bits == 8 ? D + 8 : D / 2 + 4;
+}
+
+__device__ void flag_first(int64_t* slot, int64_t i) {
+  atomicMax(reinterpret_cast<unsigned long long*>(slot), ~static_cast<unsigned long long>(i));
+}
+__host__ __device__ int64_t first_of(int64_t slot) {
+  return static_cast<int64_t>(~static_cast<uint64_t>(slot));
 }
 
 // Table t's span [start, end) of the buffer, in units of row_size; false if
@@ -32,19 +48,34 @@ __device__ bool table_span(const LookupView& v, int64_t t, int64_t ref_size, int
   return true;
 }
 
+// The last bag starting at or before lookup i (valid offsets).
+template <typename I>
+__device__ int64_t bag_of_lookup(const LookupView& v, int64_t i) {
+  int64_t lo = 0, hi = v.T * v.B - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (offset_at<I>(v, mid) <= i)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
 // Warp 0 of block 0 checks the table metadata (with `disjoint`, that no two
 // tables with rows share an element) and writes the per-table prefix sums, a
-// table per lane.
+// table per lane; thread i checks bag i's offsets and lookup i's index.
 template <typename I>
 __global__ void inspect_kernel(LookupView v, int64_t ref_size, int64_t bits, int64_t total_dim,
-                               bool disjoint, int64_t* meta) {
+                               bool disjoint, int64_t state_rows, int64_t* meta) {
   const int64_t TB = v.T * v.B;
   const int lane = threadIdx.x % kWarp;
   if (blockIdx.x == 0 && threadIdx.x < kWarp) {
-    bool bad = lane == 0 &&
-               (v.dim_offsets[0] != 0 || (total_dim >= 0 && v.dim_offsets[v.T] != total_dim) ||
-                (TB == 0 && (offset_at<I>(v, 0) != 0 || v.N != 0)));
-    int64_t rows = 0, values = 0, max_dim = 0;  // over the tables before this chunk
+    if (lane == 0 && (v.dim_offsets[0] != 0 || v.dim_offsets[v.T] != total_dim ||
+                      (TB == 0 && (offset_at<I>(v, 0) != 0 || v.N != 0)))) {
+      flag_first(meta, 0);
+    }
+    int64_t rows = 0, values = 0;  // over the tables before this chunk
     for (int64_t t0 = 0; t0 < v.T; t0 += kWarp) {
       const int64_t t = t0 + lane;
       int64_t n = 0, vals = 0;
@@ -52,18 +83,20 @@ __global__ void inspect_kernel(LookupView v, int64_t ref_size, int64_t bits, int
         int64_t start, end;
         if (table_span(v, t, ref_size, bits, start, end)) {
           const int64_t D = v.dim_offsets[t + 1] - v.dim_offsets[t];
-          const int64_t count = offset_at<I>(v, (t + 1) * v.B) - offset_at<I>(v, t * v.B);
+          // Bad offsets are flagged below; the count only sizes the sparse gradient.
+          const int64_t count =
+              max(int64_t{0}, min(v.N, offset_at<I>(v, (t + 1) * v.B) - offset_at<I>(v, t * v.B)));
           n = v.rows[t];
-          bad |= count < 0 || (count > 0 && D > INT64_MAX / count);
-          vals = count * D;
-          max_dim = max(max_dim, D);
+          vals = count * D;  // count < 2^31, D <= ref_size: no overflow
+          bool overlap = false;
           for (int64_t u = t + 1; disjoint && n > 0 && u < v.T; ++u) {
             int64_t s2, e2;
-            bad |=
+            overlap |=
                 v.rows[u] > 0 && table_span(v, u, ref_size, bits, s2, e2) && start < e2 && s2 < end;
           }
+          if (overlap) flag_first(meta, t + 1);
         } else {
-          bad = true;
+          flag_first(meta, t + 1);
         }
       }
       int64_t n_incl = n, vals_incl = vals;  // inclusive scans over the lanes
@@ -76,29 +109,25 @@ __global__ void inspect_kernel(LookupView v, int64_t ref_size, int64_t bits, int
         }
       }
       if (t < v.T) {
-        meta[kHeader + t] = rows + n_incl - n;
-        meta[kHeader + v.T + t] = values + vals_incl - vals;
+        meta[kStatus + t] = rows + n_incl - n;
+        meta[kStatus + v.T + t] = values + vals_incl - vals;
       }
       rows += __shfl_sync(0xffffffffu, n_incl, kWarp - 1);
       values += __shfl_sync(0xffffffffu, vals_incl, kWarp - 1);
     }
-    for (int o = kWarp / 2; o > 0; o /= 2)
-      max_dim = max(max_dim, __shfl_xor_sync(0xffffffffu, max_dim, o));
-    if (__any_sync(0xffffffffu, bad) && lane == 0) meta[0] = 1;
     if (lane == 0) {
-      meta[2] = rows;
-      meta[3] = values;
-      meta[4] = max_dim;
-      meta[5] = v.dim_offsets[v.T];
+      meta[3] = state_rows >= 0 && rows != state_rows;
+      meta[4] = rows;
+      meta[5] = values;
     }
   }
-  // Thread i checks bag i's offsets and lookup i's index, whose table is the
-  // last one starting at or before i (exact once the offsets are valid).
+  // Lookup i's table is the last one starting at or before i (exact once the
+  // offsets are valid; always a table, so rows[t] is always readable).
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < TB) {
     const int64_t lo = offset_at<I>(v, i), hi = offset_at<I>(v, i + 1);
     if ((i == 0 && lo != 0) || hi < lo || lo < 0 || hi > v.N || (i == TB - 1 && hi != v.N)) {
-      meta[0] = 1;
+      flag_first(meta + 1, i);
     }
   }
   if (i < v.N && v.T > 0) {
@@ -106,68 +135,127 @@ __global__ void inspect_kernel(LookupView v, int64_t ref_size, int64_t bits, int
     for (int64_t step = int64_t{1} << (63 - __clzll(v.T)); step > 0; step >>= 1) {
       if (t + step < v.T && offset_at<I>(v, (t + step) * v.B) <= i) t += step;
     }
-    const int64_t idx = index_at<I>(v, i);
-    if (idx < 0 || idx >= v.rows[t]) {
-      atomicMax(reinterpret_cast<unsigned long long*>(meta + 1),
-                ~static_cast<unsigned long long>(i));
-    }
+    if (!row_in_range(index_at<I>(v, i), v.rows[t])) flag_first(meta + 2, i);
   }
 }
 
-// Page-locked host memory for the verdict, so that its copy is one DMA; one
+// One thread: if this call failed and the device holds no error yet, records
+// the call's first error, found in the CPU op's order (tables, optimizer
+// state, offsets, indices).
+template <typename I>
+__global__ void record_kernel(LookupView v, const int64_t* meta, int64_t source,
+                              int64_t state_rows, int64_t check) {
+  if (g_error[0] != kNone || (meta[0] | meta[1] | meta[2] | meta[3]) == 0) return;
+  int64_t r[kRecord] = {};
+  r[1] = source >= 2 ? 0 : source;
+  r[8] = check;
+  if (meta[0] != 0) {
+    r[0] = kTables;
+    r[2] = first_of(meta[0]) - 1;  // -1: dim_offsets[0] or dim_offsets[-1]
+  } else if (meta[3] != 0) {
+    r[0] = kStateRows;
+    r[1] = source;
+    r[5] = state_rows;
+    r[6] = meta[4];
+  } else if (meta[1] != 0) {
+    const int64_t TB = v.T * v.B;
+    r[0] = kOffsets;
+    r[7] = v.N;
+    int64_t i = 0;
+    if (offset_at<I>(v, 0) == 0) {  // else offsets[0] is the error
+      i = 1;
+      while (i <= TB && offset_at<I>(v, i) >= offset_at<I>(v, i - 1)) ++i;
+      if (i > TB) i = TB;  // ordered: offsets[-1] is not N
+    }
+    r[4] = i;
+    r[5] = offset_at<I>(v, i);
+    r[6] = i > 0 ? offset_at<I>(v, i - 1) : 0;
+    r[2] = i > 0 ? (i - 1) / max(v.B, int64_t{1}) : 0;
+    r[3] = i > 0 ? (i - 1) % max(v.B, int64_t{1}) : 0;
+  } else {
+    const int64_t pos = first_of(meta[2]);
+    const int64_t bag = bag_of_lookup<I>(v, pos);
+    r[0] = kIndex;
+    r[2] = bag / v.B;
+    r[3] = bag % v.B;
+    r[4] = pos;
+    r[5] = index_at<I>(v, pos);
+    r[6] = v.rows[r[2]];
+  }
+  for (int k = 1; k < kRecord; ++k) g_error[k] = r[k];
+  __threadfence();
+  g_error[0] = r[0];
+}
+
+// Page-locked host memory for the status, so that its copy is one DMA; one
 // buffer per host thread, kept for the thread's life.
-int64_t* pinned_header() {
+int64_t* pinned_status() {
   thread_local int64_t* buf = [] {
     void* p = nullptr;
-    DLRM_CUDA_CHECK(cudaHostAlloc(&p, kHeader * sizeof(int64_t), cudaHostAllocPortable));
+    DLRM_CUDA_CHECK(cudaHostAlloc(&p, kStatus * sizeof(int64_t), cudaHostAllocPortable));
     return static_cast<int64_t*>(p);
   }();
   return buf;
 }
 
-[[noreturn]] void throw_cpu_error(const Tensor& ref, const char* ref_name, int64_t ref_size,
-                                  int64_t bits, int64_t total_dim, bool disjoint,
-                                  const Tensor& weights_offsets, const Tensor& dim_offsets,
-                                  const Tensor& rows, const Tensor& indices, const Tensor& offsets,
-                                  int64_t pooling, int64_t bad_pos) {
+// The CPU op's error for these lookups, from copies of them on the host.
+[[noreturn]] void throw_cpu_error(const LookupSpec& s, const Tensor& weights_offsets,
+                                  const Tensor& dim_offsets, const Tensor& rows,
+                                  const Tensor& indices, const Tensor& offsets, int64_t pooling,
+                                  const int64_t* status) {
   const torch::stable::Device cpu(torch::headeronly::DeviceType::CPU);
   auto host = [&](const Tensor& t) { return torch::stable::to(t, cpu); };
   const Tensor rows_c = host(rows), woff_c = host(weights_offsets), doff_c = host(dim_offsets);
   const Tensor idx_c = host(indices), off_c = host(offsets);
   ValidatedLookups v = dlrm_ops::validate_lookups(rows_c, "rows", woff_c, doff_c, rows_c, idx_c,
                                                   off_c, pooling, std::nullopt);
-  DLRM_CHECK(total_dim < 0 || v.tb.dim_offsets[v.tb.T] == total_dim,
-             "total_dim must equal dim_offsets[-1] = ", v.tb.dim_offsets[v.tb.T], ", got ",
-             total_dim);
-  check_tables_fit(v.tb, ref_size, bits, ref_name);
-  if (disjoint) check_tables_disjoint(v.tb, ref_name);
-  if (bad_pos >= 0) throw_bad_index(v, bad_pos);
-  DLRM_CHECK(false, "invalid lookups for ", ref_name);
+  DLRM_CHECK(v.tb.dim_offsets[v.tb.T] == s.total_dim, s.total_dim_name,
+             " must equal dim_offsets[-1] = ", v.tb.dim_offsets[v.tb.T], ", got ", s.total_dim);
+  check_tables_fit(v.tb, s.size, s.bits, s.ref_name);
+  if (s.disjoint) check_tables_disjoint(v.tb, s.ref_name);
+  DLRM_CHECK(status[3] == 0, "momentum", s.state_arg, " must have ", status[4],
+             " elements for this optimizer, got ", s.state_rows);
+  if (status[2] != 0) throw_bad_index(v, first_of(status[2]));
+  DLRM_CHECK(false, "invalid lookups for ", s.ref_name);
   __builtin_unreachable();
+}
+
+Tensor take_lookup_error(Tensor device) {
+  check_cuda(device, "device");
+  DeviceGuard guard(device.get_device());
+  const cudaStream_t stream = stream_of(device);
+  void* record = nullptr;
+  DLRM_CUDA_CHECK(cudaGetSymbolAddress(&record, g_error));
+  Tensor out = torch::stable::new_empty(device, {kRecord}, ScalarType::Long);
+  DLRM_CUDA_CHECK(cudaMemcpyAsync(out.mutable_data_ptr(), record, sizeof(g_error),
+                                  cudaMemcpyDeviceToDevice, stream));
+  DLRM_CUDA_CHECK(cudaMemsetAsync(record, 0, sizeof(g_error), stream));
+  return torch::stable::to(out, torch::stable::Device(torch::headeronly::DeviceType::CPU));
 }
 
 }  // namespace
 
-DeviceLookups validate_lookups(const Tensor& ref, const char* ref_name, int64_t ref_size,
-                               int64_t bits, int64_t total_dim, bool disjoint,
-                               const Tensor& weights_offsets, const Tensor& dim_offsets,
-                               const Tensor& rows, const Tensor& indices, const Tensor& offsets,
-                               int64_t pooling, const std::optional<Tensor>& per_sample_weights) {
-  check_cuda(ref, ref_name);
-  const LookupShape s = check_lookup_args(ref, ref_name, weights_offsets, dim_offsets, rows,
-                                          indices, offsets, pooling, per_sample_weights);
-  DLRM_CHECK(s.N < (int64_t{1} << 31), "indices must have fewer than 2^31 entries on CUDA, got ",
-             s.N);
-  DLRM_CHECK(s.T * s.B < (int64_t{1} << 31), "tables x batch size must be below 2^31 on CUDA, got ",
-             s.T, " x ", s.B);
+DeviceLookups validate_lookups(const LookupSpec& s, const Tensor& weights_offsets,
+                               const Tensor& dim_offsets, const Tensor& rows, const Tensor& indices,
+                               const Tensor& offsets, int64_t pooling,
+                               const std::optional<Tensor>& per_sample_weights) {
+  check_cuda(s.ref, s.ref_name);
+  check_mode(s.check);
+  const LookupShape shape = check_lookup_args(s.ref, s.ref_name, weights_offsets, dim_offsets, rows,
+                                              indices, offsets, pooling, per_sample_weights);
+  DLRM_CHECK(shape.N < (int64_t{1} << 31),
+             "indices must have fewer than 2^31 entries on CUDA, got ", shape.N);
+  DLRM_CHECK(shape.T * shape.B < (int64_t{1} << 31),
+             "tables x batch size must be below 2^31 on CUDA, got ", shape.T, " x ", shape.B);
   DeviceLookups lk;
   lk.int64 = indices.scalar_type() == ScalarType::Long;
-  lk.meta = torch::stable::new_empty(rows, {kHeader + 2 * s.T});
+  lk.total_values = -1;
+  lk.meta = torch::stable::new_empty(rows, {kStatus + 2 * shape.T});
   if (per_sample_weights.has_value()) lk.psw_f32 = per_sample_weights_f32(*per_sample_weights);
   int64_t* meta = lk.meta.mutable_data_ptr<int64_t>();
-  lk.v = LookupView{s.T,
-                    s.B,
-                    s.N,
+  lk.v = LookupView{shape.T,
+                    shape.B,
+                    shape.N,
                     weights_offsets.const_data_ptr<int64_t>(),
                     dim_offsets.const_data_ptr<int64_t>(),
                     rows.const_data_ptr<int64_t>(),
@@ -175,31 +263,41 @@ DeviceLookups validate_lookups(const Tensor& ref, const char* ref_name, int64_t 
                     offsets.const_data_ptr(),
                     per_sample_weights ? lk.psw_f32.const_data_ptr<float>() : nullptr,
                     pooling,
-                    meta + kHeader,
-                    meta + kHeader + s.T};
-  const cudaStream_t stream = stream_of(ref);
-  DLRM_CUDA_CHECK(cudaMemsetAsync(meta, 0, 2 * sizeof(int64_t), stream));  // the error slots
+                    meta,
+                    meta + kStatus,
+                    meta + kStatus + shape.T};
+  const cudaStream_t stream = stream_of(s.ref);
+  DLRM_CUDA_CHECK(cudaMemsetAsync(meta, 0, 3 * sizeof(int64_t), stream));  // the error slots
   constexpr int kThreads = 256;
-  const int64_t blocks = std::max<int64_t>(1, ceil_div(std::max(s.T * s.B, s.N), kThreads));
+  const int64_t blocks =
+      std::max<int64_t>(1, ceil_div(std::max(shape.T * shape.B, shape.N), kThreads));
+  // The record's source: the buffer (weights 0, packed 1), or with a
+  // row-wise optimizer state its momentum (2 or 3), named if that is wrong.
+  const int64_t source = s.state_arg > 0 ? 1 + s.state_arg : s.bits != 0;
   dispatch_index(lk.int64, [&](auto i) {
-    inspect_kernel<decltype(i)>
-        <<<blocks, kThreads, 0, stream>>>(lk.v, ref_size, bits, total_dim, disjoint, meta);
+    using I = decltype(i);
+    inspect_kernel<I><<<blocks, kThreads, 0, stream>>>(lk.v, s.size, s.bits, s.total_dim,
+                                                       s.disjoint, s.state_rows, meta);
+    if (!s.wait && (s.check == kDeferred || s.check == kWarn)) {
+      record_kernel<I><<<1, 1, 0, stream>>>(lk.v, meta, source, s.state_rows, s.check);
+    }
   });
   DLRM_LAUNCH_CHECK();
-  int64_t* h = pinned_header();
-  DLRM_CUDA_CHECK(
-      cudaMemcpyAsync(h, meta, kHeader * sizeof(int64_t), cudaMemcpyDeviceToHost, stream));
-  DLRM_CUDA_CHECK(cudaStreamSynchronize(stream));
-  if (h[0] != 0 || h[1] != 0) {
-    throw_cpu_error(ref, ref_name, ref_size, bits, total_dim, disjoint, weights_offsets,
-                    dim_offsets, rows, indices, offsets, pooling,
-                    h[1] != 0 ? static_cast<int64_t>(~h[1]) : -1);
+  if (s.wait || s.check == kImmediate) {
+    int64_t* h = pinned_status();
+    DLRM_CUDA_CHECK(
+        cudaMemcpyAsync(h, meta, kStatus * sizeof(int64_t), cudaMemcpyDeviceToHost, stream));
+    DLRM_CUDA_CHECK(cudaStreamSynchronize(stream));
+    if ((h[0] | h[1] | h[2] | h[3]) != 0) {
+      throw_cpu_error(s, weights_offsets, dim_offsets, rows, indices, offsets, pooling, h);
+    }
+    lk.total_values = h[5];
   }
-  lk.total_rows = h[2];
-  lk.total_values = h[3];
-  lk.max_dim = h[4];
-  lk.total_dim = h[5];
   return lk;
 }
 
 }  // namespace dlrm_ops::cuda
+
+STABLE_TORCH_LIBRARY_IMPL(dlrm_ops, CUDA, m) {
+  m.impl("take_lookup_error", TORCH_BOX(&dlrm_ops::cuda::take_lookup_error));
+}

@@ -155,7 +155,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t bag = warp_id();
   if (bag >= v.T * v.B) return;
   const int lane = threadIdx.x % kWarp;
+  if (lookups_bad(v)) {  // zeros: the warps of table 0's bags clear their output rows
+    for (int64_t c = lane; bag < v.B && c < out_stride; c += kWarp) {
+      out[bag * out_stride + c] = from_f32<O>(0.f);
+    }
+    return;
+  }
   const int64_t t = bag / v.B, b = bag % v.B;
+  const int64_t n = v.rows[t];
   const int64_t d0 = v.dim_offsets[t], D = v.dim_offsets[t + 1] - d0;
   const uint8_t* table = packed + v.weights_offsets[t];
   const int64_t stride = row_bytes(D, Bits);
@@ -166,7 +173,9 @@ __global__ void __launch_bounds__(kThreads)
     float acc[kCols] = {};
     float bias_sum = 0.f;
     for (int64_t l = lo; l < hi; ++l) {
-      const uint8_t* row = table + index_at<I>(v, l) * stride;
+      const int64_t idx = index_at<I>(v, l);
+      if (!row_in_range(idx, n)) continue;  // a bad lookup adds nothing and reads nothing
+      const uint8_t* row = table + idx * stride;
       const float s = v.per_sample_weights ? v.per_sample_weights[l] : 1.f;
       float scale, bias;
       scale_bias<Bits>(row, D, scale, bias);
@@ -234,13 +243,15 @@ Tensor dequantize_rowwise(Tensor packed, int64_t bits, std::optional<ScalarType>
 Tensor quantized_embedding_bag_forward(Tensor packed, Tensor weights_offsets, Tensor dim_offsets,
                                        Tensor rows, Tensor indices, Tensor offsets, int64_t pooling,
                                        std::optional<Tensor> per_sample_weights, int64_t total_dim,
-                                       int64_t bits, std::optional<ScalarType> output_dtype) {
+                                       int64_t bits, std::optional<ScalarType> output_dtype,
+                                       int64_t check) {
   check_cuda(packed, "packed");
   const ScalarType out_t = check_packed_tables(packed, bits, output_dtype);
   DeviceGuard guard(packed.get_device());
-  const DeviceLookups lk =
-      validate_lookups(packed, "packed", packed.numel(), bits, total_dim, false, weights_offsets,
-                       dim_offsets, rows, indices, offsets, pooling, per_sample_weights);
+  const LookupSpec spec{packed, "packed", packed.numel(), bits, total_dim, "total_dim", false,
+                        -1,     0,        check};
+  const DeviceLookups lk = validate_lookups(spec, weights_offsets, dim_offsets, rows, indices,
+                                            offsets, pooling, per_sample_weights);
   Tensor out = torch::stable::new_empty(packed, {lk.v.B, total_dim}, out_t);
   if (lk.v.B == 0) return out;
   dispatch_float(out_t, "output_dtype", [&](auto o) {

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import ops, optimizers
+from .. import errors, ops, optimizers
 from ..optimizers import HParam
 from ._memory import empty_table
 from .embedding_list import EmbeddingBagList
@@ -31,7 +31,8 @@ class EmbeddingBagCollection(nn.Module):
     inside the backward: ``loss.backward()`` updates the touched
     rows in place, ``weight.grad`` stays None and no optimizer step is needed.
     Duplicate rows in a batch are summed first; every rule is in
-    ``csrc/optimizers.h``. The fp32 state (``momentum1``,
+    ``csrc/optimizers.h``. ``check`` is when a bad lookup is reported on CUDA
+    (``dlrm_ops.errors``; None: the global mode). The fp32 state (``momentum1``,
     ``momentum2``, ``step``) and ``hparams`` are buffers in the state_dict;
     ``lr`` may be changed between steps (not between a forward and its backward).
     ``stochastic_rounding`` rounds updated fp16/bf16 weights stochastically
@@ -53,8 +54,10 @@ class EmbeddingBagCollection(nn.Module):
         betas: Tuple[float, float] = (0.9, 0.999),
         stochastic_rounding: bool = False,
         feature_names: Optional[Sequence[Sequence[str]]] = None,
+        check: Optional[str] = None,
     ):
         super().__init__()
+        errors.resolve(check)
         rows = [int(n) for n in num_embeddings]
         if not rows:
             raise ValueError("num_embeddings must list at least one table")
@@ -77,6 +80,7 @@ class EmbeddingBagCollection(nn.Module):
         self.feature_names = _check_feature_names(feature_names, len(rows))
         self.mode = mode
         self.sparse = sparse
+        self.check = check
         self.total_dim = sum(dims)
         sizes = [r * d for r, d in zip(rows, dims)]
         woff = [0] + list(torch.tensor(sizes).cumsum(0)[:-1].tolist()) if len(sizes) > 1 else [0]
@@ -168,6 +172,7 @@ class EmbeddingBagCollection(nn.Module):
                 self.mode,
                 per_sample_weights,
                 self.total_dim,
+                self.check,
             )
         if self.optimizer is not None:
             return ops.table_batched_embedding_bag_with_optimizer(
@@ -183,6 +188,7 @@ class EmbeddingBagCollection(nn.Module):
                 per_sample_weights=per_sample_weights,
                 total_dim=self.total_dim,
                 stochastic_rounding=self.stochastic_rounding,
+                check=self.check,
             )
         return ops.table_batched_embedding_bag(
             *tables,
@@ -192,6 +198,7 @@ class EmbeddingBagCollection(nn.Module):
             per_sample_weights=per_sample_weights,
             sparse=self.sparse,
             total_dim=self.total_dim,
+            check=self.check,
         )
 
     def _forward_kjt(self, kjt, keyed: bool):
@@ -305,6 +312,7 @@ def torch_only_options(module: nn.EmbeddingBag):
 
 class EmbeddingBag(nn.EmbeddingBag):
     in_backward: Optional[InBackward] = None  # set by apply_optimizer_in_backward
+    check: Optional[str] = None  # when CUDA reports a bad lookup (dlrm_ops.errors)
 
     """Drop-in for ``torch.nn.EmbeddingBag`` running the native kernel.
 
@@ -375,6 +383,7 @@ class EmbeddingBag(nn.EmbeddingBag):
                 self.mode,
                 per_sample_weights,
                 self.embedding_dim,
+                self.check,
             )
         return ops.table_batched_embedding_bag(
             self.weight,
@@ -387,6 +396,7 @@ class EmbeddingBag(nn.EmbeddingBag):
             per_sample_weights=per_sample_weights,
             sparse=self.sparse,
             total_dim=self.embedding_dim,
+            check=self.check,
         )
 
 

@@ -2,12 +2,12 @@
 of them can be looked up in one kernel call (what facebookresearch/dlrm's
 ``apply_emb`` loop does table by table)."""
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .. import ops, optimizers
+from .. import errors, ops, optimizers
 from ._memory import empty_table
 
 
@@ -21,6 +21,8 @@ class EmbeddingBagList(nn.ModuleList):
     ``indices`` returns the list of pooled ``[B, D]`` tensors from one call;
     with ``apply_optimizer_in_backward`` that call's backward is one fused
     update of all the tables."""
+
+    check: Optional[str] = None  # when CUDA reports a bad lookup (dlrm_ops.errors)
 
     def __init__(self, items: Sequence[nn.Module]):
         super().__init__(items)
@@ -113,6 +115,7 @@ class EmbeddingBagList(nn.ModuleList):
                 hparams=update.hparams(self._flat.device),
                 mode=self.mode,
                 total_dim=total,
+                check=self.check,
             )
             if out.grad_fn is not None and not torch.compiler.is_compiling():
                 # The update writes the items' tables through the shared
@@ -127,7 +130,7 @@ class EmbeddingBagList(nn.ModuleList):
         else:
             with torch.no_grad():
                 out = ops.table_batched_embedding_bag(
-                    *tables, idx, off, mode=self.mode, total_dim=total
+                    *tables, idx, off, mode=self.mode, total_dim=total, check=self.check
                 )
         return list(out.split(self.dim, dim=1))
 
@@ -206,6 +209,7 @@ class _Lookup(torch.autograd.Function):
                 off,
                 mode=lst.mode,
                 total_dim=lst.dim * len(weights),
+                check=lst.check,
             )
 
     @staticmethod
@@ -214,10 +218,11 @@ class _Lookup(torch.autograd.Function):
         idx, off = ctx.saved_tensors
         items = list(lst)
         meta = (lst._woff, lst._doff, lst._rows, idx, off, ops.POOLING[lst.mode])
+        check = errors.resolve(lst.check)
         grad = grad.contiguous()
         grads = []
         if items[0].sparse:
-            values = ops._ops.embedding_bag_backward_sparse(grad, lst._flat, *meta, None)
+            values = ops._ops.embedding_bag_backward_sparse(grad, lst._flat, *meta, None, check)
             B = (off.numel() - 1) // len(items)
             for k, m in enumerate(items):
                 lo, hi = int(off[k * B]), int(off[(k + 1) * B])
@@ -230,7 +235,7 @@ class _Lookup(torch.autograd.Function):
                     )
                 )
         else:
-            dense = ops._ops.embedding_bag_backward_dense(grad, lst._flat, *meta, None)
+            dense = ops._ops.embedding_bag_backward_dense(grad, lst._flat, *meta, None, check)
             for k, m in enumerate(items):
                 e0 = int(lst._woff[k])
                 grads.append(dense[e0 : e0 + m.weight.numel()].view(m.weight.shape))

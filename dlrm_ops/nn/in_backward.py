@@ -155,6 +155,7 @@ def fused_lookup(
     mode,
     per_sample_weights,
     total_dim,
+    check=None,
 ):
     """The forward whose backward applies `update` to tables[0] (the weight)."""
     from .. import ops
@@ -173,6 +174,7 @@ def fused_lookup(
         mode=mode,
         per_sample_weights=per_sample_weights,
         total_dim=total_dim,
+        check=check,
     )
 
 

@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from .. import ops
+from .. import errors, ops
 from ._memory import empty_table
 from .embedding import EmbeddingBag, EmbeddingBagCollection, bags_from_embedding_bag_args
 
@@ -16,7 +16,7 @@ class QuantizedEmbeddingBagCollection(nn.Module):
     call, with the indices/offsets convention of ``EmbeddingBagCollection``.
     All tables' packed rows live in the uint8 buffer ``packed``; rows are
     dequantized inside the kernel. Output fp32 unless ``output_dtype`` says
-    otherwise."""
+    otherwise. ``check``: when CUDA reports a bad lookup (``dlrm_ops.errors``)."""
 
     def __init__(
         self,
@@ -26,8 +26,11 @@ class QuantizedEmbeddingBagCollection(nn.Module):
         mode: str = "sum",
         output_dtype: torch.dtype = torch.float32,
         device: Optional[torch.device] = None,
+        check: Optional[str] = None,
     ):
         super().__init__()
+        errors.resolve(check)
+        self.check = check
         if bits not in (8, 4):
             raise ValueError(f"bits must be 8 or 4, got {bits}")
         if bits == 4 and any(d % 2 for d in embedding_dims):
@@ -94,6 +97,7 @@ class QuantizedEmbeddingBagCollection(nn.Module):
             per_sample_weights=per_sample_weights,
             total_dim=self.total_dim,
             output_dtype=self.output_dtype,
+            check=self.check,
         )
 
     def extra_repr(self) -> str:
