@@ -591,6 +591,21 @@ def _add_common(p, add, training: bool) -> None:
     add(e, "--threads", type=POSITIVE, default=None, help="CPU threads (default: torch's)")
     add(e, "--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs")
     add(e, "--use-gpu", action="store_true", help="same as --device cuda")
+    add(
+        e,
+        "--check",
+        choices=["deferred", "immediate", "warn", "off"],
+        default="deferred",
+        help="when a bad lookup on the GPU is reported (docs/errors.md): deferred raises at the "
+        "next loss line, immediate at the call (the host waits every call), warn warns, off never",
+    )
+    add(
+        e,
+        "--cuda-graph",
+        action="store_true",
+        help="replay the training step from a CUDA graph (--device cuda, one process, no lr "
+        "schedule, no gradient accumulation; batches of another shape run eagerly)",
+    )
     add(e, "--no-progress", action="store_true", help="no progress bar")
     add(e, "--debug", "--debug-mode", dest="debug", action="store_true", help="full tracebacks")
     g = p.add_argument_group(
@@ -721,6 +736,20 @@ def check(args, given: set) -> None:
             raise FlagError("--plot needs matplotlib: pip install matplotlib") from None
     _check_data_files(args)
     _check_distributed(args, given)
+    if getattr(args, "cuda_graph", False):
+        why = (
+            "it needs --device cuda"
+            if args.device != "cuda"
+            else "it runs in one process"
+            if distributed(args)
+            else "the captured step cannot follow an lr schedule"
+            if args.lr_num_warmup_steps or args.lr_num_decay_steps
+            else "gradients accumulated over batches are not captured"
+            if args.mlperf_grad_accum_iter > 1
+            else None
+        )
+        if why:
+            raise FlagError(f"--cuda-graph: {why}")
     if args.mlperf_grad_accum_iter > 1 and args.optimizer not in ("sgd", "adagrad", "adam"):
         raise FlagError(
             f"--mlperf-grad-accum-iter {args.mlperf_grad_accum_iter}: accumulated gradients go "

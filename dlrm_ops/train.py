@@ -31,6 +31,8 @@ from .data import (
 )
 from .data.mlperf_bin import bin_files
 from .data.prefetch import prefetch
+from .errors import check_errors, set_check_mode
+from .graphs import CapturedStep
 from .models import DLRM
 from .models.dlrm import mixed_dims
 from .nn import quantize
@@ -77,6 +79,8 @@ RUN_SETTINGS = (
     "threads",
     "device",
     "use_gpu",
+    "check",
+    "cuda_graph",
     "no_progress",
     "debug",
     "print_precision",
@@ -472,6 +476,7 @@ class Trainer:
             else None
         )
         self.loss = loss_function(args)
+        self.captured = CapturedStep(self._step) if getattr(args, "cuda_graph", False) else None
         self.epoch = self.batch = self.step = 0
         self.best_auc = -math.inf
         self.losses, self.evals = [], []
@@ -566,9 +571,20 @@ class Trainer:
         """Whether no gradients are pending (between accumulation windows)."""
         return self.step % self.accumulate == 0
 
-    def train_step(self, b) -> float:
+    def _step(self, dense, indices, offsets, labels) -> torch.Tensor:
+        """The step --cuda-graph captures (one optimizer step per batch, constant lr)."""
+        self.opt.zero_grad()
+        loss = self.loss(self.model(dense, indices, offsets), labels)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def train_step(self, b):
         """One batch; the optimizers step once every ``accumulate`` batches
-        (after self.step counts this one)."""
+        (after self.step counts this one). Returns the loss as a tensor on the
+        device: reading it would make the host wait for the GPU every step."""
+        if self.captured is not None:
+            return self.captured(b.dense, b.indices, b.offsets, b.labels)
         lr = self.opt.param_groups[0]["lr"]
         if self.emb_opt is None:  # the tables update in the backward: same rate as the MLPs
             if self.sched is not None:
@@ -588,13 +604,14 @@ class Trainer:
                     self.emb_opt.step()
             if self.sched is not None:
                 self.sched.step()
-        return float(loss.detach())
+        return loss.detach()
 
     def evaluation(self, bar) -> Optional[dict]:
         a = self.args
         if self.test is None:
             return None
         e = self.evaluate(self.test)
+        check_errors(self.device)
         self.evals.append((self.step, e))
         bar.write(f"  test at batch {self.step}: {metrics.line(e, a.print_precision)}")
         if a.mlperf_logging:
@@ -651,6 +668,10 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(samples_per_s=f"{self.samples / self.seconds:,.0f}")
                     if self.step % a.print_freq == 0:
+                        # The host waits here anyway: the time to raise a bad
+                        # lookup the GPU recorded (dlrm_ops.errors).
+                        check_errors(self.device)
+                        running = float(running)
                         self.losses.append((self.step, running / n_running))
                         when = time.strftime("%H:%M:%S ") if a.print_wall_time else ""
                         bar.write(
@@ -675,6 +696,7 @@ class Trainer:
                     self.epoch, self.batch = self.epoch + 1, 0
         finally:
             bar.close()
+        check_errors(self.device)
         return stop
 
 
@@ -720,6 +742,7 @@ def run(args, given: set, command: str = "train") -> int:
         print(why, file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_check_mode(getattr(args, "check", "deferred"))
     if not flags.distributed(args):
         return _run(args, ckpt, source, None)
     from .distributed import train as hybrid

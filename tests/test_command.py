@@ -107,6 +107,8 @@ BAD_FLAGS = [
     (["--processed-data-file", "{raw}", "--data-generation", "dataset"], "is a file, not a folder"),
     (["--mlperf-auc-threshold", "2"], "--mlperf-auc-threshold: must be in [0, 1]"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--check", "loud"], "--check: invalid choice"),
+    (["--cuda-graph"], "--cuda-graph: it needs --device cuda"),
 ]
 
 

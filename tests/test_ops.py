@@ -452,8 +452,10 @@ def test_forward_and_interaction_under_compile(device):
 
 @needs_213
 @pytest.mark.parametrize("device", DEVICES)
+@dlrm_ops.check_mode("immediate")
 def test_bad_lookups_raise_the_same_errors(device):
-    """CUDA validates on the GPU and raises the CPU op's messages."""
+    """CUDA validates on the GPU and, in mode "immediate", raises the CPU op's
+    messages at the call (tests/test_errors.py: the deferred mode)."""
     ebc = collection(8, device=device)
     idx, off = (t.to(device) for t in bags())
     bad = idx.clone()
@@ -535,7 +537,9 @@ BAD_INPUTS = {
 def test_bad_lookups_stop_the_call_on_old_torch(corrupt):
     code = f"""
 import torch
+import dlrm_ops
 from test_ops import bags, collection
+dlrm_ops.set_check_mode("immediate")
 ebc = collection(8, device="cuda")
 idx, off = bags()
 assert off[66] > off[33]  # table 1 has lookups
