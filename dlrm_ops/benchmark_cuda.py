@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from . import ops, reference
 from .benchmark import DLRM_CONFIGS, make_tbe_inputs
+from .graphs import CapturedStep
 from .nn import EmbeddingBagCollection, QuantizedEmbeddingBagCollection
 
 
@@ -214,24 +215,33 @@ def run_dlrm(configs, rows, B, T=26) -> List[dict]:
         ]
 
         def train(model, opts):
-            def step():
+            def step(x, idx, off, y):
                 for o in opts:
                     o.zero_grad()
-                loss_fn(model(x, idx, off), y).backward()
+                loss = loss_fn(model(x, idx, off), y)
+                loss.backward()
                 for o in opts:
                     o.step()
+                return loss.detach()
 
             return step
 
+        captured = CapturedStep(train(ours, [opt_o]))
+        for _ in range(captured.warmup + 1):  # eager warm-up calls, then the capture
+            captured(x, idx, off, y)
         parts = {
-            "train step": (train(ours, [opt_o]), train(ref, opts_r)),
-            "inference": (
-                torch.no_grad()(lambda: ours(x, idx, off)),
-                torch.no_grad()(lambda: ref(x, idx, off)),
-            ),
+            "train step": {
+                "dlrm_ops train step": lambda: train(ours, [opt_o])(x, idx, off, y),
+                "dlrm_ops train step, CUDA graph": lambda: captured(x, idx, off, y),
+                "reference train step": lambda: train(ref, opts_r)(x, idx, off, y),
+            },
+            "inference": {
+                "dlrm_ops inference": torch.no_grad()(lambda: ours(x, idx, off)),
+                "reference inference": torch.no_grad()(lambda: ref(x, idx, off)),
+            },
         }
-        for part, (f_ours, f_ref) in parts.items():
-            times = cuda_time_all({f"dlrm_ops {part}": f_ours, f"reference {part}": f_ref})
+        for part, fns in parts.items():
+            times = cuda_time_all(fns)
             for r in _rows(
                 f"DLRM {name} (CUDA, B={B}, {T} tables x {rows} rows)",
                 times,
@@ -244,14 +254,26 @@ def run_dlrm(configs, rows, B, T=26) -> List[dict]:
             ):
                 r["gbs"] = B / (r["ms"] / 1e3) / 1e6
                 res.append(r)
-        del ours, ref, parts
+        del ours, ref, parts, captured
         gc.collect()
         torch.cuda.empty_cache()
     return res
 
 
+def run_copy(gib: float = 1.0) -> List[dict]:
+    """The GPU's device-to-device copy bandwidth (bytes read + written per
+    second): what the memory-bound kernels' GB/s compare with."""
+    src = torch.empty(int(gib * 2**30) // 4, device="cuda")
+    dst = torch.empty_like(src)
+    times = cuda_time_all({"torch copy_": lambda: dst.copy_(src)})
+    rows = _rows("device copy (CUDA)", times, "torch copy_", T=0, rows=0, D=0, B=0, L=0)
+    for r in rows:
+        r["gbs"] = 2 * src.numel() * 4 / (r["ms"] / 1e3) / 1e9
+    return rows
+
+
 def run_all(ops_: List[str], T: int = 26, rows: int = 1_000_000, B: int = 2048) -> List[dict]:
-    res = []
+    res = run_copy()
     if "forward" in ops_:
         res += run_embedding_bag(T, rows, [64, 128], B, [1, 20], train=False)
     if "train" in ops_:

@@ -3,7 +3,8 @@
 # CUDA benchmarks. Logs go to $OUT (the device tool's folder) or /tmp.
 #   scripts/cuda_check.sh [all|tests|all-tests|bench]
 # all (default): device tests and benchmarks; tests: the device tests
-# (tests/test_ops.py, every op on the CPU and CUDA); all-tests: the whole
+# (tests/test_ops.py, every op on the CPU and CUDA; tests/test_errors.py, the
+# check modes and CUDA-graph capture); all-tests: the whole
 # suite; bench: benchmarks only.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ CUDA_ARCHS="${CUDA_ARCHS:-90}" python3 -m pip install -q --no-build-isolation --
   >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
 status=0
 if [ "$what" != bench ]; then
-  python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_ops.py 2>&1 \
+  python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_ops.py tests/test_errors.py 2>&1 \
     | tee "$out/test_cuda.log" | tail -40
   status=${PIPESTATUS[0]}
   if [ "$what" = all-tests ]; then
