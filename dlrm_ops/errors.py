@@ -107,7 +107,10 @@ def message(record) -> str:
     if kind == _KIND_STATE_ROWS:
         return f"{_SOURCES[source]} must have {limit} elements for this optimizer, got {value}"
     if table < 0:
-        return "dim_offsets[0] must be 0 and dim_offsets[-1] must equal total_dim"
+        return (
+            "dim_offsets[0] must be 0 and dim_offsets[-1] must equal total_dim "
+            "(in a backward, grad_output's width)"
+        )
     return (
         f"table {table} does not fit in {_SOURCES[source]} or has invalid metadata (dims must "
         "be >= 1, rows in [0, 2^32), weights_offsets >= 0, and tables must not share rows)"

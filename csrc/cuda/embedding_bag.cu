@@ -552,12 +552,12 @@ DeviceLookups prepare(const Tensor& weights, const Tensor& weights_offsets,
                       const Tensor& dim_offsets, const Tensor& rows, const Tensor& indices,
                       const Tensor& offsets, int64_t pooling,
                       const std::optional<Tensor>& per_sample_weights, int64_t total_dim,
-                      const char* total_dim_name, int64_t check, bool disjoint = false,
-                      bool wait = false, int64_t state_rows = -1, int64_t state_arg = 0) {
+                      bool grad_output, int64_t check, bool disjoint = false, bool wait = false,
+                      int64_t state_rows = -1, int64_t state_arg = 0) {
   check_cuda(weights, "weights");
   check_dtype(weights, "weights", {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
   check_contiguous(weights, "weights");
-  const LookupSpec spec{weights,  "weights",  weights.numel(), 0,     total_dim, total_dim_name,
+  const LookupSpec spec{weights,  "weights",  weights.numel(), 0,     total_dim, grad_output,
                         disjoint, state_rows, state_arg,       check, wait};
   return validate_lookups(spec, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
                           per_sample_weights);
@@ -576,7 +576,7 @@ Tensor embedding_bag_forward(Tensor weights, Tensor weights_offsets, Tensor dim_
                              bool /*sparse*/, int64_t check) {
   DeviceGuard guard(weights.get_device());
   const DeviceLookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
-                                   pooling, per_sample_weights, total_dim, "total_dim", check);
+                                   pooling, per_sample_weights, total_dim, false, check);
   Tensor out = torch::stable::new_empty(weights, {lk.v.B, total_dim});
   if (lk.v.B == 0 || total_dim == 0) return out;
   const cudaStream_t stream = stream_of(weights);
@@ -606,9 +606,8 @@ Tensor embedding_bag_backward_dense(Tensor grad_output, Tensor weights, Tensor w
                                     int64_t check) {
   DeviceGuard guard(weights.get_device());
   const int64_t width = grad_width(grad_output);
-  const DeviceLookups lk =
-      prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
-              per_sample_weights, width, "grad_output.size(1)", check, true);
+  const DeviceLookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
+                                   pooling, per_sample_weights, width, true, check, true);
   check_grad_output(grad_output, weights, lk.v.B, width);
   Tensor grad_weight = torch::stable::new_zeros(weights, weights.sizes());
   if (lk.v.N == 0) return grad_weight;
@@ -642,9 +641,8 @@ Tensor embedding_bag_backward_sparse(Tensor grad_output, Tensor weights, Tensor 
                                      std::optional<Tensor> per_sample_weights, int64_t check) {
   DeviceGuard guard(weights.get_device());
   const int64_t width = grad_width(grad_output);
-  const DeviceLookups lk =
-      prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
-              per_sample_weights, width, "grad_output.size(1)", check, false, true);
+  const DeviceLookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
+                                   pooling, per_sample_weights, width, true, check, false, true);
   check_grad_output(grad_output, weights, lk.v.B, width);
   Tensor values = torch::stable::new_empty(weights, {lk.total_values});
   if (lk.v.N == 0) return values;
@@ -666,7 +664,7 @@ Tensor embedding_bag_per_sample_weights_grad(Tensor grad_output, Tensor weights,
   DeviceGuard guard(weights.get_device());
   const int64_t width = grad_width(grad_output);
   const DeviceLookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
-                                   pooling, std::nullopt, width, "grad_output.size(1)", check);
+                                   pooling, std::nullopt, width, true, check);
   check_grad_output(grad_output, weights, lk.v.B, width);
   Tensor grad = torch::stable::new_empty(weights, {lk.v.N}, ScalarType::Float);
   if (lk.v.N == 0) return grad;
@@ -695,9 +693,9 @@ void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
   const int64_t state_rows = state_arg == 1   ? momentum1.numel()
                              : state_arg == 2 ? momentum2.numel()
                                               : -1;
-  const DeviceLookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
-                                   pooling, per_sample_weights, width, "grad_output.size(1)", check,
-                                   true, false, state_rows, state_arg);
+  const DeviceLookups lk =
+      prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
+              per_sample_weights, width, true, check, true, false, state_rows, state_arg);
   check_grad_output(grad_output, weights, lk.v.B, width);
   const cudaStream_t stream = stream_of(weights);
   if (lk.v.N > 0) {

@@ -143,8 +143,8 @@ __global__ void inspect_kernel(LookupView v, int64_t ref_size, int64_t bits, int
 // the call's first error, found in the CPU op's order (tables, optimizer
 // state, offsets, indices).
 template <typename I>
-__global__ void record_kernel(LookupView v, const int64_t* meta, int64_t source,
-                              int64_t state_rows, int64_t check) {
+__global__ void record_kernel(LookupView v, const int64_t* meta, int64_t source, int64_t state_rows,
+                              int64_t check) {
   if (g_error[0] != kNone || (meta[0] | meta[1] | meta[2] | meta[3]) == 0) return;
   int64_t r[kRecord] = {};
   r[1] = source >= 2 ? 0 : source;
@@ -209,8 +209,12 @@ int64_t* pinned_status() {
   const Tensor idx_c = host(indices), off_c = host(offsets);
   ValidatedLookups v = dlrm_ops::validate_lookups(rows_c, "rows", woff_c, doff_c, rows_c, idx_c,
                                                   off_c, pooling, std::nullopt);
-  DLRM_CHECK(v.tb.dim_offsets[v.tb.T] == s.total_dim, s.total_dim_name,
-             " must equal dim_offsets[-1] = ", v.tb.dim_offsets[v.tb.T], ", got ", s.total_dim);
+  const int64_t width = v.tb.dim_offsets[v.tb.T];
+  if (s.grad_output) {
+    DLRM_CHECK(width == s.total_dim, "grad_output must have shape [", v.tb.B, ", ", width, "]");
+  }
+  DLRM_CHECK(width == s.total_dim, "total_dim must equal dim_offsets[-1] = ", width, ", got ",
+             s.total_dim);
   check_tables_fit(v.tb, s.size, s.bits, s.ref_name);
   if (s.disjoint) check_tables_disjoint(v.tb, s.ref_name);
   DLRM_CHECK(status[3] == 0, "momentum", s.state_arg, " must have ", status[4],
