@@ -132,6 +132,20 @@ def test_bad_flags_end_with_one_line_and_status_2(tmp_path, monkeypatch, capsys,
     assert not out.out and not list(tmp_path.glob("*.processed"))
 
 
+def test_check_mode_flag_sets_the_mode(monkeypatch):
+    from dlrm_ops import errors, train
+
+    seen = []
+    monkeypatch.setattr(train, "set_check_mode", lambda m: seen.append(m))
+    monkeypatch.setattr(train, "_run", lambda *a: 0)
+    from dlrm_ops.__main__ import main
+
+    for argv, mode in (([], "deferred"), (["--check", "immediate"], "immediate")):
+        assert main(["train", *SMALL, *argv]) == 0
+        assert seen[-1] == mode
+    assert errors.get_check_mode() == "deferred"
+
+
 def test_save_onnx_is_accepted_with_a_note():
     r = cli("train", *SMALL, "--num-batches", "2", "--save-onnx")
     assert r.returncode == 0, r.stderr

@@ -43,8 +43,11 @@ def without(idx, off, pos):
 
 
 @pytest.fixture(autouse=True)
-def _restore_mode():
+def _fresh():
+    """The global mode restored, and on a GPU no error left from elsewhere."""
     mode = dlrm_ops.get_check_mode()
+    if torch.cuda.is_available():
+        torch.ops.dlrm_ops.take_lookup_error(torch.empty(0, device="cuda"))
     yield
     dlrm_ops.set_check_mode(mode)
 
