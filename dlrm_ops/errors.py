@@ -96,7 +96,7 @@ def message(record) -> str:
             f"(bag {bag} of table {table})"
         )
     if kind == _KIND_OFFSETS:
-        if pos == 0:
+        if pos == 0 and value != 0:
             return f"offsets[0] must be 0, got {value}"
         if value < limit:
             return (

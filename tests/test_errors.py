@@ -175,6 +175,9 @@ def test_recorded_errors_read_as_the_cpu_ops_errors():
     want = cpu_error(lambda: ebc(idx[:-1], off))
     rec = [2, 0, 2, B - 1, 3 * B, idx.numel(), int(off[-2]), idx.numel() - 1, 0]
     assert want.endswith(errors.message(rec)), (want, errors.message(rec))
+    empty = torch.zeros(1, dtype=torch.int64)  # B = 0 with two indices
+    want = cpu_error(lambda: ebc(idx[:2], empty))
+    assert want.endswith(errors.message([2, 0, 0, 0, 0, 0, 0, 2, 0])), want
     fused = collection(optimizer="rowwise_adagrad")
     fused.momentum1 = fused.momentum1[:-1].clone()
     want = cpu_error(lambda: fused(idx, off).sum().backward())

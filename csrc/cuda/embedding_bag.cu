@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int u = 0; u < 4; ++u) {
         const int64_t idx = index_at<I>(v, l + u);
         ok[u] = row_in_range(idx, n);  // a bad lookup adds nothing and reads nothing
-        r[u] = table + idx * g.D + c0;
+        r[u] = table + (ok[u] ? idx : 0) * g.D + c0;
         s[u] = lookup_scale(v, l + u, len);
       }
 #pragma unroll

@@ -71,10 +71,10 @@ __global__ void inspect_kernel(LookupView v, int64_t ref_size, int64_t bits, int
   const int64_t TB = v.T * v.B;
   const int lane = threadIdx.x % kWarp;
   if (blockIdx.x == 0 && threadIdx.x < kWarp) {
-    if (lane == 0 && (v.dim_offsets[0] != 0 || v.dim_offsets[v.T] != total_dim ||
-                      (TB == 0 && (offset_at<I>(v, 0) != 0 || v.N != 0)))) {
+    if (lane == 0 && (v.dim_offsets[0] != 0 || v.dim_offsets[v.T] != total_dim)) {
       flag_first(meta, 0);
     }
+    if (lane == 0 && TB == 0 && (offset_at<I>(v, 0) != 0 || v.N != 0)) flag_first(meta + 1, 0);
     int64_t rows = 0, values = 0;  // over the tables before this chunk
     for (int64_t t0 = 0; t0 < v.T; t0 += kWarp) {
       const int64_t t = t0 + lane;
