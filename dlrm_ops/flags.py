@@ -599,13 +599,14 @@ def _add_common(p, add, training: bool) -> None:
         help="when a bad lookup on the GPU is reported (docs/errors.md): deferred raises at the "
         "next loss line, immediate at the call (the host waits every call), warn warns, off never",
     )
-    add(
-        e,
-        "--cuda-graph",
-        action="store_true",
-        help="replay the training step from a CUDA graph (--device cuda, one process, no lr "
-        "schedule, no gradient accumulation; batches of another shape run eagerly)",
-    )
+    if training:
+        add(
+            e,
+            "--cuda-graph",
+            action="store_true",
+            help="replay the training step from a CUDA graph (--device cuda, one process, no lr "
+            "schedule, no gradient accumulation; batches of another shape run eagerly)",
+        )
     add(e, "--no-progress", action="store_true", help="no progress bar")
     add(e, "--debug", "--debug-mode", dest="debug", action="store_true", help="full tracebacks")
     g = p.add_argument_group(

@@ -246,8 +246,10 @@ class DenseLayers(nn.Module):
         called after the bottom MLP."""
         if self.precision == "bf16":
             # bf16 GEMMs (forward and backward) on fp32 master weights, the
-            # interaction in bf16, fp32 logits for the loss.
-            with torch.autocast(dense.device.type, dtype=torch.bfloat16):
+            # interaction in bf16, fp32 logits for the loss. Each weight is cast
+            # once per forward, so the cast cache saves nothing; without it the
+            # forward can be captured in a CUDA graph (torch.cuda.graphs' rule).
+            with torch.autocast(dense.device.type, dtype=torch.bfloat16, cache_enabled=False):
                 return self._layers(dense, pooled).float()
         return self._layers(dense, pooled)
 
