@@ -138,6 +138,47 @@ def test_the_cpu_raises_at_the_call_in_every_mode(mode):
     dlrm_ops.check_errors("cpu")
 
 
+BACKWARD_OPS = (
+    "embedding_bag_backward_dense",
+    "embedding_bag_backward_sparse",
+    "embedding_bag_per_sample_weights_grad",
+    "embedding_bag_update_",
+)
+
+
+def test_a_backward_uses_its_forwards_mode(monkeypatch):
+    """The mode reaches every backward op as the forward saw it (a mode set
+    between the forward and the backward does not apply)."""
+    seen = []
+    for name in BACKWARD_OPS:
+        op = getattr(ops._ops, name)
+        spy = lambda *a, _op=op, _n=name, **k: (seen.append((_n, a[-1])), _op(*a, **k))[1]  # noqa: E731
+        monkeypatch.setattr(ops._ops, name, spy)
+    idx, off = batch()
+    psw = torch.rand(idx.numel(), requires_grad=True)
+    for kw in (dict(sparse=False), dict(sparse=True), dict(optimizer="sgd")):
+        m = collection(**kw)
+        with dlrm_ops.check_mode("warn"):
+            out = m(idx, off, psw)
+        with dlrm_ops.check_mode("off"):
+            out.sum().backward()
+    assert sorted(set(seen)) == sorted((n, int(errors.Check.WARN)) for n in BACKWARD_OPS)
+    seen.clear()
+    for sparse in (False, True):  # a converted list of nn.EmbeddingBag: one lookup
+        holder = torch.nn.Module()
+        holder.emb = torch.nn.ModuleList(
+            [torch.nn.EmbeddingBag(n, 8, mode="sum", sparse=sparse) for n in ROWS]
+        )
+        dlrm_ops.convert(holder)
+        offs = [torch.arange(4)] * len(ROWS)
+        idxs = [torch.randint(0, n, (4,)) for n in ROWS]
+        with dlrm_ops.check_mode("warn"):
+            outs = holder.emb(offs, idxs)
+        with dlrm_ops.check_mode("off"):
+            sum(o.sum() for o in outs).backward()
+    assert sorted(set(seen)) == [(n, int(errors.Check.WARN)) for n in BACKWARD_OPS[:2]]
+
+
 def test_take_lookup_error_on_the_cpu():
     rec = torch.ops.dlrm_ops.take_lookup_error(torch.empty(0))
     assert rec.dtype == torch.long and rec.tolist() == [0] * 9

@@ -198,6 +198,7 @@ class _Lookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lst, idx, off, *weights):
         ctx.lst, ctx.n = lst, len(weights)
+        ctx.check = errors.resolve(lst.check)  # the backward's mode is the forward's
         ctx.save_for_backward(idx, off)
         with torch.no_grad():
             return ops.table_batched_embedding_bag(
@@ -218,11 +219,10 @@ class _Lookup(torch.autograd.Function):
         idx, off = ctx.saved_tensors
         items = list(lst)
         meta = (lst._woff, lst._doff, lst._rows, idx, off, ops.POOLING[lst.mode])
-        check = errors.resolve(lst.check)
         grad = grad.contiguous()
         grads = []
         if items[0].sparse:
-            values = ops._ops.embedding_bag_backward_sparse(grad, lst._flat, *meta, None, check)
+            values = ops._ops.embedding_bag_backward_sparse(grad, lst._flat, *meta, None, ctx.check)
             B = (off.numel() - 1) // len(items)
             for k, m in enumerate(items):
                 lo, hi = int(off[k * B]), int(off[(k + 1) * B])
@@ -235,7 +235,7 @@ class _Lookup(torch.autograd.Function):
                     )
                 )
         else:
-            dense = ops._ops.embedding_bag_backward_dense(grad, lst._flat, *meta, None, check)
+            dense = ops._ops.embedding_bag_backward_dense(grad, lst._flat, *meta, None, ctx.check)
             for k, m in enumerate(items):
                 e0 = int(lst._woff[k])
                 grads.append(dense[e0 : e0 + m.weight.numel()].view(m.weight.shape))
