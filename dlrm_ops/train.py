@@ -866,6 +866,12 @@ def _run(args, ckpt, source, ctx) -> int:
             f", test AUC {final['auc']:.4f}, NE {final['ne']:.4f}, logloss {final['logloss']:.5f}"
         )
     print(summary)
+    g = trainer.captured
+    if g is not None and g.calls:
+        print(
+            f"CUDA graph: {g.replays} of {g.calls} steps replayed, {g.eager} of another shape "
+            f"eager, {min(g.calls, g.warmup)} warm-up"
+        )
     if speed:
         print(
             f"separate speed race ({args.compare_reference} steps on the same batches, "
