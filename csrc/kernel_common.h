@@ -33,6 +33,9 @@ DLRM_HOST_DEVICE inline float pooling_scale(int64_t pooling, int64_t len) {
 //   kWarn: recorded, check_errors() warns; kOff: not recorded.
 enum Check : int64_t { kDeferred = 0, kImmediate = 1, kWarn = 2, kOff = 3 };
 
+// What a recorded CUDA lookup error is about (csrc/cuda/lookups.cu).
+enum ErrorKind : int64_t { kNone = 0, kTables = 1, kOffsets = 2, kIndex = 3, kStateRows = 4 };
+
 // Pair order of the dot interaction: facebookresearch/dlrm's i > j (tril) or
 // torchrec's i < j (triu), row-major.
 enum InteractionOrder : int64_t { kTril = 0, kTriu = 1 };

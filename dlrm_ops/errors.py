@@ -83,19 +83,19 @@ def resolve(check: Optional[str]) -> int:
 
 # take_lookup_error's record: [kind, source, table, bag, pos, value, limit,
 # count, check] (csrc/cuda/lookups.cu).
-_KIND_TABLES, _KIND_OFFSETS, _KIND_INDEX, _KIND_STATE_ROWS = 1, 2, 3, 4
+ERROR_KINDS = {"tables": 1, "offsets": 2, "index": 3, "state_rows": 4}  # csrc's ErrorKind
 _SOURCES = ("weights", "packed", "momentum1", "momentum2")
 
 
 def message(record) -> str:
     """The CPU op's error message for a recorded error."""
     kind, source, table, bag, pos, value, limit, count = (int(x) for x in record[:8])
-    if kind == _KIND_INDEX:
+    if kind == ERROR_KINDS["index"]:
         return (
             f"indices[{pos}] = {value} is out of range for table {table} with {limit} rows "
             f"(bag {bag} of table {table})"
         )
-    if kind == _KIND_OFFSETS:
+    if kind == ERROR_KINDS["offsets"]:
         if pos == 0 and value != 0:
             return f"offsets[0] must be 0, got {value}"
         if value < limit:
@@ -104,7 +104,7 @@ def message(record) -> str:
                 f"offsets[{pos - 1}] = {limit} (table {table}, bag {bag})"
             )
         return f"offsets[-1] must equal the number of indices ({count}), got {value}"
-    if kind == _KIND_STATE_ROWS:
+    if kind == ERROR_KINDS["state_rows"]:
         return f"{_SOURCES[source]} must have {limit} elements for this optimizer, got {value}"
     if table < 0:
         return (

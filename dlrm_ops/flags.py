@@ -11,6 +11,7 @@ import sys
 from typing import List, Optional
 
 from . import optimizers
+from .errors import CHECKS
 
 # What this command does with every flag of facebookresearch/dlrm's
 # dlrm_s_pytorch.py (docs/command-line.md shows this table).
@@ -594,7 +595,7 @@ def _add_common(p, add, training: bool) -> None:
     add(
         e,
         "--check",
-        choices=["deferred", "immediate", "warn", "off"],
+        choices=list(CHECKS),
         default="deferred",
         help="when a bad lookup on the GPU is reported (docs/errors.md): deferred raises at the "
         "next loss line, immediate at the call (the host waits every call), warn warns, off never",
@@ -738,19 +739,20 @@ def check(args, given: set) -> None:
     _check_data_files(args)
     _check_distributed(args, given)
     if getattr(args, "cuda_graph", False):
-        why = (
-            "it needs --device cuda"
-            if args.device != "cuda"
-            else "it runs in one process"
-            if distributed(args)
-            else "the captured step cannot follow an lr schedule"
-            if args.lr_num_warmup_steps or args.lr_num_decay_steps
-            else "gradients accumulated over batches are not captured"
-            if args.mlperf_grad_accum_iter > 1
-            else None
-        )
-        if why:
-            raise FlagError(f"--cuda-graph: {why}")
+        for refused, why in (
+            (args.device != "cuda", "it needs --device cuda"),
+            (distributed(args), "it runs in one process"),
+            (
+                args.lr_num_warmup_steps or args.lr_num_decay_steps,
+                "the captured step cannot follow an lr schedule",
+            ),
+            (
+                args.mlperf_grad_accum_iter > 1,
+                "gradients accumulated over batches are not captured",
+            ),
+        ):
+            if refused:
+                raise FlagError(f"--cuda-graph: {why}")
     if args.mlperf_grad_accum_iter > 1 and args.optimizer not in ("sgd", "adagrad", "adam"):
         raise FlagError(
             f"--mlperf-grad-accum-iter {args.mlperf_grad_accum_iter}: accumulated gradients go "

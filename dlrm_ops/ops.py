@@ -168,7 +168,7 @@ def table_batched_embedding_bag_with_optimizer(
     ``OptimizerSpec.state_numel``), ``step`` an int64 counter, ``hparams``
     float64 in ``HParam`` order (``optimizers.hparams`` makes them); all are
     updated or read in the backward. ``per_sample_weights`` still get their
-    gradient."""
+    gradient. ``check``: as in `table_batched_embedding_bag`."""
     optimizers.spec(optimizer)
     if total_dim is None:
         total_dim = int(dim_offsets[-1])
@@ -648,7 +648,8 @@ def quantized_table_batched_embedding_bag(
 ) -> torch.Tensor:
     """``table_batched_embedding_bag`` over packed quantized tables: table t's
     packed rows start at byte ``weights_offsets[t]`` of the flat uint8
-    ``packed``; rows are dequantized inside the kernel, never copied."""
+    ``packed``; rows are dequantized inside the kernel, never copied.
+    ``check``: as in `table_batched_embedding_bag`."""
     if total_dim is None:
         total_dim = int(dim_offsets[-1])
     return _ops.quantized_embedding_bag_forward(

@@ -302,6 +302,9 @@ PYBIND11_MODULE(_C, m) {
     e["check"] = py::dict(py::arg("deferred") = int64_t{kDeferred},
                           py::arg("immediate") = int64_t{kImmediate},
                           py::arg("warn") = int64_t{kWarn}, py::arg("off") = int64_t{kOff});
+    e["error_kind"] =
+        py::dict(py::arg("tables") = int64_t{kTables}, py::arg("offsets") = int64_t{kOffsets},
+                 py::arg("index") = int64_t{kIndex}, py::arg("state_rows") = int64_t{kStateRows});
     e["hparam"] = py::dict(py::arg("lr") = int{kLr}, py::arg("eps") = int{kEps},
                            py::arg("beta1") = int{kBeta1}, py::arg("beta2") = int{kBeta2},
                            py::arg("weight_decay") = int{kWeightDecay});

@@ -9,6 +9,7 @@ def test_enums_match_the_kernels():
     assert e["pooling"] == {k: int(v) for k, v in ops.POOLING.items()}
     assert e["order"] == {k: int(v) for k, v in ops.ORDERS.items()}
     assert e["check"] == {k: int(v) for k, v in errors.CHECKS.items()}
+    assert e["error_kind"] == errors.ERROR_KINDS
     assert e["hparam"] == {p.name.lower(): int(p) for p in optimizers.HParam}
 
 

@@ -546,21 +546,17 @@ __global__ void increment_kernel(int64_t* step) { *step += 1; }
 
 // ---- ops -------------------------------------------------------------------
 
-// Every op validates on the device (cuda/lookups.cuh); `check` says when an
-// error reaches the host. `wait`: the op needs data-dependent sizes.
-DeviceLookups prepare(const Tensor& weights, const Tensor& weights_offsets,
-                      const Tensor& dim_offsets, const Tensor& rows, const Tensor& indices,
-                      const Tensor& offsets, int64_t pooling,
-                      const std::optional<Tensor>& per_sample_weights, int64_t total_dim,
-                      bool grad_output, int64_t check, bool disjoint = false, bool wait = false,
-                      int64_t state_rows = -1, int64_t state_arg = 0) {
+// What every op checks its lookups against (cuda/lookups.cuh): the buffer
+// `weights`, `total_dim`, the mode `check`. The backward ops also set
+// grad_output, disjoint (dense gradient and update), wait (sparse gradient)
+// and the row-wise state.
+LookupSpec weights_spec(const Tensor& weights, int64_t total_dim, int64_t check) {
   check_cuda(weights, "weights");
   check_dtype(weights, "weights", {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
   check_contiguous(weights, "weights");
-  const LookupSpec spec{weights,  "weights",  weights.numel(), 0,     total_dim, grad_output,
-                        disjoint, state_rows, state_arg,       check, wait};
-  return validate_lookups(spec, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
-                          per_sample_weights);
+  LookupSpec s{weights, "weights", weights.numel(), 0, total_dim};
+  s.check = check;
+  return s;
 }
 
 // The width of grad_output [B, dim_offsets[-1]] of the backward ops: the
@@ -575,8 +571,9 @@ Tensor embedding_bag_forward(Tensor weights, Tensor weights_offsets, Tensor dim_
                              std::optional<Tensor> per_sample_weights, int64_t total_dim,
                              bool /*sparse*/, int64_t check) {
   DeviceGuard guard(weights.get_device());
-  const DeviceLookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
-                                   pooling, per_sample_weights, total_dim, false, check);
+  const DeviceLookups lk =
+      validate_lookups(weights_spec(weights, total_dim, check), weights_offsets, dim_offsets, rows,
+                       indices, offsets, pooling, per_sample_weights);
   Tensor out = torch::stable::new_empty(weights, {lk.v.B, total_dim});
   if (lk.v.B == 0 || total_dim == 0) return out;
   const cudaStream_t stream = stream_of(weights);
@@ -606,8 +603,10 @@ Tensor embedding_bag_backward_dense(Tensor grad_output, Tensor weights, Tensor w
                                     int64_t check) {
   DeviceGuard guard(weights.get_device());
   const int64_t width = grad_width(grad_output);
-  const DeviceLookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
-                                   pooling, per_sample_weights, width, true, check, true);
+  LookupSpec spec = weights_spec(weights, width, check);
+  spec.grad_output = spec.disjoint = true;
+  const DeviceLookups lk = validate_lookups(spec, weights_offsets, dim_offsets, rows, indices,
+                                            offsets, pooling, per_sample_weights);
   check_grad_output(grad_output, weights, lk.v.B, width);
   Tensor grad_weight = torch::stable::new_zeros(weights, weights.sizes());
   if (lk.v.N == 0) return grad_weight;
@@ -641,8 +640,10 @@ Tensor embedding_bag_backward_sparse(Tensor grad_output, Tensor weights, Tensor 
                                      std::optional<Tensor> per_sample_weights, int64_t check) {
   DeviceGuard guard(weights.get_device());
   const int64_t width = grad_width(grad_output);
-  const DeviceLookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
-                                   pooling, per_sample_weights, width, true, check, false, true);
+  LookupSpec spec = weights_spec(weights, width, check);
+  spec.grad_output = spec.wait = true;
+  const DeviceLookups lk = validate_lookups(spec, weights_offsets, dim_offsets, rows, indices,
+                                            offsets, pooling, per_sample_weights);
   check_grad_output(grad_output, weights, lk.v.B, width);
   Tensor values = torch::stable::new_empty(weights, {lk.total_values});
   if (lk.v.N == 0) return values;
@@ -663,8 +664,10 @@ Tensor embedding_bag_per_sample_weights_grad(Tensor grad_output, Tensor weights,
                                              int64_t pooling, int64_t check) {
   DeviceGuard guard(weights.get_device());
   const int64_t width = grad_width(grad_output);
-  const DeviceLookups lk = prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets,
-                                   pooling, std::nullopt, width, true, check);
+  LookupSpec spec = weights_spec(weights, width, check);
+  spec.grad_output = true;
+  const DeviceLookups lk = validate_lookups(spec, weights_offsets, dim_offsets, rows, indices,
+                                            offsets, pooling, std::nullopt);
   check_grad_output(grad_output, weights, lk.v.B, width);
   Tensor grad = torch::stable::new_empty(weights, {lk.v.N}, ScalarType::Float);
   if (lk.v.N == 0) return grad;
@@ -688,14 +691,13 @@ void embedding_bag_update_(Tensor grad_output, Tensor weights, Tensor momentum1,
   const int64_t width = grad_width(grad_output);
   // A row-wise state's size (one element per row of all tables) is checked on the device.
   check_optimizer_args(weights, momentum1, momentum2, step, hparams, optimizer, -1);
+  LookupSpec spec = weights_spec(weights, width, check);
+  spec.grad_output = spec.disjoint = true;
   const StateLayout layout = state_layout(optimizer);
-  const int64_t state_arg = layout.m1 == State::kRow ? 1 : layout.m2 == State::kRow ? 2 : 0;
-  const int64_t state_rows = state_arg == 1   ? momentum1.numel()
-                             : state_arg == 2 ? momentum2.numel()
-                                              : -1;
-  const DeviceLookups lk =
-      prepare(weights, weights_offsets, dim_offsets, rows, indices, offsets, pooling,
-              per_sample_weights, width, true, check, true, false, state_rows, state_arg);
+  spec.state_arg = layout.m1 == State::kRow ? 1 : layout.m2 == State::kRow ? 2 : 0;
+  if (spec.state_arg > 0) spec.state_rows = (spec.state_arg == 1 ? momentum1 : momentum2).numel();
+  const DeviceLookups lk = validate_lookups(spec, weights_offsets, dim_offsets, rows, indices,
+                                            offsets, pooling, per_sample_weights);
   check_grad_output(grad_output, weights, lk.v.B, width);
   const cudaStream_t stream = stream_of(weights);
   if (lk.v.N > 0) {

@@ -17,7 +17,6 @@ using torch::stable::accelerator::DeviceGuard;
 // source names the tensor: 0 weights, 1 packed, 2 momentum1, 3 momentum2
 // (dlrm_ops/errors.py formats it as the CPU op's message). A module global,
 // so recording it needs no allocation and no host work.
-enum ErrorKind : int64_t { kNone = 0, kTables = 1, kOffsets = 2, kIndex = 3, kStateRows = 4 };
 constexpr int kRecord = 9;
 __device__ int64_t g_error[kRecord];
 

@@ -51,13 +51,13 @@ struct LookupSpec {
   const char* ref_name;
   int64_t size;
   int64_t bits;
-  int64_t total_dim;        // dim_offsets[-1] must equal it
-  bool grad_output;         // total_dim is grad_output's width (else an argument)
-  bool disjoint;            // no two tables with rows share an element
-  int64_t state_rows = -1;  // numel of the row-wise optimizer state, or -1
-  int64_t state_arg = 0;    // which momentum (1 or 2) that state is
-  int64_t check = 0;        // Check
-  bool wait = false;        // the caller needs total_values: wait whatever the mode
+  int64_t total_dim;         // dim_offsets[-1] must equal it
+  bool grad_output = false;  // total_dim is grad_output's width (else an argument)
+  bool disjoint = false;     // no two tables with rows share an element
+  int64_t state_rows = -1;   // numel of the row-wise optimizer state, or -1
+  int64_t state_arg = 0;     // which momentum (1 or 2) that state is
+  int64_t check = 0;         // Check
+  bool wait = false;         // the caller needs total_values: wait whatever the mode
 };
 
 template <typename I>

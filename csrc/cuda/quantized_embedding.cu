@@ -248,8 +248,8 @@ Tensor quantized_embedding_bag_forward(Tensor packed, Tensor weights_offsets, Te
   check_cuda(packed, "packed");
   const ScalarType out_t = check_packed_tables(packed, bits, output_dtype);
   DeviceGuard guard(packed.get_device());
-  const LookupSpec spec{packed, "packed", packed.numel(), bits, total_dim, false, false,
-                        -1,     0,        check};
+  LookupSpec spec{packed, "packed", packed.numel(), bits, total_dim};
+  spec.check = check;
   const DeviceLookups lk = validate_lookups(spec, weights_offsets, dim_offsets, rows, indices,
                                             offsets, pooling, per_sample_weights);
   Tensor out = torch::stable::new_empty(packed, {lk.v.B, total_dim}, out_t);
